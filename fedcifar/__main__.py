@@ -1,0 +1,5 @@
+import sys
+
+from fedcifar.cli import main
+
+sys.exit(main())

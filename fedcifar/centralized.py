@@ -1,0 +1,55 @@
+"""The centralized baseline: what the original ``cifar.py`` did, on the same code as the federation.
+
+Same model, same data loading, same training loop and seeds as a ClientApp holding the whole
+training split (partition 0 of 1), so federated and centralized figures compare number for
+number.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fedcifar.data import DataSource, load_full
+from fedcifar.task import evaluate, initial_model, pick_device, train
+
+
+@dataclass(frozen=True)
+class CentralizedResult:
+    epochs: int
+    train_loss: float
+    test_loss: float
+    test_accuracy: float
+    seconds: float  # data loading, training and evaluation
+    train_seconds: float
+    examples: int
+    device: str
+    data: str
+
+
+def run_centralized(
+    source: DataSource,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    seed: int,
+    device: str = "auto",
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> CentralizedResult:
+    started = time.perf_counter()
+    train_data, test_data = load_full(source, "train"), load_full(source, "test")
+    torch_device = pick_device(device)
+    net = initial_model(seed)
+    result = train(
+        net, train_data, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+        device=torch_device, seed=seed, on_epoch=on_epoch,
+    )  # fmt: skip
+    test_loss, test_accuracy = evaluate(net, test_data, torch_device)
+    return CentralizedResult(
+        epochs=epochs, train_loss=result.loss, test_loss=test_loss, test_accuracy=test_accuracy,
+        seconds=time.perf_counter() - started, train_seconds=result.seconds,
+        examples=result.examples, device=torch_device.type, data=source.describe(),
+    )  # fmt: skip

@@ -1,0 +1,239 @@
+"""The ``fedcifar`` command line.
+
+    fedcifar run --clients 2 --rounds 3              # local federation: SuperLink + 2 SuperNodes
+    fedcifar centralized --epochs 2 --json           # the centralized baseline
+    fedcifar superlink --metrics-port 9400 --insecure --host 0.0.0.0   # a node, e.g. in a pod
+    fedcifar supernode --partition-id auto --num-partitions 3 --superlink HOST:8000 --insecure
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from fedcifar.config import ConfigError, RunConfig, app_defaults, parse_overrides
+
+console = Console(stderr=True)
+APP_DIR = Path(__file__).resolve().parent.parent  # the project holding [tool.flwr.app]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("superlink", "supernode"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.handler(args, extra)
+    except (ValueError, FileNotFoundError) as err:  # ConfigError, DataError: messages say what to do
+        console.print(f"[bold red]error:[/] {err}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedcifar", description="Federated CIFAR-10 with Flower.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a local federation (SuperLink + SuperNodes as processes)")
+    run.add_argument("--clients", type=int, default=2, help="number of SuperNodes (default 2)")
+    run.add_argument("--rounds", type=int, default=None, help="rounds (default: num-server-rounds)")
+    run.add_argument("--data", help="CIFAR-10 folder (parquet or cifar-10-batches-py); default $FEDCIFAR_DATA or the hub")
+    run.add_argument("--out", type=Path, help="output folder (default: a new folder under runs/)")
+    run.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a [tool.flwr.app.config] value, e.g. -c learning-rate=0.05")  # fmt: skip
+    run.add_argument("--metrics-port", type=int, default=None,
+                     help="server metrics port; client i uses PORT+1+i (default: free ports)")  # fmt: skip
+    run.add_argument("--linger", type=float, default=0.0,
+                     help="keep the federation and its metrics endpoints up this many seconds after the run")  # fmt: skip
+    run.add_argument("--app", type=Path, default=APP_DIR, help="Flower app folder (default: this project)")
+    run.set_defaults(handler=cmd_run)
+
+    cen = sub.add_parser("centralized", help="train the CNN centrally (the original cifar.py)")
+    cen.add_argument("--epochs", type=int, default=2)
+    cen.add_argument("--data", help="CIFAR-10 folder; default $FEDCIFAR_DATA or the hub")
+    cen.add_argument("--batch-size", type=int, default=RunConfig.batch_size)
+    cen.add_argument("--learning-rate", "--lr", type=float, default=RunConfig.learning_rate)
+    cen.add_argument("--momentum", type=float, default=RunConfig.momentum)
+    cen.add_argument("--seed", type=int, default=RunConfig.seed)
+    cen.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    cen.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
+    cen.set_defaults(handler=cmd_centralized)
+
+    for role, flower in (("superlink", "flower-superlink"), ("supernode", "flower-supernode")):
+        node = sub.add_parser(
+            role, help=f"run {flower} with a Prometheus endpoint; other options go to {flower}"
+        )
+        node.add_argument("--metrics-port", type=int, default=9400)
+        node.add_argument("--metrics-host", default="0.0.0.0")
+        node.add_argument("--metrics-dir", help="multiprocess metrics folder (default: a temporary one)")
+        if role == "supernode":
+            node.add_argument("--partition-id", default="auto",
+                              help="this node's partition, or 'auto' for the StatefulSet ordinal")  # fmt: skip
+            node.add_argument("--num-partitions", type=int, required=True)
+            node.add_argument("--data", help="CIFAR-10 folder on this node (node config data-path)")
+        node.set_defaults(handler=cmd_node, role=role, flower=flower)
+    return parser
+
+
+def cmd_node(args: argparse.Namespace, extra: list[str]) -> int:
+    from fedcifar.node import flower_binary, node_config, resolve_ordinal, run_with_metrics
+
+    command = [flower_binary(args.flower), *extra]
+    if args.role == "supernode":
+        if any(a.startswith("--node-config") for a in extra):
+            raise ValueError("fedcifar supernode sets --node-config itself: use --partition-id/--num-partitions/--data")
+        partition = resolve_ordinal(args.partition_id)
+        command += ["--node-config", node_config(partition, args.num_partitions, args.data)]
+        print(f"fedcifar: partition {partition} of {args.num_partitions}", flush=True)
+    return run_with_metrics(command, args.metrics_port, args.metrics_host, args.metrics_dir)
+
+
+def cmd_centralized(args: argparse.Namespace, _extra: list[str]) -> int:
+    from fedcifar.centralized import run_centralized
+    from fedcifar.data import resolve_source
+
+    RunConfig(local_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+              momentum=args.momentum).check()  # fmt: skip
+    source = resolve_source(args.data)
+    console.print(f"centralized: {args.epochs} epochs on {source.describe()}")
+    result = run_centralized(
+        source, epochs=args.epochs, batch_size=args.batch_size, lr=args.learning_rate,
+        momentum=args.momentum, seed=args.seed, device=args.device,
+        on_epoch=lambda e, loss: console.print(f"  epoch {e}: train loss {loss:.4f}"),
+    )  # fmt: skip
+    console.print(
+        f"test accuracy {100 * result.test_accuracy:.2f}%  test loss {result.test_loss:.4f}  "
+        f"{result.seconds:.1f}s ({result.train_seconds:.1f}s training on {result.device})"
+    )
+    if args.json:
+        print(json.dumps(asdict(result)))
+    return 0
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
+    from fedcifar.data import resolve_source
+    from fedcifar.local import FederationError, LocalFederation
+
+    signal.signal(signal.SIGTERM, _interrupt)  # a stop request cleans up like Ctrl-C
+
+    app_dir = args.app.resolve()
+    if not (app_dir / "pyproject.toml").is_file():
+        raise FileNotFoundError(f"{app_dir} holds no pyproject.toml: pass --app with the fedcifar project folder")
+    if args.clients < 1:
+        raise ValueError(f"--clients must be >= 1, got {args.clients}")
+    defaults = app_defaults(app_dir)
+    overrides = parse_overrides(args.run_config)
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown run config key(s) {unknown}; known: {', '.join(sorted(defaults))}")
+    out_dir = (args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    overrides.update(min_nodes_for(args.clients, overrides), **{"out-dir": str(out_dir)})
+    if args.rounds is not None:
+        overrides["num-server-rounds"] = args.rounds
+    config = RunConfig.from_flower({**defaults, **overrides})
+    source = resolve_source(args.data)  # refuse a bad path before starting anything
+    data = source.location if source.kind != "hub" else None
+
+    console.print(
+        f"fedcifar: {args.clients} SuperNodes, {config.num_server_rounds} rounds, "
+        f"{config.partitioner} partitions, data {source.describe()}, outputs in {out_dir}"
+    )
+    fed = LocalFederation(clients=args.clients, app_dir=app_dir, work_dir=out_dir, data=data,
+                          metrics_ports=metrics_ports(args.metrics_port, args.clients))  # fmt: skip
+    try:
+        with fed:
+            console.print(f"metrics: server http://127.0.0.1:{fed.metrics_ports[0]}/metrics, clients "
+                          + ", ".join(str(p) for p in fed.metrics_ports[1:]))  # fmt: skip
+            run_id = fed.submit(overrides)
+            history = follow_with_progress(fed, run_id, out_dir, config.num_server_rounds)
+            fed.sample_memory()
+            if args.linger > 0:
+                console.print(f"keeping the federation up {args.linger:.0f}s (--linger)")
+                time.sleep(args.linger)
+    except FederationError as err:
+        console.print(f"[bold red]federation failed:[/] {err}\nlogs: {out_dir / 'logs'}")
+        return 1
+    print_summary(history, fed.peak_rss, out_dir)
+    return 0
+
+
+def min_nodes_for(clients: int, overrides: dict) -> dict:
+    """Wait for all local SuperNodes unless the user chose otherwise."""
+    return {} if "min-nodes" in overrides else {"min-nodes": clients}
+
+
+def metrics_ports(base: int | None, clients: int) -> list[int] | None:
+    return None if base is None else [base + i for i in range(clients + 1)]
+
+
+def round_table(rows: list[dict]) -> Table:
+    table = Table(title="rounds", title_justify="left")
+    for name in ("round", "train loss", "eval loss", "eval accuracy", "round s", "clients"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["round"]), f"{r['train_loss']:.4f}", f"{r['eval_loss']:.4f}",
+            f"{100 * r['eval_accuracy']:.2f}%", f"{r['round_seconds']:.1f}",
+            str(r["participating_clients"]),
+        )  # fmt: skip
+    return table
+
+
+def follow_with_progress(fed, run_id: int, out_dir: Path, rounds: int) -> dict:
+    """Follow the run: a progress bar and the round table, live on a terminal, line by line otherwise."""
+    from rich.console import Group
+    from rich.live import Live
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    rows: list[dict] = []
+    progress = Progress(TextColumn(f"run {run_id}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console)  # fmt: skip
+    task = progress.add_task("rounds", total=rounds)
+    live = Live(Group(progress, round_table(rows)), console=console, refresh_per_second=4,
+                transient=False, auto_refresh=console.is_terminal)  # fmt: skip
+
+    def on_round(record: dict) -> None:
+        rows.append(record)
+        progress.update(task, completed=len(rows))
+        if console.is_terminal:
+            live.update(Group(progress, round_table(rows)))
+        else:
+            console.print(
+                f"round {record['round']}/{rounds}: train loss {record['train_loss']:.4f}, "
+                f"eval loss {record['eval_loss']:.4f}, eval accuracy {100 * record['eval_accuracy']:.2f}%, "
+                f"{record['round_seconds']:.1f}s, {record['participating_clients']} clients"
+            )
+
+    if not console.is_terminal:
+        return fed.follow(run_id, out_dir, on_round)
+    with live:
+        return fed.follow(run_id, out_dir, on_round)
+
+
+def print_summary(history: dict, peak_rss: dict[str, int], out_dir: Path) -> None:
+    rounds = history["rounds"]
+    console.print(round_table(rounds))
+    if rounds:
+        last = rounds[-1]
+        console.print(f"final eval accuracy {100 * last['eval_accuracy']:.2f}%, eval loss {last['eval_loss']:.4f}")
+    if peak_rss:
+        console.print("peak RSS: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in sorted(peak_rss.items())))
+    console.print(f"outputs: {out_dir / 'history.json'}, {out_dir / 'model.pt'}, {out_dir / 'history.png'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

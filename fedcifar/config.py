@@ -1,0 +1,141 @@
+"""The run configuration: the typed, checked form of ``[tool.flwr.app.config]``.
+
+Flower hands the ServerApp and ClientApp a flat dict of kebab-case keys (pyproject defaults
+merged with ``flwr run -c key=value`` overrides). ``RunConfig.from_flower`` turns it into
+a dataclass and refuses values of the wrong type or range with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+DEVICES = ("auto", "cpu", "cuda")
+PARTITIONERS = ("iid", "dirichlet")
+
+
+class ConfigError(ValueError):
+    """A run-config value is wrong; the message names the key and how to set it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    num_server_rounds: int = 3
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    min_nodes: int = 2
+    round_timeout: float = 3600.0
+    seed: int = 42
+    device: str = "auto"
+    out_dir: str = ""
+
+    @classmethod
+    def from_flower(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's run config; unknown keys are ignored, known ones checked."""
+        kwargs = {}
+        for field in dataclasses.fields(cls):
+            key = field.name.replace("_", "-")
+            if key in values:
+                kwargs[field.name] = _coerce(key, values[key], field.type)
+        config = cls(**kwargs)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        _at_least("num-server-rounds", self.num_server_rounds, 1)
+        _at_least("local-epochs", self.local_epochs, 1)
+        _at_least("batch-size", self.batch_size, 1)
+        _at_least("min-nodes", self.min_nodes, 1)
+        _positive("learning-rate", self.learning_rate)
+        _positive("dirichlet-alpha", self.dirichlet_alpha)
+        _positive("round-timeout", self.round_timeout)
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}: set -c momentum=0.9")
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if not 0 <= self.fraction_evaluate <= 1:
+            raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
+        _one_of("partitioner", self.partitioner, PARTITIONERS)
+        _one_of("device", self.device, DEVICES)
+
+    def to_flower(self) -> dict[str, Any]:
+        """The kebab-case dict Flower uses (``-c`` keys)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def check_partition(partition_id: int, num_partitions: int) -> None:
+    """Refuse partition ids and counts that cannot map to a partition."""
+    if isinstance(num_partitions, bool) or not isinstance(num_partitions, int) or num_partitions < 1:
+        raise ConfigError(
+            f"num-partitions must be an integer >= 1, got {num_partitions!r}: "
+            "set it to the number of SuperNodes (clients)."
+        )
+    if isinstance(partition_id, bool) or not isinstance(partition_id, int) or not 0 <= partition_id < num_partitions:
+        raise ConfigError(
+            f"partition-id must be an integer in [0, {num_partitions - 1}] for "
+            f"num-partitions={num_partitions}, got {partition_id!r}: give every SuperNode "
+            "a distinct id below num-partitions (e.g. its StatefulSet ordinal)."
+        )
+
+
+def _coerce(key: str, value: Any, kind: str) -> Any:
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[kind]
+    if not ok:
+        expected = {"int": "an integer", "float": "a number", "str": "a string"}[kind]
+        raise ConfigError(
+            f"run config {key!r} must be {expected}, got {value!r} ({type(value).__name__}): "
+            f'set it with -c {key}={_example(kind)}'
+        )
+    return float(value) if kind == "float" else value
+
+
+def _example(kind: str) -> str:
+    return {"int": "2", "float": "0.5", "str": '"value"'}[kind]
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"run config {key!r} must be >= {low}, got {value}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0 or value != value or value == float("inf"):
+        raise ConfigError(f"run config {key!r} must be a finite number > 0, got {value}")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"run config {key!r} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def app_defaults(app_dir: Path) -> dict[str, Any]:
+    """The ``[tool.flwr.app.config]`` table of the app's pyproject.toml."""
+    with open(app_dir / "pyproject.toml", "rb") as fh:
+        return tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["k=v", "a=1 b=2"]`` -> dict, with values parsed as TOML like ``flwr run -c`` does."""
+    overrides: dict[str, Any] = {}
+    for pair in " ".join(pairs).split():
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"-c expects key=value, got {pair!r}: e.g. -c learning-rate=0.05")
+        try:
+            overrides[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key] = raw  # bare words are strings, as in `-c partitioner=dirichlet`
+    return overrides

@@ -1,0 +1,104 @@
+"""A run's outputs: ``history.json`` (per-round figures), the model checkpoint and ``history.png``.
+
+Files are replaced atomically (write a temporary file, then ``os.replace``), so a crash never
+leaves a half-written file behind, and they are rewritten after every round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HISTORY_FILE = "history.json"
+CHECKPOINT_FILE = "model.pt"
+PLOT_FILE = "history.png"
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    train_loss: float
+    eval_loss: float
+    eval_accuracy: float
+    round_seconds: float
+    participating_clients: int
+    partitions: list[int]
+    examples_trained: int
+    sent_bytes: int
+    received_bytes: int
+    failures: int = 0
+    client_eval_loss: float | None = None
+    client_eval_accuracy: float | None = None
+    finished_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class History:
+    run_id: int
+    config: dict[str, Any]
+    data: str
+    device: str
+    initial_eval_loss: float | None = None
+    initial_eval_accuracy: float | None = None
+    rounds: list[RoundRecord] = field(default_factory=list)
+    status: str = "running"  # running | completed
+    started_at: float = field(default_factory=time.time)
+
+    def save(self, out_dir: Path) -> Path:
+        return write_atomic(out_dir / HISTORY_FILE, json.dumps(asdict(self), indent=2).encode())
+
+
+def write_atomic(path: Path, payload: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_history(out_dir: Path) -> dict[str, Any] | None:
+    """The history as plain JSON, or None while it is not written yet."""
+    try:
+        return json.loads((out_dir / HISTORY_FILE).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def plot_history(history: dict[str, Any], path: Path) -> Path:
+    """Loss (train and eval) and eval accuracy per round, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = history["rounds"]
+    xs = [r["round"] for r in rounds]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    ax_loss.plot(xs, [r["train_loss"] for r in rounds], "o-", label="train (clients)")
+    ax_loss.plot(xs, [r["eval_loss"] for r in rounds], "s-", label="eval (server, test split)")
+    ax_loss.set(xlabel="round", ylabel="cross-entropy loss", title="Loss")
+    ax_loss.legend()
+    ax_acc.plot(xs, [100 * r["eval_accuracy"] for r in rounds], "s-", color="tab:green")
+    ax_acc.set(xlabel="round", ylabel="accuracy (%)", title="Test accuracy (server)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.set_xticks(xs)
+    fig.suptitle(f"fedcifar run {history['run_id']}: {len(rounds)} rounds")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,295 @@
+"""A real Flower federation on this machine: one SuperLink and N SuperNodes as local processes.
+
+This is Flower's deployment engine, exactly as on a cluster, with ``localhost`` for the
+network: ``fedcifar superlink`` and ``fedcifar supernode`` processes (each with its metrics
+endpoint), and the app submitted with ``flwr run`` through a private ``FLWR_HOME``. Every
+process started here carries a token in its environment, so shutdown can find and stop all
+of them, Flower's own detached helpers included: no orphans after the end, an error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcifar.history import load_history
+
+TOKEN_ENV = "FEDCIFAR_LOCAL_TOKEN"
+CONNECTION = "fedcifar-local"
+
+
+class FederationError(RuntimeError):
+    """The local federation failed; the message includes the relevant log tail."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, deadline: float, alive: Callable[[], bool]) -> None:
+    while time.monotonic() < deadline:
+        if not alive():
+            raise FederationError(f"process exited before listening on port {port}")
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise FederationError(f"nothing listened on port {port} in time")
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    metrics_port: int
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+@dataclass
+class LocalFederation:
+    """Start with ``with LocalFederation(...) as fed:``; everything stops when the block ends."""
+
+    clients: int
+    app_dir: Path
+    work_dir: Path
+    data: str | None = None
+    metrics_ports: list[int] | None = None  # [server, client 0, client 1, ...]; None: free ports
+    superlink_port: int | None = None
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    nodes: list[NodeProcess] = field(default_factory=list)
+    peak_rss: dict[str, int] = field(default_factory=dict)  # bytes per kind of process
+
+    def __post_init__(self) -> None:
+        if self.clients < 1:
+            raise ValueError(f"--clients must be >= 1, got {self.clients}")
+        if self.metrics_ports is not None and len(self.metrics_ports) != self.clients + 1:
+            raise ValueError("metrics_ports needs one port for the server and one per client")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.flwr_home = self.work_dir / "flwr-home"
+        self.superlink_port = self.superlink_port or free_port()
+        self.metrics_ports = self.metrics_ports or [free_port() for _ in range(self.clients + 1)]
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> LocalFederation:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            FLWR_HOME=str(self.flwr_home),
+            FLWR_TELEMETRY_ENABLED="0",
+            FLWR_DISABLE_UPDATE_CHECK="1",
+            PYTHONUNBUFFERED="1",
+        )
+        env[TOKEN_ENV] = self.token
+        if self.data:
+            env["FEDCIFAR_DATA"] = str(Path(self.data).expanduser().resolve())
+        return env
+
+    def start(self, timeout: float = 60) -> None:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.superlink_port}"\ninsecure = true\n'
+        )
+        server = self._spawn(
+            "superlink",
+            ["superlink", "--metrics-port", str(self.metrics_ports[0]), "--metrics-host", "127.0.0.1",
+             "--insecure", "--host", "127.0.0.1", "--port", str(self.superlink_port),
+             "--disable-runtime-dependency-installation"],
+            self.metrics_ports[0],
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        wait_for_port(self.superlink_port, deadline, server.alive)
+        for i in range(self.clients):
+            args = ["supernode", "--metrics-port", str(self.metrics_ports[i + 1]),
+                    "--metrics-host", "127.0.0.1", "--partition-id", str(i),
+                    "--num-partitions", str(self.clients), "--insecure",
+                    "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(free_port())]  # fmt: skip
+            if self.data:
+                args += ["--data", str(self.data)]
+            self._spawn(f"supernode-{i}", args, self.metrics_ports[i + 1])
+        for node in self.nodes:
+            wait_for_port(node.metrics_port, deadline, node.alive)
+
+    def _spawn(self, name: str, args: list[str], metrics_port: int) -> NodeProcess:
+        log_path = self.work_dir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log_file:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "fedcifar", *args],
+                cwd=self.work_dir, env=self.env(), stdout=log_file, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,  # Ctrl-C reaches us, not them
+            )  # fmt: skip
+        node = NodeProcess(name, popen, log_path, metrics_port)
+        self.nodes.append(node)
+        return node
+
+    def close(self, grace: float = 15) -> None:
+        """Stop the SuperNodes, then the SuperLink, then anything left that carries the token."""
+        for node in [*self.nodes[1:], *self.nodes[:1]]:
+            if node.alive():
+                node.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for node in self.nodes:
+            try:
+                node.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                node.popen.kill()
+                node.popen.wait()
+        while time.monotonic() < deadline and processes_with_token(self.token):
+            time.sleep(0.1)
+        for pid in processes_with_token(self.token):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    # -- runs --------------------------------------------------------------------------------
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        flwr_cli = Path(sys.executable).parent / "flwr"
+        return subprocess.run(
+            [str(flwr_cli), *args], env=self.env(), capture_output=True, text=True,
+            timeout=timeout, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def submit(self, run_config: dict[str, Any]) -> int:
+        """``flwr run`` the app with the given run config; returns the run id."""
+        pairs = " ".join(f"{key}={toml_value(value)}" for key, value in run_config.items())
+        done = self.flwr("run", str(self.app_dir), CONNECTION, "--format", "json", "--run-config", pairs)
+        try:
+            reply = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            reply = {}
+        if done.returncode != 0 or not reply.get("success", False):
+            raise FederationError(f"flwr run failed:\n{done.stdout}\n{done.stderr}")
+        return int(reply["run-id"])
+
+    def run_status(self, run_id: int) -> str:
+        """Flower's status of a run, e.g. 'running' or 'finished:completed'."""
+        done = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
+        try:
+            runs = json.loads(done.stdout)["runs"]
+        except (json.JSONDecodeError, KeyError):
+            return "unknown"
+        return str(runs[0]["status"]) if runs else "unknown"
+
+    def follow(
+        self, run_id: int, out_dir: Path, on_round: Callable[[dict], None], poll: float = 0.5,
+        status_every: float = 5.0,
+    ) -> dict[str, Any]:
+        """Report each new round of ``out_dir/history.json`` until the run ends; return the history."""
+        shown, next_status = 0, time.monotonic() + status_every
+        while True:
+            history = load_history(out_dir)
+            for record in (history or {}).get("rounds", [])[shown:]:
+                on_round(record)
+                shown += 1
+            if history and history.get("status") == "completed":
+                return history
+            self.sample_memory()
+            for node in self.nodes:
+                if not node.alive():
+                    raise FederationError(f"{node.name} exited unexpectedly:\n{node.log_tail()}")
+            if time.monotonic() >= next_status:
+                status = self.run_status(run_id)
+                if status.startswith("finished") and not status.endswith("completed"):
+                    raise FederationError(
+                        f"run {run_id} ended as {status}. SuperLink log:\n{self.nodes[0].log_tail()}"
+                    )
+                next_status = time.monotonic() + status_every
+            time.sleep(poll)
+
+    def sample_memory(self) -> None:
+        """Fold the peak resident memory of every running process into ``peak_rss``."""
+        for pid in processes_with_token(self.token):
+            kind, hwm = _process_kind(pid), _vm_hwm(pid)
+            if kind and hwm:
+                self.peak_rss[kind] = max(self.peak_rss.get(kind, 0), hwm)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def _proc_pids() -> Iterator[int]:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            yield int(entry)
+
+
+def processes_with_token(token: str) -> list[int]:
+    """Processes whose environment carries ``token`` (all descendants of a federation)."""
+    needle = f"{TOKEN_ENV}={token}".encode()
+    found = []
+    for pid in _proc_pids():
+        if pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def _process_kind(pid: int) -> str | None:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    words = [Path(w.decode(errors="replace")).name for w in cmdline[:5]]
+    flower = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
+    for kind in flower:
+        if kind in words:
+            return kind
+    if "fedcifar" in words and words.index("fedcifar") + 1 < len(words):
+        return "fedcifar " + words[words.index("fedcifar") + 1]  # the metrics wrapper
+    return None
+
+
+def _vm_hwm(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0

@@ -1,0 +1,158 @@
+"""Prometheus metrics, and how they outlive Flower's short-lived app processes.
+
+Flower runs the ServerApp in a new process per run and the ClientApp in a new process per
+message, so an HTTP exporter inside them would come and go. Instead the long-lived node
+process (``fedcifar superlink`` / ``fedcifar supernode``, see ``node.py``) owns the HTTP
+endpoint and serves prometheus_client's multiprocess collector over a directory that every
+app process it spawns writes into (``PROMETHEUS_MULTIPROC_DIR``, inherited through Flower's
+SuperExec). Counters and histograms add up across processes; gauges keep the most recent
+value, so the last round's loss stays visible between rounds and between runs.
+
+Names follow Prometheus conventions: one ``fedcifar_`` prefix, base units, ``_total`` on
+counters. Server-side series have no role infix; node-side series are ``fedcifar_client_*``
+and carry a ``partition`` label.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import multiprocess
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+ROUND_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+TRAIN_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class ServerMetrics:
+    """Series written by the ServerApp (scraped from the SuperLink side)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        kw = {"registry": registry} if registry is not None else {}
+        self.round = Gauge(
+            "fedcifar_round", "Current (or last) federated round number.",
+            multiprocess_mode="mostrecent", **kw,
+        )  # fmt: skip
+        self.num_rounds = Gauge(
+            "fedcifar_run_rounds", "Rounds configured for the current run.",
+            multiprocess_mode="mostrecent", **kw,
+        )  # fmt: skip
+        self.rounds_completed = Counter(
+            "fedcifar_rounds_completed", "Federated rounds completed.", **kw
+        )
+        self.round_duration = Histogram(
+            "fedcifar_round_duration_seconds", "Wall time of a round: train, aggregate, evaluate.",
+            buckets=ROUND_BUCKETS, **kw,
+        )  # fmt: skip
+        self.train_loss = Gauge(
+            "fedcifar_train_loss", "Training loss of the last round, averaged over clients by examples.",
+            multiprocess_mode="mostrecent", **kw,
+        )  # fmt: skip
+        self.eval_loss = Gauge(
+            "fedcifar_eval_loss", "Server-side test loss of the global model after the last round.",
+            multiprocess_mode="mostrecent", **kw,
+        )  # fmt: skip
+        self.eval_accuracy = Gauge(
+            "fedcifar_eval_accuracy", "Server-side test accuracy (0-1) of the global model after the last round.",
+            multiprocess_mode="mostrecent", **kw,
+        )  # fmt: skip
+        self.participating_clients = Gauge(
+            "fedcifar_participating_clients", "Clients whose training reply was aggregated in the last round.",
+            multiprocess_mode="mostrecent", **kw,
+        )  # fmt: skip
+        self.examples_trained = Counter(
+            "fedcifar_examples_trained", "Training examples processed by all clients (epochs included).", **kw
+        )  # fmt: skip
+        self.sent_bytes = Counter(
+            "fedcifar_sent_bytes", "Model bytes sent by the server to clients.", **kw
+        )
+        self.received_bytes = Counter(
+            "fedcifar_received_bytes", "Model bytes received by the server from clients.", **kw
+        )
+        self.failures = Counter(
+            "fedcifar_client_failures", "Expected client replies that were missing or carried an error.", **kw
+        )  # fmt: skip
+
+
+class ClientMetrics:
+    """Series written by the ClientApp on each SuperNode, labelled by partition."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        kw = {"registry": registry} if registry is not None else {}
+        part = ["partition"]
+        self.info = Gauge(
+            "fedcifar_client_info", "Always 1; labels say which partition and device this node uses.",
+            ["partition", "num_partitions", "device"], multiprocess_mode="mostrecent", **kw,
+        )  # fmt: skip
+        self.train_loss = Gauge(
+            "fedcifar_client_train_loss", "Training loss of this node's last training round.",
+            part, multiprocess_mode="mostrecent", **kw,
+        )  # fmt: skip
+        self.eval_loss = Gauge(
+            "fedcifar_client_eval_loss", "Loss of the global model on this node's test partition.",
+            part, multiprocess_mode="mostrecent", **kw,
+        )  # fmt: skip
+        self.eval_accuracy = Gauge(
+            "fedcifar_client_eval_accuracy", "Accuracy (0-1) of the global model on this node's test partition.",
+            part, multiprocess_mode="mostrecent", **kw,
+        )  # fmt: skip
+        self.last_round = Gauge(
+            "fedcifar_client_round", "Server round of this node's last training message.",
+            part, multiprocess_mode="mostrecent", **kw,
+        )  # fmt: skip
+        self.examples_trained = Counter(
+            "fedcifar_client_examples_trained", "Training examples processed on this node.", part, **kw
+        )  # fmt: skip
+        self.train_duration = Histogram(
+            "fedcifar_client_train_duration_seconds", "Time spent in the training loop per message.",
+            part, buckets=TRAIN_BUCKETS, **kw,
+        )  # fmt: skip
+        self.messages = Counter(
+            "fedcifar_client_messages", "Messages handled by this node's ClientApp.",
+            ["partition", "kind"], **kw,
+        )  # fmt: skip
+        self.received_bytes = Counter(
+            "fedcifar_client_received_bytes", "Model bytes received from the server.", part, **kw
+        )
+        self.sent_bytes = Counter(
+            "fedcifar_client_sent_bytes", "Model bytes sent to the server.", part, **kw
+        )
+        self.peak_rss = Gauge(
+            "fedcifar_client_app_peak_rss_bytes", "Peak resident memory of a ClientApp process.",
+            part, multiprocess_mode="max", **kw,
+        )  # fmt: skip
+
+
+def record_bytes(record) -> int:
+    """Payload size of a Flower ``ArrayRecord`` (what is sent over the wire, before framing)."""
+    return sum(len(array.data) for array in record.values())
+
+
+@lru_cache(maxsize=1)
+def server_metrics() -> ServerMetrics:
+    return ServerMetrics()
+
+
+@lru_cache(maxsize=1)
+def client_metrics() -> ClientMetrics:
+    return ClientMetrics()
+
+
+def prepare_multiprocess_dir(path: Path) -> None:
+    """Start from an empty directory: files of dead processes from a previous node would linger."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def serve_multiprocess(port: int, host: str = "0.0.0.0") -> tuple[object, object]:
+    """Serve the app processes' metrics from ``$PROMETHEUS_MULTIPROC_DIR`` on ``host:port``."""
+    if not os.environ.get(MULTIPROC_ENV):
+        raise RuntimeError(f"{MULTIPROC_ENV} must be set before serving multiprocess metrics")
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return start_http_server(port, addr=host, registry=registry)

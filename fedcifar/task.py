@@ -1,0 +1,138 @@
+"""The model and its training and evaluation loops, shared by the federated and centralized paths.
+
+The CNN is the one from PyTorch's "Training a classifier" tutorial (the original ``cifar.py``):
+conv 6 -> conv 16 -> fc 120 -> fc 84 -> fc 10. Data arrives as uint8 tensors and is normalised
+per batch on the training device; the loss is accumulated on the device and read once per call,
+so there is no host synchronisation per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedcifar.data import ImageTensors
+
+log = logging.getLogger(__name__)
+
+
+class Net(nn.Module):
+    """The PyTorch tutorial CNN for 32x32 RGB images and 10 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+def initial_model(seed: int) -> Net:
+    """The same starting weights for every run with the same seed."""
+    torch.manual_seed(seed)
+    return Net()
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """'auto' picks CUDA when a device is visible; asking for CUDA without one falls back to CPU."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested == "cuda":
+        log.warning("CUDA was requested but no CUDA device is visible: training on the CPU")
+    return torch.device("cpu")
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the tutorial's Normalize((0.5,)*3, (0.5,)*3)."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean training loss over all examples seen
+    examples: int  # examples seen, epochs included
+    seconds: float
+
+
+def train(
+    net: nn.Module,
+    data: ImageTensors,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    device: torch.device,
+    seed: int,
+    first_epoch: int = 0,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """SGD with momentum over shuffled mini-batches; epoch ``first_epoch + e`` uses its own seed.
+
+    ``on_epoch(epoch, mean_loss_so_far)`` is called after each epoch (one host sync per epoch).
+    """
+    started = time.perf_counter()
+    net.to(device).train()
+    data = data.to(device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    total_loss = torch.zeros((), device=device)
+    seen = 0
+    for epoch in range(first_epoch, first_epoch + epochs):
+        order = torch.randperm(len(data), generator=epoch_generator(seed, epoch)).to(device)
+        for batch in order.split(batch_size):
+            images, labels = normalize(data.images[batch]), data.labels[batch]
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(net(images), labels)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.detach() * len(batch)
+            seen += len(batch)
+        if on_epoch:
+            on_epoch(epoch + 1, total_loss.item() / max(seen, 1))
+    mean_loss = total_loss.item() / seen if seen else float("nan")
+    return TrainResult(mean_loss, seen, time.perf_counter() - started)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The shuffling order of one epoch, the same in centralized and federated training."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+@torch.inference_mode()
+def evaluate(
+    net: nn.Module, data: ImageTensors, device: torch.device, batch_size: int = 1000
+) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy (0..1) of ``net`` on ``data``."""
+    net.to(device).eval()
+    data = data.to(device)
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for start in range(0, len(data), batch_size):
+        images = normalize(data.images[start : start + batch_size])
+        labels = data.labels[start : start + batch_size]
+        logits = net(images)
+        total_loss += F.cross_entropy(logits, labels, reduction="sum")
+        correct += (logits.argmax(dim=1) == labels).sum()
+    if len(data) == 0:
+        return float("nan"), float("nan")
+    return total_loss.item() / len(data), correct.item() / len(data)
