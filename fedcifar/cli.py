@@ -102,8 +102,9 @@ def cmd_centralized(args: argparse.Namespace, _extra: list[str]) -> int:
     from fedcifar.centralized import run_centralized
     from fedcifar.data import resolve_source
 
-    RunConfig(local_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-              momentum=args.momentum).check()  # fmt: skip
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    RunConfig(batch_size=args.batch_size, learning_rate=args.learning_rate, momentum=args.momentum).check()
     source = resolve_source(args.data)
     console.print(f"centralized: {args.epochs} epochs on {source.describe()}")
     result = run_centralized(

@@ -60,6 +60,10 @@ class ServerMetrics:
             "fedcifar_eval_accuracy", "Server-side test accuracy (0-1) of the global model after the last round.",
             multiprocess_mode="mostrecent", **kw,
         )  # fmt: skip
+        self.connected_clients = Gauge(
+            "fedcifar_connected_clients", "SuperNodes connected to the SuperLink when the last round started.",
+            multiprocess_mode="mostrecent", **kw,
+        )  # fmt: skip
         self.participating_clients = Gauge(
             "fedcifar_participating_clients", "Clients whose training reply was aggregated in the last round.",
             multiprocess_mode="mostrecent", **kw,

@@ -103,6 +103,7 @@ class MonitoredFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self._round = {"started": time.perf_counter(), "sent": 0, "received": 0, "failures": 0}
         self.metrics.round.set(server_round)
+        self.metrics.connected_clients.set(len(list(grid.get_node_ids())))
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._count_sent(arrays, len(messages))
         return messages

@@ -1,0 +1,50 @@
+"""The command line: the centralized baseline's JSON, and bad input refused before anything starts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def fedcifar(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedcifar", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_centralized_prints_json_last(mini_dir):
+    done = fedcifar("centralized", "--epochs", "1", "--data", str(mini_dir), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0 <= result["test_accuracy"] <= 1 and result["seconds"] > 0
+    assert result["examples"] == 500 and result["epochs"] == 1
+    assert result["data"].startswith("parquet:")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--data", "/no/such/folder"], "does not exist"),
+        (["run", "-c", "learning-rate=fast"], "'learning-rate' must be a number"),
+        (["run", "-c", "bogus-key=1"], "unknown run config key(s) ['bogus-key']"),
+        (["run", "--clients", "0"], "--clients must be >= 1"),
+        (["run", "-c", "partitioner=shards"], "'partitioner' must be one of iid, dirichlet"),
+        (["centralized", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["centralized", "--lr", "0"], "'learning-rate' must be a finite number > 0"),
+        (["supernode", "--num-partitions", "2", "--partition-id", "2"], "partition-id must be an integer in [0, 1]"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_message(args, message, tmp_path, mini_dir):
+    if args[0] == "run":
+        args = [*args, "--out", str(tmp_path / "out")]
+        if "--data" not in args:
+            args += ["--data", str(mini_dir)]
+    done = fedcifar(*args, timeout=60)
+    assert done.returncode == 2
+    assert message in " ".join(done.stderr.split()), done.stderr
+    assert not (tmp_path / "out" / "logs").exists()  # nothing was started

@@ -1,0 +1,172 @@
+"""A real local federation: a SuperLink and 2 SuperNodes as processes, 2 rounds on real images.
+
+While it runs, a scraper reads the server's and both clients' /metrics endpoints; afterwards
+``history.json`` must agree with what those scrapes returned, round by round.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from fedcifar.history import load_history
+from fedcifar.local import free_port
+from fedcifar.task import Net
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+CLIENTS, ROUNDS = 2, 2
+
+
+def scrape(port: int) -> dict[tuple, float] | None:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return None
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(snapshot: dict, name: str, **labels: str) -> float:
+    return snapshot[(name, tuple(sorted(labels.items())))]
+
+
+class Scraper(threading.Thread):
+    """Polls every endpoint until stopped; keeps every successful snapshot."""
+
+    def __init__(self, ports: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.ports, self.snapshots = ports, {p: [] for p in ports}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for port in self.ports:
+                snap = scrape(port)
+                if snap:
+                    self.snapshots[port].append(snap)
+            self.stop.wait(0.25)
+
+
+def free_port_block(size: int) -> int:
+    for _ in range(50):
+        base = free_port()
+        if base + size < 65535 and all(scrape(base + i) is None for i in range(size)):
+            return base
+    raise RuntimeError("no block of free ports")
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, mini_dir):
+    out = tmp_path_factory.mktemp("run")
+    base = free_port_block(CLIENTS + 1)
+    ports = [base + i for i in range(CLIENTS + 1)]
+    scraper = Scraper(ports)
+    scraper.start()
+    cmd = [sys.executable, "-m", "fedcifar", "run", "--clients", str(CLIENTS), "--rounds", str(ROUNDS),
+           "--data", str(mini_dir), "--out", str(out), "--metrics-port", str(base), "--linger", "2",
+           "-c", "fraction-evaluate=1.0"]  # fmt: skip
+    started = time.monotonic()
+    env = {k: v for k, v in os.environ.items() if k != "FEDCIFAR_DATA"}
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    scraper.stop.set()
+    scraper.join()
+    print(done.stdout, done.stderr, f"took {time.monotonic() - started:.1f}s", sep="\n")
+    assert done.returncode == 0, done.stderr
+    return out, ports, scraper.snapshots, done
+
+
+def test_history_has_every_round(federation):
+    out, *_ = federation
+    history = load_history(out)
+    assert history["status"] == "completed"
+    assert [r["round"] for r in history["rounds"]] == [1, 2]
+    for r in history["rounds"]:
+        assert r["participating_clients"] == CLIENTS and r["partitions"] == [0, 1]
+        assert r["examples_trained"] == 500  # 250 images per partition, 1 local epoch
+        assert r["round_seconds"] > 0 and r["failures"] == 0
+        assert 0 <= r["eval_accuracy"] <= 1 and r["train_loss"] > 0
+        assert r["sent_bytes"] > 0 and r["received_bytes"] > 0
+    assert history["data"].startswith("parquet:")
+
+
+def test_outputs_checkpoint_and_plot(federation):
+    out, *_ = federation
+    checkpoint = torch.load(out / "model.pt")
+    assert checkpoint["round"] == ROUNDS
+    Net().load_state_dict(checkpoint["model"])
+    assert (out / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_server_metrics_match_history(federation):
+    out, ports, snapshots, _ = federation
+    rounds = load_history(out)["rounds"]
+    server = snapshots[ports[0]]
+    final = server[-1]
+    assert value(final, "fedcifar_rounds_completed_total") == ROUNDS
+    assert value(final, "fedcifar_round") == ROUNDS
+    assert value(final, "fedcifar_run_rounds") == ROUNDS
+    assert value(final, "fedcifar_participating_clients") == CLIENTS
+    assert value(final, "fedcifar_connected_clients") == CLIENTS
+    assert value(final, "fedcifar_round_duration_seconds_count") == ROUNDS
+    assert value(final, "fedcifar_round_duration_seconds_sum") == pytest.approx(
+        sum(r["round_seconds"] for r in rounds), rel=1e-9
+    )
+    assert value(final, "fedcifar_examples_trained_total") == sum(r["examples_trained"] for r in rounds)
+    assert value(final, "fedcifar_sent_bytes_total") == sum(r["sent_bytes"] for r in rounds)
+    assert value(final, "fedcifar_received_bytes_total") == sum(r["received_bytes"] for r in rounds)
+    # each round's figures were visible while that round was the latest one
+    for r in rounds:
+        during = [s for s in server if s.get(("fedcifar_rounds_completed_total", ())) == r["round"]]
+        assert during, f"no scrape caught round {r['round']}"
+        for snap in during:
+            assert value(snap, "fedcifar_eval_accuracy") == r["eval_accuracy"]
+            assert value(snap, "fedcifar_eval_loss") == r["eval_loss"]
+            assert value(snap, "fedcifar_train_loss") == r["train_loss"]
+
+
+def test_client_metrics_match_history(federation):
+    out, ports, snapshots, _ = federation
+    rounds = load_history(out)["rounds"]
+    finals = [snapshots[port][-1] for port in ports[1:]]
+    for partition, final in enumerate(finals):
+        p = str(partition)
+        assert value(final, "fedcifar_client_info", device="cpu", num_partitions=str(CLIENTS), partition=p) == 1
+        assert value(final, "fedcifar_client_examples_trained_total", partition=p) == 250 * ROUNDS
+        assert value(final, "fedcifar_client_messages_total", kind="train", partition=p) == ROUNDS
+        assert value(final, "fedcifar_client_messages_total", kind="evaluate", partition=p) == ROUNDS
+        assert value(final, "fedcifar_client_round", partition=p) == ROUNDS
+        assert value(final, "fedcifar_client_app_peak_rss_bytes", partition=p) > 50 * 2**20
+    # the server's aggregated loss is the example-weighted mean of the clients' last losses
+    losses = [value(f, "fedcifar_client_train_loss", partition=str(i)) for i, f in enumerate(finals)]
+    assert rounds[-1]["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-9)
+    accuracies = [value(f, "fedcifar_client_eval_accuracy", partition=str(i)) for i, f in enumerate(finals)]
+    assert rounds[-1]["client_eval_accuracy"] == pytest.approx(sum(accuracies) / len(accuracies), rel=1e-9)
+    sent = sum(value(f, "fedcifar_client_sent_bytes_total", partition=str(i)) for i, f in enumerate(finals))
+    assert sent == sum(r["received_bytes"] for r in rounds)
+
+
+def test_console_shows_rounds_and_nothing_is_left_running(federation):
+    out, ports, _, done = federation
+    assert "round 2/2" in done.stderr and "final eval accuracy" in done.stderr
+    assert all(scrape(port) is None for port in ports)  # endpoints are gone
+    leftovers = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cwd").resolve() == out.resolve():
+                leftovers.append(pid)
+        except OSError:
+            continue
+    assert leftovers == [], f"processes still running in {out}: {leftovers}"

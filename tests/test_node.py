@@ -1,0 +1,40 @@
+"""Node processes: ordinal detection for StatefulSet pods and the node config they pass to Flower."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedcifar.config import ConfigError
+from fedcifar.node import node_config, resolve_ordinal
+
+
+def test_explicit_partition_id():
+    assert resolve_ordinal("3") == 3
+    with pytest.raises(ValueError, match="integer or 'auto'"):
+        resolve_ordinal("three")
+
+
+def test_pod_index_label_wins(monkeypatch):
+    monkeypatch.setenv("POD_INDEX", "5")
+    monkeypatch.setenv("HOSTNAME", "fedcifar-clients-2")
+    assert resolve_ordinal("auto") == 5
+
+
+def test_hostname_ordinal_when_the_label_is_missing(monkeypatch):
+    monkeypatch.setenv("POD_INDEX", "")  # Kubernetes < 1.28: the downward API yields ""
+    monkeypatch.setenv("HOSTNAME", "my-release-fedcifar-clients-12")
+    assert resolve_ordinal("auto") == 12
+
+
+def test_no_ordinal_anywhere(monkeypatch):
+    monkeypatch.delenv("POD_INDEX", raising=False)
+    monkeypatch.setenv("HOSTNAME", "laptop")
+    with pytest.raises(ValueError, match="pass --partition-id N"):
+        resolve_ordinal("auto")
+
+
+def test_node_config(tmp_path):
+    assert node_config(1, 3, None) == "partition-id=1 num-partitions=3"
+    assert node_config(0, 1, str(tmp_path)) == f'partition-id=0 num-partitions=1 data-path="{tmp_path}"'
+    with pytest.raises(ConfigError, match="partition-id must be an integer in"):
+        node_config(3, 3, None)

@@ -1,0 +1,65 @@
+"""The tutorial CNN and its training loop, on real images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedcifar.centralized import run_centralized
+from fedcifar.data import load_full, load_partition, resolve_source
+from fedcifar.task import Net, evaluate, initial_model, normalize, pick_device, train
+
+
+def test_net_is_the_tutorial_cnn():
+    net = Net()
+    assert net(torch.zeros(4, 3, 32, 32)).shape == (4, 10)
+    # conv(3->6,5) + conv(6->16,5) + fc 400->120->84->10
+    assert sum(p.numel() for p in net.parameters()) == 62_006
+
+
+def test_initial_model_is_seeded():
+    a, b, c = initial_model(1), initial_model(1), initial_model(2)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+def test_normalize_matches_the_tutorial_transform():
+    pixels = torch.tensor([0, 51, 255], dtype=torch.uint8)
+    expected = (pixels.float() / 255 - 0.5) / 0.5  # ToTensor + Normalize((0.5,), (0.5,))
+    assert torch.allclose(normalize(pixels), expected)
+
+
+def test_pick_device_falls_back_to_cpu():
+    assert pick_device("cpu").type == "cpu"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device("cuda").type == expected
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
+        pick_device("gpu")
+
+
+def test_training_learns_and_is_reproducible(mini_dir):
+    data = load_full(resolve_source(mini_dir), "train")
+    kwargs = dict(epochs=8, batch_size=32, lr=0.05, momentum=0.9, device=torch.device("cpu"), seed=3)
+    net = initial_model(0)
+    before, _ = evaluate(net, data, torch.device("cpu"))
+    result = train(net, data, **kwargs)
+    after, accuracy = evaluate(net, data, torch.device("cpu"))
+    assert result.examples == 8 * 500
+    assert after < before - 0.2 and accuracy > 0.2  # well above chance on what it trained on
+    twin = initial_model(0)
+    assert train(twin, data, **kwargs).loss == result.loss
+    assert torch.equal(twin.fc3.weight, net.fc3.weight)
+
+
+def test_centralized_is_partition_zero_of_one(mini_dir):
+    """The baseline trains exactly what a single federated client with 1 partition trains."""
+    source = resolve_source(mini_dir)
+    assert torch.equal(load_partition(source, "train", 0, 1).labels, load_full(source, "train").labels)
+    result = run_centralized(source, epochs=1, batch_size=32, lr=0.01, momentum=0.9, seed=5)
+    net = initial_model(5)
+    client = train(net, load_partition(source, "train", 0, 1), epochs=1, batch_size=32, lr=0.01,
+                   momentum=0.9, device=pick_device("auto"), seed=5, first_epoch=0)  # fmt: skip
+    assert client.loss == pytest.approx(result.train_loss, rel=1e-6)
+    loss, accuracy = evaluate(net, load_full(source, "test"), pick_device("auto"))
+    assert (loss, accuracy) == pytest.approx((result.test_loss, result.test_accuracy), rel=1e-6)
+    assert 0 <= result.test_accuracy <= 1 and result.seconds > 0
