@@ -69,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     cen.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
     cen.set_defaults(handler=cmd_centralized)
 
+    sub_ = sub.add_parser("submit", help="wait for a SuperLink and its clients, then flwr run (the chart's run Job)")
+    sub_.add_argument("--superlink", required=True, help="SuperLink address HOST:PORT (insecure)")
+    sub_.add_argument("--app", default=str(APP_DIR), help="Flower app folder (default: this project)")
+    sub_.add_argument("--run-config", default="", help="'key=value ...' run config overrides (TOML values)")
+    sub_.add_argument("--client-metrics", nargs="*", default=[], metavar="URL",
+                      help="metrics URLs of every expected client; waits until each reports --num-partitions")  # fmt: skip
+    sub_.add_argument("--num-partitions", type=int, default=None)
+    sub_.add_argument("--timeout", type=float, default=600, help="seconds to wait for readiness")
+    sub_.add_argument("--no-stream", action="store_true", help="return after submitting instead of streaming logs")
+    sub_.set_defaults(handler=cmd_submit)
+
     for role, flower in (("superlink", "flower-superlink"), ("supernode", "flower-supernode")):
         node = sub.add_parser(
             role, help=f"run {flower} with a Prometheus endpoint; other options go to {flower}"
@@ -86,16 +97,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_node(args: argparse.Namespace, extra: list[str]) -> int:
-    from fedcifar.node import flower_binary, node_config, resolve_ordinal, run_with_metrics
+    from fedcifar.metrics import NodeInfo
+    from fedcifar.node import flower_binary, node_config, probe_device, resolve_ordinal, run_with_metrics
 
-    command = [flower_binary(args.flower), *extra]
+    command, collectors = [flower_binary(args.flower), *extra], []
     if args.role == "supernode":
         if any(a.startswith("--node-config") for a in extra):
             raise ValueError("fedcifar supernode sets --node-config itself: use --partition-id/--num-partitions/--data")
         partition = resolve_ordinal(args.partition_id)
         command += ["--node-config", node_config(partition, args.num_partitions, args.data)]
-        print(f"fedcifar: partition {partition} of {args.num_partitions}", flush=True)
-    return run_with_metrics(command, args.metrics_port, args.metrics_host, args.metrics_dir)
+        device = probe_device()
+        note = " (no CUDA device visible: training falls back to the CPU)" if device == "cpu" else ""
+        print(f"fedcifar: partition {partition} of {args.num_partitions}, device {device}{note}", flush=True)
+        collectors.append(NodeInfo(partition, args.num_partitions, device))
+    return run_with_metrics(command, args.metrics_port, args.metrics_host, args.metrics_dir, *collectors)
+
+
+def cmd_submit(args: argparse.Namespace, _extra: list[str]) -> int:
+    from fedcifar.submit import NotReady, submit
+
+    try:
+        submit(app=args.app, superlink=args.superlink, run_config=args.run_config,
+               client_metrics=args.client_metrics, num_partitions=args.num_partitions,
+               timeout=args.timeout, stream=not args.no_stream)  # fmt: skip
+    except NotReady as err:
+        console.print(f"[bold red]error:[/] {err}")
+        return 1
+    return 0  # not reached: submit() execs flwr
 
 
 def cmd_centralized(args: argparse.Namespace, _extra: list[str]) -> int:
@@ -142,7 +170,7 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
     if unknown:
         raise ConfigError(f"unknown run config key(s) {unknown}; known: {', '.join(sorted(defaults))}")
     out_dir = (args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
-    overrides.update(min_nodes_for(args.clients, overrides), **{"out-dir": str(out_dir)})
+    overrides = {**federation_defaults(args.clients), **overrides, "out-dir": str(out_dir)}
     if args.rounds is not None:
         overrides["num-server-rounds"] = args.rounds
     config = RunConfig.from_flower({**defaults, **overrides})
@@ -172,9 +200,9 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
     return 0
 
 
-def min_nodes_for(clients: int, overrides: dict) -> dict:
-    """Wait for all local SuperNodes unless the user chose otherwise."""
-    return {} if "min-nodes" in overrides else {"min-nodes": clients}
+def federation_defaults(clients: int) -> dict:
+    """Wait for all local SuperNodes, and check they split the data the same way (-c overrides)."""
+    return {"min-nodes": clients, "num-partitions": clients}
 
 
 def metrics_ports(base: int | None, clients: int) -> list[int] | None:

@@ -42,8 +42,16 @@ class NodeSetup:
             )
         partition_id, num_partitions = node["partition-id"], node["num-partitions"]
         check_partition(partition_id, num_partitions)
+        config = RunConfig.from_flower(context.run_config)
+        if config.num_partitions and config.num_partitions != num_partitions:
+            # e.g. a pod not yet restarted by `helm upgrade`: its partition belongs to another split
+            raise ConfigError(
+                f"this SuperNode holds partition {partition_id} of {num_partitions}, but the run "
+                f"expects {config.num_partitions} partitions: restart it with --num-partitions "
+                f"{config.num_partitions}"
+            )
         data_path = str(node["data-path"]) if node.get("data-path") else None
-        return cls(partition_id, num_partitions, RunConfig.from_flower(context.run_config), data_path)
+        return cls(partition_id, num_partitions, config, data_path)
 
     def load(self, split: str) -> ImageTensors:
         c = self.config
@@ -63,7 +71,6 @@ def train_handler(msg: Message, context: Context) -> Message:
     cfg, metrics, part = setup.config, client_metrics(), setup.label
     data = setup.load("train")
     device = pick_device(cfg.device)
-    metrics.info.labels(part, str(setup.num_partitions), device.type).set(1)
     net = Net()
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     server_round = int(msg.content["config"]["server-round"])

@@ -33,6 +33,7 @@ class RunConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
     min_nodes: int = 2
+    num_partitions: int = 0
     round_timeout: float = 3600.0
     seed: int = 42
     device: str = "auto"
@@ -55,6 +56,7 @@ class RunConfig:
         _at_least("local-epochs", self.local_epochs, 1)
         _at_least("batch-size", self.batch_size, 1)
         _at_least("min-nodes", self.min_nodes, 1)
+        _at_least("num-partitions", self.num_partitions, 0)
         _positive("learning-rate", self.learning_rate)
         _positive("dirichlet-alpha", self.dirichlet_alpha)
         _positive("round-timeout", self.round_timeout)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcifar.history import load_history
+from fedcifar.submit import write_connection
 
 TOKEN_ENV = "FEDCIFAR_LOCAL_TOKEN"
 CONNECTION = "fedcifar-local"
@@ -118,11 +119,7 @@ class LocalFederation:
         return env
 
     def start(self, timeout: float = 60) -> None:
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.superlink_port}"\ninsecure = true\n'
-        )
+        write_connection(self.flwr_home, CONNECTION, f"127.0.0.1:{self.superlink_port}")
         server = self._spawn(
             "superlink",
             ["superlink", "--metrics-port", str(self.metrics_ports[0]), "--metrics-host", "127.0.0.1",

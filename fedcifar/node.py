@@ -67,15 +67,29 @@ def node_config(partition_id: int, num_partitions: int, data_path: str | None) -
     return " ".join(pairs)
 
 
+def probe_device() -> str:
+    """The device a ClientApp on this node trains on by default ('cuda' or 'cpu').
+
+    Asked in a short-lived subprocess, so that this long-lived process never imports torch.
+    """
+    code = "from fedcifar.task import pick_device; print(pick_device('auto').type)"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
 def run_with_metrics(
-    command: list[str], metrics_port: int, metrics_host: str, metrics_dir: str | None
+    command: list[str], metrics_port: int, metrics_host: str, metrics_dir: str | None,
+    *collectors: object,
 ) -> int:
     """Serve metrics, run ``command`` to its end (forwarding SIGTERM/SIGINT), return its code."""
     owned = metrics_dir is None
     directory = Path(metrics_dir or tempfile.mkdtemp(prefix="fedcifar-metrics-"))
     prepare_multiprocess_dir(directory)
     os.environ[MULTIPROC_ENV] = str(directory)  # inherited by Flower and the apps it spawns
-    server, _ = serve_multiprocess(metrics_port, metrics_host)
+    server = serve_multiprocess(metrics_port, metrics_host, *collectors)
     print(f"fedcifar: metrics on http://{metrics_host}:{metrics_port}/metrics", flush=True)
     child = subprocess.Popen(command)
 

@@ -1,0 +1,94 @@
+"""End-to-end fixtures: the cluster in $KUBECONFIG, the image, a real Prometheus, namespaces.
+
+In CI ``../shared/k8s/up`` starts the cluster first; without a reachable cluster every test skips.
+On failure, every test prints describe/logs of every pod of the release.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+import subprocess
+import tomllib
+
+import pytest
+from kubernetes import client, config
+
+from kube import ROOT, dump_namespace, port_forward, run, wait_for
+
+APP_NS = "fedcifar-e2e"
+MON_NS = "fedcifar-e2e-monitoring"
+SHARED_K8S = ROOT.parent / "shared" / "k8s"
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+IMAGE_REPO, IMAGE_TAG = "local/fedcifar", f"{VERSION}-cpu"
+
+
+def pytest_runtest_makereport(item, call):
+    if call.when in ("setup", "call") and call.excinfo is not None and "kube" in item.fixturenames:
+        for ns in (APP_NS, *getattr(item.module, "EXTRA_NAMESPACES", ())):
+            item.add_report_section("call", f"cluster state {ns}", dump_namespace(ns))
+
+
+@pytest.fixture(scope="session")
+def kube() -> client.CoreV1Api:
+    try:
+        config.load_kube_config()
+        core = client.CoreV1Api()
+        core.list_namespace(limit=1, _request_timeout=10)
+    except Exception as err:  # no kubeconfig, or nothing answering
+        pytest.skip(f"no Kubernetes cluster reachable ({type(err).__name__}); CI starts one with ../shared/k8s/up")
+    return core
+
+
+@pytest.fixture(scope="session")
+def image(kube) -> tuple[str, str]:
+    """Build the CPU image into the cluster's Docker engine (docker's layer cache makes a rebuild quick)."""
+    if os.environ.get("FEDCIFAR_E2E_SKIP_BUILD") != "1":
+        done = subprocess.run(["bash", str(ROOT / "images" / "build"), "cpu"], capture_output=True, text=True,
+                              timeout=1800)  # fmt: skip
+        assert done.returncode == 0, f"image build failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    run("docker", "image", "inspect", f"{IMAGE_REPO}:{IMAGE_TAG}")
+    return IMAGE_REPO, IMAGE_TAG
+
+
+def recreate_namespace(core: client.CoreV1Api, name: str) -> None:
+    try:
+        core.delete_namespace(name)
+    except client.ApiException as err:
+        if err.status != 404:
+            raise
+
+    def gone() -> bool:
+        try:
+            core.read_namespace(name)
+        except client.ApiException as err:
+            return err.status == 404
+        return False
+
+    wait_for(f"namespace {name} deleted", gone, 180)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+
+
+@pytest.fixture(scope="session")
+def namespaces(kube):
+    for ns in (APP_NS, MON_NS):
+        recreate_namespace(kube, ns)
+    yield APP_NS, MON_NS
+    for ns in (APP_NS, MON_NS):
+        kube.delete_namespace(ns)
+
+
+@pytest.fixture(scope="session")
+def prometheus(kube, namespaces) -> str:
+    """A real Prometheus scraping the app namespace by pod annotations; yields its URL on localhost."""
+    built = subprocess.run(["bash", str(SHARED_K8S / "prometheus-image")], capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stderr
+    prom_image = built.stdout.strip().splitlines()[-1]
+    manifest = string.Template((ROOT / "k8s-tests" / "manifests" / "prometheus.yaml").read_text()).safe_substitute(
+        MONITORING_NS=MON_NS, APP_NS=APP_NS, PROMETHEUS_IMAGE=prom_image
+    )
+    run("kubectl", "apply", "-f", "-", input=manifest)
+    run("kubectl", "-n", MON_NS, "rollout", "status", "deploy/prometheus", "--timeout=180s", timeout=200)
+    with port_forward(MON_NS, "deploy/prometheus", 9090) as port:
+        yield f"http://127.0.0.1:{port}"
+    run("kubectl", "delete", "clusterrole,clusterrolebinding", "fedcifar-e2e-prometheus", check=False)

@@ -1,0 +1,198 @@
+"""The chart on a real cluster: install with 3 clients on real data, train 2 rounds, observe, upgrade,
+schedule on (advertised) GPUs, run `helm test`, uninstall. The tests run in file order on one release.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import APP_NS, SHARED_K8S
+from kube import CHART, ROOT, helm, pod_logs, pods, prom_query, run, wait_for
+
+RELEASE = "e2e"
+GPU_NS, GPU_RELEASE = "fedcifar-e2e-gpu", "gpu"
+EXTRA_NAMESPACES = (GPU_NS,)
+DATA = ROOT / "tests" / "data" / "cifar10-mini"  # 500 train + 200 test real images
+CLIENTS_SELECTOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=clients"
+RUN_SELECTOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=run"
+pytestmark = pytest.mark.e2e
+
+
+def chart_values(image: tuple[str, str], clients: int) -> list[str]:
+    """Small requests so 4 clients fit a 2-core node; real data from a hostPath volume."""
+    repo, tag = image
+    sets = {
+        "image.repository": repo, "image.tag": tag, "clients.replicas": clients,
+        "run.rounds": 2, "run.fractionEvaluate": "1.0",
+        "data.source": "volume", "data.volume.hostPath": str(DATA),
+        "superlink.resources.requests.cpu": "100m", "clients.resources.requests.cpu": "100m",
+        "run.resources.requests.cpu": "10m",
+    }  # fmt: skip
+    return [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+
+
+def job_succeeded(kube_batch, revision: int) -> bool:
+    for job in kube_batch.list_namespaced_job(APP_NS, label_selector=RUN_SELECTOR).items:
+        if job.metadata.name.endswith(f"-{revision}"):
+            if job.status.failed:
+                raise AssertionError(f"run job {job.metadata.name} failed")
+            return bool(job.status.succeeded)
+    return False
+
+
+def ordinal(pod_name: str) -> int:
+    return int(re.search(r"-(\d+)$", pod_name).group(1))
+
+
+def check_partitions(kube, prometheus: str, clients: int) -> None:
+    """Every client pod trained on the partition equal to its ordinal, out of `clients`."""
+    client_pods = [p for p in pods(kube, APP_NS, CLIENTS_SELECTOR) if p.metadata.deletion_timestamp is None]
+    assert sorted(ordinal(p.metadata.name) for p in client_pods) == list(range(clients))
+    for pod in client_pods:
+        i = ordinal(pod.metadata.name)
+        assert f"partition {i} of {clients}" in pod_logs(kube, APP_NS, pod.metadata.name)
+
+    def scraped_all() -> list[dict] | None:
+        series = prom_query(prometheus, f'fedcifar_client_info{{namespace="{APP_NS}",num_partitions="{clients}"}}')
+        return series if len({s["metric"]["pod"] for s in series}) == clients else None
+
+    series = wait_for(f"Prometheus to scrape fedcifar_client_info of {clients} clients", scraped_all, 120, 2)
+    for s in series:
+        assert ordinal(s["metric"]["pod"]) == int(s["metric"]["partition"]), s["metric"]
+        assert s["metric"]["device"] == "cpu"  # no CUDA device here: the fallback is labelled
+
+
+@pytest.fixture(scope="module")
+def batch():
+    from kubernetes import client
+
+    return client.BatchV1Api()
+
+
+@pytest.fixture(scope="module")
+def release(kube, image, prometheus, batch):
+    helm("install", RELEASE, str(CHART), "-n", APP_NS, *chart_values(image, 3), "--wait", "--timeout", "5m")
+    wait_for("the run job of revision 1 to succeed", lambda: job_succeeded(batch, 1), 900, 3)
+    yield RELEASE
+    helm("uninstall", RELEASE, "-n", APP_NS, check=False)
+
+
+def test_training_ran_on_every_partition(kube, release, prometheus):
+    check_partitions(kube, prometheus, 3)
+    completed = wait_for(
+        "the server's rounds_completed to reach 2",
+        lambda: [s for s in prom_query(prometheus, f'fedcifar_rounds_completed_total{{namespace="{APP_NS}"}}')
+                 if float(s["value"][1]) == 2],
+        60, 2,
+    )  # fmt: skip
+    assert completed
+    trained = prom_query(prometheus, f'fedcifar_client_examples_trained_total{{namespace="{APP_NS}"}}')
+    assert sorted(s["metric"]["partition"] for s in trained) == ["0", "1", "2"]
+    assert sum(float(s["value"][1]) for s in trained) == 2 * 500  # 2 rounds over all 500 train images
+
+
+def test_prometheus_scraped_the_server_and_every_client(release, prometheus):
+    up = prom_query(prometheus, f'up{{namespace="{APP_NS}"}} == 1')
+    components = sorted(s["metric"].get("component", "") for s in up)
+    assert components == ["clients", "clients", "clients", "superlink"], up
+
+
+def dashboard_queries() -> list[tuple[str, str, str]]:
+    found = []
+    for path in sorted((CHART / "dashboards").glob("*.json")):
+        board = json.loads(path.read_text())
+        panels = list(board["panels"])
+        for panel in list(panels):
+            panels.extend(panel.get("panels", []))  # panels inside collapsed rows
+        for panel in panels:
+            for target in panel.get("targets", []):
+                if target.get("expr"):
+                    found.append((path.name, panel.get("title", "?"), target["expr"]))
+    return found
+
+
+def test_every_dashboard_query_returns_data(release, prometheus):
+    queries = dashboard_queries()
+    assert len(queries) >= 8
+    substitutions = {"$__rate_interval": "5m", "$__interval": "30s", "$__range": "1h",
+                     "${namespace}": APP_NS, "$namespace": APP_NS}  # fmt: skip
+    empty = []
+    for board, title, expr in queries:
+        query = expr
+        for var, value in substitutions.items():
+            query = query.replace(var, value)
+        assert "$" not in query, f"{board} / {title}: unhandled variable in {expr}"
+        if not prom_query(prometheus, query):
+            empty.append(f"{board} / {title}: {query}")
+    assert not empty, "queries without data:\n" + "\n".join(empty)
+
+
+def test_helm_test_passes(release):
+    done = helm("test", RELEASE, "-n", APP_NS, "--timeout", "5m")
+    assert "Phase:          Succeeded" in done.stdout or "Succeeded" in done.stdout, done.stdout
+
+
+def test_gpu_clients_schedule_only_where_gpus_are_free(kube, image):
+    """2 advertised nvidia.com/gpu, 3 clients asking 1 each: 2 scheduled, 1 Pending for the scheduler's reason."""
+    run("bash", str(SHARED_K8S / "advertise-gpus"), "2")
+    run("kubectl", "create", "namespace", GPU_NS, check=False)
+    repo, tag = image
+    try:
+        helm("install", GPU_RELEASE, str(CHART), "-n", GPU_NS, "--set", "clients.replicas=3",
+             "--set", "clients.gpu.enabled=true", "--set", "clients.gpu.count=1",
+             "--set", f"clients.gpu.image.repository={repo}", "--set", f"clients.gpu.image.tag={tag}",
+             "--set", f"image.repository={repo}", "--set", f"image.tag={tag}", "--set", "run.enabled=false",
+             "--set", "clients.resources.requests.cpu=50m", "--set", "superlink.resources.requests.cpu=50m")  # fmt: skip
+        selector = f"app.kubernetes.io/instance={GPU_RELEASE},app.kubernetes.io/component=clients"
+
+        def settled():
+            found = pods(kube, GPU_NS, selector)
+            if len(found) != 3:
+                return None
+            scheduled = [p for p in found if _condition(p, "PodScheduled") == "True"]
+            pending = [p for p in found if _condition(p, "PodScheduled") == "False"]
+            return (scheduled, pending) if len(scheduled) == 2 and len(pending) == 1 else None
+
+        scheduled, pending = wait_for("2 GPU clients scheduled and 1 pending", settled, 120, 2)
+        for pod in scheduled:
+            limits = pod.spec.containers[0].resources.limits
+            assert limits["nvidia.com/gpu"] == "1"
+        reason = next(c for c in pending[0].status.conditions if c.type == "PodScheduled")
+        assert reason.reason == "Unschedulable"
+        assert "Insufficient nvidia.com/gpu" in reason.message, reason.message
+        assert pending[0].status.phase == "Pending"
+    finally:
+        helm("uninstall", GPU_RELEASE, "-n", GPU_NS, "--wait", check=False)
+        run("kubectl", "delete", "namespace", GPU_NS, "--wait=false", check=False)
+        run("bash", str(SHARED_K8S / "advertise-gpus"), "0", check=False)
+
+
+def _condition(pod, kind: str) -> str | None:
+    for cond in pod.status.conditions or []:
+        if cond.type == kind:
+            return cond.status
+    return None
+
+
+def test_upgrade_to_four_clients_repartitions(kube, release, prometheus, image, batch):
+    helm("upgrade", RELEASE, str(CHART), "-n", APP_NS, *chart_values(image, 4), "--wait", "--timeout", "5m")
+    wait_for("the run job of revision 2 to succeed", lambda: job_succeeded(batch, 2), 900, 3)
+    check_partitions(kube, prometheus, 4)
+
+
+def test_uninstall_leaves_nothing_behind(kube, release):
+    helm("uninstall", RELEASE, "-n", APP_NS, "--wait", "--timeout", "3m")
+    kinds = "all,configmap,secret,pvc,serviceaccount,role,rolebinding,job"
+
+    def nothing_left() -> bool:
+        listed = run("kubectl", "-n", APP_NS, "get", kinds, "-l", f"app.kubernetes.io/instance={RELEASE}",
+                     "-o", "name").stdout.split()  # fmt: skip
+        releases = run("kubectl", "-n", APP_NS, "get", "secret", "-l", f"owner=helm,name={RELEASE}", "-o", "name")
+        return not listed and not releases.stdout.split()
+
+    wait_for("every object of the release to be deleted", nothing_left, 180, 2)
+    assert not pods(kube, APP_NS, f"app.kubernetes.io/instance={RELEASE}")

@@ -1,0 +1,891 @@
+"""Tests for the Helm chart in charts/fedcifar and for skaffold.yaml.
+
+Offline and fast: `helm lint` and `helm template` (no cluster), the rendered manifests parsed
+with PyYAML and validated with kubernetes-validate for Kubernetes 1.28 and 1.33.
+
+    PATH=/var/cache/local-k8s/bin:$PATH pytest -q tests/test_chart.py
+
+The whole module is skipped when helm is neither on PATH nor at /var/cache/local-k8s/bin/helm.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "fedcifar"
+SKAFFOLD = ROOT / "skaffold.yaml"
+LOCAL_HELM = Path("/var/cache/local-k8s/bin/helm")
+RELEASE = "demo"
+FULLNAME = "demo-fedcifar"
+MONITORING_API = "monitoring.coreos.com/v1"
+# The only API groups the chart may use: all served by Kubernetes 1.20 and by 1.28-1.33.
+ALLOWED_API_VERSIONS = {"v1", "apps/v1", "batch/v1", MONITORING_API}
+VALIDATE_VERSIONS = ("1.28.0", "1.33.0")
+
+
+def find_helm() -> str | None:
+    on_path = shutil.which("helm")
+    if on_path:
+        return on_path
+    return str(LOCAL_HELM) if LOCAL_HELM.is_file() else None
+
+
+HELM = find_helm()
+pytestmark = pytest.mark.skipif(
+    HELM is None, reason=f"helm is not installed (neither on PATH nor at {LOCAL_HELM}): chart tests need it"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def helm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([HELM, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def render(*args: str) -> list[dict]:
+    """`helm template` with extra flags; the parsed documents (empty ones dropped)."""
+    result = helm("template", RELEASE, str(CHART), "--namespace", "fl", *args)
+    assert result.returncode == 0, f"helm template {' '.join(args)} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def render_error(*args: str) -> str:
+    """`helm template` that must fail; its error text."""
+    result = helm("template", RELEASE, str(CHART), *args)
+    assert result.returncode != 0, f"helm template {' '.join(args)} should have failed but rendered"
+    return result.stderr
+
+
+def find(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    matches = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(matches) == 1, f"expected one {kind} {name or ''}, found {[d['metadata']['name'] for d in matches]}"
+    return matches[0]
+
+
+def kinds(docs: list[dict]) -> list[str]:
+    return [d["kind"] for d in docs]
+
+
+def pod_spec(doc: dict) -> dict:
+    return doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"]
+
+
+def container(doc: dict, name: str | None = None) -> dict:
+    containers = pod_spec(doc)["containers"]
+    return containers[0] if name is None else next(c for c in containers if c["name"] == name)
+
+
+def env_of(c: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def mounts_of(doc: dict, c: dict) -> dict[str, tuple[dict, dict]]:
+    """mountPath -> (volumeMount, volume)."""
+    volumes = {v["name"]: v for v in pod_spec(doc).get("volumes", [])}
+    return {m["mountPath"]: (m, volumes[m["name"]]) for m in c.get("volumeMounts", [])}
+
+
+def workloads(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job", "Pod")]
+
+
+def job_arg(docs: list[dict], flag: str) -> str:
+    args = container(find(docs, "Job"))["args"]
+    return args[args.index(flag) + 1]
+
+
+def run_config_of(docs: list[dict]) -> dict[str, str]:
+    return dict(pair.split("=", 1) for pair in job_arg(docs, "--run-config").split(" "))
+
+
+# ---------------------------------------------------------------------------------------------
+# value sets, rendered once each
+
+GPU_ARGS = ("--set", "clients.gpu.enabled=true", "--set", "clients.gpu.count=2",
+            "--set", "clients.gpu.runtimeClassName=nvidia")  # fmt: skip
+MONITORING_ARGS = (
+    "--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true",
+    "--set", "metrics.serviceMonitor.additionalLabels.release=kube-prometheus-stack",
+    "--set", "metrics.podMonitor.additionalLabels.release=kube-prometheus-stack",
+    "--set", "metrics.podMonitor.interval=15s",
+)  # fmt: skip
+PVC_DATA_ARGS = ("--set", "data.source=volume", "--set", "data.volume.existingClaim=cifar10-parquet",
+                 "--set", "data.volume.subPath=cifar10", "--set", "data.mountPath=/data/cifar")  # fmt: skip
+HOSTPATH_DATA_ARGS = ("--set", "data.source=volume", "--set", "data.volume.hostPath=/srv/cifar10")
+RUN_ARGS = (
+    "--set", "clients.replicas=4", "--set", "run.rounds=7", "--set", "run.localEpochs=2",
+    "--set", "run.batchSize=64", "--set", "run.learningRate=0.05", "--set", "run.momentum=0",
+    "--set", "run.partitioner=dirichlet", "--set", "run.dirichletAlpha=0.1",
+    "--set", "run.fractionEvaluate=0.5", "--set", "run.roundTimeout=120", "--set", "run.seed=7",
+    "--set", "run.device=cpu", "--set-string", "run.extraConfig.out-dir=/var/lib/fedcifar/out",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def default_docs() -> list[dict]:
+    return render()
+
+
+@pytest.fixture(scope="module")
+def gpu_docs() -> list[dict]:
+    return render(*GPU_ARGS)
+
+
+@pytest.fixture(scope="module")
+def monitoring_docs() -> list[dict]:
+    return render(*MONITORING_ARGS, "--api-versions", MONITORING_API)
+
+
+@pytest.fixture(scope="module")
+def monitoring_without_api_docs() -> list[dict]:
+    return render(*MONITORING_ARGS)
+
+
+@pytest.fixture(scope="module")
+def pvc_data_docs() -> list[dict]:
+    return render(*PVC_DATA_ARGS)
+
+
+@pytest.fixture(scope="module")
+def hostpath_data_docs() -> list[dict]:
+    return render(*HOSTPATH_DATA_ARGS)
+
+
+@pytest.fixture(scope="module")
+def persistence_docs() -> list[dict]:
+    return render("--set", "superlink.persistence.enabled=true", "--set", "superlink.persistence.size=5Gi",
+                  "--set", "superlink.persistence.storageClassName=standard")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_docs() -> list[dict]:
+    return render(*RUN_ARGS)
+
+
+@pytest.fixture(scope="module")
+def values() -> dict:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def skaffold() -> dict:
+    return yaml.safe_load(SKAFFOLD.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# lint and the default render
+
+
+def test_helm_lint() -> None:
+    result = helm("lint", str(CHART))
+    assert result.returncode == 0, result.stdout + result.stderr
+    strict = helm("lint", "--strict", str(CHART), *GPU_ARGS)
+    assert strict.returncode == 0, strict.stdout + strict.stderr
+
+
+def test_default_objects(default_docs: list[dict]) -> None:
+    names = {(d["kind"], d["metadata"]["name"]) for d in default_docs}
+    assert names == {
+        ("ServiceAccount", FULLNAME),
+        ("ConfigMap", f"{FULLNAME}-env"),
+        ("ConfigMap", f"{FULLNAME}-dashboard-training"),
+        ("ConfigMap", f"{FULLNAME}-dashboard-clients"),
+        ("Service", f"{FULLNAME}-superlink"),
+        ("Service", f"{FULLNAME}-clients"),
+        ("Deployment", f"{FULLNAME}-superlink"),
+        ("StatefulSet", f"{FULLNAME}-clients"),
+        ("Job", f"{FULLNAME}-run-1"),
+        ("Pod", f"{FULLNAME}-test"),
+    }
+    for doc in default_docs:
+        assert doc["apiVersion"] in ALLOWED_API_VERSIONS, doc["apiVersion"]
+        assert doc["metadata"]["namespace"] == "fl"
+        labels = doc["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "fedcifar"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["helm.sh/chart"] == "fedcifar-0.1.0"
+
+
+def test_renders_for_kubernetes_1_20() -> None:
+    docs = render("--kube-version", "1.20.2", *MONITORING_ARGS)
+    assert {d["apiVersion"] for d in docs} <= ALLOWED_API_VERSIONS - {MONITORING_API}
+
+
+def test_fullname_is_truncated_to_valid_names() -> None:
+    long_release = "a" * 53
+    result = helm("template", long_release, str(CHART))
+    assert result.returncode == 0, result.stderr
+    for doc in yaml.safe_load_all(result.stdout):
+        if doc:
+            assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
+            if doc["kind"] == "StatefulSet":
+                assert len(doc["metadata"]["name"]) <= 52  # + "-<10 char hash>" in a label
+
+
+def test_superlink(default_docs: list[dict]) -> None:
+    deploy = find(default_docs, "Deployment", f"{FULLNAME}-superlink")
+    assert deploy["spec"]["strategy"]["type"] == "Recreate"
+    c = container(deploy, "superlink")
+    assert c["command"] == ["fedcifar", "superlink"]
+    args = c["args"]
+    for flag, value in (("--metrics-port", "9400"), ("--metrics-host", "0.0.0.0"),
+                        ("--metrics-dir", "/var/run/fedcifar/metrics"), ("--host", "0.0.0.0"),
+                        ("--port", "8000")):  # fmt: skip
+        assert args[args.index(flag) + 1] == value
+    assert "--insecure" in args and "--disable-runtime-dependency-installation" in args
+    assert "--database" not in args
+    assert c["workingDir"] == "/var/lib/fedcifar"
+    mounts = mounts_of(deploy, c)
+    assert "emptyDir" in mounts["/var/lib/fedcifar"][1]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8000, "metrics": 9400}
+    assert "FEDCIFAR_DATA" not in env_of(c)  # hub by default
+    svc = find(default_docs, "Service", f"{FULLNAME}-superlink")
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"http": 8000, "metrics": 9400}
+    assert svc["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["selector"]["app.kubernetes.io/component"] == "superlink"
+
+
+def test_writable_paths_and_flower_env(default_docs: list[dict]) -> None:
+    env_cm = find(default_docs, "ConfigMap", f"{FULLNAME}-env")["data"]
+    assert env_cm["FLWR_HOME"] == "/var/run/fedcifar/flwr"
+    assert env_cm["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert env_cm["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    assert env_cm["HF_HOME"].startswith("/var/cache/fedcifar/")
+    for doc in workloads(default_docs):
+        if doc["kind"] == "Pod":
+            continue
+        c = container(doc)
+        assert c["envFrom"] == [{"configMapRef": {"name": f"{FULLNAME}-env"}}]
+        mounts = mounts_of(doc, c)
+        # /var/run/fedcifar holds FLWR_HOME and the metrics dir (a subfolder: the node wipes it).
+        for path in ("/tmp", "/var/run/fedcifar", "/var/cache/fedcifar"):
+            assert "emptyDir" in mounts[path][1], (doc["kind"], path)
+        annotations = doc["spec"]["template"]["metadata"]["annotations"]
+        assert re.fullmatch(r"[0-9a-f]{64}", annotations["checksum/config"])
+
+
+def test_config_checksum_follows_the_env_configmap(default_docs: list[dict]) -> None:
+    changed = render("--set", "extraEnv.HF_HUB_OFFLINE=1")
+    assert find(changed, "ConfigMap", f"{FULLNAME}-env")["data"]["HF_HUB_OFFLINE"] == "1"
+    for kind in ("Deployment", "StatefulSet", "Job"):
+        before = find(default_docs, kind)["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        after = find(changed, kind)["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        assert before != after, kind
+
+
+# ---------------------------------------------------------------------------------------------
+# clients: partition mapping
+
+
+def test_partition_mapping(default_docs: list[dict], run_docs: list[dict]) -> None:
+    for docs, replicas in ((default_docs, 2), (run_docs, 4)):
+        sts = find(docs, "StatefulSet", f"{FULLNAME}-clients")
+        assert sts["spec"]["replicas"] == replicas
+        assert sts["spec"]["podManagementPolicy"] == "Parallel"
+        assert sts["spec"]["serviceName"] == f"{FULLNAME}-clients"
+        c = container(sts, "supernode")
+        assert c["command"] == ["fedcifar", "supernode"]
+        args = c["args"]
+        assert args[args.index("--partition-id") + 1] == "auto"
+        assert args[args.index("--num-partitions") + 1] == str(replicas)
+        assert args[args.index("--superlink") + 1] == f"{FULLNAME}-superlink:8000"
+        assert args[args.index("--port") + 1] == "9094"
+        assert args[args.index("--metrics-port") + 1] == "9400"
+        assert args[args.index("--metrics-dir") + 1] == "/var/run/fedcifar/metrics"
+        assert "--insecure" in args
+        assert env_of(c)["POD_INDEX"] == {
+            "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}
+        }
+        assert run_config_of(docs)["min-nodes"] == str(replicas)
+    headless = find(default_docs, "Service", f"{FULLNAME}-clients")
+    assert headless["spec"]["clusterIP"] == "None"
+    sts = find(default_docs, "StatefulSet")
+    assert headless["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+
+
+def test_gpu_off_by_default(default_docs: list[dict]) -> None:
+    sts = find(default_docs, "StatefulSet")
+    c = container(sts)
+    assert c["image"] == "local/fedcifar:0.1.0-cpu"
+    assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+    assert not pod_spec(sts).get("tolerations")
+    assert "runtimeClassName" not in pod_spec(sts)
+
+
+def test_gpu_on(gpu_docs: list[dict]) -> None:
+    sts = find(gpu_docs, "StatefulSet")
+    spec = pod_spec(sts)
+    c = container(sts)
+    assert c["image"] == "local/fedcifar:0.1.0-cuda"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert c["resources"]["limits"]["memory"] == "4Gi"  # the configured limits stay
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert spec["runtimeClassName"] == "nvidia"
+    # the SuperLink and the run Job stay on the CPU image without GPUs
+    for kind in ("Deployment", "Job"):
+        other = container(find(gpu_docs, kind))
+        assert other["image"] == "local/fedcifar:0.1.0-cpu"
+        assert "nvidia.com/gpu" not in other.get("resources", {}).get("limits", {})
+
+
+def test_gpu_image_override_and_extra_tolerations() -> None:
+    docs = render("--set", "clients.gpu.enabled=true", "--set", "clients.gpu.image.repository=reg.example/fedcifar",
+                  "--set", "clients.gpu.image.tag=9.9-cuda", "--set", "clients.tolerations[0].key=dedicated",
+                  "--set", "clients.tolerations[0].operator=Exists")  # fmt: skip
+    sts = find(docs, "StatefulSet")
+    assert container(sts)["image"] == "reg.example/fedcifar:9.9-cuda"
+    assert [t["key"] for t in pod_spec(sts)["tolerations"]] == ["dedicated", "nvidia.com/gpu"]
+
+
+def test_scheduling_values_per_component() -> None:
+    args = []
+    for comp in ("superlink", "clients", "run"):
+        args += ["--set", f"{comp}.nodeSelector.pool={comp}",
+                 "--set", f"{comp}.tolerations[0].key={comp}", "--set", f"{comp}.tolerations[0].operator=Exists",
+                 "--set", f"{comp}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+                          f".nodeSelectorTerms[0].matchExpressions[0].key={comp}",
+                 "--set", f"{comp}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+                          f".nodeSelectorTerms[0].matchExpressions[0].operator=Exists",
+                 "--set", f"{comp}.resources.limits.cpu=3"]  # fmt: skip
+    docs = render(*args)
+    for kind, comp in (("Deployment", "superlink"), ("StatefulSet", "clients"), ("Job", "run")):
+        spec = pod_spec(find(docs, kind))
+        assert spec["nodeSelector"] == {"pool": comp}
+        assert spec["tolerations"][0]["key"] == comp
+        terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert terms["nodeSelectorTerms"][0]["matchExpressions"][0]["key"] == comp
+        assert container(find(docs, kind))["resources"]["limits"]["cpu"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# monitoring
+
+
+def test_scrape_annotations(default_docs: list[dict]) -> None:
+    for kind in ("Deployment", "StatefulSet"):
+        doc = find(default_docs, kind)
+        annotations = doc["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == "9400"
+        assert annotations["prometheus.io/path"] == "/metrics"
+        assert {p["name"]: p["containerPort"] for p in container(doc)["ports"]}["metrics"] == 9400
+    off = render("--set", "metrics.scrapeAnnotations=false")
+    for kind in ("Deployment", "StatefulSet"):
+        assert "prometheus.io/scrape" not in find(off, kind)["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_monitors_absent_without_api(default_docs: list[dict], monitoring_without_api_docs: list[dict]) -> None:
+    for docs in (default_docs, monitoring_without_api_docs):
+        assert "ServiceMonitor" not in kinds(docs) and "PodMonitor" not in kinds(docs)
+    # enabled but the API is there: nothing unless enabled
+    docs = render("--api-versions", MONITORING_API)
+    assert "ServiceMonitor" not in kinds(docs) and "PodMonitor" not in kinds(docs)
+
+
+def test_monitors_present_with_api(monitoring_docs: list[dict]) -> None:
+    sm = find(monitoring_docs, "ServiceMonitor", f"{FULLNAME}-superlink")
+    assert sm["apiVersion"] == MONITORING_API
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    svc = find(monitoring_docs, "Service", f"{FULLNAME}-superlink")
+    assert sm["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": ["fl"]}
+    pm = find(monitoring_docs, "PodMonitor", f"{FULLNAME}-clients")
+    assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    sts = find(monitoring_docs, "StatefulSet")
+    assert pm["spec"]["selector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
+    assert pm["spec"]["podMetricsEndpoints"][0] == {"port": "metrics", "path": "/metrics", "interval": "15s"}
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def test_data_pvc(pvc_data_docs: list[dict]) -> None:
+    for kind in ("Deployment", "StatefulSet"):
+        doc = find(pvc_data_docs, kind)
+        c = container(doc)
+        mount, volume = mounts_of(doc, c)["/data/cifar"]
+        assert mount["readOnly"] is True and mount["subPath"] == "cifar10"
+        assert volume["persistentVolumeClaim"] == {"claimName": "cifar10-parquet", "readOnly": True}
+        assert env_of(c)["FEDCIFAR_DATA"] == "/data/cifar"
+    args = container(find(pvc_data_docs, "StatefulSet"))["args"]
+    assert args[args.index("--data") + 1] == "/data/cifar"
+    assert "data" not in {v["name"] for v in pod_spec(find(pvc_data_docs, "Job"))["volumes"]}
+
+
+def test_data_hostpath(hostpath_data_docs: list[dict]) -> None:
+    for kind in ("Deployment", "StatefulSet"):
+        doc = find(hostpath_data_docs, kind)
+        c = container(doc)
+        mount, volume = mounts_of(doc, c)["/data/cifar10"]
+        assert mount["readOnly"] is True and "subPath" not in mount
+        assert volume["hostPath"] == {"path": "/srv/cifar10", "type": "Directory"}
+        assert env_of(c)["FEDCIFAR_DATA"] == "/data/cifar10"
+    args = container(find(hostpath_data_docs, "StatefulSet"))["args"]
+    assert args[args.index("--data") + 1] == "/data/cifar10"
+
+
+def test_data_hub_by_default(default_docs: list[dict]) -> None:
+    for kind in ("Deployment", "StatefulSet"):
+        doc = find(default_docs, kind)
+        assert "--data" not in container(doc)["args"]
+        assert "data" not in {v["name"] for v in pod_spec(doc)["volumes"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# persistence
+
+
+def test_persistence_created_pvc(persistence_docs: list[dict]) -> None:
+    deploy = find(persistence_docs, "Deployment")
+    c = container(deploy)
+    assert c["args"][c["args"].index("--database") + 1] == "/var/lib/fedcifar/state.db"
+    _, volume = mounts_of(deploy, c)["/var/lib/fedcifar"]
+    assert volume["persistentVolumeClaim"] == {"claimName": f"{FULLNAME}-superlink"}
+    pvc = find(persistence_docs, "PersistentVolumeClaim", f"{FULLNAME}-superlink")
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert pvc["spec"]["storageClassName"] == "standard"
+
+
+def test_persistence_existing_claim() -> None:
+    docs = render("--set", "superlink.persistence.enabled=true", "--set", "superlink.persistence.existingClaim=state")
+    assert "PersistentVolumeClaim" not in kinds(docs)
+    deploy = find(docs, "Deployment")
+    c = container(deploy)
+    assert "--database" in c["args"]
+    assert mounts_of(deploy, c)["/var/lib/fedcifar"][1]["persistentVolumeClaim"] == {"claimName": "state"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the run Job
+
+
+def test_run_job_defaults(default_docs: list[dict]) -> None:
+    job = find(default_docs, "Job", f"{FULLNAME}-run-1")  # the release revision is part of the name
+    assert "helm.sh/hook" not in job["metadata"].get("annotations", {})  # install must not wait on training
+    spec = pod_spec(job)
+    assert spec["restartPolicy"] == "Never"
+    c = container(job)
+    assert c["command"] == ["fedcifar", "submit"]
+    assert job_arg(default_docs, "--superlink") == f"{FULLNAME}-superlink:8000"
+    assert job_arg(default_docs, "--app") == "/app"
+    assert job_arg(default_docs, "--num-partitions") == "2"
+    assert job_arg(default_docs, "--timeout") == "600"
+    # it waits for every client's metrics endpoint (the pod DNS names of the headless Service)
+    urls = c["args"][c["args"].index("--client-metrics") + 1 :]
+    assert urls == [f"http://{FULLNAME}-clients-{i}.{FULLNAME}-clients:9400/metrics" for i in range(2)]
+    assert run_config_of(default_docs) == {
+        "num-server-rounds": "3", "local-epochs": "1", "batch-size": "32", "learning-rate": "0.01",
+        "momentum": "0.9", "partitioner": '"iid"', "dirichlet-alpha": "0.5", "fraction-train": "1.0",
+        "fraction-evaluate": "0.0", "min-nodes": "2", "num-partitions": "2", "round-timeout": "3600.0", "seed": "42",
+        "device": '"auto"',
+    }  # fmt: skip
+
+
+def test_run_job_values(run_docs: list[dict]) -> None:
+    config = run_config_of(run_docs)
+    assert config["num-server-rounds"] == "7"
+    assert config["local-epochs"] == "2"
+    assert config["batch-size"] == "64"
+    assert config["learning-rate"] == "0.05"
+    assert config["momentum"] == "0.0"  # floats stay TOML floats
+    assert config["partitioner"] == '"dirichlet"'
+    assert config["dirichlet-alpha"] == "0.1"
+    assert config["fraction-evaluate"] == "0.5"
+    assert config["round-timeout"] == "120.0"
+    assert config["seed"] == "7"
+    assert config["device"] == '"cpu"'
+    assert config["min-nodes"] == "4"
+    assert config["out-dir"] == '"/var/lib/fedcifar/out"'
+
+
+def test_run_config_is_valid_toml(run_docs: list[dict]) -> None:
+    import tomllib
+
+    parsed = tomllib.loads(job_arg(run_docs, "--run-config").replace(" ", "\n"))
+    assert parsed["learning-rate"] == 0.05 and isinstance(parsed["momentum"], float)
+    assert parsed["num-server-rounds"] == 7 and parsed["partitioner"] == "dirichlet"
+
+
+def test_run_min_nodes_and_disable() -> None:
+    docs = render("--set", "clients.replicas=3", "--set", "run.minNodes=2",
+                  "--set", "run.activeDeadlineSeconds=7200", "--set", "run.ttlSecondsAfterFinished=600")  # fmt: skip
+    assert run_config_of(docs)["min-nodes"] == "2"
+    job = find(docs, "Job")
+    assert job["spec"]["activeDeadlineSeconds"] == 7200 and job["spec"]["ttlSecondsAfterFinished"] == 600
+    assert "Job" not in kinds(render("--set", "run.enabled=false"))
+
+
+# ---------------------------------------------------------------------------------------------
+# security
+
+
+def test_security_contexts_everywhere(default_docs: list[dict], gpu_docs: list[dict],
+                                      persistence_docs: list[dict]) -> None:  # fmt: skip
+    for docs in (default_docs, gpu_docs, persistence_docs):
+        pods = workloads(docs)
+        assert {d["kind"] for d in pods} == {"Deployment", "StatefulSet", "Job", "Pod"}
+        for doc in pods:
+            spec = pod_spec(doc)
+            where = f"{doc['kind']} {doc['metadata']['name']}"
+            assert spec["automountServiceAccountToken"] is False, where
+            assert spec["serviceAccountName"] == FULLNAME, where
+            psc = spec["securityContext"]
+            assert psc["runAsNonRoot"] is True and psc["runAsUser"] == 10001 and psc["runAsGroup"] == 10001, where
+            assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            for c in spec["containers"] + spec.get("initContainers", []):
+                csc = c["securityContext"]
+                assert csc["allowPrivilegeEscalation"] is False, where
+                assert csc["readOnlyRootFilesystem"] is True, where
+                assert csc["capabilities"] == {"drop": ["ALL"]}, where
+                assert csc["runAsNonRoot"] is True, where
+                assert c["imagePullPolicy"] == "IfNotPresent", where
+                assert not c["image"].endswith(":latest") and ":" in c["image"], where
+                assert c.get("resources"), where
+    sa = find(default_docs, "ServiceAccount")
+    assert sa["automountServiceAccountToken"] is False
+
+
+def test_helm_test_pod(default_docs: list[dict]) -> None:
+    pod = find(default_docs, "Pod", f"{FULLNAME}-test")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    c = container(pod)
+    assert c["command"][0] == "python3" and "urllib.request" in c["command"][-1]
+    env = env_of(c)
+    assert env["SUPERLINK_HEALTH_URL"] == f"http://{FULLNAME}-superlink:8000/health"
+    assert env["CLIENT_METRICS_URL"] == f"http://{FULLNAME}-clients-0.{FULLNAME}-clients:9400/metrics"
+
+
+def test_notes_render(tmp_path: Path) -> None:
+    # `helm template` never prints NOTES.txt; render a copy of it inside an ordinary template.
+    chart = tmp_path / "fedcifar"
+    shutil.copytree(CHART, chart)
+    notes_tpl = (CHART / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "notes-render.yaml").write_text(
+        '{{- define "notes-render" }}' + notes_tpl + '{{- end }}\nnotes: {{ include "notes-render" . | toJson }}\n'
+    )
+    result = subprocess.run(
+        [HELM, "template", RELEASE, str(chart), "--namespace", "fl", "--show-only", "templates/notes-render.yaml",
+         "--set", "run.partitioner=dirichlet"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    notes = yaml.safe_load(result.stdout)["notes"]
+    assert f"kubectl --namespace fl port-forward svc/{FULLNAME}-superlink 8000:8000" in notes
+    assert "flwr run . fedcifar --stream --run-config" in notes and 'partitioner="dirichlet"' in notes
+    assert 'address = "127.0.0.1:8000"' in notes
+    assert f"port-forward pod/{FULLNAME}-clients-0 9401:9400" in notes
+    assert f"logs -f job/{FULLNAME}-run-1" in notes
+
+
+# ---------------------------------------------------------------------------------------------
+# dashboards
+
+DASHBOARD_FILES = sorted((CHART / "dashboards").glob("*.json"))
+# Labels a Prometheus with the standard kubernetes pod relabeling adds, plus the series' own labels.
+ALLOWED_LABELS = {"namespace", "pod", "partition", "num_partitions", "device", "kind", "le"}
+KNOWN_METRICS = {
+    "fedcifar_round", "fedcifar_run_rounds", "fedcifar_rounds_completed_total",
+    "fedcifar_round_duration_seconds_bucket", "fedcifar_round_duration_seconds_sum",
+    "fedcifar_round_duration_seconds_count", "fedcifar_train_loss", "fedcifar_eval_loss",
+    "fedcifar_eval_accuracy", "fedcifar_participating_clients", "fedcifar_connected_clients",
+    "fedcifar_examples_trained_total", "fedcifar_sent_bytes_total", "fedcifar_received_bytes_total",
+    "fedcifar_client_failures_total", "fedcifar_client_info", "fedcifar_client_train_loss",
+    "fedcifar_client_eval_loss", "fedcifar_client_eval_accuracy", "fedcifar_client_round",
+    "fedcifar_client_examples_trained_total", "fedcifar_client_train_duration_seconds_bucket",
+    "fedcifar_client_train_duration_seconds_sum", "fedcifar_client_train_duration_seconds_count",
+    "fedcifar_client_messages_total", "fedcifar_client_received_bytes_total",
+    "fedcifar_client_sent_bytes_total", "fedcifar_client_app_peak_rss_bytes",
+}  # fmt: skip
+
+
+def all_panels(dashboard: dict) -> list[dict]:
+    panels = []
+    for panel in dashboard["panels"]:
+        panels.append(panel)
+        panels.extend(panel.get("panels", []))
+    return panels
+
+
+def test_dashboard_configmaps(default_docs: list[dict]) -> None:
+    assert len(DASHBOARD_FILES) >= 2
+    maps = [d for d in default_docs if d["kind"] == "ConfigMap" and "-dashboard-" in d["metadata"]["name"]]
+    assert len(maps) == len(DASHBOARD_FILES)  # one ConfigMap per dashboard
+    uids = set()
+    for cm in maps:
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        (key, text), = cm["data"].items()
+        assert key.endswith(".json")
+        dashboard = json.loads(text)
+        source = json.loads((CHART / "dashboards" / f"{cm['metadata']['name'].rsplit('-', 1)[-1]}.json").read_text())
+        assert dashboard == source
+        uids.add(dashboard["uid"])
+    assert len(uids) == len(maps)
+    custom = render("--set", "dashboards.label=my_dashboards", "--set-string", "dashboards.labelValue=yes",
+                    "--set", "dashboards.namespace=monitoring")  # fmt: skip
+    for cm in (d for d in custom if "-dashboard-" in d["metadata"]["name"]):
+        assert cm["metadata"]["labels"]["my_dashboards"] == "yes"
+        assert cm["metadata"]["namespace"] == "monitoring"
+    assert not [d for d in render("--set", "dashboards.enabled=false") if "-dashboard-" in d["metadata"]["name"]]
+
+
+@pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.stem)
+def test_dashboard_json(path: Path) -> None:
+    dashboard = json.loads(path.read_text())
+    assert "__inputs" not in dashboard and "__requires" not in dashboard
+    assert re.fullmatch(r"fedcifar-[a-z-]+", dashboard["uid"]) and len(dashboard["uid"]) <= 40
+    assert dashboard["schemaVersion"] >= 39
+    assert dashboard.get("id") is None
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    ns = variables["namespace"]
+    assert ns["type"] == "query" and "label_values(" in json.dumps(ns["query"]) and "namespace" in ns["definition"]
+    exprs = []
+    for panel in all_panels(dashboard):
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}"
+            exprs.append((panel["title"], target["expr"]))
+    assert exprs
+    titles = " ".join(p["title"].lower() for p in all_panels(dashboard))
+    for title, expr in exprs:
+        selectors = re.findall(r"(fedcifar_[a-z_]+)(\{[^}]*\})?", expr)
+        assert selectors, (title, expr)
+        for metric, selector in selectors:
+            assert metric in KNOWN_METRICS, (title, metric)
+            assert selector == '{namespace=~"$namespace"}', (title, expr)  # every series filtered
+        for group in re.findall(r"\bby \(([^)]*)\)", expr):
+            labels = {label.strip() for label in group.split(",")}
+            assert labels <= ALLOWED_LABELS, (title, labels)
+        assert "$__rate_interval" in expr or "rate(" not in expr, (title, expr)
+        assert "$__range" not in expr and "$__interval" not in expr.replace("$__rate_interval", "")
+    if path.stem == "training":
+        joined = "\n".join(e for _, e in exprs)
+        assert "fedcifar_train_loss" in joined and "fedcifar_client_train_loss" in joined
+        assert "fedcifar_eval_accuracy" in joined and "fedcifar_eval_loss" in joined
+        assert "histogram_quantile(0.5, sum by (namespace, le) (fedcifar_round_duration_seconds_bucket" in joined
+        assert "histogram_quantile(0.95, sum by (namespace, le) (fedcifar_round_duration_seconds_bucket" in joined
+        assert "fedcifar_rounds_completed_total" in joined
+        assert "fedcifar_connected_clients" in joined and "fedcifar_participating_clients" in joined
+        assert "rate(fedcifar_client_examples_trained_total" in joined
+        assert "throughput" in titles
+
+
+# ---------------------------------------------------------------------------------------------
+# kubernetes-validate
+
+
+@pytest.fixture(scope="module")
+def kubernetes_validate():
+    return pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+
+
+@pytest.mark.parametrize("version", VALIDATE_VERSIONS)
+def test_manifests_validate_strict(kubernetes_validate, version: str, default_docs, gpu_docs, monitoring_docs,
+                                   pvc_data_docs, hostpath_data_docs, persistence_docs, run_docs) -> None:  # fmt: skip
+    checked = 0
+    for docs in (default_docs, gpu_docs, monitoring_docs, pvc_data_docs, hostpath_data_docs, persistence_docs,
+                 run_docs):  # fmt: skip
+        for doc in docs:
+            if doc["apiVersion"] == MONITORING_API:
+                # kubernetes-validate knows only built-in kinds, not the Prometheus Operator's CRDs;
+                # ServiceMonitor/PodMonitor are checked field by field in test_monitors_present_with_api.
+                continue
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as err:
+                pytest.fail(f"{doc['kind']} {doc['metadata']['name']} is invalid for Kubernetes {version}: {err}")
+            checked += 1
+    assert checked > 50
+
+
+# ---------------------------------------------------------------------------------------------
+# values that must be rejected, with a message that names the problem
+
+
+def test_schema_is_closed() -> None:
+    """Every object the chart defines rejects unknown keys (Kubernetes pass-through objects aside)."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["additionalProperties"] is False
+    open_objects = []
+
+    def walk(node: object, where: str) -> None:
+        if isinstance(node, dict):
+            if "properties" in node and node.get("additionalProperties") is not False:
+                open_objects.append(where)
+            for key, child in node.items():
+                walk(child, f"{where}/{key}")
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, f"{where}/{i}")
+
+    walk(schema, "")
+    assert not open_objects
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def leaves(node: dict, prefix: str = ""):
+        for key, child in node.items():
+            yield f"{prefix}{key}", child
+            if isinstance(child, dict) and f"{prefix}{key}" not in PASS_THROUGH:
+                yield from leaves(child, f"{prefix}{key}.")
+
+    def resolve(node: dict) -> dict:
+        while "$ref" in node:
+            node = schema["definitions"][node["$ref"].rsplit("/", 1)[-1]]
+        return node
+
+    for path, _ in leaves(values):  # every value has a schema entry
+        node = schema
+        for part in path.split("."):
+            properties = resolve(node).get("properties", {})
+            assert part in properties, f"values.yaml key {path} is missing from values.schema.json"
+            node = properties[part]
+
+
+PASS_THROUGH = {
+    "podSecurityContext", "securityContext", "extraEnv",
+    *(f"{c}.{k}" for c in ("superlink", "clients", "run") for k in
+      ("resources", "nodeSelector", "affinity", "podAnnotations", "podLabels", "extraEnv")),
+    "superlink.service.annotations", "superlink.persistence.annotations", "serviceAccount.annotations",
+    "run.extraConfig", "metrics.serviceMonitor.additionalLabels", "metrics.podMonitor.additionalLabels",
+    "dashboards.annotations", "tests.resources",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--set", "clients.replica=3"), r"clients: Additional property replica is not allowed"),  # unknown key
+        (("--set", "superlink.bogus=1"), r"superlink: Additional property bogus is not allowed"),
+        (("--set", "nope=1"), r"Additional property nope is not allowed"),
+        (("--set", "run.rounds=three"), r"run\.rounds: Invalid type\. Expected: integer, given: string"),  # wrong type
+        (("--set-string", "clients.replicas=2"), r"clients\.replicas: Invalid type\. Expected: integer"),
+        (("--set", "clients.gpu.enabled=yes"), r"clients\.gpu\.enabled: Invalid type\. Expected: boolean"),
+        (("--set", "superlink.nodeSelector.disk=1"), r"superlink\.nodeSelector\.disk: Invalid type\. Expected: string"),
+        (("--set", "run.learningRate=fast"), r"run\.learningRate: Does not match pattern"),
+        (("--set", "clients.replicas=0"), r"clients\.replicas: Must be greater than or equal to 1"),
+        (("--set", "run.partitioner=shards"), r'run\.partitioner must be one of the following: "iid", "dirichlet"'),
+        (("--set", "data.source=s3"), r'data\.source must be one of the following: "hub", "volume"'),
+        (("--set", "run.device=tpu"), r"run\.device must be one of the following"),
+        (("--set", "run.learningRate=0"), r"run\.learningRate: Must be greater than 0"),
+    ],
+)
+def test_schema_rejects(args: tuple[str, ...], expected: str) -> None:
+    error = render_error(*args)
+    assert "values don't meet the specifications of the schema" in error, error
+    assert re.search(expected, error, re.IGNORECASE | re.DOTALL), error
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--set", "data.source=volume"), "neither data.volume.existingClaim nor data.volume.hostPath is set"),
+        (("--set", "data.source=volume", "--set", "data.volume.existingClaim=a", "--set", "data.volume.hostPath=/b"),
+         "data.volume.existingClaim and data.volume.hostPath are both set"),
+        (("--set", "run.minNodes=3"), "run.minNodes (3) is larger than clients.replicas (2)"),
+        (("--set", "run.extraConfig.seed=1"), "run.extraConfig.seed repeats a run-config key"),
+        (("--set", "superlink.persistence.existingClaim=x"), "superlink.persistence.enabled is false"),
+        (("--set", "image.tag=latest"), 'image.tag and clients.gpu.image.tag must be fixed versions, not "latest"'),
+        (("--set", "run.fractionTrain=1.5"), "run.fractionTrain is a fraction of the clients and must lie between 0"),
+        (("--set", "run.dirichletAlpha=0.0"), "run.dirichletAlpha must be greater than 0"),
+    ],
+)  # fmt: skip
+def test_contradictory_values_fail(args: tuple[str, ...], expected: str) -> None:
+    error = render_error(*args)
+    assert expected in error, error
+
+
+# ---------------------------------------------------------------------------------------------
+# skaffold.yaml
+
+
+def values_path_exists(values: dict, dotted: str) -> bool:
+    node = values
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def releases(skaffold: dict) -> list[tuple[str, dict]]:
+    found = [("(default)", r) for r in skaffold["deploy"]["helm"]["releases"]]
+    for profile in skaffold.get("profiles", []):
+        for release in profile.get("deploy", {}).get("helm", {}).get("releases", []):
+            found.append((profile["name"], release))
+    return found
+
+
+def test_skaffold_structure(skaffold: dict) -> None:
+    match = re.fullmatch(r"skaffold/v(\d+)(?:beta(\d+))?", skaffold["apiVersion"])
+    assert match, skaffold["apiVersion"]
+    major, beta = int(match.group(1)), int(match.group(2) or 10**6)
+    assert (major, beta) >= (4, 13), skaffold["apiVersion"]
+    assert skaffold["kind"] == "Config"
+    assert "manifests" not in skaffold or not skaffold["manifests"].get("rawYaml")
+    (artifact,) = skaffold["build"]["artifacts"]
+    assert artifact["image"] == "local/fedcifar"
+    assert artifact["context"] == "."
+    assert artifact["docker"]["dockerfile"] == "images/Dockerfile"
+    assert artifact["docker"]["buildArgs"]["REQUIREMENTS"] == "images/requirements-cpu.txt"
+    assert "BASE_IMAGE" in artifact["docker"]["buildArgs"]
+    for where, release in releases(skaffold):
+        assert Path(ROOT, release["chartPath"]).resolve() == CHART, where
+        templates = release["setValueTemplates"]
+        assert templates["image.repository"] == "{{.IMAGE_REPO_local_fedcifar}}", where
+        assert templates["image.tag"] == "{{.IMAGE_TAG_local_fedcifar}}", where
+    forwards = {(f["resourceType"], f["resourceName"], f["port"]) for f in skaffold["portForward"]}
+    superlink = f"{skaffold['deploy']['helm']['releases'][0]['name']}-superlink"  # release "fedcifar"
+    assert {("service", superlink, 8000), ("service", superlink, 9400)} <= forwards
+    profiles = {p["name"]: p for p in skaffold["profiles"]}
+    assert {"kind", "minikube", "gpu"} <= set(profiles)
+    for name in ("kind", "minikube"):
+        (release,) = profiles[name]["deploy"]["helm"]["releases"]
+        assert release["setValues"].get("clients.gpu.enabled", False) is False
+        assert any(key.endswith("resources.requests.cpu") for key in release["setValues"]), name
+    gpu = profiles["gpu"]
+    cuda = [a for a in gpu["build"]["artifacts"] if a["docker"]["buildArgs"]["REQUIREMENTS"].endswith("cuda.txt")]
+    assert len(cuda) == 1 and cuda[0]["docker"]["dockerfile"] == "images/Dockerfile"
+    sanitized = re.sub(r"[^A-Za-z0-9]", "_", cuda[0]["image"])
+    (release,) = gpu["deploy"]["helm"]["releases"]
+    assert release["setValues"]["clients.gpu.enabled"] is True
+    assert release["setValueTemplates"]["clients.gpu.image.repository"] == f"{{{{.IMAGE_REPO_{sanitized}}}}}"
+    assert release["setValueTemplates"]["clients.gpu.image.tag"] == f"{{{{.IMAGE_TAG_{sanitized}}}}}"
+
+
+def test_skaffold_values_exist_and_render(skaffold: dict, values: dict) -> None:
+    for where, release in releases(skaffold):
+        args = []
+        for section in ("setValues", "setValueTemplates"):
+            for key, value in release.get(section, {}).items():
+                assert values_path_exists(values, key), f"{where}: {section} {key} is not in values.yaml"
+                if section == "setValueTemplates":  # what skaffold substitutes, roughly
+                    value = "skaffold/fedcifar" if "IMAGE_REPO" in value else "dev-1234"
+                args += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+        docs = render(*args)  # the schema accepts every profile's values
+        assert find(docs, "StatefulSet")

@@ -1,0 +1,60 @@
+"""`fedcifar submit`: the flwr connection it writes and its readiness checks, against real endpoints."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+from flwr.app import Context, RecordDict
+
+from fedcifar.client_app import NodeSetup
+from fedcifar.config import ConfigError
+from fedcifar.local import free_port
+from fedcifar.metrics import NodeInfo, prepare_multiprocess_dir, serve_multiprocess
+from fedcifar.submit import NotReady, client_partitions, clients_ready, superlink_healthy, wait_until, write_connection
+
+
+def test_connection_file_is_what_flwr_reads(tmp_path):
+    path = write_connection(tmp_path, "fedcifar", "release-fedcifar-superlink:8000")
+    config = tomllib.loads(path.read_text())
+    assert config["superlink"]["default"] == "fedcifar"
+    assert config["superlink"]["fedcifar"] == {"address": "release-fedcifar-superlink:8000", "insecure": True}
+
+
+@pytest.fixture
+def node_endpoint(tmp_path, monkeypatch):
+    """A real node metrics endpoint reporting partition 1 of 3."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "mp"))
+    prepare_multiprocess_dir(tmp_path / "mp")
+    port = free_port()
+    server = serve_multiprocess(port, "127.0.0.1", NodeInfo(1, 3, "cpu"))
+    yield f"http://127.0.0.1:{port}/metrics"
+    server.shutdown()
+
+
+def test_clients_ready_only_with_the_expected_partition_count(node_endpoint):
+    assert client_partitions(node_endpoint) == 3
+    assert clients_ready([node_endpoint], 3)()
+    assert not clients_ready([node_endpoint], 4)()  # e.g. a pod not yet replaced by helm upgrade
+    unreachable = f"http://127.0.0.1:{free_port()}/metrics"
+    assert client_partitions(unreachable) is None
+    assert not clients_ready([node_endpoint, unreachable], 3)()
+
+
+def test_wait_until_is_bounded():
+    with pytest.raises(NotReady, match="SuperLink x not ready after 0s"):
+        wait_until("SuperLink x", lambda: False, timeout=0.2, interval=0.05)
+    assert not superlink_healthy(f"127.0.0.1:{free_port()}")
+
+
+def context(node_config: dict, run_config: dict) -> Context:
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+def test_client_refuses_a_run_expecting_another_partition_count():
+    setup = NodeSetup.from_context(context({"partition-id": 2, "num-partitions": 3}, {"num-partitions": 3}))
+    assert (setup.partition_id, setup.num_partitions) == (2, 3)
+    with pytest.raises(ConfigError, match="holds partition 2 of 3, but the run expects 4 partitions"):
+        NodeSetup.from_context(context({"partition-id": 2, "num-partitions": 3}, {"num-partitions": 4}))
+    with pytest.raises(ConfigError, match="This SuperNode has no partition"):
+        NodeSetup.from_context(context({}, {}))
