@@ -182,6 +182,16 @@ def test_upgrade_to_four_clients_repartitions(kube, release, prometheus, image, 
     helm("upgrade", RELEASE, str(CHART), "-n", APP_NS, *chart_values(image, 4), "--wait", "--timeout", "5m")
     wait_for("the run job of revision 2 to succeed", lambda: job_succeeded(batch, 2), 900, 3)
     check_partitions(kube, prometheus, 4)
+    # every re-created pod trained its new partition in both rounds of the new run, nothing twice
+    query = f'fedcifar_client_examples_trained_total{{namespace="{APP_NS}"}}'
+
+    def all_trained() -> list[dict] | None:
+        series = prom_query(prometheus, query)
+        total = sum(float(s["value"][1]) for s in series)
+        return series if len(series) == 4 and total == 2 * 500 else None
+
+    series = wait_for("4 partitions trained 2 rounds over all 500 images", all_trained, 60, 2)
+    assert sorted(int(s["metric"]["partition"]) for s in series) == [0, 1, 2, 3]
 
 
 def test_uninstall_leaves_nothing_behind(kube, release):
