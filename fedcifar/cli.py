@@ -97,20 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_node(args: argparse.Namespace, extra: list[str]) -> int:
-    from fedcifar.metrics import NodeInfo
-    from fedcifar.node import flower_binary, node_config, probe_device, resolve_ordinal, run_with_metrics
+    from fedcifar.node import flower_binary, node_config, resolve_ordinal, run_node
 
-    command, collectors = [flower_binary(args.flower), *extra], []
+    command, trainer = [flower_binary(args.flower), *extra], None
     if args.role == "supernode":
         if any(a.startswith("--node-config") for a in extra):
             raise ValueError("fedcifar supernode sets --node-config itself: use --partition-id/--num-partitions/--data")
         partition = resolve_ordinal(args.partition_id)
-        command += ["--node-config", node_config(partition, args.num_partitions, args.data)]
-        device = probe_device()
-        note = " (no CUDA device visible: training falls back to the CPU)" if device == "cpu" else ""
-        print(f"fedcifar: partition {partition} of {args.num_partitions}, device {device}{note}", flush=True)
-        collectors.append(NodeInfo(partition, args.num_partitions, device))
-    return run_with_metrics(command, args.metrics_port, args.metrics_host, args.metrics_dir, *collectors)
+        # stock flower-supernode, with its idle polling shortened (see flower_tuning.py)
+        command = [sys.executable, "-m", "fedcifar.flower_tuning", "supernode", *extra,
+                   "--node-config", node_config(partition, args.num_partitions, args.data)]  # fmt: skip
+        print(f"fedcifar: partition {partition} of {args.num_partitions}", flush=True)
+        trainer = [sys.executable, "-m", "fedcifar.trainer", "--partition-id", str(partition),
+                   "--num-partitions", str(args.num_partitions)]  # fmt: skip
+    return run_node(command, args.metrics_port, args.metrics_host, args.metrics_dir, trainer)
 
 
 def cmd_submit(args: argparse.Namespace, _extra: list[str]) -> int:

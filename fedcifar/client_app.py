@@ -1,26 +1,31 @@
 """fedcifar ClientApp: trains and evaluates the global model on this node's CIFAR-10 partition.
 
 The partition comes from the SuperNode's node config (``partition-id``, ``num-partitions``,
-optionally ``data-path``); the hyper-parameters from the run config. Figures of every
-message go to Prometheus (``metrics.ClientMetrics``), served by the node's long-lived process.
+optionally ``data-path``); the hyper-parameters from the run config. This module imports no
+torch: it turns the message into a ``trainer.Task`` and hands it to the node's long-lived
+trainer over a local socket (``$FEDCIFAR_TRAINER``, set by ``fedcifar supernode``), or, on a
+plain SuperNode, to a ``Trainer`` in this process. Transport figures (messages, bytes) are
+recorded here, training figures by the trainer; both end up on the node's ``/metrics``.
 """
 
 from __future__ import annotations
 
-import logging
-import resource
+import os
 from dataclasses import dataclass
+from multiprocessing.connection import Client
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcifar.config import ConfigError, RunConfig, check_partition
-from fedcifar.data import ImageTensors, load_partition, resolve_source
 from fedcifar.metrics import client_metrics, record_bytes
-from fedcifar.task import Net, evaluate, pick_device, train
+from fedcifar.protocol import TRAINER_ENV, TRAINER_KEY_ENV, Reply, Task
 
-log = logging.getLogger("flwr.fedcifar")
 app = ClientApp()
+
+
+class TrainerError(RuntimeError):
+    """The trainer refused or failed the task; Flower sends the reason back as an error reply."""
 
 
 @dataclass(frozen=True)
@@ -53,83 +58,53 @@ class NodeSetup:
         data_path = str(node["data-path"]) if node.get("data-path") else None
         return cls(partition_id, num_partitions, config, data_path)
 
-    def load(self, split: str) -> ImageTensors:
-        c = self.config
-        return load_partition(
-            resolve_source(self.data_path), split, self.partition_id, self.num_partitions,
-            c.partitioner, c.dirichlet_alpha, c.seed,
-        )  # fmt: skip
 
-    @property
-    def label(self) -> str:
-        return str(self.partition_id)
+def run_task(task: Task) -> Reply:
+    """Hand the task to the node's trainer (socket) or, without one, to a trainer in this process."""
+    address = os.environ.get(TRAINER_ENV)
+    if address:
+        with Client(address, family="AF_UNIX", authkey=bytes.fromhex(os.environ[TRAINER_KEY_ENV])) as conn:
+            conn.send(task)
+            reply = conn.recv()
+    else:
+        from fedcifar.trainer import Trainer  # imports torch: only on this cold path
+
+        reply = Trainer().run(task)
+    if reply.error:
+        raise TrainerError(reply.error)
+    return reply
+
+
+def _handle(kind: str, msg: Message, context: Context) -> Message:
+    setup = NodeSetup.from_context(context)
+    config = msg.content["config"]
+    received = msg.content["arrays"]
+    task = Task(
+        kind=kind,
+        arrays={name: array.numpy() for name, array in received.items()},
+        server_round=int(config["server-round"]),
+        lr=float(config["lr"]) if "lr" in config else None,
+        partition_id=setup.partition_id,
+        num_partitions=setup.num_partitions,
+        run_config=dict(context.run_config),
+        data_path=setup.data_path,
+    )
+    reply = run_task(task)
+    content = RecordDict({"metrics": MetricRecord(reply.metrics)})
+    part, metrics = str(setup.partition_id), client_metrics()
+    metrics.messages.labels(part, kind).inc()
+    metrics.received_bytes.labels(part).inc(record_bytes(received))
+    if reply.arrays is not None:
+        content["arrays"] = ArrayRecord({name: Array(a) for name, a in reply.arrays.items()})
+        metrics.sent_bytes.labels(part).inc(record_bytes(content["arrays"]))
+    return Message(content=content, reply_to=msg)
 
 
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
-    setup = NodeSetup.from_context(context)
-    cfg, metrics, part = setup.config, client_metrics(), setup.label
-    data = setup.load("train")
-    device = pick_device(cfg.device)
-    net = Net()
-    net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    server_round = int(msg.content["config"]["server-round"])
-    result = train(
-        net, data,
-        epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-        lr=float(msg.content["config"].get("lr", cfg.learning_rate)), momentum=cfg.momentum,
-        device=device, seed=cfg.seed + setup.partition_id,
-        first_epoch=(server_round - 1) * cfg.local_epochs,
-    )  # fmt: skip
-    arrays = ArrayRecord({k: v.cpu() for k, v in net.state_dict().items()})
-    reply = RecordDict({
-        "arrays": arrays,
-        "metrics": MetricRecord({
-            "train_loss": result.loss,
-            "num-examples": len(data),
-            "examples-trained": result.examples,
-            "train-seconds": result.seconds,
-            "partition-id": setup.partition_id,
-        }),
-    })  # fmt: skip
-    metrics.last_round.labels(part).set(server_round)
-    metrics.train_loss.labels(part).set(result.loss)
-    metrics.examples_trained.labels(part).inc(result.examples)
-    metrics.train_duration.labels(part).observe(result.seconds)
-    _count_message(setup, "train", msg, arrays)
-    log.info(
-        "partition %d/%d round %d: %d examples on %s, loss %.4f, %.2fs",
-        setup.partition_id, setup.num_partitions, server_round, result.examples, device.type,
-        result.loss, result.seconds,
-    )  # fmt: skip
-    return Message(content=reply, reply_to=msg)
+    return _handle("train", msg, context)
 
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    setup = NodeSetup.from_context(context)
-    metrics, part = client_metrics(), setup.label
-    data = setup.load("test")
-    net = Net()
-    net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    loss, accuracy = evaluate(net, data, pick_device(setup.config.device))
-    metrics.eval_loss.labels(part).set(loss)
-    metrics.eval_accuracy.labels(part).set(accuracy)
-    _count_message(setup, "evaluate", msg, None)
-    reply = RecordDict({
-        "metrics": MetricRecord({
-            "eval_loss": loss, "eval_accuracy": accuracy, "num-examples": len(data),
-            "partition-id": setup.partition_id,
-        }),
-    })  # fmt: skip
-    return Message(content=reply, reply_to=msg)
-
-
-def _count_message(setup: NodeSetup, kind: str, msg: Message, sent: ArrayRecord | None) -> None:
-    metrics, part = client_metrics(), setup.label
-    metrics.messages.labels(part, kind).inc()
-    metrics.received_bytes.labels(part).inc(record_bytes(msg.content["arrays"]))
-    if sent is not None:
-        metrics.sent_bytes.labels(part).inc(record_bytes(sent))
-    # ru_maxrss is in KiB on Linux
-    metrics.peak_rss.labels(part).set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return _handle("evaluate", msg, context)

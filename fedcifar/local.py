@@ -277,6 +277,10 @@ def _process_kind(pid: int) -> str | None:
     for kind in flower:
         if kind in words:
             return kind
+    if "fedcifar.flower_tuning" in words:
+        return "flower-supernode"
+    if "fedcifar.trainer" in words:
+        return "fedcifar trainer"
     if "fedcifar" in words and words.index("fedcifar") + 1 < len(words):
         return "fedcifar " + words[words.index("fedcifar") + 1]  # the metrics wrapper
     return None

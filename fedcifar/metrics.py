@@ -16,13 +16,11 @@ and carry a ``partition`` label.
 from __future__ import annotations
 
 import os
-import shutil
 from functools import lru_cache
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client import multiprocess
-from prometheus_client.core import GaugeMetricFamily
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 ROUND_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
@@ -89,6 +87,10 @@ class ClientMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         kw = {"registry": registry} if registry is not None else {}
         part = ["partition"]
+        self.info = Gauge(
+            "fedcifar_client_info", "Always 1; labels: this node's partition, the partition count, its device.",
+            ["partition", "num_partitions", "device"], multiprocess_mode="mostrecent", **kw,
+        )  # fmt: skip
         self.train_loss = Gauge(
             "fedcifar_client_train_loss", "Training loss of this node's last training round.",
             part, multiprocess_mode="mostrecent", **kw,
@@ -143,36 +145,11 @@ def client_metrics() -> ClientMetrics:
     return ClientMetrics()
 
 
-def prepare_multiprocess_dir(path: Path) -> None:
-    """Start from an empty directory: files of dead processes from a previous node would linger."""
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-
-
-class NodeInfo:
-    """``fedcifar_client_info``: served by the node process itself from its start, before any message."""
-
-    def __init__(self, partition: int, num_partitions: int, device: str) -> None:
-        self.labels = {"partition": str(partition), "num_partitions": str(num_partitions), "device": device}
-
-    def collect(self):
-        info = GaugeMetricFamily(
-            "fedcifar_client_info",
-            "Always 1; labels: this node's partition, the partition count, the device it trains on.",
-            labels=list(self.labels),
-        )
-        info.add_metric(list(self.labels.values()), 1)
-        yield info
-
-
-def serve_multiprocess(port: int, host: str = "0.0.0.0", *collectors: object):
-    """Serve the app processes' metrics from ``$PROMETHEUS_MULTIPROC_DIR`` (plus ``collectors``)."""
+def serve_multiprocess(port: int, host: str = "0.0.0.0"):
+    """Serve the metrics that the node's child processes write into ``$PROMETHEUS_MULTIPROC_DIR``."""
     if not os.environ.get(MULTIPROC_ENV):
         raise RuntimeError(f"{MULTIPROC_ENV} must be set before serving multiprocess metrics")
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    for collector in collectors:
-        registry.register(collector)
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from fedcifar.config import check_partition
-from fedcifar.metrics import MULTIPROC_ENV, prepare_multiprocess_dir, serve_multiprocess
+from fedcifar.metrics import MULTIPROC_ENV, serve_multiprocess
+from fedcifar.protocol import TRAINER_ENV, TRAINER_KEY_ENV
 
 POD_INDEX_ENV = "POD_INDEX"
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 STOP_GRACE_SECONDS = 15
 
 
@@ -67,48 +71,74 @@ def node_config(partition_id: int, num_partitions: int, data_path: str | None) -
     return " ".join(pairs)
 
 
-def probe_device() -> str:
-    """The device a ClientApp on this node trains on by default ('cuda' or 'cpu').
-
-    Asked in a short-lived subprocess, so that this long-lived process never imports torch.
-    """
-    code = "from fedcifar.task import pick_device; print(pick_device('auto').type)"
-    try:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        return "unknown"
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
-
-
-def run_with_metrics(
+def run_node(
     command: list[str], metrics_port: int, metrics_host: str, metrics_dir: str | None,
-    *collectors: object,
+    trainer: list[str] | None = None,
 ) -> int:
-    """Serve metrics, run ``command`` to its end (forwarding SIGTERM/SIGINT), return its code."""
+    """Serve metrics and run ``command`` to its end (forwarding SIGTERM/SIGINT); return its code.
+
+    With ``trainer`` (a SuperNode), that long-lived trainer process is started first, and the
+    Flower node, whose ClientApps reach it over ``$FEDCIFAR_TRAINER``, only once it listens.
+    """
     owned = metrics_dir is None
     directory = Path(metrics_dir or tempfile.mkdtemp(prefix="fedcifar-metrics-"))
     prepare_multiprocess_dir(directory)
     os.environ[MULTIPROC_ENV] = str(directory)  # inherited by Flower and the apps it spawns
-    server = serve_multiprocess(metrics_port, metrics_host, *collectors)
+    os.environ.setdefault(SUPEREXEC_POLL_ENV, "0.1")  # Flower's default: 1 s per app launch
+    server = serve_multiprocess(metrics_port, metrics_host)
     print(f"fedcifar: metrics on http://{metrics_host}:{metrics_port}/metrics", flush=True)
-    child = subprocess.Popen(command)
+    children: list[subprocess.Popen] = []
 
-    def forward(signum: int, _frame: object) -> None:
-        if child.poll() is None:
-            child.send_signal(signum)
+    def stop(signum: int, _frame: object) -> None:
+        for child in reversed(children):
+            if child.poll() is None:
+                child.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
+        signal.signal(sig, stop)
     try:
-        code = child.wait()
+        if trainer:
+            socket_path = directory.parent / f"{directory.name}.trainer.sock"
+            os.environ[TRAINER_ENV] = str(socket_path)
+            os.environ[TRAINER_KEY_ENV] = secrets.token_hex(16)
+            children.append(subprocess.Popen([*trainer, "--socket", str(socket_path)]))
+            wait_for_socket(socket_path, children[-1])
+        children.append(subprocess.Popen(command))
+        return wait_first(children)
     finally:
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        for child in reversed(children):
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(STOP_GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    child.kill()
         server.shutdown()
         if owned:
             shutil.rmtree(directory, ignore_errors=True)
-    return code
+
+
+def wait_for_socket(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise RuntimeError(f"the trainer exited with code {process.returncode} before listening")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the trainer did not listen on {path} within {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def wait_first(children: list[subprocess.Popen]) -> int:
+    """Wait until one child exits (the node is down then) and return its exit code."""
+    while True:
+        for child in children:
+            if child.poll() is not None:
+                return child.returncode
+        time.sleep(0.2)
+
+
+def prepare_multiprocess_dir(path: Path) -> None:
+    """Start from an empty directory: files of dead processes from a previous node would linger."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)

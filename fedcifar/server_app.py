@@ -27,7 +27,8 @@ from fedcifar.history import CHECKPOINT_FILE, PLOT_FILE, History, RoundRecord, p
 from fedcifar.metrics import ServerMetrics, record_bytes, server_metrics
 from fedcifar.task import Net, evaluate, initial_model, pick_device
 
-log = logging.getLogger("flwr.fedcifar")  # Flower's handler prints it in the app's log
+log = logging.getLogger("flwr.fedcifar")
+REPLY_POLL_SECONDS = 0.05  # Flower's handler prints it in the app's log
 app = ServerApp()
 
 
@@ -51,7 +52,7 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = MonitoredFedAvg(history, out_dir, server_metrics(), config)
     strategy.start(
-        grid=grid,
+        grid=PollingGrid(grid, REPLY_POLL_SECONDS),
         initial_arrays=ArrayRecord(initial_model(config.seed).state_dict()),
         num_rounds=config.num_server_rounds,
         timeout=config.round_timeout,
@@ -62,6 +63,32 @@ def main(grid: Grid, context: Context) -> None:
     history.save(out_dir)
     plot_history(asdict(history), out_dir / PLOT_FILE)
     log.info("Run %s completed; outputs in %s", context.run_id, out_dir)
+
+
+class PollingGrid:
+    """The run's Grid, but ``send_and_receive`` looks for replies every ``interval`` seconds.
+
+    Flower 1.42's ``send_and_receive`` sleeps 3 s between pulls, so a round waits up to 3 s
+    after its last reply; this is the same push-then-pull loop at a shorter interval.
+    """
+
+    def __init__(self, grid: Grid, interval: float) -> None:
+        self._grid, self.interval = grid, interval
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        pending = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending and (deadline is None or time.monotonic() < deadline):
+            pulled = list(self._grid.pull_messages(pending))
+            replies.extend(pulled)
+            pending -= {m.metadata.reply_to_message_id for m in pulled}
+            if pending:
+                time.sleep(self.interval)
+        return replies
 
 
 def output_dir(config: RunConfig, run_id: int) -> Path:

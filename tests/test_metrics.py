@@ -10,7 +10,8 @@ import urllib.request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedcifar.metrics import ClientMetrics, NodeInfo, ServerMetrics, prepare_multiprocess_dir, serve_multiprocess
+from fedcifar.metrics import ClientMetrics, ServerMetrics, serve_multiprocess
+from fedcifar.node import prepare_multiprocess_dir
 from fedcifar.local import free_port
 
 
@@ -37,6 +38,7 @@ def exposition() -> dict:
     client.examples_trained.labels("1").inc(250)
     client.messages.labels("1", "train").inc()
     client.train_duration.labels("1").observe(0.5)
+    client.info.labels("1", "2", "cpu").set(1)
     client.sent_bytes.labels("1").inc(10)
     client.received_bytes.labels("1").inc(20)
     return families(generate_latest(registry).decode())
@@ -69,6 +71,7 @@ def test_required_series_are_exposed_with_values():
     assert sample(fams, "fedcifar_sent_bytes_total") == 100
     assert sample(fams, "fedcifar_client_train_loss", partition="1") == 0.75
     assert sample(fams, "fedcifar_client_examples_trained_total", partition="1") == 250
+    assert sample(fams, "fedcifar_client_info", partition="1", num_partitions="2", device="cpu") == 1
     for name in ("fedcifar_round", "fedcifar_eval_loss", "fedcifar_eval_accuracy",
                  "fedcifar_participating_clients", "fedcifar_examples_trained_total",
                  "fedcifar_received_bytes_total", "fedcifar_client_sent_bytes_total",
@@ -80,6 +83,7 @@ WRITER = """
 from fedcifar.metrics import client_metrics
 import sys
 m = client_metrics()
+m.info.labels("0", "2", "cpu").set(1)
 m.train_loss.labels("0").set(float(sys.argv[1]))
 m.examples_trained.labels("0").inc(100)
 m.train_duration.labels("0").observe(0.2)
@@ -95,7 +99,7 @@ def test_values_survive_the_processes_that_wrote_them(tmp_path, monkeypatch):
         subprocess.run([sys.executable, "-c", WRITER, loss], env=env, check=True)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
     port = free_port()
-    server = serve_multiprocess(port, "127.0.0.1", NodeInfo(0, 2, "cpu"))
+    server = serve_multiprocess(port, "127.0.0.1")
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:
@@ -104,7 +108,6 @@ def test_values_survive_the_processes_that_wrote_them(tmp_path, monkeypatch):
     assert sample(fams, "fedcifar_client_examples_trained_total", partition="0") == 200
     assert sample(fams, "fedcifar_client_train_loss", partition="0") == 1.25  # most recent
     assert sample(fams, "fedcifar_client_train_duration_seconds_count", partition="0") == 2
-    # the node's own info series is there from the start, before any message
     assert sample(fams, "fedcifar_client_info", partition="0", num_partitions="2", device="cpu") == 1
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -10,7 +12,8 @@ from flwr.app import Context, RecordDict
 from fedcifar.client_app import NodeSetup
 from fedcifar.config import ConfigError
 from fedcifar.local import free_port
-from fedcifar.metrics import NodeInfo, prepare_multiprocess_dir, serve_multiprocess
+from fedcifar.metrics import serve_multiprocess
+from fedcifar.node import prepare_multiprocess_dir
 from fedcifar.submit import NotReady, client_partitions, clients_ready, superlink_healthy, wait_until, write_connection
 
 
@@ -23,11 +26,13 @@ def test_connection_file_is_what_flwr_reads(tmp_path):
 
 @pytest.fixture
 def node_endpoint(tmp_path, monkeypatch):
-    """A real node metrics endpoint reporting partition 1 of 3."""
+    """A real node metrics endpoint; a trainer-like process reported partition 1 of 3."""
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "mp"))
     prepare_multiprocess_dir(tmp_path / "mp")
+    writer = "from fedcifar.metrics import client_metrics; client_metrics().info.labels('1', '3', 'cpu').set(1)"
+    subprocess.run([sys.executable, "-c", writer], check=True)
     port = free_port()
-    server = serve_multiprocess(port, "127.0.0.1", NodeInfo(1, 3, "cpu"))
+    server = serve_multiprocess(port, "127.0.0.1")
     yield f"http://127.0.0.1:{port}/metrics"
     server.shutdown()
 

@@ -1,0 +1,138 @@
+"""The node's trainer: what a ClientApp message does, with state that outlives the message.
+
+Flower starts a new ClientApp process for every message, which would re-import torch, re-read
+and re-decode the partition and re-initialise CUDA each time. ``fedcifar supernode`` therefore
+keeps one ``Trainer`` per node alive in its own process and serves it on a local socket
+(``serve``); the ClientApp becomes a thin shim that imports no torch and forwards the message
+(``client_app.py``). Without that socket (plain ``flower-supernode``) the ClientApp runs a
+``Trainer`` in its own process: same code, same results, just cold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import threading
+from dataclasses import dataclass, field
+from multiprocessing.connection import Listener
+import numpy as np
+import torch
+
+from fedcifar.config import RunConfig
+from fedcifar.data import ImageTensors, load_partition, resolve_source
+from fedcifar.metrics import client_metrics
+from fedcifar.protocol import TRAINER_KEY_ENV, Reply, Task
+from fedcifar.task import Net, evaluate, pick_device, train
+
+log = logging.getLogger("flwr.fedcifar")
+
+
+@dataclass
+class Trainer:
+    """Runs tasks; keeps decoded partitions (per process, see data.load_partition) and the device."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self, task: Task) -> Reply:
+        with self.lock:  # one task at a time per node
+            config = RunConfig.from_flower(task.run_config)
+            if task.kind == "train":
+                return self._train(task, config)
+            if task.kind == "evaluate":
+                return self._evaluate(task, config)
+            raise ValueError(f"unknown task kind {task.kind!r}")
+
+    def _data(self, task: Task, config: RunConfig, split: str) -> ImageTensors:
+        return load_partition(
+            resolve_source(task.data_path), split, task.partition_id, task.num_partitions,
+            config.partitioner, config.dirichlet_alpha, config.seed,
+        )  # fmt: skip
+
+    def _model(self, task: Task) -> Net:
+        net = Net()
+        net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in task.arrays.items()})
+        return net
+
+    def _train(self, task: Task, config: RunConfig) -> Reply:
+        data = self._data(task, config, "train")
+        device = pick_device(config.device)
+        net = self._model(task)
+        result = train(
+            net, data,
+            epochs=config.local_epochs, batch_size=config.batch_size,
+            lr=task.lr if task.lr is not None else config.learning_rate, momentum=config.momentum,
+            device=device, seed=config.seed + task.partition_id,
+            first_epoch=(task.server_round - 1) * config.local_epochs,
+        )  # fmt: skip
+        arrays = {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
+        part, m = str(task.partition_id), client_metrics()
+        m.last_round.labels(part).set(task.server_round)
+        m.train_loss.labels(part).set(result.loss)
+        m.examples_trained.labels(part).inc(result.examples)
+        m.train_duration.labels(part).observe(result.seconds)
+        self._record_memory(task)
+        log.info(
+            "partition %d/%d round %d: %d examples on %s, loss %.4f, %.2fs",
+            task.partition_id, task.num_partitions, task.server_round, result.examples,
+            device.type, result.loss, result.seconds,
+        )  # fmt: skip
+        metrics = {
+            "train_loss": result.loss,
+            "num-examples": len(data),
+            "examples-trained": result.examples,
+            "train-seconds": result.seconds,
+            "partition-id": task.partition_id,
+        }
+        return Reply(metrics, arrays)
+
+    def _evaluate(self, task: Task, config: RunConfig) -> Reply:
+        data = self._data(task, config, "test")
+        loss, accuracy = evaluate(self._model(task), data, pick_device(config.device))
+        part, m = str(task.partition_id), client_metrics()
+        m.eval_loss.labels(part).set(loss)
+        m.eval_accuracy.labels(part).set(accuracy)
+        self._record_memory(task)
+        metrics = {"eval_loss": loss, "eval_accuracy": accuracy, "num-examples": len(data),
+                   "partition-id": task.partition_id}  # fmt: skip
+        return Reply(metrics)
+
+    @staticmethod
+    def _record_memory(task: Task) -> None:
+        # ru_maxrss is in KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        client_metrics().peak_rss.labels(str(task.partition_id)).set(peak)
+
+
+def serve(trainer: Trainer, listener: Listener) -> None:
+    """Answer tasks on a local socket, one connection per message, until the process is stopped."""
+    while True:
+        with listener.accept() as conn:
+            task = conn.recv()
+            try:
+                reply = trainer.run(task)
+            except Exception as err:  # the ClientApp turns it into a Flower error reply
+                log.exception("task failed")
+                reply = Reply({}, error=f"{type(err).__name__}: {err}")
+            conn.send(reply)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fedcifar.trainer``: started by ``fedcifar supernode`` (key in $FEDCIFAR_TRAINER_KEY)."""
+    parser = argparse.ArgumentParser(description="fedcifar node trainer")
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--partition-id", type=int, required=True)
+    parser.add_argument("--num-partitions", type=int, required=True)
+    args = parser.parse_args(argv)
+    listener = Listener(args.socket, family="AF_UNIX", authkey=bytes.fromhex(os.environ[TRAINER_KEY_ENV]))
+    device = pick_device("auto").type
+    note = " (no CUDA device visible: training falls back to the CPU)" if device == "cpu" else ""
+    client_metrics().info.labels(str(args.partition_id), str(args.num_partitions), device).set(1)
+    print(f"fedcifar: trainer for partition {args.partition_id} of {args.num_partitions} on {device}{note}",
+          flush=True)  # fmt: skip
+    serve(Trainer(), listener)
+
+
+if __name__ == "__main__":
+    main()
