@@ -69,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     cen.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
     cen.set_defaults(handler=cmd_centralized)
 
+    b = sub.add_parser("bench", help="stock Flower vs fedcifar vs centralized, side by side (JSON last line)")
+    b.add_argument("--quick", action="store_true", help="2 clients x 5,000 images, 1 local epoch, 2 rounds")
+    b.add_argument("--clients", type=int, default=2)
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--examples-per-client", type=int, default=5000)
+    b.add_argument("--test-examples", type=int, default=10000, help="server-side test images (default: all)")
+    b.add_argument("--local-epochs", type=int, default=1)
+    b.add_argument("--batch-size", type=int, default=RunConfig.batch_size)
+    b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    b.add_argument("--no-stock", action="store_true", help="skip the stock Flower baseline")
+    b.add_argument("--scale", default="", help="also time rounds for these SuperNode counts, e.g. 2,4,8,16")
+    b.add_argument("--data", help="CIFAR-10 parquet folder; default $FEDCIFAR_DATA or the hub")
+    b.add_argument("--out", type=Path, help="work folder (default: a new folder under runs/)")
+    b.set_defaults(handler=cmd_bench)
+
     sub_ = sub.add_parser("submit", help="wait for a SuperLink and its clients, then flwr run (the chart's run Job)")
     sub_.add_argument("--superlink", required=True, help="SuperLink address HOST:PORT (insecure)")
     sub_.add_argument("--app", default=str(APP_DIR), help="Flower app folder (default: this project)")
@@ -111,6 +126,24 @@ def cmd_node(args: argparse.Namespace, extra: list[str]) -> int:
         trainer = [sys.executable, "-m", "fedcifar.trainer", "--partition-id", str(partition),
                    "--num-partitions", str(args.num_partitions)]  # fmt: skip
     return run_node(command, args.metrics_port, args.metrics_host, args.metrics_dir, trainer)
+
+
+def cmd_bench(args: argparse.Namespace, _extra: list[str]) -> int:
+    from fedcifar.bench import BenchConfig, bench, print_report, timestamped_out
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    if args.quick:
+        args.clients, args.rounds, args.examples_per_client, args.local_epochs = 2, 2, 5000, 1
+    scale = tuple(int(n) for n in args.scale.split(",") if n.strip())
+    if args.clients < 1 or args.rounds < 2 or min(scale, default=1) < 1:
+        raise ValueError("bench needs --clients >= 1, --rounds >= 2 (round 1 is warm-up) and positive --scale counts")
+    config = BenchConfig(
+        clients=args.clients, rounds=args.rounds, examples_per_client=args.examples_per_client,
+        test_examples=args.test_examples, local_epochs=args.local_epochs, batch_size=args.batch_size,
+        device=args.device, stock=not args.no_stock, scale=scale,
+    )  # fmt: skip
+    print_report(bench(config, args.data, timestamped_out(args.out)))
+    return 0
 
 
 def cmd_submit(args: argparse.Namespace, _extra: list[str]) -> int:

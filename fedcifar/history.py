@@ -32,6 +32,7 @@ class RoundRecord:
     sent_bytes: int
     received_bytes: int
     failures: int = 0
+    client_train_seconds: list[float] = field(default_factory=list)  # per reply, partition order
     client_eval_loss: float | None = None
     client_eval_accuracy: float | None = None
     finished_at: float = field(default_factory=time.time)

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from fedcifar.history import load_history
+from fedcifar.node import flower_binary, node_config
 from fedcifar.submit import write_connection
 
 TOKEN_ENV = "FEDCIFAR_LOCAL_TOKEN"
+FEDCIFAR = [sys.executable, "-m", "fedcifar"]
 CONNECTION = "fedcifar-local"
 
 
@@ -56,7 +58,7 @@ class NodeProcess:
     name: str
     popen: subprocess.Popen
     log_path: Path
-    metrics_port: int
+    metrics_port: int | None
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -78,6 +80,7 @@ class LocalFederation:
     data: str | None = None
     metrics_ports: list[int] | None = None  # [server, client 0, client 1, ...]; None: free ports
     superlink_port: int | None = None
+    stock: bool = False  # plain flower-superlink/-supernode, no fedcifar wrappers (benchmark baseline)
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     nodes: list[NodeProcess] = field(default_factory=list)
     peak_rss: dict[str, int] = field(default_factory=dict)  # bytes per kind of process
@@ -120,33 +123,44 @@ class LocalFederation:
 
     def start(self, timeout: float = 60) -> None:
         write_connection(self.flwr_home, CONNECTION, f"127.0.0.1:{self.superlink_port}")
-        server = self._spawn(
-            "superlink",
-            ["superlink", "--metrics-port", str(self.metrics_ports[0]), "--metrics-host", "127.0.0.1",
-             "--insecure", "--host", "127.0.0.1", "--port", str(self.superlink_port),
-             "--disable-runtime-dependency-installation"],
-            self.metrics_ports[0],
-        )  # fmt: skip
+        link = ["--insecure", "--host", "127.0.0.1", "--port", str(self.superlink_port),
+                "--disable-runtime-dependency-installation"]  # fmt: skip
+        if self.stock:
+            server = self._spawn("superlink", [flower_binary("flower-superlink"), *link], None)
+        else:
+            server = self._spawn(
+                "superlink", [*FEDCIFAR, "superlink", "--metrics-port", str(self.metrics_ports[0]),
+                              "--metrics-host", "127.0.0.1", *link],
+                self.metrics_ports[0],
+            )  # fmt: skip
         deadline = time.monotonic() + timeout
         wait_for_port(self.superlink_port, deadline, server.alive)
         for i in range(self.clients):
-            args = ["supernode", "--metrics-port", str(self.metrics_ports[i + 1]),
+            node = ["--insecure", "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(free_port())]
+            if self.stock:
+                config = node_config(i, self.clients, self.data)
+                self._spawn(f"supernode-{i}", [flower_binary("flower-supernode"), *node, "--node-config", config], None)
+                continue
+            args = [*FEDCIFAR, "supernode", "--metrics-port", str(self.metrics_ports[i + 1]),
                     "--metrics-host", "127.0.0.1", "--partition-id", str(i),
-                    "--num-partitions", str(self.clients), "--insecure",
-                    "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(free_port())]  # fmt: skip
+                    "--num-partitions", str(self.clients), *node]  # fmt: skip
             if self.data:
                 args += ["--data", str(self.data)]
             self._spawn(f"supernode-{i}", args, self.metrics_ports[i + 1])
         for node in self.nodes:
-            wait_for_port(node.metrics_port, deadline, node.alive)
+            if node.metrics_port is not None:
+                wait_for_port(node.metrics_port, deadline, node.alive)
 
-    def _spawn(self, name: str, args: list[str], metrics_port: int) -> NodeProcess:
+    def _spawn(self, name: str, command: list[str], metrics_port: int | None) -> NodeProcess:
         log_path = self.work_dir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = self.env()
+        if name.startswith("supernode") and not self.stock:
+            # N trainers share this machine's cores: torch's default (all cores each) oversubscribes
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.clients)))
         with open(log_path, "ab") as log_file:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "fedcifar", *args],
-                cwd=self.work_dir, env=self.env(), stdout=log_file, stderr=subprocess.STDOUT,
+                command, cwd=self.work_dir, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,  # Ctrl-C reaches us, not them
             )  # fmt: skip
         node = NodeProcess(name, popen, log_path, metrics_port)

@@ -148,9 +148,11 @@ class MonitoredFedAvg(FedAvg):
         replies = list(replies)
         ok = self._count_replies(replies)
         contents = [m.content for m in ok]
+        by_partition = sorted(contents, key=lambda c: int(c["metrics"]["partition-id"]))
         self._round.update(
-            partitions=sorted(int(c["metrics"]["partition-id"]) for c in contents),
+            partitions=[int(c["metrics"]["partition-id"]) for c in by_partition],
             examples=sum(int(c["metrics"]["examples-trained"]) for c in contents),
+            train_seconds=[float(c["metrics"]["train-seconds"]) for c in by_partition],
         )
         arrays, metrics = super().aggregate_train(server_round, replies)
         self._round["train_loss"] = float(metrics["train_loss"]) if metrics else float("nan")
@@ -191,6 +193,7 @@ class MonitoredFedAvg(FedAvg):
             sent_bytes=r["sent"],
             received_bytes=r["received"],
             failures=r["failures"],
+            client_train_seconds=r.get("train_seconds", []),
             client_eval_loss=r.get("client_eval_loss"),
             client_eval_accuracy=r.get("client_eval_accuracy"),
         )

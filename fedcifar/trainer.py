@@ -26,7 +26,7 @@ from fedcifar.metrics import client_metrics
 from fedcifar.protocol import TRAINER_KEY_ENV, Reply, Task
 from fedcifar.task import Net, evaluate, pick_device, train
 
-log = logging.getLogger("flwr.fedcifar")
+log = logging.getLogger("fedcifar.trainer")
 
 
 @dataclass
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partition-id", type=int, required=True)
     parser.add_argument("--num-partitions", type=int, required=True)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     listener = Listener(args.socket, family="AF_UNIX", authkey=bytes.fromhex(os.environ[TRAINER_KEY_ENV]))
     device = pick_device("auto").type
     note = " (no CUDA device visible: training falls back to the CPU)" if device == "cpu" else ""

@@ -1,0 +1,1 @@
+"""stockapp: the quickstart-style baseline that `fedcifar bench` compares against."""

@@ -1,0 +1,182 @@
+"""``fedcifar bench``: stock Flower, fedcifar and the centralized loop, side by side in one run.
+
+(a) **stock**: ``benchmarks/stock_app``, the same CNN written the way Flower's PyTorch quickstart
+    writes it, on plain ``flower-superlink``/``flower-supernode`` processes (Flower's and torch's
+    defaults: every ClientApp process uses all cores);
+(b) **fedcifar**: this app on ``fedcifar superlink``/``supernode`` (warm trainer, short polling,
+    the machine's cores split between the local SuperNodes);
+(c) **centralized**: ``fedcifar.centralized`` on the union of the clients' data, same epochs.
+
+All three use the same subset of the data (``--examples-per-client`` x ``--clients`` train
+images, ``--test-examples`` test images), the same model initialisation and hyper-parameters,
+on this machine. Round 1 pays one-off costs (imports, decoding the partition) and is reported
+apart; the steady-state figures are means over rounds 2 and later. The last line printed is
+one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from fedcifar.data import DataError, load_split, resolve_source
+from fedcifar.local import LocalFederation
+
+console = Console(stderr=True)
+PROJECT = Path(__file__).resolve().parent.parent
+STOCK_APP = PROJECT / "benchmarks" / "stock_app"
+NODE_KINDS = ("fedcifar supernode", "fedcifar trainer", "flower-supernode", "flower-superexec", "flwr-clientapp")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    clients: int = 2
+    rounds: int = 3
+    examples_per_client: int = 5000
+    test_examples: int = 10000
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    device: str = "auto"
+    stock: bool = True
+    scale: tuple[int, ...] = ()
+    scale_examples: int = 500
+
+
+def make_subset(data: str | None, train: int, test: int, dest: Path) -> Path:
+    """The first ``train``/``test`` images of each split, as a parquet folder both apps read."""
+    source = resolve_source(data)
+    if source.kind == "cifar-python":
+        raise DataError("fedcifar bench needs parquet data (uoft-cs/cifar10 schema) or the hub, not cifar-10-batches-py")
+    dest.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("test", test)):
+        full = load_split(source, split)
+        if count > len(full):
+            raise DataError(f"asked for {count} {split} images, the data has {len(full)}")
+        full.select(range(count)).to_parquet(str(dest / f"{split}.parquet"))
+    return dest
+
+
+def run_federation(stock: bool, clients: int, data: Path, out: Path, run_config: dict[str, Any]) -> tuple[dict, dict]:
+    app = STOCK_APP if stock else PROJECT
+    label = "stock" if stock else "fedcifar"
+    with LocalFederation(clients=clients, app_dir=app, work_dir=out, data=str(data), stock=stock) as fed:
+        run_id = fed.submit({**run_config, "out-dir": str(out)})
+        history = fed.follow(run_id, out, lambda r: console.print(
+            f"  {label} round {r['round']}: {r['round_seconds']:.2f}s, eval accuracy {100 * r['eval_accuracy']:.2f}%"
+        ))  # fmt: skip
+        fed.sample_memory()
+        return history, dict(fed.peak_rss)
+
+
+def steady(rounds: list[dict]) -> list[dict]:
+    return rounds[1:] or rounds
+
+
+def summarize(rounds: list[dict]) -> dict[str, float]:
+    rest = steady(rounds)
+    slowest = [max(r["client_train_seconds"]) for r in rest]
+    return {
+        "round1_seconds": rounds[0]["round_seconds"],
+        "round_seconds": statistics.mean(r["round_seconds"] for r in rest),
+        "slowest_client_train_seconds": statistics.mean(slowest),
+        "fixed_overhead_seconds": statistics.mean(r["round_seconds"] - s for r, s in zip(rest, slowest)),
+        "accuracy": rounds[-1]["eval_accuracy"],
+    }
+
+
+def bench(config: BenchConfig, data: str | None, out: Path) -> dict[str, Any]:
+    from fedcifar.centralized import run_centralized
+
+    subset = make_subset(data, config.examples_per_client * config.clients, config.test_examples, out / "data")
+    run_config = {
+        "num-server-rounds": config.rounds, "local-epochs": config.local_epochs,
+        "batch-size": config.batch_size, "learning-rate": config.learning_rate,
+        "momentum": config.momentum, "min-nodes": config.clients,
+    }  # fmt: skip
+    result: dict[str, Any] = {"machine": machine(), "clients": config.clients, "rounds": config.rounds,
+                              "examples_per_client": config.examples_per_client}  # fmt: skip
+
+    if config.stock:
+        console.print("[bold](a) stock Flower[/] (quickstart-style app, Flower defaults)")
+        stock_history, _ = run_federation(True, config.clients, subset, out / "stock", {**run_config, "data-path": str(subset)})
+        stock = summarize(stock_history["rounds"])
+        result.update({f"stock_{k}": v for k, v in stock.items()})
+
+    console.print("[bold](b) fedcifar[/]")
+    fed_config = {**run_config, "num-partitions": config.clients, "device": config.device}
+    history, peaks = run_federation(False, config.clients, subset, out / "fedcifar", fed_config)
+    fed = summarize(history["rounds"])
+    result.update({f"fedcifar_{k}": v for k, v in fed.items()})
+    rest = steady(history["rounds"])
+    train_seconds = statistics.mean(s for r in rest for s in r["client_train_seconds"])
+    result["client_images_per_second"] = config.examples_per_client * config.local_epochs / train_seconds
+    result["client_peak_rss_bytes"] = sum(peaks.get(kind, 0) for kind in NODE_KINDS)
+    result["client_peak_rss_by_process"] = {k: v for k, v in peaks.items() if k in NODE_KINDS}
+    result["bytes_per_round"] = statistics.mean(r["sent_bytes"] + r["received_bytes"] for r in rest)
+    result["fixed_overhead_seconds"] = fed["fixed_overhead_seconds"]
+    if config.stock:
+        result["round_speedup"] = stock["round_seconds"] / fed["round_seconds"]
+        result["stock_round_seconds"], result["fedcifar_round_seconds"] = stock["round_seconds"], fed["round_seconds"]
+
+    console.print("[bold](c) centralized[/]")
+    epochs = config.rounds * config.local_epochs
+    central = run_centralized(
+        resolve_source(str(subset)), epochs=epochs, batch_size=config.batch_size, lr=config.learning_rate,
+        momentum=config.momentum, seed=42, device=config.device,
+    )  # fmt: skip
+    result["centralized_images_per_second"] = central.examples / central.train_seconds
+    result["centralized_accuracy"] = central.test_accuracy
+    result["throughput_ratio"] = result["client_images_per_second"] / result["centralized_images_per_second"]
+    result["device"] = central.device
+
+    if config.scale:
+        result["scale_round_seconds"] = scale_table(config, data, out / "scale")
+    return result
+
+
+def scale_table(config: BenchConfig, data: str | None, out: Path) -> dict[int, float]:
+    """Steady-state round time of fedcifar for growing numbers of local SuperNodes."""
+    table = {}
+    for n in config.scale:
+        subset = make_subset(data, config.scale_examples * n, config.test_examples, out / f"data-{n}")
+        console.print(f"[bold]scale: {n} SuperNodes[/] x {config.scale_examples} images")
+        run_config = {"num-server-rounds": 3, "local-epochs": config.local_epochs, "batch-size": config.batch_size,
+                      "learning-rate": config.learning_rate, "min-nodes": n, "num-partitions": n}  # fmt: skip
+        history, _ = run_federation(False, n, subset, out / f"nodes-{n}", run_config)
+        table[n] = statistics.mean(r["round_seconds"] for r in steady(history["rounds"]))
+    return table
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+def print_report(result: dict[str, Any]) -> None:
+    table = Table(title=f"fedcifar bench ({result['machine']}, device {result['device']})", title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if isinstance(value, float):
+            table.add_row(key, f"{value:,.3f}")
+        elif isinstance(value, int):
+            table.add_row(key, f"{value:,}")
+    console.print(table)
+    for n, seconds in result.get("scale_round_seconds", {}).items():
+        console.print(f"  {n:>2} SuperNodes: {seconds:.2f} s per round")
+    print(json.dumps(result), flush=True)
+
+
+def timestamped_out(base: Path | None) -> Path:
+    return (base or Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
