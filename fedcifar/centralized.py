@@ -37,6 +37,7 @@ def run_centralized(
     momentum: float,
     seed: int,
     device: str = "auto",
+    augmented: bool = False,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> CentralizedResult:
     started = time.perf_counter()
@@ -45,7 +46,7 @@ def run_centralized(
     net = initial_model(seed)
     result = train(
         net, train_data, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-        device=torch_device, seed=seed, on_epoch=on_epoch,
+        device=torch_device, seed=seed, augmented=augmented, on_epoch=on_epoch,
     )  # fmt: skip
     test_loss, test_accuracy = evaluate(net, test_data, torch_device)
     return CentralizedResult(

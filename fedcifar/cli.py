@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     cen.add_argument("--momentum", type=float, default=RunConfig.momentum)
     cen.add_argument("--seed", type=int, default=RunConfig.seed)
     cen.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    cen.add_argument("--augment", action="store_true", help="random crop + horizontal flip, batched on the device")
     cen.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
     cen.set_defaults(handler=cmd_centralized)
 
@@ -170,7 +171,7 @@ def cmd_centralized(args: argparse.Namespace, _extra: list[str]) -> int:
     console.print(f"centralized: {args.epochs} epochs on {source.describe()}")
     result = run_centralized(
         source, epochs=args.epochs, batch_size=args.batch_size, lr=args.learning_rate,
-        momentum=args.momentum, seed=args.seed, device=args.device,
+        momentum=args.momentum, seed=args.seed, device=args.device, augmented=args.augment,
         on_epoch=lambda e, loss: console.print(f"  epoch {e}: train loss {loss:.4f}"),
     )  # fmt: skip
     console.print(
@@ -187,7 +188,7 @@ def _interrupt(_signum: int, _frame: object) -> None:
 
 
 def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
-    from fedcifar.data import resolve_source
+    from fedcifar.data import load_split, resolve_source
     from fedcifar.local import FederationError, LocalFederation
 
     signal.signal(signal.SIGTERM, _interrupt)  # a stop request cleans up like Ctrl-C
@@ -208,6 +209,7 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
         overrides["num-server-rounds"] = args.rounds
     config = RunConfig.from_flower({**defaults, **overrides})
     source = resolve_source(args.data)  # refuse a bad path before starting anything
+    load_split(source, "test")  # ... and data that is not CIFAR-10, or a Hub out of reach
     data = source.location if source.kind != "hub" else None
 
     console.print(

@@ -28,6 +28,7 @@ class RunConfig:
     batch_size: int = 32
     learning_rate: float = 0.01
     momentum: float = 0.9
+    augment: bool = False
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
     fraction_train: float = 1.0
@@ -94,9 +95,10 @@ def _coerce(key: str, value: Any, kind: str) -> Any:
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
         "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
     }[kind]
     if not ok:
-        expected = {"int": "an integer", "float": "a number", "str": "a string"}[kind]
+        expected = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}[kind]
         raise ConfigError(
             f"run config {key!r} must be {expected}, got {value!r} ({type(value).__name__}): "
             f'set it with -c {key}={_example(kind)}'
@@ -105,7 +107,7 @@ def _coerce(key: str, value: Any, kind: str) -> Any:
 
 
 def _example(kind: str) -> str:
-    return {"int": "2", "float": "0.5", "str": '"value"'}[kind]
+    return {"int": "2", "float": "0.5", "str": '"value"', "bool": "true"}[kind]
 
 
 def _at_least(key: str, value: int, low: int) -> None:

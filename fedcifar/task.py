@@ -67,6 +67,25 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (4-pixel zero padding) and horizontal flip, for a whole batch at once.
+
+    The random draws come from a CPU generator (reproducible on every device); the pixels never
+    leave the training device.
+    """
+    n, device = images.shape[0], images.device
+    flip = (torch.rand(n, generator=generator) < 0.5).to(device)
+    images = torch.where(flip[:, None, None, None], images.flip(3), images)
+    padded = F.pad(images, (4, 4, 4, 4))
+    dy, dx = (torch.randint(0, 9, (n,), generator=generator).to(device) for _ in range(2))
+    steps = torch.arange(32, device=device)
+    rows = (dy[:, None] + steps)[:, None, :, None]  # n x 1 x 32 x 1
+    cols = (dx[:, None] + steps)[:, None, None, :]  # n x 1 x 1 x 32
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    channels = torch.arange(images.shape[1], device=device)[None, :, None, None]
+    return padded[batch, channels, rows, cols]
+
+
 @dataclass(frozen=True)
 class TrainResult:
     loss: float  # mean training loss over all examples seen
@@ -85,6 +104,7 @@ def train(
     device: torch.device,
     seed: int,
     first_epoch: int = 0,
+    augmented: bool = False,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """SGD with momentum over shuffled mini-batches; epoch ``first_epoch + e`` uses its own seed.
@@ -98,9 +118,12 @@ def train(
     total_loss = torch.zeros((), device=device)
     seen = 0
     for epoch in range(first_epoch, first_epoch + epochs):
-        order = torch.randperm(len(data), generator=epoch_generator(seed, epoch)).to(device)
+        generator = epoch_generator(seed, epoch)
+        order = torch.randperm(len(data), generator=generator).to(device)
         for batch in order.split(batch_size):
             images, labels = normalize(data.images[batch]), data.labels[batch]
+            if augmented:
+                images = augment(images, generator)
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(net(images), labels)
             loss.backward()

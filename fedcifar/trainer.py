@@ -64,7 +64,7 @@ class Trainer:
             epochs=config.local_epochs, batch_size=config.batch_size,
             lr=task.lr if task.lr is not None else config.learning_rate, momentum=config.momentum,
             device=device, seed=config.seed + task.partition_id,
-            first_epoch=(task.server_round - 1) * config.local_epochs,
+            first_epoch=(task.server_round - 1) * config.local_epochs, augmented=config.augment,
         )  # fmt: skip
         arrays = {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
         part, m = str(task.partition_id), client_metrics()

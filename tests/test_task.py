@@ -7,7 +7,7 @@ import torch
 
 from fedcifar.centralized import run_centralized
 from fedcifar.data import load_full, load_partition, resolve_source
-from fedcifar.task import Net, evaluate, initial_model, normalize, pick_device, train
+from fedcifar.task import Net, augment, evaluate, initial_model, normalize, pick_device, train
 
 
 def test_net_is_the_tutorial_cnn():
@@ -63,3 +63,29 @@ def test_centralized_is_partition_zero_of_one(mini_dir):
     loss, accuracy = evaluate(net, load_full(source, "test"), pick_device("auto"))
     assert (loss, accuracy) == pytest.approx((result.test_loss, result.test_accuracy), rel=1e-6)
     assert 0 <= result.test_accuracy <= 1 and result.seconds > 0
+
+
+def test_augment_is_a_random_crop_or_flipped_crop_of_each_image():
+    images = torch.randn(16, 3, 32, 32)
+    out = augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    flipped = torch.nn.functional.pad(images.flip(3), (4, 4, 4, 4))
+    kinds = set()
+    for i in range(len(images)):
+        windows = {(f, y, x) for f, src in (("plain", padded), ("flip", flipped))
+                   for y in range(9) for x in range(9) if torch.equal(src[i, :, y:y + 32, x:x + 32], out[i])}  # fmt: skip
+        assert windows, f"image {i} is not a crop of its padded original"
+        kinds |= {w[0] for w in windows}
+    assert kinds == {"plain", "flip"}  # both happen over 16 images
+    again = augment(images, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # reproducible
+
+
+def test_augmented_training_runs_and_differs(mini_dir):
+    data = load_full(resolve_source(mini_dir), "train")
+    kwargs = dict(epochs=1, batch_size=64, lr=0.01, momentum=0.9, device=torch.device("cpu"), seed=1)
+    plain = train(initial_model(0), data, **kwargs)
+    augmented = train(initial_model(0), data, augmented=True, **kwargs)
+    assert augmented.examples == plain.examples == 500
+    assert augmented.loss != plain.loss
