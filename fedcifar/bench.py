@@ -47,6 +47,7 @@ class BenchConfig:
     learning_rate: float = 0.01
     momentum: float = 0.9
     device: str = "auto"
+    augment: bool = False  # fedcifar and centralized only (the stock app has no augmentation)
     stock: bool = True
     scale: tuple[int, ...] = ()
     scale_examples: int = 500
@@ -113,7 +114,8 @@ def bench(config: BenchConfig, data: str | None, out: Path) -> dict[str, Any]:
         result.update({f"stock_{k}": v for k, v in stock.items()})
 
     console.print("[bold](b) fedcifar[/]")
-    fed_config = {**run_config, "num-partitions": config.clients, "device": config.device}
+    fed_config = {**run_config, "num-partitions": config.clients, "device": config.device,
+                  "augment": config.augment}  # fmt: skip
     history, peaks = run_federation(False, config.clients, subset, out / "fedcifar", fed_config)
     fed = summarize(history["rounds"])
     result.update({f"fedcifar_{k}": v for k, v in fed.items()})
@@ -132,12 +134,14 @@ def bench(config: BenchConfig, data: str | None, out: Path) -> dict[str, Any]:
     epochs = config.rounds * config.local_epochs
     central = run_centralized(
         resolve_source(str(subset)), epochs=epochs, batch_size=config.batch_size, lr=config.learning_rate,
-        momentum=config.momentum, seed=42, device=config.device,
+        momentum=config.momentum, seed=42, device=config.device, augmented=config.augment,
     )  # fmt: skip
     result["centralized_images_per_second"] = central.examples / central.train_seconds
     result["centralized_accuracy"] = central.test_accuracy
     result["throughput_ratio"] = result["client_images_per_second"] / result["centralized_images_per_second"]
     result["device"] = central.device
+    result["accuracy_ratio"] = fed["accuracy"] / central.test_accuracy
+    result["augment"] = config.augment
 
     if config.scale:
         result["scale_round_seconds"] = scale_table(config, data, out / "scale")

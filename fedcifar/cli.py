@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=RunConfig.batch_size)
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     b.add_argument("--no-stock", action="store_true", help="skip the stock Flower baseline")
+    b.add_argument("--augment", action="store_true", help="augmentation for fedcifar and centralized")
     b.add_argument("--scale", default="", help="also time rounds for these SuperNode counts, e.g. 2,4,8,16")
     b.add_argument("--data", help="CIFAR-10 parquet folder; default $FEDCIFAR_DATA or the hub")
     b.add_argument("--out", type=Path, help="work folder (default: a new folder under runs/)")
@@ -141,7 +142,7 @@ def cmd_bench(args: argparse.Namespace, _extra: list[str]) -> int:
     config = BenchConfig(
         clients=args.clients, rounds=args.rounds, examples_per_client=args.examples_per_client,
         test_examples=args.test_examples, local_epochs=args.local_epochs, batch_size=args.batch_size,
-        device=args.device, stock=not args.no_stock, scale=scale,
+        device=args.device, augment=args.augment, stock=not args.no_stock, scale=scale,
     )  # fmt: skip
     print_report(bench(config, args.data, timestamped_out(args.out)))
     return 0
