@@ -1,0 +1,48 @@
+"""Ctrl-C during a local federation stops every process it started, and nothing is left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def processes_in(folder: Path) -> list[int]:
+    """Every process whose working directory is ``folder`` (all of a federation's processes)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cwd").resolve() == folder.resolve():
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_ctrl_c_mid_run_stops_everything(tmp_path, mini_dir):
+    out = tmp_path / "run"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "fedcifar", "run", "--clients", "2", "--rounds", "50", "--data", str(mini_dir),
+         "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not (out / "history.json").exists():  # the run is under way: the ServerApp wrote round 0
+        assert run.poll() is None, run.communicate()[1]
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.2)
+    assert len(processes_in(out)) >= 7  # superlink + 2 supernodes, their Flower children, trainers
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert processes_in(out) == []
