@@ -291,7 +291,8 @@ def follow_with_progress(fed, run_id: int, out_dir: Path, rounds: int) -> dict:
 
 def print_summary(history: dict, peak_rss: dict[str, int], out_dir: Path) -> None:
     rounds = history["rounds"]
-    console.print(round_table(rounds))
+    if not console.is_terminal:  # on a terminal the live table is still on screen
+        console.print(round_table(rounds))
     if rounds:
         last = rounds[-1]
         console.print(f"final eval accuracy {100 * last['eval_accuracy']:.2f}%, eval loss {last['eval_loss']:.4f}")

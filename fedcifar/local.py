@@ -41,16 +41,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_port(port: int, deadline: float, alive: Callable[[], bool]) -> None:
+def wait_for_port(port: int, deadline: float, node: NodeProcess) -> None:
     while time.monotonic() < deadline:
-        if not alive():
-            raise FederationError(f"process exited before listening on port {port}")
+        if not node.alive():
+            raise FederationError(f"{node.name} exited before listening on port {port}:\n{node.log_tail()}")
         with socket.socket() as sock:
             sock.settimeout(0.5)
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.1)
-    raise FederationError(f"nothing listened on port {port} in time")
+    raise FederationError(f"{node.name} did not listen on port {port} in time:\n{node.log_tail()}")
 
 
 @dataclass
@@ -110,6 +110,8 @@ class LocalFederation:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
+        # Flower starts flower-superexec & co. by name: find them beside this interpreter
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.update(
             FLWR_HOME=str(self.flwr_home),
             FLWR_TELEMETRY_ENABLED="0",
@@ -134,7 +136,7 @@ class LocalFederation:
                 self.metrics_ports[0],
             )  # fmt: skip
         deadline = time.monotonic() + timeout
-        wait_for_port(self.superlink_port, deadline, server.alive)
+        wait_for_port(self.superlink_port, deadline, server)
         for i in range(self.clients):
             node = ["--insecure", "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(free_port())]
             if self.stock:
@@ -149,7 +151,7 @@ class LocalFederation:
             self._spawn(f"supernode-{i}", args, self.metrics_ports[i + 1])
         for node in self.nodes:
             if node.metrics_port is not None:
-                wait_for_port(node.metrics_port, deadline, node.alive)
+                wait_for_port(node.metrics_port, deadline, node)
 
     def _spawn(self, name: str, command: list[str], metrics_port: int | None) -> NodeProcess:
         log_path = self.work_dir / "logs" / f"{name}.log"

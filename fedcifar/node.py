@@ -85,6 +85,8 @@ def run_node(
     prepare_multiprocess_dir(directory)
     os.environ[MULTIPROC_ENV] = str(directory)  # inherited by Flower and the apps it spawns
     os.environ.setdefault(SUPEREXEC_POLL_ENV, "0.1")  # Flower's default: 1 s per app launch
+    # Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by name
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     server = serve_multiprocess(metrics_port, metrics_host)
     print(f"fedcifar: metrics on http://{metrics_host}:{metrics_port}/metrics", flush=True)
     children: list[subprocess.Popen] = []
