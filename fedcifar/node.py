@@ -101,6 +101,7 @@ def run_node(
     try:
         if trainer:
             socket_path = directory.parent / f"{directory.name}.trainer.sock"
+            socket_path.unlink(missing_ok=True)  # left by a previous container of the same pod
             os.environ[TRAINER_ENV] = str(socket_path)
             os.environ[TRAINER_KEY_ENV] = secrets.token_hex(16)
             children.append(subprocess.Popen([*trainer, "--socket", str(socket_path)]))

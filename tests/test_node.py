@@ -38,3 +38,20 @@ def test_node_config(tmp_path):
     assert node_config(0, 1, str(tmp_path)) == f'partition-id=0 num-partitions=1 data-path="{tmp_path}"'
     with pytest.raises(ConfigError, match="partition-id must be an integer in"):
         node_config(3, 3, None)
+
+
+def test_a_stale_trainer_socket_does_not_stop_a_restarted_node(tmp_path):
+    """A container restart keeps the pod's emptyDir, so the old socket file is still there."""
+    import subprocess
+    import sys
+
+    metrics_dir = tmp_path / "metrics"
+    (tmp_path / "metrics.trainer.sock").write_text("stale")
+    code = (
+        "import sys; from fedcifar.node import run_node; "
+        f"sys.exit(run_node([sys.executable, '-c', 'import time; time.sleep(1)'], 0, '127.0.0.1', {str(metrics_dir)!r}, "
+        "[sys.executable, '-m', 'fedcifar.trainer', '--partition-id', '0', '--num-partitions', '1']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr  # the trainer listened, the node ran and ended
+    assert "trainer for partition 0 of 1" in done.stdout
