@@ -4,8 +4,8 @@ Flower runs the ServerApp in a new process per run and the ClientApp in a new pr
 message, so an HTTP exporter inside them would come and go. Instead the long-lived node
 process (``fedcifar superlink`` / ``fedcifar supernode``, see ``node.py``) owns the HTTP
 endpoint and serves prometheus_client's multiprocess collector over a directory that every
-app process it spawns writes into (``PROMETHEUS_MULTIPROC_DIR``, inherited through Flower's
-SuperExec). Counters and histograms add up across processes; gauges keep the most recent
+process it spawns writes into (``PROMETHEUS_MULTIPROC_DIR``, inherited by the node's trainer and,
+through Flower's SuperExec, by the ServerApp and ClientApp processes). Counters and histograms add up across processes; gauges keep the most recent
 value, so the last round's loss stays visible between rounds and between runs.
 
 Names follow Prometheus conventions: one ``fedcifar_`` prefix, base units, ``_total`` on
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client import multiprocess
