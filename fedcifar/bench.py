@@ -17,6 +17,7 @@ one JSON object with every figure.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -162,8 +163,6 @@ def scale_table(config: BenchConfig, data: str | None, out: Path) -> dict[int, f
 
 
 def machine() -> str:
-    import os
-
     return f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
