@@ -8,6 +8,11 @@ to ``flower-superlink`` / ``flower-supernode`` unchanged, so every Flower flag s
 ``fedcifar supernode --partition-id auto`` takes the partition from the Kubernetes
 StatefulSet ordinal: the ``apps.kubernetes.io/pod-index`` label (exposed as ``POD_INDEX``
 through the downward API) where the cluster sets it, else the hostname's ``-<n>`` suffix.
+
+TLS and SuperNode authentication flags go to Flower unchanged, with two adaptations for keys held
+in Kubernetes Secrets (see ``security.py``): a PEM ``--auth-supernode-private-key`` is converted to
+the OpenSSH format Flower reads, and a SuperLink with ``--enable-supernode-auth`` registers the
+public keys in ``$FEDCIFAR_SUPERNODE_PUBLIC_KEYS`` once it is healthy.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 from fedcifar.config import check_partition
 from fedcifar.metrics import MULTIPROC_ENV, serve_multiprocess
 from fedcifar.protocol import TRAINER_ENV, TRAINER_KEY_ENV
+from fedcifar.security import rewrite_private_key_arg, superlink_registrar
 
 POD_INDEX_ENV = "POD_INDEX"
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
@@ -87,6 +93,8 @@ def run_node(
     os.environ.setdefault(SUPEREXEC_POLL_ENV, "0.1")  # Flower's default: 1 s per app launch
     # Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by name
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    command = rewrite_private_key_arg(command, directory.parent)  # a PEM SuperNode key -> OpenSSH
+    registrar = superlink_registrar(command, directory.parent)
     server = serve_multiprocess(metrics_port, metrics_host)
     print(f"fedcifar: metrics on http://{metrics_host}:{metrics_port}/metrics", flush=True)
     children: list[subprocess.Popen] = []
@@ -107,8 +115,12 @@ def run_node(
             children.append(subprocess.Popen([*trainer, "--socket", str(socket_path)]))
             wait_for_socket(socket_path, children[-1])
         children.append(subprocess.Popen(command))
+        if registrar:
+            registrar.start()
         return wait_first(children)
     finally:
+        if registrar:
+            registrar.stop()
         for child in reversed(children):
             if child.poll() is None:
                 child.terminate()

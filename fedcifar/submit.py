@@ -4,6 +4,12 @@
 (deadline-bounded) until the SuperLink answers ``/health`` and every expected client's metrics
 endpoint reports the expected partition count — after ``helm upgrade`` the old pods must be
 replaced first, or the run would mix two splits — and then execs ``flwr run``.
+
+With ``$FEDCIFAR_ROOT_CERTIFICATES`` (the chart sets it when ``tls.enabled``) the connection uses
+TLS verified with that CA (``root-certificates`` instead of ``insecure = true``) and ``/health`` is
+checked over HTTPS. With ``$FEDCIFAR_SUPERNODE_PUBLIC_KEYS`` it registers those SuperNode keys
+(``flwr supernode register``, idempotent) before waiting for the clients, so that the new
+clients of a ``helm upgrade`` get in at once.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from fedcifar import security
+
 CONNECTION = "fedcifar"
 
 
@@ -25,15 +33,10 @@ class NotReady(RuntimeError):
     """The federation did not become ready before the deadline."""
 
 
-def write_connection(flwr_home: Path, name: str, address: str, insecure: bool = True) -> Path:
-    """The ``[superlink.<name>]`` entry of the flwr CLI, as the default connection."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    path = flwr_home / "config.toml"
-    path.write_text(
-        f'[superlink]\ndefault = "{name}"\n\n'
-        f'[superlink.{name}]\naddress = "{address}"\ninsecure = {"true" if insecure else "false"}\n'
-    )
-    return path
+def write_connection(flwr_home: Path, name: str, address: str, root_certificates: str | None = None) -> Path:
+    """The ``[superlink.<name>]`` entry of the flwr CLI, as the default connection (TLS verified
+    with ``root_certificates`` when given, else ``insecure = true``)."""
+    return security.write_connection(flwr_home, name, address, root_certificates)
 
 
 def wait_until(what: str, ready: Callable[[], bool], timeout: float, interval: float = 2.0) -> None:
@@ -44,12 +47,8 @@ def wait_until(what: str, ready: Callable[[], bool], timeout: float, interval: f
         time.sleep(interval)
 
 
-def superlink_healthy(address: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{address}/health", timeout=5) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
+def superlink_healthy(address: str, root_certificates: str | None = None) -> bool:
+    return security.superlink_healthy(address, root_certificates)
 
 
 def client_partitions(url: str) -> int | None:
@@ -84,9 +83,13 @@ def submit(
 ) -> None:
     """Wait for the federation, then replace this process with ``flwr run``."""
     flwr_home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
-    write_connection(flwr_home, CONNECTION, superlink)
-    wait_until(f"SuperLink {superlink}", lambda: superlink_healthy(superlink), timeout)
-    print(f"fedcifar: SuperLink {superlink} is healthy", flush=True)
+    ca = os.environ.get(security.ROOT_CERTIFICATES_ENV) or None
+    write_connection(flwr_home, CONNECTION, superlink, ca)
+    wait_until(f"SuperLink {superlink}", lambda: superlink_healthy(superlink, ca), timeout)
+    print(f"fedcifar: SuperLink {superlink} is healthy{' (TLS)' if ca else ''}", flush=True)
+    keys = os.environ.get(security.PUBLIC_KEYS_ENV)
+    if keys:
+        security.register_public_keys(Path(keys), flwr_home)
     if client_metrics:
         wait_until("clients", clients_ready(client_metrics, num_partitions or len(client_metrics)), timeout)
         print(f"fedcifar: {len(client_metrics)} clients ready", flush=True)

@@ -1,0 +1,257 @@
+"""TLS and SuperNode authentication around Flower's own mechanisms (the chart's secure defaults).
+
+Flower 1.42 serves Fleet, Control and runtime APIs on one HTTPS port (``flower-superlink
+--ssl-ca-certfile --ssl-certfile --ssl-keyfile``); clients verify it with ``--root-certificates``
+(SuperNodes) or ``root-certificates`` in ``$FLWR_HOME/config.toml`` (the ``flwr`` CLI). With
+``--enable-supernode-auth`` a SuperNode must sign its requests with an ECDSA key (NIST curve) whose
+public key a ``flwr`` user registered first through the Control API (``flwr supernode register``).
+This module adds what Kubernetes needs on top, nothing more:
+
+- keys in the formats a Secret can hold: ``--auth-supernode-private-key`` may name a PEM key
+  (``genPrivateKey "ecdsa"`` in Helm); it is converted to the OpenSSH format Flower reads;
+  public keys may be OpenSSH lines, PEM public keys or PEM certificates;
+- ``register_public_keys``: registers every key of a folder, idempotently (a key already
+  registered counts as done), with the ``flwr`` CLI;
+- ``KeyRegistrar``: the ``fedcifar superlink`` side: once the SuperLink answers ``/health``,
+  register the folder's keys, write a ready file (the pod's readiness probe), and keep
+  registering keys that appear later (``helm upgrade --set clients.replicas=N``).
+
+Environment (set by the chart): ``FEDCIFAR_ROOT_CERTIFICATES`` (the CA), ``FEDCIFAR_SUPERNODE_PUBLIC_KEYS``
+(a folder of public keys to register), ``FEDCIFAR_READY_FILE``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+ROOT_CERTIFICATES_ENV = "FEDCIFAR_ROOT_CERTIFICATES"
+PUBLIC_KEYS_ENV = "FEDCIFAR_SUPERNODE_PUBLIC_KEYS"
+READY_FILE_ENV = "FEDCIFAR_READY_FILE"
+CONNECTION = "fedcifar"
+ALREADY_REGISTERED = "Public key already in use"
+
+
+# ---------------------------------------------------------------------------------------------
+# keys
+
+
+def load_private_key(data: bytes) -> ec.EllipticCurvePrivateKey:
+    """An ECDSA private key from OpenSSH or PEM (SEC1 ``EC PRIVATE KEY`` or PKCS#8) bytes."""
+    try:
+        if b"OPENSSH PRIVATE KEY" in data:
+            key = serialization.load_ssh_private_key(data, None)
+        else:
+            key = serialization.load_pem_private_key(data, None)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"not an unencrypted OpenSSH or PEM private key: {err}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"SuperNode keys must be ECDSA (a NIST curve), got {type(key).__name__}")
+    return key
+
+
+def openssh_private_key(source: Path, target: Path) -> Path:
+    """``source`` as the OpenSSH private key Flower reads, written to ``target`` (mode 0600)."""
+    key = load_private_key(source.read_bytes())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                    serialization.NoEncryption()))  # fmt: skip
+    return target
+
+
+def load_public_key(data: bytes) -> ec.EllipticCurvePublicKey:
+    """An ECDSA public key from an OpenSSH line, a PEM public key or a PEM certificate."""
+    text = data.strip()
+    try:
+        if text.startswith(b"ecdsa-sha2-"):
+            key = serialization.load_ssh_public_key(text)
+        elif b"BEGIN CERTIFICATE" in text:
+            key = x509.load_pem_x509_certificate(text).public_key()
+        else:
+            key = serialization.load_pem_public_key(text)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"not an OpenSSH public key, PEM public key or PEM certificate: {err}") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError(f"SuperNode keys must be ECDSA (a NIST curve), got {type(key).__name__}")
+    return key
+
+
+def openssh_public_key(data: bytes) -> bytes:
+    return load_public_key(data).public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+
+
+def public_key_files(folder: Path) -> list[Path]:
+    """The key files of a folder, sorted; Kubernetes' ``..data`` links and hidden files skipped."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+
+
+def rewrite_private_key_arg(command: list[str], workdir: Path) -> list[str]:
+    """``--auth-supernode-private-key PATH`` of a SuperNode command, pointing to an OpenSSH copy."""
+    flag = "--auth-supernode-private-key"
+    command = list(command)
+    for i, arg in enumerate(command):
+        if arg == flag and i + 1 < len(command):
+            source, at = Path(command[i + 1]), i + 1
+        elif arg.startswith(flag + "="):
+            source, at = Path(arg.split("=", 1)[1]), i
+        else:
+            continue
+        if b"OPENSSH PRIVATE KEY" in source.read_bytes():
+            return command
+        target = openssh_private_key(source, workdir / "supernode-auth.key")
+        command[at] = str(target) if at == i + 1 else f"{flag}={target}"
+        return command
+    return command
+
+
+# ---------------------------------------------------------------------------------------------
+# connections
+
+
+def write_connection(flwr_home: Path, name: str, address: str, root_certificates: str | None = None) -> Path:
+    """The ``[superlink.<name>]`` entry of the flwr CLI, as the default connection: TLS verified
+    with ``root_certificates`` when given, plaintext (``insecure = true``) otherwise."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    tls = f"root-certificates = {json.dumps(str(root_certificates))}\n" if root_certificates else "insecure = true\n"
+    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{tls}')
+    return path
+
+
+def health_url(address: str, root_certificates: str | None) -> str:
+    return f"{'https' if root_certificates else 'http'}://{address}/health"
+
+
+def superlink_healthy(address: str, root_certificates: str | None = None) -> bool:
+    """``GET /health`` answers 200; over HTTPS verified with ``root_certificates`` when given."""
+    context = ssl.create_default_context(cafile=root_certificates) if root_certificates else None
+    try:
+        with urllib.request.urlopen(health_url(address, root_certificates), timeout=5, context=context) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def flwr_cli() -> str:
+    beside = Path(sys.executable).parent / "flwr"
+    return str(beside) if beside.exists() else "flwr"
+
+
+def register_public_key(path: Path, flwr_home: Path, connection: str = CONNECTION) -> str:
+    """Register one public key with ``flwr supernode register``: "registered" or "already registered".
+
+    Flower reads OpenSSH public keys only, so other formats are converted next to the connection.
+    """
+    data = path.read_bytes()
+    key_file = path
+    if not data.strip().startswith(b"ecdsa-sha2-"):
+        key_file = flwr_home / "keys" / f"{path.name}.pub"
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.write_bytes(openssh_public_key(data))
+    done = subprocess.run(
+        [flwr_cli(), "supernode", "register", str(key_file), connection, "--format", "json"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "FLWR_HOME": str(flwr_home)},
+    )  # fmt: skip
+    try:
+        reply = json.loads(done.stdout[done.stdout.index("{"):])
+    except ValueError:
+        reply = {}
+    if reply.get("success"):
+        return "registered"
+    message = reply.get("error-message") or (done.stdout + done.stderr).strip()
+    if ALREADY_REGISTERED in message:
+        return "already registered"
+    raise RuntimeError(f"flwr supernode register {path.name} failed: {message[-500:]}")
+
+
+def register_public_keys(folder: Path, flwr_home: Path, done: set[str] | None = None) -> list[str]:
+    """Register every key in ``folder`` not in ``done`` (key contents); returns the new file names."""
+    done = set() if done is None else done
+    new = []
+    for path in public_key_files(folder):
+        fingerprint = openssh_public_key(path.read_bytes()).decode()
+        if fingerprint in done:
+            continue
+        outcome = register_public_key(path, flwr_home)
+        print(f"fedcifar: SuperNode key {path.name}: {outcome}", flush=True)
+        done.add(fingerprint)
+        new.append(path.name)
+    return new
+
+
+class KeyRegistrar(threading.Thread):
+    """Registers a folder's SuperNode public keys with the local SuperLink, then keeps watching.
+
+    Writes ``ready_file`` once every key present at start is registered (removed first, since a
+    restarted container keeps the pod's emptyDir); a key that fails is retried on the next scan.
+    """
+
+    def __init__(self, *, port: int, root_certificates: str, keys: Path, flwr_home: Path,
+                 ready_file: Path | None, interval: float = 5.0) -> None:  # fmt: skip
+        super().__init__(name="supernode-key-registrar", daemon=True)
+        self.address = f"127.0.0.1:{port}"
+        self.root_certificates, self.keys, self.flwr_home = root_certificates, keys, flwr_home
+        self.ready_file, self.interval = ready_file, interval
+        self.registered: set[str] = set()
+        self.stopped = threading.Event()
+        if ready_file:
+            ready_file.unlink(missing_ok=True)
+
+    def run(self) -> None:
+        write_connection(self.flwr_home, CONNECTION, self.address, self.root_certificates)
+        while not self.stopped.is_set() and not superlink_healthy(self.address, self.root_certificates):
+            self.stopped.wait(0.5)
+        ready = False
+        while not self.stopped.is_set():
+            try:
+                register_public_keys(self.keys, self.flwr_home, self.registered)
+                if not ready and self.ready_file:
+                    self.ready_file.parent.mkdir(parents=True, exist_ok=True)
+                    self.ready_file.write_text(f"{len(self.registered)} SuperNode keys registered\n")
+                    print(f"fedcifar: {len(self.registered)} SuperNode keys registered; ready", flush=True)
+                ready = True
+            except (OSError, RuntimeError, ValueError) as err:
+                print(f"fedcifar: registering SuperNode keys failed (retrying): {err}", flush=True)
+            self.stopped.wait(self.interval)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def flag_value(command: list[str], flag: str) -> str | None:
+    """The value of ``--flag VALUE`` or ``--flag=VALUE`` in a command line."""
+    for i, arg in enumerate(command):
+        if arg == flag and i + 1 < len(command):
+            return command[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def superlink_registrar(command: list[str], run_dir: Path) -> KeyRegistrar | None:
+    """A ``KeyRegistrar`` for a ``flower-superlink`` command with ``--enable-supernode-auth``, when
+    ``$FEDCIFAR_SUPERNODE_PUBLIC_KEYS`` names the keys to register (else None: register by hand)."""
+    keys = os.environ.get(PUBLIC_KEYS_ENV)
+    if "--enable-supernode-auth" not in command or not keys:
+        return None
+    ca = flag_value(command, "--ssl-ca-certfile")
+    if not ca:
+        raise ValueError("--enable-supernode-auth needs TLS: pass --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile")
+    ready = os.environ.get(READY_FILE_ENV)
+    return KeyRegistrar(port=int(flag_value(command, "--port") or 8000), root_certificates=ca, keys=Path(keys),
+                        flwr_home=run_dir / "registrar-flwr", ready_file=Path(ready) if ready else None)  # fmt: skip

@@ -1,0 +1,221 @@
+"""TLS and SuperNode authentication against a real Flower SuperLink (local processes, no cluster).
+
+``fedcifar superlink`` with TLS and ``--enable-supernode-auth`` registers the public keys of a folder
+and writes its ready file; a SuperNode with a registered key (PEM, as Helm generates it) gets in,
+one with an unregistered key is refused, and one speaking plaintext never gets in.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from fedcifar import security
+from fedcifar.local import free_port
+
+BIN = Path(sys.executable).parent
+FLOWER_ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+# ---------------------------------------------------------------------------------------------
+# keys and certificates
+
+
+def pem_private(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                             serialization.NoEncryption())  # fmt: skip
+
+
+def certificate(subject: str, key, issuer_key=None, issuer: str | None = None, ca: bool = False,
+                dns: tuple[str, ...] = (), ips: tuple[str, ...] = ()) -> x509.Certificate:  # fmt: skip
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer or subject)]))
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )  # fmt: skip
+    sans = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(issuer_key or key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A CA, a server certificate for localhost/127.0.0.1, and three SuperNode keys (PEM, as Helm makes them)."""
+    out = tmp_path_factory.mktemp("pki")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("test CA", ca_key, ca=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = certificate("superlink", key, ca_key, "test CA", dns=("localhost",), ips=("127.0.0.1",))
+    (out / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (out / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / "tls.key").write_bytes(pem_private(key))
+    (out / "public").mkdir()
+    for i in range(3):
+        node_key = ec.generate_private_key(ec.SECP256R1())
+        (out / f"supernode-{i}.key").write_bytes(pem_private(node_key))
+        # what the chart stores as the public half: a certificate made from the key
+        (out / f"supernode-{i}.pub").write_bytes(certificate(f"n{i}", node_key).public_bytes(serialization.Encoding.PEM))
+    return out
+
+
+def test_private_keys_in_pem_and_openssh(tmp_path):
+    key = ec.generate_private_key(ec.SECP384R1())
+    pkcs8 = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption())  # fmt: skip
+    for i, data in enumerate((pem_private(key), pkcs8)):
+        (tmp_path / f"k{i}").write_bytes(data)
+        converted = security.openssh_private_key(tmp_path / f"k{i}", tmp_path / f"out{i}")
+        assert b"BEGIN OPENSSH PRIVATE KEY" in converted.read_bytes()
+        assert converted.stat().st_mode & 0o777 == 0o600
+        loaded = serialization.load_ssh_private_key(converted.read_bytes(), None)  # what Flower does
+        assert loaded.private_numbers() == key.private_numbers()
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with pytest.raises(ValueError, match="must be ECDSA"):
+        security.load_private_key(pem_private(rsa_key))
+    with pytest.raises(ValueError, match="not an unencrypted OpenSSH or PEM private key"):
+        security.load_private_key(b"garbage")
+
+
+def test_public_keys_from_every_format(tmp_path):
+    key = ec.generate_private_key(ec.SECP256R1())
+    ssh = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    cert = certificate("n", key).public_bytes(serialization.Encoding.PEM)
+    assert {security.openssh_public_key(d) for d in (ssh, ssh + b" comment\n", pem, cert)} == {ssh}
+    (tmp_path / "..data").mkdir()  # Kubernetes' secret volume layout
+    (tmp_path / "supernode-0.pub").write_bytes(cert)
+    (tmp_path / ".hidden").write_bytes(b"x")
+    assert [p.name for p in security.public_key_files(tmp_path)] == ["supernode-0.pub"]
+
+
+def test_private_key_argument_is_rewritten_only_for_pem(pki, tmp_path):
+    command = ["flower-supernode", "--auth-supernode-private-key", str(pki / "supernode-0.key"), "--insecure"]
+    rewritten = security.rewrite_private_key_arg(command, tmp_path)
+    assert rewritten[2] == str(tmp_path / "supernode-auth.key") and rewritten[3] == "--insecure"
+    assert security.rewrite_private_key_arg([*command[:2], rewritten[2]], tmp_path)[2] == rewritten[2]  # OpenSSH: kept
+    assert security.rewrite_private_key_arg(["flower-supernode", "--insecure"], tmp_path) == ["flower-supernode", "--insecure"]
+
+
+def test_connection_with_root_certificates(tmp_path):
+    path = security.write_connection(tmp_path, "fedcifar", "svc:8000", "/etc/fedcifar/tls/ca.crt")
+    assert tomllib.loads(path.read_text())["superlink"]["fedcifar"] == {
+        "address": "svc:8000", "root-certificates": "/etc/fedcifar/tls/ca.crt"}
+    assert security.health_url("svc:8000", "/ca.crt") == "https://svc:8000/health"
+
+
+# ---------------------------------------------------------------------------------------------
+# a real SuperLink
+
+
+def wait(what: str, probe, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def nodes(flwr_home: Path) -> list[dict]:
+    done = subprocess.run([str(BIN / "flwr"), "supernode", "ls", security.CONNECTION, "--format", "json"],
+                          capture_output=True, text=True, timeout=60, env={**FLOWER_ENV, "FLWR_HOME": str(flwr_home)})  # fmt: skip
+    reply = json.loads(done.stdout[done.stdout.index("{"):])
+    assert reply["success"], reply
+    return reply["nodes"]
+
+
+@pytest.fixture(scope="module")
+def superlink(pki, tmp_path_factory):
+    """``fedcifar superlink`` with TLS and SuperNode auth; keys 0 and 1 in its folder, 2 not."""
+    work = tmp_path_factory.mktemp("superlink")
+    keys = work / "keys"
+    keys.mkdir()
+    for i in (0, 1):
+        (keys / f"supernode-{i}.pub").write_bytes((pki / f"supernode-{i}.pub").read_bytes())
+    port, ready = free_port(), work / "run" / "ready"
+    env = {**FLOWER_ENV, security.PUBLIC_KEYS_ENV: str(keys), security.READY_FILE_ENV: str(ready),
+           "FLWR_HOME": str(work / "flwr")}  # fmt: skip
+    proc = subprocess.Popen(
+        [str(BIN / "fedcifar"), "superlink", "--metrics-port", str(free_port()), "--metrics-host", "127.0.0.1",
+         "--metrics-dir", str(work / "run" / "metrics"), "--host", "127.0.0.1", "--port", str(port),
+         "--ssl-ca-certfile", str(pki / "ca.crt"), "--ssl-certfile", str(pki / "tls.crt"),
+         "--ssl-keyfile", str(pki / "tls.key"), "--enable-supernode-auth", "--disable-runtime-dependency-installation"],
+        cwd=work, env=env, stdout=open(work / "superlink.log", "w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    admin = work / "admin"
+    security.write_connection(admin, security.CONNECTION, f"127.0.0.1:{port}", str(pki / "ca.crt"))
+    try:
+        wait("the ready file (keys registered)", ready.exists, 90)
+        yield {"port": port, "admin": admin, "work": work, "keys": keys}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def supernode(pki, superlink, *args: str) -> subprocess.Popen:
+    log = superlink["work"] / f"supernode-{time.monotonic_ns()}.log"
+    proc = subprocess.Popen([str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{superlink['port']}",
+                             "--port", str(free_port()), *args],
+                            env={**FLOWER_ENV, "FLWR_HOME": str(superlink["work"] / "node-home")},
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)  # fmt: skip
+    proc.log = log
+    return proc
+
+
+def test_superlink_serves_https_only_and_registered_the_keys(pki, superlink):
+    address = f"127.0.0.1:{superlink['port']}"
+    assert security.superlink_healthy(address, str(pki / "ca.crt"))
+    assert not security.superlink_healthy(address)  # plain http is not served
+    registered = nodes(superlink["admin"])
+    assert len(registered) == 2 and {n["status"] for n in registered} == {"registered"}
+
+
+def test_registered_node_gets_in_unregistered_and_plaintext_do_not(pki, superlink, tmp_path):
+    ca = str(pki / "ca.crt")
+    key0 = security.rewrite_private_key_arg(["--auth-supernode-private-key", str(pki / "supernode-0.key")], tmp_path)
+    good = supernode(pki, superlink, "--root-certificates", ca, *key0)
+    unregistered = supernode(pki, superlink, "--root-certificates", ca, *security.rewrite_private_key_arg(
+        ["--auth-supernode-private-key", str(pki / "supernode-2.key")], tmp_path / "2"))  # fmt: skip
+    anonymous = supernode(pki, superlink, "--root-certificates", ca)  # TLS, but no key at all
+    plaintext = supernode(pki, superlink, "--insecure", "--max-wait-time", "8")
+    try:
+        online = wait("the registered node online",
+                      lambda: [n for n in nodes(superlink["admin"]) if n["status"] == "online"], 60)  # fmt: skip
+        assert len(online) == 1
+        assert unregistered.wait(60) != 0
+        assert "[code: 2004] Failed to activate SuperNode." in unregistered.log.read_text()  # not registered
+        assert anonymous.wait(60) != 0  # self-registration is off with --enable-supernode-auth
+        assert "must be registered via the CLI" in anonymous.log.read_text()
+        assert plaintext.wait(60) != 0  # an HTTP request to the HTTPS port never gets an answer
+        assert "Giving up reconnection" in plaintext.log.read_text()
+        assert len(nodes(superlink["admin"])) == 2  # nobody else got registered
+        assert good.poll() is None
+    finally:
+        for proc in (good, unregistered, anonymous, plaintext):
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
+
+
+def test_a_key_added_later_is_registered(pki, superlink):
+    (superlink["keys"] / "supernode-2.pub").write_bytes((pki / "supernode-2.pub").read_bytes())
+    wait("the third key registered", lambda: len(nodes(superlink["admin"])) == 3, 30)
