@@ -10,6 +10,7 @@ The whole module is skipped when helm is neither on PATH nor at /var/cache/local
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -18,6 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "fedcifar"
@@ -26,8 +30,10 @@ LOCAL_HELM = Path("/var/cache/local-k8s/bin/helm")
 RELEASE = "demo"
 FULLNAME = "demo-fedcifar"
 MONITORING_API = "monitoring.coreos.com/v1"
-# The only API groups the chart may use: all served by Kubernetes 1.20 and by 1.28-1.33.
-ALLOWED_API_VERSIONS = {"v1", "apps/v1", "batch/v1", MONITORING_API}
+CERT_MANAGER_API = "cert-manager.io/v1"
+# The only API groups the chart may use: all served by Kubernetes 1.20 and by 1.28-1.33 (the CRDs
+# of the Prometheus Operator and cert-manager only where the cluster has them).
+ALLOWED_API_VERSIONS = {"v1", "apps/v1", "batch/v1", "networking.k8s.io/v1", MONITORING_API, CERT_MANAGER_API}
 VALIDATE_VERSIONS = ("1.28.0", "1.33.0")
 
 
@@ -172,6 +178,29 @@ def run_docs() -> list[dict]:
     return render(*RUN_ARGS)
 
 
+INSECURE_ARGS = ("--set", "tls.enabled=false", "--set", "supernodeAuth.enabled=false", "--set", "networkPolicy.enabled=false")
+CERT_MANAGER_ARGS = ("--api-versions", CERT_MANAGER_API, "--set", "tls.extraDnsNames[0]=flower.example.org")
+EXISTING_SECRETS_ARGS = ("--set", "tls.existingSecret=my-tls", "--set", "supernodeAuth.existingSecret=my-keys",
+                         "--set", "supernodeAuth.existingPublicKeysSecret=my-public-keys", "--set", "clients.replicas=3",
+                         "--set", "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring",
+                         "--set", "networkPolicy.extraApiFrom[0].namespaceSelector.matchLabels.team=flower-admins")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def insecure_docs() -> list[dict]:
+    return render(*INSECURE_ARGS)
+
+
+@pytest.fixture(scope="module")
+def cert_manager_docs() -> list[dict]:
+    return render(*CERT_MANAGER_ARGS)
+
+
+@pytest.fixture(scope="module")
+def existing_secrets_docs() -> list[dict]:
+    return render(*EXISTING_SECRETS_ARGS)
+
+
 @pytest.fixture(scope="module")
 def values() -> dict:
     return yaml.safe_load((CHART / "values.yaml").read_text())
@@ -206,6 +235,12 @@ def test_default_objects(default_docs: list[dict]) -> None:
         ("StatefulSet", f"{FULLNAME}-clients"),
         ("Job", f"{FULLNAME}-run-1"),
         ("Pod", f"{FULLNAME}-test"),
+        ("Secret", f"{FULLNAME}-superlink-tls"),
+        ("Secret", f"{FULLNAME}-supernode-keys"),
+        ("Secret", f"{FULLNAME}-supernode-public-keys"),
+        ("NetworkPolicy", f"{FULLNAME}-superlink"),
+        ("NetworkPolicy", f"{FULLNAME}-clients"),
+        ("NetworkPolicy", f"{FULLNAME}-run"),
     }
     for doc in default_docs:
         assert doc["apiVersion"] in ALLOWED_API_VERSIONS, doc["apiVersion"]
@@ -219,7 +254,7 @@ def test_default_objects(default_docs: list[dict]) -> None:
 
 def test_renders_for_kubernetes_1_20() -> None:
     docs = render("--kube-version", "1.20.2", *MONITORING_ARGS)
-    assert {d["apiVersion"] for d in docs} <= ALLOWED_API_VERSIONS - {MONITORING_API}
+    assert {d["apiVersion"] for d in docs} <= ALLOWED_API_VERSIONS - {MONITORING_API, CERT_MANAGER_API}
 
 
 def test_fullname_is_truncated_to_valid_names() -> None:
@@ -243,13 +278,13 @@ def test_superlink(default_docs: list[dict]) -> None:
                         ("--metrics-dir", "/var/run/fedcifar/metrics"), ("--host", "0.0.0.0"),
                         ("--port", "8000")):  # fmt: skip
         assert args[args.index(flag) + 1] == value
-    assert "--insecure" in args and "--disable-runtime-dependency-installation" in args
+    assert "--insecure" not in args and "--disable-runtime-dependency-installation" in args  # TLS by default
     assert "--database" not in args
     assert c["workingDir"] == "/var/lib/fedcifar"
     mounts = mounts_of(deploy, c)
     assert "emptyDir" in mounts["/var/lib/fedcifar"][1]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    for probe in ("startupProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTPS"}
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8000, "metrics": 9400}
     assert "FEDCIFAR_DATA" not in env_of(c)  # hub by default
     svc = find(default_docs, "Service", f"{FULLNAME}-superlink")
@@ -306,7 +341,7 @@ def test_partition_mapping(default_docs: list[dict], run_docs: list[dict]) -> No
         assert args[args.index("--port") + 1] == "9094"
         assert args[args.index("--metrics-port") + 1] == "9400"
         assert args[args.index("--metrics-dir") + 1] == "/var/run/fedcifar/metrics"
-        assert "--insecure" in args
+        assert "--insecure" not in args and "--root-certificates" in args  # TLS by default
         assert env_of(c)["POD_INDEX"] == {
             "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}
         }
@@ -567,13 +602,31 @@ def test_security_contexts_everywhere(default_docs: list[dict], gpu_docs: list[d
     assert sa["automountServiceAccountToken"] is False
 
 
+def test_security_contexts_with_every_security_option(insecure_docs, cert_manager_docs,
+                                                     existing_secrets_docs) -> None:  # fmt: skip
+    """The pods that mount certificates and keys keep the locked-down pod and container contexts."""
+    for docs in (insecure_docs, cert_manager_docs, existing_secrets_docs):
+        for doc in workloads(docs):
+            spec, where = pod_spec(doc), f"{doc['kind']} {doc['metadata']['name']}"
+            assert spec["automountServiceAccountToken"] is False, where
+            assert spec["securityContext"]["runAsNonRoot"] is True, where
+            for c in spec["containers"]:
+                csc = c["securityContext"]
+                assert csc["allowPrivilegeEscalation"] is False and csc["readOnlyRootFilesystem"] is True, where
+                assert csc["capabilities"] == {"drop": ["ALL"]}, where
+
+
 def test_helm_test_pod(default_docs: list[dict]) -> None:
     pod = find(default_docs, "Pod", f"{FULLNAME}-test")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     c = container(pod)
     assert c["command"][0] == "python3" and "urllib.request" in c["command"][-1]
     env = env_of(c)
-    assert env["SUPERLINK_HEALTH_URL"] == f"http://{FULLNAME}-superlink:8000/health"
+    assert env["SUPERLINK_HEALTH_URL"] == f"https://{FULLNAME}-superlink:8000/health"
+    assert env["SUPERLINK_CA"] == "/etc/fedcifar/tls/ca.crt"
+    assert "ssl.create_default_context(cafile=ca)" in c["command"][-1]
+    mount, volume = mounts_of(pod, c)["/etc/fedcifar/tls"]
+    assert volume["secret"] == {"secretName": f"{FULLNAME}-superlink-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
     assert env["CLIENT_METRICS_URL"] == f"http://{FULLNAME}-clients-0.{FULLNAME}-clients:9400/metrics"
 
 
@@ -595,6 +648,9 @@ def test_notes_render(tmp_path: Path) -> None:
     assert f"kubectl --namespace fl port-forward svc/{FULLNAME}-superlink 8000:8000" in notes
     assert "flwr run . fedcifar --stream --run-config" in notes and 'partitioner="dirichlet"' in notes
     assert 'address = "127.0.0.1:8000"' in notes
+    assert f"get secret {FULLNAME}-superlink-tls -o jsonpath='{{.data.ca\\.crt}}' | base64 -d > \"$FLWR_HOME/ca.crt\"" in notes
+    assert 'root-certificates = "$FLWR_HOME/ca.crt"' in notes and "insecure = true" not in notes
+    assert 'cat > "$FLWR_HOME/config.toml" <<TOML' in notes  # unquoted: the shell writes the absolute path
     assert f"port-forward pod/{FULLNAME}-clients-0 9401:9400" in notes
     assert f"logs -f job/{FULLNAME}-run-1" in notes
 
@@ -697,6 +753,192 @@ def test_dashboard_json(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# TLS, SuperNode authentication and NetworkPolicies
+
+
+def secret_data(doc: dict) -> dict[str, bytes]:
+    return {key: base64.b64decode(value) for key, value in doc["data"].items()}
+
+
+def test_superlink_serves_tls_and_requires_registered_supernodes(default_docs: list[dict]) -> None:
+    deploy = find(default_docs, "Deployment", f"{FULLNAME}-superlink")
+    c = container(deploy, "superlink")
+    args = c["args"]
+    for flag, name in (("--ssl-ca-certfile", "ca.crt"), ("--ssl-certfile", "tls.crt"), ("--ssl-keyfile", "tls.key")):
+        assert args[args.index(flag) + 1] == f"/etc/fedcifar/tls/{name}"
+    assert "--enable-supernode-auth" in args and "--insecure" not in args
+    mount, volume = mounts_of(deploy, c)["/etc/fedcifar/tls"]
+    assert mount["readOnly"] is True
+    assert volume["secret"]["secretName"] == f"{FULLNAME}-superlink-tls"
+    assert [i["key"] for i in volume["secret"]["items"]] == ["ca.crt", "tls.crt", "tls.key"]
+    mount, volume = mounts_of(deploy, c)["/etc/fedcifar/supernode-public-keys"]
+    assert volume["secret"] == {"secretName": f"{FULLNAME}-supernode-public-keys"}  # no items: new keys show up
+    env = env_of(c)
+    assert env["FEDCIFAR_SUPERNODE_PUBLIC_KEYS"] == "/etc/fedcifar/supernode-public-keys"
+    assert env["FEDCIFAR_READY_FILE"] == "/var/run/fedcifar/superlink-ready"  # on the writable run emptyDir
+    # in the Service only once the keys are registered; alive as long as /health answers over HTTPS
+    assert c["readinessProbe"]["exec"]["command"] == ["test", "-e", "/var/run/fedcifar/superlink-ready"]
+    assert c["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert all("supernode-keys" not in str(v) for v in pod_spec(deploy)["volumes"])  # no private key here
+
+
+def test_generated_certificate_covers_the_service_names(default_docs: list[dict]) -> None:
+    secret = find(default_docs, "Secret", f"{FULLNAME}-superlink-tls")
+    assert secret["type"] == "kubernetes.io/tls"
+    data = secret_data(secret)
+    ca = x509.load_pem_x509_certificate(data["ca.crt"])
+    cert = x509.load_pem_x509_certificate(data["tls.crt"])
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    cert.verify_directly_issued_by(ca)  # signed by the CA the clients get
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    svc = f"{FULLNAME}-superlink"
+    assert sans.get_values_for_type(x509.DNSName) == [
+        svc, f"{svc}.fl", f"{svc}.fl.svc", f"{svc}.fl.svc.cluster.local", "localhost"]
+    # the SuperLink's own SuperExec and ServerApp reach it on 127.0.0.1 (flwr's bind address)
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    key = serialization.load_pem_private_key(data["tls.key"], None)
+    assert key.public_key().public_numbers() == cert.public_key().public_numbers()
+
+
+def test_clients_verify_the_ca_and_each_mounts_only_its_own_key(run_docs: list[dict]) -> None:
+    sts = find(run_docs, "StatefulSet")
+    c = container(sts, "supernode")
+    args = c["args"]
+    assert args[args.index("--root-certificates") + 1] == "/etc/fedcifar/tls/ca.crt" and "--insecure" not in args
+    assert args[args.index("--auth-supernode-private-key") + 1] == "/etc/fedcifar/supernode/supernode.key"
+    assert env_of(c)["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    mount, volume = mounts_of(sts, c)["/etc/fedcifar/supernode"]
+    assert mount["subPathExpr"] == "$(POD_NAME)" and mount["readOnly"] is True  # <pod name>/ only
+    assert volume["secret"]["secretName"] == f"{FULLNAME}-supernode-keys"
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert volume["secret"]["items"] == [
+        {"key": f"supernode-{i}.key", "path": f"{FULLNAME}-clients-{i}/supernode.key"} for i in range(4)]
+    _, ca = mounts_of(sts, c)["/etc/fedcifar/tls"]
+    assert ca["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]  # not the server's key
+
+
+def test_generated_supernode_keys_pair_up(run_docs: list[dict], tmp_path: Path) -> None:
+    from fedcifar import security
+
+    private = secret_data(find(run_docs, "Secret", f"{FULLNAME}-supernode-keys"))
+    public = secret_data(find(run_docs, "Secret", f"{FULLNAME}-supernode-public-keys"))
+    assert sorted(private) == [f"supernode-{i}.key" for i in range(4)]
+    assert sorted(public) == [f"supernode-{i}.pub" for i in range(4)]
+    seen = set()
+    for i in range(4):
+        (tmp_path / "k").write_bytes(private[f"supernode-{i}.key"])
+        converted = security.openssh_private_key(tmp_path / "k", tmp_path / f"{i}.openssh")  # what the pod does
+        key = serialization.load_ssh_private_key(converted.read_bytes(), None)  # what Flower does
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
+        ssh_public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        assert security.openssh_public_key(public[f"supernode-{i}.pub"]) == ssh_public
+        seen.add(ssh_public)
+    assert len(seen) == 4  # one key pair per ordinal
+
+
+def test_run_job_uses_tls_and_registers_keys(default_docs: list[dict]) -> None:
+    job = find(default_docs, "Job")
+    c = container(job)
+    env = env_of(c)
+    assert env["FEDCIFAR_ROOT_CERTIFICATES"] == "/etc/fedcifar/tls/ca.crt"
+    assert env["FEDCIFAR_SUPERNODE_PUBLIC_KEYS"] == "/etc/fedcifar/supernode-public-keys"
+    mounts = mounts_of(job, c)
+    assert mounts["/etc/fedcifar/tls"][1]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    assert mounts["/etc/fedcifar/supernode-public-keys"][1]["secret"]["secretName"] == f"{FULLNAME}-supernode-public-keys"
+
+
+def test_plaintext_when_tls_is_off(insecure_docs: list[dict]) -> None:
+    assert {d["kind"] for d in insecure_docs}.isdisjoint({"Secret", "NetworkPolicy"})
+    superlink = container(find(insecure_docs, "Deployment"))
+    assert "--insecure" in superlink["args"] and "--enable-supernode-auth" not in superlink["args"]
+    assert not any(a.startswith("--ssl") for a in superlink["args"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert superlink[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    supernode = container(find(insecure_docs, "StatefulSet"))
+    assert "--insecure" in supernode["args"] and "--root-certificates" not in supernode["args"]
+    assert "--auth-supernode-private-key" not in supernode["args"]
+    assert "FEDCIFAR_ROOT_CERTIFICATES" not in env_of(container(find(insecure_docs, "Job")))
+    assert env_of(container(find(insecure_docs, "Pod")))["SUPERLINK_HEALTH_URL"].startswith("http://")
+    for doc in workloads(insecure_docs):
+        assert not any("secret" in v for v in pod_spec(doc).get("volumes", [])), doc["metadata"]["name"]
+
+
+def test_cert_manager_issues_the_certificate_where_installed(cert_manager_docs: list[dict]) -> None:
+    assert not [d for d in cert_manager_docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-tls")]
+    cm = {(d["kind"], d["metadata"]["name"]): d for d in cert_manager_docs if d["apiVersion"] == CERT_MANAGER_API}
+    assert set(cm) == {("Issuer", f"{FULLNAME}-selfsigned"), ("Certificate", f"{FULLNAME}-ca"),
+                       ("Issuer", f"{FULLNAME}-ca"), ("Certificate", f"{FULLNAME}-superlink-tls")}  # fmt: skip
+    ca = cm[("Certificate", f"{FULLNAME}-ca")]["spec"]
+    assert ca["isCA"] is True and ca["issuerRef"]["name"] == f"{FULLNAME}-selfsigned"
+    assert cm[("Issuer", f"{FULLNAME}-ca")]["spec"] == {"ca": {"secretName": ca["secretName"]}}
+    server = cm[("Certificate", f"{FULLNAME}-superlink-tls")]["spec"]
+    assert server["secretName"] == f"{FULLNAME}-superlink-tls"  # what the pods mount
+    svc = f"{FULLNAME}-superlink"
+    assert server["dnsNames"] == [svc, f"{svc}.fl", f"{svc}.fl.svc", f"{svc}.fl.svc.cluster.local", "localhost",
+                                  "flower.example.org"]  # fmt: skip
+    assert server["ipAddresses"] == ["127.0.0.1"] and "server auth" in server["usages"]
+    assert server["issuerRef"] == {"name": f"{FULLNAME}-ca", "kind": "Issuer", "group": "cert-manager.io"}
+    assert server["duration"] == "8760h" and server["renewBefore"] == "720h"
+    # the cluster's own issuer instead of the release's CA
+    docs = render("--api-versions", CERT_MANAGER_API, "--set", "tls.certManager.issuerRef.name=corp-ca",
+                  "--set", "tls.certManager.issuerRef.kind=ClusterIssuer")  # fmt: skip
+    certs = [d for d in docs if d["apiVersion"] == CERT_MANAGER_API]
+    assert [d["kind"] for d in certs] == ["Certificate"]
+    assert certs[0]["spec"]["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer"}
+    # cert-manager installed but not wanted: Helm generates the Secret
+    docs = render("--api-versions", CERT_MANAGER_API, "--set", "tls.certManager.enabled=false")
+    assert not [d for d in docs if d["apiVersion"] == CERT_MANAGER_API]
+    find(docs, "Secret", f"{FULLNAME}-superlink-tls")
+
+
+def test_existing_secrets_are_used_as_they_are(existing_secrets_docs: list[dict]) -> None:
+    assert not [d for d in existing_secrets_docs if d["kind"] == "Secret"]
+    deploy = find(existing_secrets_docs, "Deployment")
+    volumes = {v["name"]: v for v in pod_spec(deploy)["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "my-tls"
+    assert volumes["supernode-public-keys"]["secret"]["secretName"] == "my-public-keys"
+    sts = find(existing_secrets_docs, "StatefulSet")
+    volumes = {v["name"]: v for v in pod_spec(sts)["volumes"]}
+    assert volumes["tls-ca"]["secret"]["secretName"] == "my-tls"
+    assert volumes["supernode-key"]["secret"]["secretName"] == "my-keys"
+    assert [i["key"] for i in volumes["supernode-key"]["secret"]["items"]] == [f"supernode-{i}.key" for i in range(3)]
+
+
+def test_network_policies(default_docs: list[dict], existing_secrets_docs: list[dict]) -> None:
+    release = {"app.kubernetes.io/name": "fedcifar", "app.kubernetes.io/instance": RELEASE}
+    own = {"podSelector": {"matchLabels": release, "matchExpressions": [
+        {"key": "app.kubernetes.io/component", "operator": "In", "values": ["clients", "run", "test"]}]}}
+    run_and_test = {"podSelector": {"matchLabels": release, "matchExpressions": [
+        {"key": "app.kubernetes.io/component", "operator": "In", "values": ["run", "test"]}]}}
+    superlink = find(default_docs, "NetworkPolicy", f"{FULLNAME}-superlink")["spec"]
+    deploy = find(default_docs, "Deployment", f"{FULLNAME}-superlink")
+    assert superlink["podSelector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
+    assert superlink["policyTypes"] == ["Ingress"]  # egress open: the Hub download
+    assert superlink["ingress"] == [
+        {"from": [own], "ports": [{"port": 8000, "protocol": "TCP"}]},  # Fleet + Control + runtime: one port
+        {"ports": [{"port": 9400, "protocol": "TCP"}]},  # metrics: from anywhere by default
+    ]
+    clients = find(default_docs, "NetworkPolicy", f"{FULLNAME}-clients")["spec"]
+    sts = find(default_docs, "StatefulSet")
+    assert clients["podSelector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
+    assert clients["ingress"] == [{"ports": [{"port": 9400, "protocol": "TCP"}]}]  # the runtime API: nobody
+    run = find(default_docs, "NetworkPolicy", f"{FULLNAME}-run")["spec"]
+    assert run["podSelector"] == run_and_test["podSelector"] and "ingress" not in run
+    for doc in (find(default_docs, "Job"), find(default_docs, "Pod", f"{FULLNAME}-test")):
+        labels = pod_spec(doc) and (doc["spec"]["template"]["metadata"]["labels"] if doc["kind"] == "Job"
+                                    else doc["metadata"]["labels"])  # fmt: skip
+        assert labels["app.kubernetes.io/component"] in ("run", "test")
+    # peers from values
+    monitoring = {"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}
+    admins = {"namespaceSelector": {"matchLabels": {"team": "flower-admins"}}}
+    superlink = find(existing_secrets_docs, "NetworkPolicy", f"{FULLNAME}-superlink")["spec"]
+    assert superlink["ingress"][0]["from"] == [own, admins]
+    assert superlink["ingress"][1]["from"] == [monitoring]
+    clients = find(existing_secrets_docs, "NetworkPolicy", f"{FULLNAME}-clients")["spec"]
+    assert clients["ingress"][0]["from"] == [monitoring, run_and_test]  # the run Job checks the clients' metrics
+    assert not [d for d in render("--set", "networkPolicy.enabled=false") if d["kind"] == "NetworkPolicy"]
+
+# ---------------------------------------------------------------------------------------------
 # kubernetes-validate
 
 
@@ -707,14 +949,16 @@ def kubernetes_validate():
 
 @pytest.mark.parametrize("version", VALIDATE_VERSIONS)
 def test_manifests_validate_strict(kubernetes_validate, version: str, default_docs, gpu_docs, monitoring_docs,
-                                   pvc_data_docs, hostpath_data_docs, persistence_docs, run_docs) -> None:  # fmt: skip
+                                   pvc_data_docs, hostpath_data_docs, persistence_docs, run_docs, insecure_docs,
+                                   cert_manager_docs, existing_secrets_docs) -> None:  # fmt: skip
     checked = 0
     for docs in (default_docs, gpu_docs, monitoring_docs, pvc_data_docs, hostpath_data_docs, persistence_docs,
-                 run_docs):  # fmt: skip
+                 run_docs, insecure_docs, cert_manager_docs, existing_secrets_docs):  # fmt: skip
         for doc in docs:
-            if doc["apiVersion"] == MONITORING_API:
-                # kubernetes-validate knows only built-in kinds, not the Prometheus Operator's CRDs;
-                # ServiceMonitor/PodMonitor are checked field by field in test_monitors_present_with_api.
+            if doc["apiVersion"] in (MONITORING_API, CERT_MANAGER_API):
+                # kubernetes-validate knows only built-in kinds, not the Prometheus Operator's or
+                # cert-manager's CRDs; those are checked field by field in test_monitors_present_with_api
+                # and test_cert_manager_certificate.
                 continue
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
@@ -773,7 +1017,7 @@ PASS_THROUGH = {
       ("resources", "nodeSelector", "affinity", "podAnnotations", "podLabels", "extraEnv")),
     "superlink.service.annotations", "superlink.persistence.annotations", "serviceAccount.annotations",
     "run.extraConfig", "metrics.serviceMonitor.additionalLabels", "metrics.podMonitor.additionalLabels",
-    "dashboards.annotations", "tests.resources",
+    "dashboards.annotations", "tests.resources", "tls.certManager.issuerRef",
 }  # fmt: skip
 
 
@@ -793,6 +1037,11 @@ PASS_THROUGH = {
         (("--set", "data.source=s3"), r'data\.source must be one of the following: "hub", "volume"'),
         (("--set", "run.device=tpu"), r"run\.device must be one of the following"),
         (("--set", "run.learningRate=0"), r"run\.learningRate: Must be greater than 0"),
+        (("--set", "tls.enabled=yes"), r"tls\.enabled: Invalid type\. Expected: boolean"),
+        (("--set", "tls.certManager.issuerRef.kind=Vault"), r"kind must be one of the following"),
+        (("--set", "tls.extraDnsNames[0]=Not A Name"), r"tls\.extraDnsNames\.0: Does not match pattern"),
+        (("--set", "networkPolicy.ingress=1"), r"networkPolicy: Additional property ingress is not allowed"),
+        (("--set", "supernodeAuth.keys=1"), r"supernodeAuth: Additional property keys is not allowed"),
     ],
 )
 def test_schema_rejects(args: tuple[str, ...], expected: str) -> None:
@@ -813,6 +1062,9 @@ def test_schema_rejects(args: tuple[str, ...], expected: str) -> None:
         (("--set", "image.tag=latest"), 'image.tag and clients.gpu.image.tag must be fixed versions, not "latest"'),
         (("--set", "run.fractionTrain=1.5"), "run.fractionTrain is a fraction of the clients and must lie between 0"),
         (("--set", "run.dirichletAlpha=0.0"), "run.dirichletAlpha must be greater than 0"),
+        (("--set", "tls.enabled=false"), "supernodeAuth.enabled needs tls.enabled"),
+        (("--set", "supernodeAuth.existingSecret=keys"),
+         "supernodeAuth.existingSecret and supernodeAuth.existingPublicKeysSecret go together"),
     ],
 )  # fmt: skip
 def test_contradictory_values_fail(args: tuple[str, ...], expected: str) -> None:
