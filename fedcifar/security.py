@@ -179,6 +179,30 @@ def register_public_key(path: Path, flwr_home: Path, connection: str = CONNECTIO
     raise RuntimeError(f"flwr supernode register {path.name} failed: {message[-500:]}")
 
 
+def registered_node_count(flwr_home: Path, connection: str = CONNECTION) -> int | None:
+    """How many SuperNodes the SuperLink has registered (``flwr supernode ls``); None if unknown."""
+    done = subprocess.run([flwr_cli(), "supernode", "ls", connection, "--format", "json"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "FLWR_HOME": str(flwr_home)})  # fmt: skip
+    try:
+        reply = json.loads(done.stdout[done.stdout.index("{"):])
+    except ValueError:
+        return None
+    if not reply.get("success"):
+        return None
+    return sum(1 for node in reply.get("nodes", []) if node.get("status") != "unregistered")
+
+
+def register_missing_public_keys(folder: Path, flwr_home: Path) -> list[str]:
+    """``register_public_keys`` unless the SuperLink already has as many nodes as the folder has keys
+    (the usual case: its own registrar was first), which keeps "already in use" errors out of its log."""
+    files = public_key_files(folder)
+    count = registered_node_count(flwr_home)
+    if count is not None and count >= len(files):
+        print(f"fedcifar: {count} SuperNodes registered for {len(files)} keys", flush=True)
+        return []
+    return register_public_keys(folder, flwr_home)
+
+
 def register_public_keys(folder: Path, flwr_home: Path, done: set[str] | None = None) -> list[str]:
     """Register every key in ``folder`` not in ``done`` (key contents); returns the new file names."""
     done = set() if done is None else done

@@ -89,7 +89,7 @@ def submit(
     print(f"fedcifar: SuperLink {superlink} is healthy{' (TLS)' if ca else ''}", flush=True)
     keys = os.environ.get(security.PUBLIC_KEYS_ENV)
     if keys:
-        security.register_public_keys(Path(keys), flwr_home)
+        security.register_missing_public_keys(Path(keys), flwr_home)
     if client_metrics:
         wait_until("clients", clients_ready(client_metrics, num_partitions or len(client_metrics)), timeout)
         print(f"fedcifar: {len(client_metrics)} clients ready", flush=True)

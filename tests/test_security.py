@@ -216,6 +216,21 @@ def test_registered_node_gets_in_unregistered_and_plaintext_do_not(pki, superlin
                 proc.wait(30)
 
 
-def test_a_key_added_later_is_registered(pki, superlink):
-    (superlink["keys"] / "supernode-2.pub").write_bytes((pki / "supernode-2.pub").read_bytes())
-    wait("the third key registered", lambda: len(nodes(superlink["admin"])) == 3, 30)
+def test_submit_registers_only_what_is_missing(pki, superlink, tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for i in (0, 1):
+        (keys / f"supernode-{i}.pub").write_bytes((pki / f"supernode-{i}.pub").read_bytes())
+    assert security.registered_node_count(superlink["admin"]) == 2
+    assert security.register_missing_public_keys(keys, superlink["admin"]) == []  # nothing asked
+    (keys / "supernode-2.pub").write_bytes((pki / "supernode-2.pub").read_bytes())  # helm upgrade: a new client
+    assert security.register_missing_public_keys(keys, superlink["admin"]) == [
+        "supernode-0.pub", "supernode-1.pub", "supernode-2.pub"]  # 0 and 1: "already registered"
+    assert security.registered_node_count(superlink["admin"]) == 3
+
+
+def test_a_key_added_later_is_registered_by_the_superlink(pki, superlink):
+    key = ec.generate_private_key(ec.SECP256R1())
+    (superlink["keys"] / "supernode-3.pub").write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    wait("the fourth key registered", lambda: len(nodes(superlink["admin"])) == 4, 30)
