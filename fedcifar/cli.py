@@ -45,10 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a local federation (SuperLink + SuperNodes as processes)")
-    run.add_argument("--clients", type=int, default=2, help="number of SuperNodes (default 2)")
+    run.add_argument("--clients", type=int, default=None, help="number of SuperNodes (default 2)")
     run.add_argument("--rounds", type=int, default=None, help="rounds (default: num-server-rounds)")
     run.add_argument("--data", help="CIFAR-10 folder (parquet or cifar-10-batches-py); default $FEDCIFAR_DATA or the hub")
-    run.add_argument("--out", type=Path, help="output folder (default: a new folder under runs/)")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, help="output folder (default: a new folder under runs/)")
+    where.add_argument("--resume", type=Path, metavar="DIR",
+                       help="continue the run whose outputs are in DIR after its last completed round")  # fmt: skip
     run.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
                      help="override a [tool.flwr.app.config] value, e.g. -c learning-rate=0.05")  # fmt: skip
     run.add_argument("--metrics-port", type=int, default=None,
@@ -197,28 +200,39 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
     app_dir = args.app.resolve()
     if not (app_dir / "pyproject.toml").is_file():
         raise FileNotFoundError(f"{app_dir} holds no pyproject.toml: pass --app with the fedcifar project folder")
-    if args.clients < 1:
-        raise ValueError(f"--clients must be >= 1, got {args.clients}")
     defaults = app_defaults(app_dir)
     overrides = parse_overrides(args.run_config)
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise ConfigError(f"unknown run config key(s) {unknown}; known: {', '.join(sorted(defaults))}")
-    out_dir = (args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
-    overrides = {**federation_defaults(args.clients), **overrides, "out-dir": str(out_dir)}
     if args.rounds is not None:
         overrides["num-server-rounds"] = args.rounds
+    if args.resume:
+        out_dir = args.resume.resolve()
+        overrides = {**resume_overrides(out_dir, overrides), **overrides}
+        clients = args.clients if args.clients is not None else overrides.get("num-partitions") or 2
+    else:
+        out_dir = (args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+        if (out_dir / "model.pt").exists():
+            raise ValueError(f"{out_dir} holds a run already: continue it with --resume {out_dir}, or pick another --out")
+        clients = args.clients if args.clients is not None else 2
+        overrides = {**federation_defaults(clients), **overrides}
+    if clients < 1:
+        raise ValueError(f"--clients must be >= 1, got {clients}")
+    overrides["out-dir"] = str(out_dir)
     config = RunConfig.from_flower({**defaults, **overrides})
+    if args.resume:
+        check_resumable(out_dir, config)
     source = resolve_source(args.data)  # refuse a bad path before starting anything
     load_split(source, "test")  # ... and data that is not CIFAR-10, or a Hub out of reach
     data = source.location if source.kind != "hub" else None
 
     console.print(
-        f"fedcifar: {args.clients} SuperNodes, {config.num_server_rounds} rounds, "
+        f"fedcifar: {clients} SuperNodes, {config.num_server_rounds} rounds, "
         f"{config.partitioner} partitions, data {source.describe()}, outputs in {out_dir}"
     )
-    fed = LocalFederation(clients=args.clients, app_dir=app_dir, work_dir=out_dir, data=data,
-                          metrics_ports=metrics_ports(args.metrics_port, args.clients))  # fmt: skip
+    fed = LocalFederation(clients=clients, app_dir=app_dir, work_dir=out_dir, data=data,
+                          metrics_ports=metrics_ports(args.metrics_port, clients))  # fmt: skip
     try:
         with fed:
             console.print(f"metrics: server http://127.0.0.1:{fed.metrics_ports[0]}/metrics, clients "
@@ -231,9 +245,35 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
                 time.sleep(args.linger)
     except FederationError as err:
         console.print(f"[bold red]federation failed:[/] {err}\nlogs: {out_dir / 'logs'}")
+        if (out_dir / "model.pt").exists():
+            console.print(f"completed rounds are checkpointed: continue with fedcifar run --resume {out_dir}")
         return 1
     print_summary(history, fed.peak_rss, out_dir)
     return 0
+
+
+def resume_overrides(out_dir: Path, overrides: dict) -> dict:
+    """The run config of the run in ``out_dir``, to resume it."""
+    from fedcifar.history import load_history
+
+    history = load_history(out_dir) if out_dir.is_dir() else None
+    if history is None:
+        raise FileNotFoundError(f"{out_dir} holds no history.json: nothing to resume; start a run with --out {out_dir}")
+    return {**history["config"], "resume": True}
+
+
+def check_resumable(out_dir: Path, config: RunConfig) -> None:
+    """Refuse, before anything starts, what the ServerApp would refuse: a bad checkpoint, nothing left to do."""
+    from fedcifar.checkpoint import check_same_training, load_checkpoint
+    from fedcifar.task import Net
+
+    checkpoint = load_checkpoint(out_dir, Net().state_dict())  # a corrupt one is refused here, untouched
+    if checkpoint:
+        check_same_training(checkpoint, config.training_fingerprint(), out_dir)
+    done, rounds = (checkpoint.round if checkpoint else 0), config.num_server_rounds
+    if done >= rounds:
+        raise ValueError(f"the run in {out_dir} completed {done} of {rounds} rounds: pass --rounds N (> {done}) to train further")
+    console.print(f"resuming {out_dir} after round {done} of {rounds}")
 
 
 def federation_defaults(clients: int) -> dict:
@@ -283,10 +323,13 @@ def follow_with_progress(fed, run_id: int, out_dir: Path, rounds: int) -> dict:
                 f"{record['round_seconds']:.1f}s, {record['participating_clients']} clients"
             )
 
+    def notice(text: str) -> None:
+        console.print(f"[yellow]{text}[/]")
+
     if not console.is_terminal:
-        return fed.follow(run_id, out_dir, on_round)
+        return fed.follow(run_id, out_dir, on_round, on_notice=notice)
     with live:
-        return fed.follow(run_id, out_dir, on_round)
+        return fed.follow(run_id, out_dir, on_round, on_notice=notice)
 
 
 def print_summary(history: dict, peak_rss: dict[str, int], out_dir: Path) -> None:

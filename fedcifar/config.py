@@ -36,9 +36,11 @@ class RunConfig:
     min_nodes: int = 2
     num_partitions: int = 0
     round_timeout: float = 3600.0
+    round_retries: int = 2
     seed: int = 42
     device: str = "auto"
     out_dir: str = ""
+    resume: bool = False
 
     @classmethod
     def from_flower(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -58,6 +60,7 @@ class RunConfig:
         _at_least("batch-size", self.batch_size, 1)
         _at_least("min-nodes", self.min_nodes, 1)
         _at_least("num-partitions", self.num_partitions, 0)
+        _at_least("round-retries", self.round_retries, 0)
         _positive("learning-rate", self.learning_rate)
         _positive("dirichlet-alpha", self.dirichlet_alpha)
         _positive("round-timeout", self.round_timeout)
@@ -69,6 +72,11 @@ class RunConfig:
             raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
         _one_of("partitioner", self.partitioner, PARTITIONERS)
         _one_of("device", self.device, DEVICES)
+
+    def training_fingerprint(self) -> dict[str, Any]:
+        """The keys that shape the model's training: a resumed run must keep them."""
+        loose = {"num_server_rounds", "round_timeout", "round_retries", "min_nodes", "device", "out_dir", "resume"}
+        return {k: v for k, v in self.to_flower().items() if k.replace("-", "_") not in loose}
 
     def to_flower(self) -> dict[str, Any]:
         """The kebab-case dict Flower uses (``-c`` keys)."""

@@ -31,7 +31,8 @@ class RoundRecord:
     examples_trained: int
     sent_bytes: int
     received_bytes: int
-    failures: int = 0
+    failures: int = 0  # replies missing by the deadline or carrying an error
+    rejected_updates: int = 0  # replies refused before aggregation (NaN/Inf, shapes, duplicates)
     client_train_seconds: list[float] = field(default_factory=list)  # per reply, partition order
     client_eval_loss: float | None = None
     client_eval_accuracy: float | None = None
@@ -49,6 +50,19 @@ class History:
     rounds: list[RoundRecord] = field(default_factory=list)
     status: str = "running"  # running | completed
     started_at: float = field(default_factory=time.time)
+    resumes: list[dict[str, Any]] = field(default_factory=list)  # run id, after which round, when
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> History:
+        """The history as saved (``asdict``), e.g. from a checkpoint."""
+        rounds = [RoundRecord(**r) for r in data.get("rounds", [])]
+        return cls(**{**data, "rounds": rounds})
+
+    def resumed(self, run_id: int, after_round: int, config: dict[str, Any]) -> None:
+        """Continue this history in a new Flower run (with possibly more rounds)."""
+        self.resumes.append({"run_id": run_id, "after_round": after_round, "at": time.time()})
+        self.run_id, self.config, self.status = run_id, config, "running"
+        self.rounds = self.rounds[:after_round]
 
     def save(self, out_dir: Path) -> Path:
         return write_atomic(out_dir / HISTORY_FILE, json.dumps(asdict(self), indent=2).encode())

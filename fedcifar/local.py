@@ -5,6 +5,9 @@ network: ``fedcifar superlink`` and ``fedcifar supernode`` processes (each with 
 endpoint), and the app submitted with ``flwr run`` through a private ``FLWR_HOME``. Every
 process started here carries a token in its environment, so shutdown can find and stop all
 of them, Flower's own detached helpers included: no orphans after the end, an error or Ctrl-C.
+
+A SuperNode that dies while a run is followed is started again with the same partition, as
+Kubernetes restarts a client pod; the run goes on (see the ServerApp's fault handling).
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ class NodeProcess:
     popen: subprocess.Popen
     log_path: Path
     metrics_port: int | None
+    command: list[str]
+    env: dict[str, str]
+    restarts: int = 0
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -160,14 +166,28 @@ class LocalFederation:
         if name.startswith("supernode") and not self.stock:
             # N trainers share this machine's cores: torch's default (all cores each) oversubscribes
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.clients)))
+        node = NodeProcess(name, self._popen(command, env, log_path), log_path, metrics_port, command, env)
+        self.nodes.append(node)
+        return node
+
+    def _popen(self, command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
         with open(log_path, "ab") as log_file:
-            popen = subprocess.Popen(
+            return subprocess.Popen(
                 command, cwd=self.work_dir, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,  # Ctrl-C reaches us, not them
             )  # fmt: skip
-        node = NodeProcess(name, popen, log_path, metrics_port)
-        self.nodes.append(node)
-        return node
+
+    def restart_dead_supernodes(self) -> list[str]:
+        """Start every SuperNode that exited again, with the same partition; say which."""
+        notices = []
+        for node in self.nodes[1:]:
+            if node.alive():
+                continue
+            code = node.popen.returncode
+            node.restarts += 1
+            node.popen = self._popen(node.command, node.env, node.log_path)
+            notices.append(f"{node.name} exited with code {code}; restarted it (restart {node.restarts})")
+        return notices
 
     def close(self, grace: float = 15) -> None:
         """Stop the SuperNodes, then the SuperLink, then anything left that carries the token."""
@@ -221,21 +241,26 @@ class LocalFederation:
 
     def follow(
         self, run_id: int, out_dir: Path, on_round: Callable[[dict], None], poll: float = 0.5,
-        status_every: float = 5.0,
+        status_every: float = 5.0, on_notice: Callable[[str], None] = print,
     ) -> dict[str, Any]:
-        """Report each new round of ``out_dir/history.json`` until the run ends; return the history."""
+        """Report each new round of ``out_dir/history.json`` until the run ends; return the history.
+
+        Dead SuperNodes are restarted (``on_notice`` hears of it); a dead SuperLink ends the
+        run with ``FederationError``.
+        """
         shown, next_status = 0, time.monotonic() + status_every
         while True:
             history = load_history(out_dir)
             for record in (history or {}).get("rounds", [])[shown:]:
                 on_round(record)
                 shown += 1
-            if history and history.get("status") == "completed":
+            if history and history.get("run_id") == run_id and history.get("status") == "completed":
                 return history
             self.sample_memory()
-            for node in self.nodes:
-                if not node.alive():
-                    raise FederationError(f"{node.name} exited unexpectedly:\n{node.log_tail()}")
+            if not self.nodes[0].alive():
+                raise FederationError(f"the SuperLink exited unexpectedly:\n{self.nodes[0].log_tail()}")
+            for notice in self.restart_dead_supernodes():
+                on_notice(notice)
             if time.monotonic() >= next_status:
                 status = self.run_status(run_id)
                 if status.startswith("finished") and not status.endswith("completed"):

@@ -22,6 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client import multiprocess
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+FAILURE_REASONS = ("error", "timeout")  # an error reply; no reply before the round's deadline
+REJECT_REASONS = ("non_finite", "wrong_shape", "bad_metrics", "duplicate_partition")
 ROUND_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 TRAIN_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -76,7 +78,15 @@ class ServerMetrics:
             "fedcifar_received_bytes", "Model bytes received by the server from clients.", **kw
         )
         self.failures = Counter(
-            "fedcifar_client_failures", "Expected client replies that were missing or carried an error.", **kw
+            "fedcifar_client_failures", "Expected client replies that carried an error or missed the round's deadline.",
+            ["partition", "reason"], **kw,
+        )  # fmt: skip
+        self.rejected_updates = Counter(
+            "fedcifar_rejected_updates", "Client updates refused before aggregation (NaN/Inf, wrong shapes, ...).",
+            ["partition", "reason"], **kw,
+        )  # fmt: skip
+        self.failed_round_attempts = Counter(
+            "fedcifar_failed_round_attempts", "Round attempts that aggregated no client update (then retried).", **kw
         )  # fmt: skip
 
 

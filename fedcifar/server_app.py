@@ -4,32 +4,47 @@ Every round is timed from sending the training messages to the end of the server
 evaluation; its figures go to Prometheus (``metrics.ServerMetrics``), to ``history.json``
 and the checkpoint in the output folder (rewritten after every round), and ``history.png``
 is drawn at the end.
+
+Faults a round survives (see ``ResilientFedAvg``): a client that dies or errors (its reply is
+missing or an error, counted by partition), a slow client (replies are awaited at most
+``round-timeout`` seconds), and a bad update (NaN/Inf, wrong shapes, a partition twice):
+refused before aggregation and counted. A round that aggregates nothing is tried again, up to
+``round-retries`` times. With ``resume = true`` the run continues from the checkpoint in
+``out-dir`` (``checkpoint.py``), after the last completed round.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import math
+import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from fedcifar.checkpoint import Checkpoint, check_same_training, load_checkpoint
 from fedcifar.config import RunConfig
 from fedcifar.data import load_full, resolve_source
-from fedcifar.history import CHECKPOINT_FILE, PLOT_FILE, History, RoundRecord, plot_history
-from fedcifar.metrics import ServerMetrics, record_bytes, server_metrics
+from fedcifar.history import PLOT_FILE, History, RoundRecord, plot_history
+from fedcifar.metrics import FAILURE_REASONS, REJECT_REASONS, ServerMetrics, record_bytes, server_metrics
 from fedcifar.task import Net, evaluate, initial_model, pick_device
 
 log = logging.getLogger("flwr.fedcifar")
 REPLY_POLL_SECONDS = 0.05  # Flower's handler prints it in the app's log
+NODE_POLL_SECONDS = 1.0
 app = ServerApp()
+
+
+class RoundFailed(RuntimeError):
+    """A round could not be completed; the last completed one is checkpointed."""
 
 
 @app.main()
@@ -39,37 +54,74 @@ def main(grid: Grid, context: Context) -> None:
     source = resolve_source()
     test_data = load_full(source, "test")  # fail before any round if the data is unusable
     device = pick_device(config.device)
-    history = History(
-        run_id=context.run_id, config=config.to_flower(), data=source.describe(), device=str(device)
-    )
     net = Net()
+    checkpoint = load_checkpoint(out_dir, net.state_dict()) if config.resume else None
+    if checkpoint:
+        check_same_training(checkpoint, config.training_fingerprint(), out_dir)
+        history = History.from_dict(checkpoint.history)
+        history.resumed(context.run_id, checkpoint.round, config.to_flower())
+        checkpoint.restore_rng()
+        net.load_state_dict(checkpoint.model)
+        log.info("Resuming from %s after round %d", out_dir, checkpoint.round)
+    else:
+        history = History(
+            run_id=context.run_id, config=config.to_flower(), data=source.describe(), device=str(device)
+        )
+        net = initial_model(config.seed)
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> None:
         net.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(net, test_data, device)
-        strategy.finish_round(server_round, loss, accuracy, net)
-        return MetricRecord({"eval_loss": loss, "eval_accuracy": accuracy})
+        strategy.finish_round(server_round, loss, accuracy, net, config)
 
-    strategy = MonitoredFedAvg(history, out_dir, server_metrics(), config)
-    strategy.start(
-        grid=PollingGrid(grid, REPLY_POLL_SECONDS),
-        initial_arrays=ArrayRecord(initial_model(config.seed).state_dict()),
-        num_rounds=config.num_server_rounds,
-        timeout=config.round_timeout,
-        train_config=ConfigRecord({"lr": config.learning_rate}),
-        evaluate_fn=evaluate_global,
-    )
+    strategy = ResilientFedAvg(history, out_dir, server_metrics(), config)
+    arrays = ArrayRecord(net.state_dict())
+    first = checkpoint.round + 1 if checkpoint else 1
+    if first == 1:
+        evaluate_global(0, arrays)
+    run_rounds(strategy, PollingGrid(grid, REPLY_POLL_SECONDS), arrays, first, config, evaluate_global)
     history.status = "completed"
     history.save(out_dir)
     plot_history(asdict(history), out_dir / PLOT_FILE)
     log.info("Run %s completed; outputs in %s", context.run_id, out_dir)
 
 
+def run_rounds(
+    strategy: ResilientFedAvg, grid: PollingGrid, arrays: ArrayRecord, first: int, config: RunConfig,
+    evaluate_fn: Callable[[int, ArrayRecord], None],
+) -> ArrayRecord:
+    """FedAvg's round loop (``Strategy.start``), from round ``first``, retrying rounds that aggregate nothing."""
+    train_config = ConfigRecord({"lr": config.learning_rate})
+    for server_round in range(first, config.num_server_rounds + 1):
+        log.info("[ROUND %d/%d]", server_round, config.num_server_rounds)
+        strategy.begin_round(server_round)
+        for attempt in range(1, config.round_retries + 2):
+            messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
+            replies = grid.send_and_receive(messages, timeout=config.round_timeout, done=strategy.all_partitions_in)
+            aggregated, _ = strategy.aggregate_train(server_round, replies)
+            if aggregated is not None:
+                break
+            strategy.metrics.failed_round_attempts.inc()
+            log.warning("round %d, attempt %d: no client update was accepted", server_round, attempt)
+        else:
+            raise RoundFailed(
+                f"round {server_round} aggregated no client update in {config.round_retries + 1} attempts "
+                f"(see the failures above); round {server_round - 1} is the last checkpointed one: fix the "
+                "clients, then resume the run (fedcifar run --resume OUT_DIR, or -c resume=true)"
+            )
+        arrays = aggregated
+        messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+        strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=config.round_timeout))
+        evaluate_fn(server_round, arrays)
+    return arrays
+
+
 class PollingGrid:
     """The run's Grid, but ``send_and_receive`` looks for replies every ``interval`` seconds.
 
     Flower 1.42's ``send_and_receive`` sleeps 3 s between pulls, so a round waits up to 3 s
-    after its last reply; this is the same push-then-pull loop at a shorter interval.
+    after its last reply; this is the same push-then-pull loop at a shorter interval, which
+    also stops early once ``done(replies)`` holds (e.g. every partition has answered).
     """
 
     def __init__(self, grid: Grid, interval: float) -> None:
@@ -78,7 +130,13 @@ class PollingGrid:
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None,
+        done: Callable[[list[Message]], bool] | None = None,
+    ) -> list[Message]:  # fmt: skip
+        messages = list(messages)
+        if not messages:
+            return []
         pending = set(self._grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
@@ -86,6 +144,8 @@ class PollingGrid:
             pulled = list(self._grid.pull_messages(pending))
             replies.extend(pulled)
             pending -= {m.metadata.reply_to_message_id for m in pulled}
+            if pending and done is not None and done(replies):
+                break
             if pending:
                 time.sleep(self.interval)
         return replies
@@ -106,12 +166,44 @@ def aggregate_client_metrics(contents: list[RecordDict], weighted_by_key: str) -
     return merged
 
 
-class MonitoredFedAvg(FedAvg):
-    """FedAvg that measures each round and records it in metrics, history and a checkpoint."""
+def reply_partition(message: Message) -> int | None:
+    """The ``partition-id`` a reply reports, if it carries one."""
+    if message.has_error() or not isinstance(metrics := message.content.get("metrics"), MetricRecord):
+        return None
+    partition = metrics.get("partition-id")
+    return partition if isinstance(partition, int) else None
 
-    def __init__(
-        self, history: History, out_dir: Path, metrics: ServerMetrics, config: RunConfig
-    ) -> None:
+
+def update_problem(content: RecordDict, reference: dict[str, tuple[tuple[int, ...], str]], num_partitions: int) -> str | None:
+    """Why a training reply must not be averaged (a ``REJECT_REASONS`` key), or None if it is sound."""
+    metrics = content.get("metrics")
+    examples = metrics.get("num-examples") if isinstance(metrics, MetricRecord) else None
+    partition = metrics.get("partition-id") if isinstance(metrics, MetricRecord) else None
+    if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples <= 0:
+        return "bad_metrics"
+    if not isinstance(partition, int) or not 0 <= partition < (num_partitions or partition + 1):
+        return "bad_metrics"
+    arrays = content.get("arrays")
+    if not isinstance(arrays, ArrayRecord) or set(arrays) != set(reference):
+        return "wrong_shape"
+    for name, (shape, dtype) in reference.items():
+        if tuple(arrays[name].shape) != shape or arrays[name].dtype != dtype:
+            return "wrong_shape"
+    for name in reference:
+        if not np.isfinite(arrays[name].numpy()).all():
+            return "non_finite"
+    return None
+
+
+class ResilientFedAvg(FedAvg):
+    """FedAvg that survives faulty clients and records each round in metrics, history and a checkpoint.
+
+    Unlike FedAvg it never waits forever for ``min-nodes``, never averages a NaN/Inf or
+    misshapen update or one partition twice, and counts every missing, failed or refused
+    reply against the partition it came from (learnt from the node's earlier replies).
+    """
+
+    def __init__(self, history: History, out_dir: Path, metrics: ServerMetrics, config: RunConfig) -> None:
         super().__init__(
             fraction_train=config.fraction_train,
             fraction_evaluate=config.fraction_evaluate,
@@ -122,48 +214,62 @@ class MonitoredFedAvg(FedAvg):
             evaluate_metrics_aggr_fn=aggregate_client_metrics,
         )
         self.history, self.out_dir, self.metrics = history, out_dir, metrics
-        self.metrics.num_rounds.set(config.num_server_rounds)
+        self.node_wait = config.round_timeout
+        self.num_partitions = config.num_partitions
+        self.partition_of: dict[int, int] = {}  # node id -> partition, from its replies
+        self._outbox: list[int] = []  # node ids of the messages sent last, until their replies are counted
+        self._reference: dict[str, tuple[tuple[int, ...], str]] = {}
         self._round: dict[str, object] = {}
+        metrics.num_rounds.set(config.num_server_rounds)
+        for partition in [str(p) for p in range(config.num_partitions)]:  # zeros, so dashboards show them
+            for reason in FAILURE_REASONS:
+                metrics.failures.labels(partition, reason)
+            for reason in REJECT_REASONS:
+                metrics.rejected_updates.labels(partition, reason)
+
+    def begin_round(self, server_round: int) -> None:
+        self._round = {"started": time.perf_counter(), "sent": 0, "received": 0, "failures": 0, "rejected": 0}
+        self.metrics.round.set(server_round)
+
+    def all_partitions_in(self, replies: list[Message]) -> bool:
+        """Whether sound-looking replies from every partition are in (so stale node ids need no wait)."""
+        if not self.num_partitions or self.fraction_train < 1:
+            return False
+        return {reply_partition(m) for m in replies} >= set(range(self.num_partitions))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._round = {"started": time.perf_counter(), "sent": 0, "received": 0, "failures": 0}
-        self.metrics.round.set(server_round)
+        self._wait_for_nodes(grid)
         self.metrics.connected_clients.set(len(list(grid.get_node_ids())))
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._count_sent(arrays, len(messages))
-        return messages
+        self._reference = {name: (tuple(a.shape), a.dtype) for name, a in arrays.items()}
+        return self._sending(arrays, list(super().configure_train(server_round, arrays, config, grid)))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        self._count_sent(arrays, len(messages))
-        return messages
+        if self.fraction_evaluate == 0.0:
+            return []
+        self._wait_for_nodes(grid)
+        return self._sending(arrays, list(super().configure_evaluate(server_round, arrays, config, grid)))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        ok = self._count_replies(replies)
-        contents = [m.content for m in ok]
-        by_partition = sorted(contents, key=lambda c: int(c["metrics"]["partition-id"]))
+        accepted = self._accept_updates(self._received(list(replies)))
+        contents = sorted((m.content for m in accepted), key=lambda c: int(c["metrics"]["partition-id"]))
         self._round.update(
-            partitions=[int(c["metrics"]["partition-id"]) for c in by_partition],
+            partitions=[int(c["metrics"]["partition-id"]) for c in contents],
             examples=sum(int(c["metrics"]["examples-trained"]) for c in contents),
-            train_seconds=[float(c["metrics"]["train-seconds"]) for c in by_partition],
+            train_seconds=[float(c["metrics"]["train-seconds"]) for c in contents],
         )
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round, accepted)
         self._round["train_loss"] = float(metrics["train_loss"]) if metrics else float("nan")
         return arrays, metrics
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        replies = list(replies)
-        self._count_replies(replies)
-        metrics = super().aggregate_evaluate(server_round, replies)
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        ok = [m for m in self._received(list(replies)) if not m.has_error()]
+        metrics = super().aggregate_evaluate(server_round, ok)
         if metrics:
             self._round.update(
                 client_eval_loss=float(metrics["eval_loss"]),
@@ -171,7 +277,7 @@ class MonitoredFedAvg(FedAvg):
             )
         return metrics
 
-    def finish_round(self, server_round: int, loss: float, accuracy: float, net: Net) -> None:
+    def finish_round(self, server_round: int, loss: float, accuracy: float, net: Net, config: RunConfig) -> None:
         """Called by the server-side evaluation, the last step of a round (round 0: before any)."""
         m = self.metrics
         m.eval_loss.set(loss)
@@ -193,6 +299,7 @@ class MonitoredFedAvg(FedAvg):
             sent_bytes=r["sent"],
             received_bytes=r["received"],
             failures=r["failures"],
+            rejected_updates=r["rejected"],
             client_train_seconds=r.get("train_seconds", []),
             client_eval_loss=r.get("client_eval_loss"),
             client_eval_accuracy=r.get("client_eval_accuracy"),
@@ -201,35 +308,85 @@ class MonitoredFedAvg(FedAvg):
         m.participating_clients.set(record.participating_clients)
         m.examples_trained.inc(record.examples_trained)
         m.round_duration.observe(record.round_seconds)
-        m.rounds_completed.inc()
-        save_checkpoint(net, server_round, self.out_dir)
         self.history.rounds.append(record)
+        # the checkpoint first: a crash between the two files leaves history.json a round behind, never ahead
+        Checkpoint(
+            model=net.state_dict(), round=server_round, history=asdict(self.history),
+            fingerprint=config.training_fingerprint(), rng_state=random.getstate(),
+        ).save(self.out_dir)  # fmt: skip
         self.history.save(self.out_dir)
+        m.rounds_completed.inc()
         log.info(
             "round %d: train_loss=%.4f eval_loss=%.4f eval_accuracy=%.4f %.1fs",
             server_round, record.train_loss, loss, accuracy, record.round_seconds,
         )  # fmt: skip
 
-    def _count_sent(self, arrays: ArrayRecord, copies: int) -> None:
-        sent = record_bytes(arrays) * copies
+    # -- faults ------------------------------------------------------------------------------
+
+    def _wait_for_nodes(self, grid: Grid) -> None:
+        """FedAvg's wait for ``min-nodes`` connected SuperNodes, but bounded by ``round-timeout``."""
+        deadline = time.monotonic() + self.node_wait
+        while (connected := len(list(grid.get_node_ids()))) < self.min_available_nodes:
+            if time.monotonic() >= deadline:
+                raise RoundFailed(
+                    f"only {connected} of min-nodes={self.min_available_nodes} SuperNodes connected after "
+                    f"{self.node_wait:.0f}s: start the missing ones (or lower -c min-nodes), then resume"
+                )
+            time.sleep(NODE_POLL_SECONDS)
+
+    def _sending(self, arrays: ArrayRecord, messages: list[Message]) -> list[Message]:
+        sent = record_bytes(arrays) * len(messages)
         self._round["sent"] += sent
         self.metrics.sent_bytes.inc(sent)
+        self._outbox = [m.metadata.dst_node_id for m in messages]
+        return messages
 
-    def _count_replies(self, replies: list[Message]) -> list[Message]:
-        ok = [m for m in replies if not m.has_error()]
-        failed = len(replies) - len(ok)
-        received = sum(record_bytes(m.content["arrays"]) for m in ok if "arrays" in m.content)
-        self._round["failures"] += failed
+    def _partition_label(self, node_id: int) -> str:
+        return str(self.partition_of.get(node_id, "unknown"))
+
+    def _received(self, replies: list[Message]) -> list[Message]:
+        """Count bytes, error replies and missing replies (by partition); learn node partitions."""
+        for m in replies:
+            if (partition := reply_partition(m)) is not None:
+                self.partition_of[m.metadata.src_node_id] = partition
+        answered = {m.metadata.src_node_id for m in replies}
+        for m in replies:
+            if m.has_error():
+                self._failure(m.metadata.src_node_id, "error", m.error.reason)
+        for node_id in self._outbox:
+            if node_id not in answered:
+                self._failure(node_id, "timeout", "no reply before the round's deadline")
+        self._outbox = []
+        received = sum(
+            record_bytes(m.content["arrays"]) for m in replies
+            if not m.has_error() and isinstance(m.content.get("arrays"), ArrayRecord)
+        )  # fmt: skip
         self._round["received"] += received
-        self.metrics.failures.inc(failed)
         self.metrics.received_bytes.inc(received)
-        return ok
+        return replies
 
+    def _failure(self, node_id: int, reason: str, detail: str) -> None:
+        partition = self._partition_label(node_id)
+        self._round["failures"] += 1
+        self.metrics.failures.labels(partition, reason).inc()
+        log.warning("client failure (%s): node %d, partition %s: %s", reason, node_id, partition, detail)
 
-def save_checkpoint(net: Net, server_round: int, out_dir: Path) -> Path:
-    """The global model after ``server_round``, replaced atomically."""
-    path = out_dir / CHECKPOINT_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"model": net.state_dict(), "round": server_round, "model_class": "Net"}, tmp)
-    os.replace(tmp, path)
-    return path
+    def _accept_updates(self, replies: list[Message]) -> list[Message]:
+        """Sound training replies, at most one per partition; the others are counted and dropped."""
+        accepted, partitions = [], set()
+        for m in replies:
+            if m.has_error():
+                continue
+            problem = update_problem(m.content, self._reference, self.num_partitions)
+            partition = reply_partition(m)
+            if problem is None and partition in partitions:
+                problem = "duplicate_partition"
+            if problem:
+                label = str(partition) if isinstance(partition, int) else self._partition_label(m.metadata.src_node_id)
+                self._round["rejected"] += 1
+                self.metrics.rejected_updates.labels(label, problem).inc()
+                log.warning("update refused (%s): node %d, partition %s", problem, m.metadata.src_node_id, label)
+                continue
+            partitions.add(partition)
+            accepted.append(m)
+        return accepted

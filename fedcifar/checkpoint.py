@@ -1,0 +1,116 @@
+"""The server's checkpoint: everything needed to resume a run after its last completed round.
+
+``model.pt`` in the run's output folder holds the global model, the round it completed, the
+run's history up to that round, the training part of the run config, and the server's random
+state (FedAvg samples clients with ``random``). It is written after every round, atomically,
+and read with ``weights_only=True``, so a checkpoint from elsewhere cannot run code.
+
+A checkpoint that cannot be read, that holds another model, or that was trained with other
+hyper-parameters is refused with ``CheckpointError``, and left untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedcifar.history import CHECKPOINT_FILE
+
+FORMAT = 1
+MODEL_CLASS = "Net"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be resumed from; the message says why and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    model: dict[str, torch.Tensor]
+    round: int
+    history: dict[str, Any]
+    fingerprint: dict[str, Any]
+    rng_state: Any
+
+    def save(self, out_dir: Path) -> Path:
+        path = out_dir / CHECKPOINT_FILE
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        payload = {
+            "format": FORMAT, "model_class": MODEL_CLASS, "model": self.model, "round": self.round,
+            "history": self.history, "fingerprint": self.fingerprint, "rng_state": self.rng_state,
+        }  # fmt: skip
+        torch.save(payload, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def restore_rng(self) -> None:
+        random.setstate(_as_rng_state(self.rng_state))
+
+
+def load_checkpoint(out_dir: Path, reference: dict[str, torch.Tensor]) -> Checkpoint | None:
+    """The checkpoint in ``out_dir`` (None if there is none), checked against the model's state dict."""
+    path = out_dir / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    advice = "it is left as it is; move it away to start this run over, or resume another folder"
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a truncated or foreign file
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); {advice}") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("model_class") != MODEL_CLASS:
+        raise CheckpointError(
+            f"checkpoint {path} is not a fedcifar checkpoint of format {FORMAT} for {MODEL_CLASS} "
+            f"(it may come from an older version); {advice}"
+        )
+    model = payload.get("model")
+    problems = _state_dict_problems(model, reference)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} holds an incompatible model ({problems}); {advice}")
+    return Checkpoint(
+        model=model, round=int(payload["round"]), history=payload["history"],
+        fingerprint=payload["fingerprint"], rng_state=payload["rng_state"],
+    )  # fmt: skip
+
+
+def check_same_training(checkpoint: Checkpoint, fingerprint: dict[str, Any], path: Path) -> None:
+    """Refuse to resume with hyper-parameters or data splits other than the checkpoint's."""
+    changed = {
+        key: (checkpoint.fingerprint.get(key), value)
+        for key, value in fingerprint.items()
+        if checkpoint.fingerprint.get(key) != value
+    }
+    if changed:
+        details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in sorted(changed.items()))
+        raise CheckpointError(
+            f"cannot resume {path}: the run config changed ({details}); resume with the original "
+            "values (fedcifar run --resume reads them from history.json) or start a new run"
+        )
+
+
+def _state_dict_problems(model: Any, reference: dict[str, torch.Tensor]) -> str:
+    if not isinstance(model, dict):
+        return "no state dict"
+    missing, extra = sorted(set(reference) - set(model)), sorted(set(model) - set(reference))
+    if missing or extra:
+        return f"missing {missing}, unexpected {extra}"
+    for name, tensor in reference.items():
+        got = model[name]
+        if not isinstance(got, torch.Tensor) or got.shape != tensor.shape or got.dtype != tensor.dtype:
+            shape = getattr(got, "shape", type(got).__name__)
+            return f"{name} is {shape}, expected {tuple(tensor.shape)} {tensor.dtype}"
+        if not torch.isfinite(got).all():
+            return f"{name} holds NaN or Inf"
+    return ""
+
+
+def _as_rng_state(state: Any) -> tuple:
+    """``random.getstate()`` survives torch.save as nested lists/tuples; setstate needs tuples."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)

@@ -1,0 +1,185 @@
+"""The ServerApp's defences, with real Flower messages: bad updates, missing replies, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import Error
+from flwr.supercore.task_identity import TaskIdentity
+from prometheus_client import CollectorRegistry
+
+from fedcifar.checkpoint import Checkpoint, CheckpointError, check_same_training, load_checkpoint
+from fedcifar.config import RunConfig
+from fedcifar.history import History, RoundRecord
+from fedcifar.metrics import ServerMetrics
+from fedcifar.server_app import ResilientFedAvg, update_problem
+from fedcifar.task import Net, initial_model
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Messages take their run id from the process's task identity, as inside a ServerApp."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+@pytest.fixture
+def global_arrays() -> ArrayRecord:
+    return ArrayRecord(initial_model(0).state_dict())
+
+
+def update(arrays: ArrayRecord, partition: int, examples: int = 100, scale: float = 1.0, **changes) -> RecordDict:
+    """A training reply's content: ``arrays`` times ``scale``, with some arrays replaced."""
+    trained = {name: a.numpy() * scale for name, a in arrays.items()}
+    trained.update(changes)
+    return RecordDict({
+        "arrays": ArrayRecord({name: Array(np.asarray(a, dtype=np.float32)) for name, a in trained.items()}),
+        "metrics": MetricRecord({
+            "train_loss": 1.0, "num-examples": examples, "partition-id": partition,
+            "examples-trained": examples, "train-seconds": 0.5,
+        }),
+    })  # fmt: skip
+
+
+def round_trip(strategy: ResilientFedAvg, arrays: ArrayRecord, answers: dict[int, RecordDict | str | None]):
+    """Send a training round to nodes 11, 12, ... and let each answer (content, an error reason, or None)."""
+    strategy.begin_round(1)
+    sent = list(strategy._sending(arrays, [
+        Message(RecordDict({"arrays": arrays, "config": ConfigRecord()}), dst_node_id=node, message_type="train")
+        for node in answers
+    ]))  # fmt: skip
+    strategy._reference = {name: (tuple(a.shape), a.dtype) for name, a in arrays.items()}
+    replies = []
+    for message, answer in zip(sent, answers.values()):
+        if isinstance(answer, RecordDict):
+            replies.append(Message(answer, reply_to=message))
+        elif isinstance(answer, str):
+            replies.append(Message(Error(code=0, reason=answer), reply_to=message))
+    return strategy.aggregate_train(1, replies)
+
+
+@pytest.fixture
+def strategy(tmp_path):
+    metrics = ServerMetrics(CollectorRegistry())
+    config = RunConfig(num_partitions=3, min_nodes=1)
+    history = History(run_id=1, config=config.to_flower(), data="test", device="cpu")
+    return ResilientFedAvg(history, tmp_path, metrics, config)
+
+
+def counter(strategy, name: str, **labels) -> float:
+    metric = getattr(strategy.metrics, name)
+    return metric.labels(**labels)._value.get()
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"fc3.bias": np.full(10, np.nan)}, "non_finite"),
+        ({"conv1.weight": np.full((6, 3, 5, 5), np.inf)}, "non_finite"),
+        ({"fc3.bias": np.zeros(11)}, "wrong_shape"),
+        ({"extra.weight": np.zeros(3)}, "wrong_shape"),
+    ],
+)
+def test_a_poisoned_or_misshapen_update_is_refused(change, reason, global_arrays):
+    reference = {name: (tuple(a.shape), a.dtype) for name, a in global_arrays.items()}
+    assert update_problem(update(global_arrays, 0), reference, 2) is None
+    assert update_problem(update(global_arrays, 0, **change), reference, 2) == reason
+
+
+@pytest.mark.parametrize("examples, partition", [(0, 0), (math.nan, 0), (-5, 0), (10, 7), (10, -1)])
+def test_an_update_with_impossible_metrics_is_refused(examples, partition, global_arrays):
+    reference = {name: (tuple(a.shape), a.dtype) for name, a in global_arrays.items()}
+    assert update_problem(update(global_arrays, partition, examples=examples), reference, 3) == "bad_metrics"
+
+
+def test_bad_updates_never_reach_the_average(strategy, global_arrays):
+    nan = {"fc3.bias": np.full(10, np.nan)}
+    arrays, metrics = round_trip(strategy, global_arrays, {
+        11: update(global_arrays, 0, scale=2.0),
+        12: update(global_arrays, 1, **nan),          # poisoned
+        13: update(global_arrays, 0, scale=100.0),    # partition 0 a second time
+    })  # fmt: skip
+    expected = {name: a.numpy() * 2.0 for name, a in global_arrays.items()}
+    for name, a in arrays.items():
+        np.testing.assert_allclose(a.numpy(), expected[name], rtol=1e-6)
+    assert counter(strategy, "rejected_updates", partition="1", reason="non_finite") == 1
+    assert counter(strategy, "rejected_updates", partition="0", reason="duplicate_partition") == 1
+    assert strategy._round["partitions"] == [0] and strategy._round["rejected"] == 2
+
+
+def test_missing_and_failed_replies_are_counted_by_partition(strategy, global_arrays):
+    round_trip(strategy, global_arrays, {11: update(global_arrays, 0), 12: update(global_arrays, 1)})
+    arrays, _ = round_trip(strategy, global_arrays, {11: update(global_arrays, 0), 12: None, 13: "ClientApp crashed"})
+    assert arrays is not None and strategy._round["partitions"] == [0]
+    assert counter(strategy, "failures", partition="1", reason="timeout") == 1  # node 12 was partition 1
+    assert counter(strategy, "failures", partition="unknown", reason="error") == 1  # node 13 never answered before
+    assert strategy._round["failures"] == 2
+
+
+def test_a_round_without_any_sound_update_aggregates_nothing(strategy, global_arrays):
+    arrays, _ = round_trip(strategy, global_arrays, {11: None, 12: update(global_arrays, 1, **{"fc3.bias": np.zeros(3)})})
+    assert arrays is None
+
+
+def test_zero_series_exist_for_every_partition_before_any_fault(strategy):
+    assert counter(strategy, "failures", partition="2", reason="timeout") == 0
+    assert counter(strategy, "rejected_updates", partition="2", reason="non_finite") == 0
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def checkpoint_of(round_: int, config: RunConfig) -> Checkpoint:
+    history = History(run_id=7, config=config.to_flower(), data="test", device="cpu")
+    history.rounds.append(RoundRecord(round=1, train_loss=1.0, eval_loss=1.0, eval_accuracy=0.3, round_seconds=2.0,
+                                      participating_clients=2, partitions=[0, 1], examples_trained=10,
+                                      sent_bytes=1, received_bytes=1))  # fmt: skip
+    from dataclasses import asdict
+    import random
+
+    return Checkpoint(model=initial_model(1).state_dict(), round=round_, history=asdict(history),
+                      fingerprint=config.training_fingerprint(), rng_state=random.getstate())  # fmt: skip
+
+
+def test_checkpoint_round_trip(tmp_path):
+    config = RunConfig()
+    checkpoint_of(1, config).save(tmp_path)
+    loaded = load_checkpoint(tmp_path, Net().state_dict())
+    assert loaded.round == 1 and loaded.fingerprint == config.training_fingerprint()
+    assert torch.equal(loaded.model["fc3.bias"], initial_model(1).state_dict()["fc3.bias"])
+    restored = History.from_dict(loaded.history)
+    assert restored.rounds[0].partitions == [0, 1]
+    loaded.restore_rng()
+    assert load_checkpoint(tmp_path / "empty", Net().state_dict()) is None
+
+
+def test_a_corrupt_checkpoint_is_refused_and_left_untouched(tmp_path):
+    path = checkpoint_of(1, RunConfig()).save(tmp_path)
+    truncated = path.read_bytes()[:2000]
+    path.write_bytes(truncated)
+    with pytest.raises(CheckpointError, match="unreadable.*left as it is"):
+        load_checkpoint(tmp_path, Net().state_dict())
+    assert path.read_bytes() == truncated
+
+
+def test_an_incompatible_checkpoint_is_refused(tmp_path):
+    checkpoint = checkpoint_of(1, RunConfig())
+    checkpoint.model["fc3.weight"] = torch.zeros(5, 84)
+    checkpoint.save(tmp_path)
+    with pytest.raises(CheckpointError, match=r"incompatible model \(fc3.weight"):
+        load_checkpoint(tmp_path, Net().state_dict())
+    torch.save({"weights": 1}, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="not a fedcifar checkpoint"):
+        load_checkpoint(tmp_path, Net().state_dict())
+
+
+def test_resuming_with_other_hyper_parameters_is_refused(tmp_path):
+    checkpoint = checkpoint_of(1, RunConfig(learning_rate=0.01))
+    check_same_training(checkpoint, RunConfig(learning_rate=0.01, num_server_rounds=9).training_fingerprint(), tmp_path)
+    with pytest.raises(CheckpointError, match=r"learning-rate: 0.01 -> 0.1"):
+        check_same_training(checkpoint, RunConfig(learning_rate=0.1).training_fingerprint(), tmp_path)

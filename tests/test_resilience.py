@@ -1,0 +1,148 @@
+"""Faults injected into a real local federation: a client killed, a client frozen, the server killed.
+
+Each fault is a real signal to real processes: SIGKILL to a SuperNode's whole process group (a
+pod lost), SIGSTOP to a node's trainer (a slow client), SIGKILL to the SuperLink and its
+ServerApp (the server lost). The run must finish every round, count each failure against the
+partition it hit, and lose no completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedcifar.history import load_history
+from fedcifar.local import LocalFederation, processes_with_token
+from tests.conftest import ROOT
+from tests.test_integration import scrape, value
+
+pytestmark = pytest.mark.integration
+ROUND_TIMEOUT = 8  # seconds a round waits for replies; a healthy round here takes ~1 s
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def trainer_pid(fed: LocalFederation, partition: int) -> int:
+    for pid in processes_with_token(fed.token):
+        args = cmdline(pid)
+        if "fedcifar.trainer" in args and args[args.index("--partition-id") + 1] == str(partition):
+            return pid
+    raise AssertionError(f"no trainer for partition {partition}")
+
+
+def run_config(out: Path, rounds: int) -> dict:
+    return {"num-server-rounds": rounds, "min-nodes": 2, "num-partitions": 2, "round-timeout": ROUND_TIMEOUT,
+            "out-dir": str(out)}  # fmt: skip
+
+
+def test_killed_and_frozen_clients_cost_no_round(tmp_path, mini_dir):
+    out = tmp_path / "out"
+    faults: dict[str, float] = {}
+    notices: list[str] = []
+    with LocalFederation(clients=2, app_dir=ROOT, work_dir=tmp_path, data=str(mini_dir)) as fed:
+        client_1 = fed.nodes[2]
+
+        def inject(record: dict) -> None:
+            if record["round"] == 1:  # a pod lost: the node, its trainer and Flower's helpers
+                os.killpg(client_1.popen.pid, signal.SIGKILL)
+                faults["killed"] = time.monotonic()
+            elif record["round"] == 2:  # a slow client: its trainer stops answering for a while
+                frozen = trainer_pid(fed, 0)
+                os.kill(frozen, signal.SIGSTOP)
+                threading.Timer(ROUND_TIMEOUT + 2, os.kill, (frozen, signal.SIGCONT)).start()
+            if record["round"] > 1 and 1 in record["partitions"] and "killed" in faults and "recovered" not in faults:
+                faults["recovered"] = time.monotonic()
+
+        run_id = fed.submit(run_config(out, rounds=4))
+        history = fed.follow(run_id, out, inject, on_notice=notices.append)
+        server = scrape(fed.metrics_ports[0])
+        assert client_1.restarts == 1 and "supernode-1 exited with code" in notices[0]
+
+    rounds = history["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4] and history["status"] == "completed"
+    assert rounds[1]["partitions"] == [0] and rounds[1]["failures"] >= 1  # partition 1 was dead
+    assert rounds[2]["partitions"] == [1] and rounds[2]["failures"] >= 1  # partition 0 was frozen
+    assert rounds[3]["partitions"] == [0, 1]  # both back
+    assert all(r["round_seconds"] < ROUND_TIMEOUT + 5 for r in rounds)  # deadlines, not endless waits
+    assert value(server, "fedcifar_client_failures_total", partition="1", reason="timeout") >= 1
+    assert value(server, "fedcifar_client_failures_total", partition="0", reason="timeout") >= 1
+    log = client_1.log_path.read_text()
+    assert log.count("fedcifar: partition 1 of 2") == 2  # the restarted node took its partition again
+    print(f"\nrecovery: partition 1 trained again {faults['recovered'] - faults['killed']:.1f}s after its node was killed")
+
+
+def test_a_killed_server_resumes_after_its_last_completed_round(tmp_path, mini_dir):
+    out = tmp_path / "out"
+    with LocalFederation(clients=2, app_dir=ROOT, work_dir=tmp_path, data=str(mini_dir)) as fed:
+        fed.submit(run_config(out, rounds=3))
+        deadline = time.monotonic() + 120
+        while not (load_history(out) or {}).get("rounds"):
+            assert time.monotonic() < deadline, "round 1 never completed"
+            time.sleep(0.1)
+        server_side = [pid for pid in processes_with_token(fed.token)
+                       if {"flwr-serverapp", "flower-superexec"} & {Path(a).name for a in cmdline(pid)[:3]}
+                       and "serverapp" in " ".join(cmdline(pid))]  # fmt: skip
+        os.killpg(fed.nodes[0].popen.pid, signal.SIGKILL)  # the SuperLink and its metrics wrapper
+        for pid in server_side:  # ... and the ServerApp it ran
+            os.kill(pid, signal.SIGKILL)
+    before = load_history(out)
+    done = torch.load(out / "model.pt", weights_only=True)["round"]
+    assert before["status"] == "running" and 1 <= done <= len(before["rounds"]) <= 2
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fedcifar", "run", "--resume", str(out), "--data", str(mini_dir)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {out} after round {done} of 3" in " ".join(resumed.stderr.split())
+    after = load_history(out)
+    assert after["status"] == "completed" and [r["round"] for r in after["rounds"]] == [1, 2, 3]
+    assert after["rounds"][:done] == before["rounds"][:done]  # no completed round lost or redone
+    assert after["resumes"][0]["after_round"] == done
+    assert torch.load(out / "model.pt", weights_only=True)["round"] == 3
+
+    again = subprocess.run(
+        [sys.executable, "-m", "fedcifar", "run", "--resume", str(out), "--data", str(mini_dir)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert again.returncode == 2 and "completed 3 of 3 rounds" in " ".join(again.stderr.split())
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:1000]), "is unreadable"),
+        (lambda p: torch.save({"format": 1, "model_class": "ResNet"}, p), "not a fedcifar checkpoint"),
+    ],
+)
+def test_resume_refuses_a_damaged_checkpoint_and_keeps_it(damage, message, tmp_path, mini_dir):
+    from tests.test_faults import checkpoint_of
+    from fedcifar.config import RunConfig
+    from fedcifar.history import HISTORY_FILE
+
+    config = RunConfig(num_server_rounds=3, num_partitions=2)
+    checkpoint = checkpoint_of(1, config)
+    path = checkpoint.save(tmp_path)
+    (tmp_path / HISTORY_FILE).write_text(json.dumps(checkpoint.history))
+    damage(path)
+    kept = path.read_bytes()
+    done = subprocess.run(
+        [sys.executable, "-m", "fedcifar", "run", "--resume", str(tmp_path), "--data", str(mini_dir)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and message in " ".join(done.stderr.split()) and "left as it is" in " ".join(done.stderr.split())
+    assert path.read_bytes() == kept and not (tmp_path / "logs").exists()
