@@ -1,17 +1,28 @@
 """The chart on a real cluster: install with 3 clients on real data, train 2 rounds, observe, upgrade,
 schedule on (advertised) GPUs, run `helm test`, uninstall. The tests run in file order on one release.
+
+The release runs with the chart's defaults for security: TLS between every component and the
+SuperLink, SuperNode authentication (one registered key per client), NetworkPolicies. The cluster
+(v1.20, Docker's bridge) does not enforce NetworkPolicies, so what is tested for real is TLS and
+authentication: a plaintext SuperNode and one with an unregistered key do not get in.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
+import ssl
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest import APP_NS, SHARED_K8S
-from kube import CHART, ROOT, helm, pod_logs, pods, prom_query, run, wait_for
+from kube import CHART, ROOT, helm, pod_logs, port_forward, pods, prom_query, run, wait_for
 
 RELEASE = "e2e"
 GPU_NS, GPU_RELEASE = "fedcifar-e2e-gpu", "gpu"
@@ -136,6 +147,124 @@ def test_helm_test_passes(release):
     assert "Phase:          Succeeded" in done.stdout or "Succeeded" in done.stdout, done.stdout
 
 
+SUPERLINK = f"{RELEASE}-fedcifar-superlink"
+TLS_SECRET = f"{SUPERLINK}-tls"
+
+
+@pytest.fixture(scope="module")
+def ca_file(kube, release, tmp_path_factory) -> Path:
+    """The release's CA certificate, from its TLS Secret."""
+    secret = kube.read_namespaced_secret(TLS_SECRET, APP_NS)
+    path = tmp_path_factory.mktemp("tls") / "ca.crt"
+    path.write_bytes(base64.b64decode(secret.data["ca.crt"]))
+    return path
+
+
+def flwr_nodes(port: int, ca: Path, home: Path) -> list[dict]:
+    """``flwr supernode ls`` against the SuperLink's Control API (port-forwarded), over TLS."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "127.0.0.1:{port}"\n'
+                                      f'root-certificates = "{ca}"\n')  # fmt: skip
+    done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "supernode", "ls", "e2e", "--format", "json"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"})  # fmt: skip
+    reply = json.loads(done.stdout[done.stdout.index("{"):])
+    assert reply["success"], reply
+    return reply["nodes"]
+
+
+def test_superlink_speaks_only_tls_and_knows_only_the_release_clients(kube, release, ca_file, tmp_path):
+    with port_forward(APP_NS, f"svc/{SUPERLINK}", 8000) as port:
+        context = ssl.create_default_context(cafile=str(ca_file))  # the certificate is valid for 127.0.0.1
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=10, context=context) as reply:
+            assert reply.status == 200
+        with pytest.raises(OSError):  # plain HTTP on the same port gets no HTTP answer
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read()
+        with pytest.raises(OSError, match="CERTIFICATE_VERIFY_FAILED"):  # nor does a client that trusts another CA
+            urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=10,
+                                   context=ssl.create_default_context()).read()  # fmt: skip
+        nodes = flwr_nodes(port, ca_file, tmp_path / "flwr")
+    assert len(nodes) == 3 and {n["status"] for n in nodes} == {"online"}, nodes  # the 3 registered clients
+    log = run("kubectl", "-n", APP_NS, "logs", f"deploy/{SUPERLINK}").stdout
+    assert "3 SuperNode keys registered; ready" in log
+    client = pods(kube, APP_NS, CLIENTS_SELECTOR)[0].metadata.name
+    listing = run("kubectl", "-n", APP_NS, "exec", client, "--", "ls", "/etc/fedcifar/supernode").stdout.split()
+    assert listing == ["supernode.key"]  # its own key only (subPathExpr), not the other clients'
+
+
+def intruder_pod(name: str, image: tuple[str, str], args: list[str], key_secret: str | None = None) -> dict:
+    """A bare flower-supernode pod, locked down like the chart's pods, pointed at the release's SuperLink."""
+    repo, tag = image
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "ca", "mountPath": "/etc/fedcifar/tls", "readOnly": True}]
+    volumes = [{"name": "tmp", "emptyDir": {}},
+               {"name": "ca", "secret": {"secretName": TLS_SECRET, "items": [{"key": "ca.crt", "path": "ca.crt"}]}}]
+    if key_secret:
+        mounts.append({"name": "key", "mountPath": "/etc/intruder", "readOnly": True})
+        volumes.append({"name": "key", "secret": {"secretName": key_secret, "defaultMode": 0o440}})
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": APP_NS, "labels": {"fedcifar-e2e": "intruder"}},
+        "spec": {
+            "restartPolicy": "Never", "automountServiceAccountToken": False, "enableServiceLinks": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "supernode", "image": f"{repo}:{tag}", "imagePullPolicy": "IfNotPresent",
+                "command": ["flower-supernode", "--superlink", f"{SUPERLINK}:8000", *args],
+                "env": [{"name": "FLWR_HOME", "value": "/tmp/flwr"}, {"name": "FLWR_TELEMETRY_ENABLED", "value": "0"}],
+                "resources": {"requests": {"cpu": "10m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
+                "volumeMounts": mounts,
+            }],
+            "volumes": volumes,
+        },
+    }  # fmt: skip
+
+
+def test_unregistered_and_plaintext_supernodes_are_refused(kube, release, image, ca_file, tmp_path):
+    """Two SuperNodes from inside the namespace: one with TLS but a key the SuperLink never registered,
+    one speaking plaintext. Neither gets in; the 3 registered clients stay the only nodes."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    (tmp_path / "supernode.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))  # fmt: skip
+    run("kubectl", "-n", APP_NS, "create", "secret", "generic", "intruder-key",
+        f"--from-file=supernode.key={tmp_path / 'supernode.key'}")  # fmt: skip
+    manifests = [
+        intruder_pod("unregistered-supernode", image, ["--root-certificates", "/etc/fedcifar/tls/ca.crt",
+                     "--auth-supernode-private-key", "/etc/intruder/supernode.key"], "intruder-key"),
+        intruder_pod("plaintext-supernode", image, ["--insecure", "--max-wait-time", "15"]),
+    ]  # fmt: skip
+    try:
+        run("kubectl", "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests}))
+
+        def finished() -> list | None:
+            found = [kube.read_namespaced_pod(m["metadata"]["name"], APP_NS) for m in manifests]
+            return found if all(p.status.phase in ("Succeeded", "Failed") for p in found) else None
+
+        unregistered, plaintext = wait_for("both intruders to give up", finished, 180, 2)
+        assert unregistered.status.phase == "Failed" and plaintext.status.phase == "Failed"
+        log = pod_logs(kube, APP_NS, "unregistered-supernode")
+        assert "[code: 2004] Failed to activate SuperNode." in log, log  # the SuperLink does not know its key
+        log = pod_logs(kube, APP_NS, "plaintext-supernode")
+        assert "Giving up reconnection" in log and "SuperNode ID" not in log, log
+        with port_forward(APP_NS, f"svc/{SUPERLINK}", 8000) as port:
+            nodes = flwr_nodes(port, ca_file, tmp_path / "flwr")
+        assert len(nodes) == 3 and {n["status"] for n in nodes} == {"online"}, nodes
+    finally:
+        run("kubectl", "-n", APP_NS, "delete", "pod,secret", "-l", "fedcifar-e2e=intruder", "--wait=false", check=False)
+        run("kubectl", "-n", APP_NS, "delete", "secret", "intruder-key", "--wait=false", check=False)
+
+
+def test_network_policies_exist(release):
+    names = run("kubectl", "-n", APP_NS, "get", "networkpolicy", "-l", f"app.kubernetes.io/instance={RELEASE}",
+                "-o", "name").stdout.split()  # fmt: skip
+    assert sorted(names) == [f"networkpolicy.networking.k8s.io/{RELEASE}-fedcifar-{n}" for n in ("clients", "run", "superlink")]
+
+
 def test_gpu_clients_schedule_only_where_gpus_are_free(kube, image):
     """2 advertised nvidia.com/gpu, 3 clients asking 1 each: 2 scheduled, 1 Pending for the scheduler's reason."""
     run("bash", str(SHARED_K8S / "advertise-gpus"), "2")
@@ -178,7 +307,13 @@ def _condition(pod, kind: str) -> str | None:
     return None
 
 
+KEYS_AT_INSTALL: dict = {}
+TLS_AT_INSTALL: dict = {}
+
+
 def test_upgrade_to_four_clients_repartitions(kube, release, prometheus, image, batch):
+    KEYS_AT_INSTALL.update(kube.read_namespaced_secret(f"{RELEASE}-fedcifar-supernode-keys", APP_NS).data)
+    TLS_AT_INSTALL.update(kube.read_namespaced_secret(TLS_SECRET, APP_NS).data)
     helm("upgrade", RELEASE, str(CHART), "-n", APP_NS, *chart_values(image, 4), "--wait", "--timeout", "5m")
     wait_for("the run job of revision 2 to succeed", lambda: job_succeeded(batch, 2), 900, 3)
     check_partitions(kube, prometheus, 4)
@@ -192,6 +327,11 @@ def test_upgrade_to_four_clients_repartitions(kube, release, prometheus, image, 
 
     series = wait_for("4 partitions trained 2 rounds over all 500 images", all_trained, 60, 2)
     assert sorted(int(s["metric"]["partition"]) for s in series) == [0, 1, 2, 3]
+    # the upgrade kept the 3 existing SuperNode keys and the TLS certificate, and added one key
+    keys = kube.read_namespaced_secret(f"{RELEASE}-fedcifar-supernode-keys", APP_NS).data
+    assert sorted(keys) == [f"supernode-{i}.key" for i in range(4)]
+    assert {k: keys[k] for k in sorted(keys)[:3]} == KEYS_AT_INSTALL
+    assert kube.read_namespaced_secret(TLS_SECRET, APP_NS).data == TLS_AT_INSTALL
 
 
 def test_uninstall_leaves_nothing_behind(kube, release):
