@@ -55,3 +55,43 @@ def test_a_stale_trainer_socket_does_not_stop_a_restarted_node(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr  # the trainer listened, the node ran and ended
     assert "trainer for partition 0 of 1" in done.stdout
+
+
+def test_superlink_registers_keys_only_with_auth_and_a_key_folder(tmp_path, monkeypatch):
+    from fedcifar.security import PUBLIC_KEYS_ENV, READY_FILE_ENV, superlink_registrar
+
+    tls = ["--ssl-ca-certfile", "/tls/ca.crt", "--ssl-certfile", "/tls/tls.crt", "--ssl-keyfile", "/tls/tls.key"]
+    monkeypatch.delenv(PUBLIC_KEYS_ENV, raising=False)
+    assert superlink_registrar(["flower-superlink", *tls, "--enable-supernode-auth"], tmp_path) is None  # by hand
+    monkeypatch.setenv(PUBLIC_KEYS_ENV, str(tmp_path / "keys"))
+    monkeypatch.setenv(READY_FILE_ENV, str(tmp_path / "ready"))
+    assert superlink_registrar(["flower-superlink", *tls], tmp_path) is None  # no authentication
+    (tmp_path / "ready").write_text("left by the previous container")
+    registrar = superlink_registrar(["flower-superlink", *tls, "--enable-supernode-auth", "--port", "8443"], tmp_path)
+    assert registrar.address == "127.0.0.1:8443" and registrar.root_certificates == "/tls/ca.crt"
+    assert not (tmp_path / "ready").exists()  # not ready before this SuperLink registered the keys
+    with pytest.raises(ValueError, match="--enable-supernode-auth needs TLS"):
+        superlink_registrar(["flower-superlink", "--insecure", "--enable-supernode-auth"], tmp_path)
+
+
+def test_supernode_pem_key_is_handed_to_flower_as_openssh(tmp_path):
+    """run_node converts the chart's PEM key before it starts flower-supernode."""
+    import subprocess
+    import sys
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "supernode.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+    show = "import sys; print(open(sys.argv[sys.argv.index('--auth-supernode-private-key') + 1]).read())"
+    code = (
+        "import sys; from fedcifar.node import run_node; "
+        f"sys.exit(run_node([sys.executable, '-c', {show!r}, '--auth-supernode-private-key', "
+        f"{str(tmp_path / 'supernode.key')!r}], 0, '127.0.0.1', {str(tmp_path / 'run' / 'metrics')!r}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "BEGIN OPENSSH PRIVATE KEY" in done.stdout
+    assert (tmp_path / "run" / "supernode-auth.key").stat().st_mode & 0o777 == 0o600

@@ -63,3 +63,17 @@ def test_client_refuses_a_run_expecting_another_partition_count():
         NodeSetup.from_context(context({"partition-id": 2, "num-partitions": 3}, {"num-partitions": 4}))
     with pytest.raises(ConfigError, match="This SuperNode has no partition"):
         NodeSetup.from_context(context({}, {}))
+
+
+def test_connection_with_tls_is_verified_with_the_ca(tmp_path, monkeypatch):
+    """tls.enabled: root-certificates instead of insecure, as flwr 1.42 reads it."""
+    from flwr.cli.flower_config import read_superlink_connection
+
+    path = write_connection(tmp_path, "fedcifar", "release-fedcifar-superlink:8000", "/etc/fedcifar/tls/ca.crt")
+    config = tomllib.loads(path.read_text())
+    assert config["superlink"]["fedcifar"] == {"address": "release-fedcifar-superlink:8000",
+                                               "root-certificates": "/etc/fedcifar/tls/ca.crt"}  # fmt: skip
+    assert "insecure" not in path.read_text()
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    connection = read_superlink_connection("fedcifar")  # what `flwr run` reads
+    assert connection.root_certificates == "/etc/fedcifar/tls/ca.crt" and connection.insecure is False
