@@ -89,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, help="work folder (default: a new folder under runs/)")
     b.set_defaults(handler=cmd_bench)
 
+    so = sub.add_parser("soak", help="many rounds locally: failed rounds and node memory growth (JSON last line)")
+    so.add_argument("--clients", type=int, default=2)
+    so.add_argument("--rounds", type=int, default=50)
+    so.add_argument("--examples-per-client", type=int, default=2500)
+    so.add_argument("--test-examples", type=int, default=2000)
+    so.add_argument("--baseline-round", type=int, default=5, help="memory growth is measured against this round")
+    so.add_argument("--max-growth", type=float, default=0.10, help="fail above this memory growth (0.10: 10%%)")
+    so.add_argument("--data", help="CIFAR-10 parquet folder; default $FEDCIFAR_DATA or the hub")
+    so.add_argument("--out", type=Path, help="work folder (default: a new folder under runs/)")
+    so.set_defaults(handler=cmd_soak)
+
     sub_ = sub.add_parser("submit", help="wait for a SuperLink and its clients, then flwr run (the chart's run Job)")
     sub_.add_argument("--superlink", required=True, help="SuperLink address HOST:PORT (insecure)")
     sub_.add_argument("--app", default=str(APP_DIR), help="Flower app folder (default: this project)")
@@ -149,6 +160,19 @@ def cmd_bench(args: argparse.Namespace, _extra: list[str]) -> int:
     )  # fmt: skip
     print_report(bench(config, args.data, timestamped_out(args.out)))
     return 0
+
+
+def cmd_soak(args: argparse.Namespace, _extra: list[str]) -> int:
+    from fedcifar.bench import timestamped_out
+    from fedcifar.soak import SoakConfig, report, soak
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    if args.clients < 1 or args.rounds <= args.baseline_round or args.baseline_round < 1:
+        raise ValueError("soak needs --clients >= 1 and --rounds > --baseline-round >= 1")
+    config = SoakConfig(clients=args.clients, rounds=args.rounds, examples_per_client=args.examples_per_client,
+                        test_examples=args.test_examples, baseline_round=args.baseline_round,
+                        max_growth=args.max_growth)  # fmt: skip
+    return report(soak(config, args.data, timestamped_out(args.out)))
 
 
 def cmd_submit(args: argparse.Namespace, _extra: list[str]) -> int:

@@ -33,6 +33,7 @@ class RoundRecord:
     received_bytes: int
     failures: int = 0  # replies missing by the deadline or carrying an error
     rejected_updates: int = 0  # replies refused before aggregation (NaN/Inf, shapes, duplicates)
+    attempts: int = 1  # training attempts; more than 1 when an attempt aggregated nothing
     client_train_seconds: list[float] = field(default_factory=list)  # per reply, partition order
     client_eval_loss: float | None = None
     client_eval_accuracy: float | None = None

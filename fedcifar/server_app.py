@@ -99,6 +99,7 @@ def run_rounds(
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
             replies = grid.send_and_receive(messages, timeout=config.round_timeout, done=strategy.all_partitions_in)
             aggregated, _ = strategy.aggregate_train(server_round, replies)
+            strategy._round["attempts"] = attempt
             if aggregated is not None:
                 break
             strategy.metrics.failed_round_attempts.inc()
@@ -300,6 +301,7 @@ class ResilientFedAvg(FedAvg):
             received_bytes=r["received"],
             failures=r["failures"],
             rejected_updates=r["rejected"],
+            attempts=r.get("attempts", 1),
             client_train_seconds=r.get("train_seconds", []),
             client_eval_loss=r.get("client_eval_loss"),
             client_eval_accuracy=r.get("client_eval_accuracy"),
