@@ -179,13 +179,12 @@ def cmd_submit(args: argparse.Namespace, _extra: list[str]) -> int:
     from fedcifar.submit import NotReady, submit
 
     try:
-        submit(app=args.app, superlink=args.superlink, run_config=args.run_config,
-               client_metrics=args.client_metrics, num_partitions=args.num_partitions,
-               timeout=args.timeout, stream=not args.no_stream)  # fmt: skip
+        return submit(app=args.app, superlink=args.superlink, run_config=args.run_config,
+                      client_metrics=args.client_metrics, num_partitions=args.num_partitions,
+                      timeout=args.timeout, stream=not args.no_stream)  # fmt: skip
     except NotReady as err:
         console.print(f"[bold red]error:[/] {err}")
         return 1
-    return 0  # not reached: submit() execs flwr
 
 
 def cmd_centralized(args: argparse.Namespace, _extra: list[str]) -> int:

@@ -3,7 +3,9 @@
 ``fedcifar submit`` writes the ``flwr`` connection into ``$FLWR_HOME/config.toml``, waits
 (deadline-bounded) until the SuperLink answers ``/health`` and every expected client's metrics
 endpoint reports the expected partition count — after ``helm upgrade`` the old pods must be
-replaced first, or the run would mix two splits — and then execs ``flwr run``.
+replaced first, or the run would mix two splits — then stops any run still going (one run at
+a time per federation), submits the run with ``flwr run``, streams its logs and exits 0 only if
+it completed: a Job retry then resumes a failed run from its checkpoint.
 
 With ``$FEDCIFAR_ROOT_CERTIFICATES`` (the chart sets it when ``tls.enabled``) the connection uses
 TLS verified with that CA (``root-certificates`` instead of ``insecure = true``) and ``/health`` is
@@ -14,8 +16,10 @@ clients of a ``helm upgrade`` get in at once.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 import urllib.request
@@ -77,11 +81,50 @@ def clients_ready(urls: list[str], num_partitions: int) -> Callable[[], bool]:
     return ready
 
 
+ACTIVE = ("pending", "starting", "running")
+
+
+def flwr_json(flwr: str, *args: str) -> dict:
+    """A ``flwr`` CLI command's JSON reply ({} when it printed none, e.g. the SuperLink is gone)."""
+    done = subprocess.run([flwr, *args, "--format", "json"], capture_output=True, text=True, timeout=120)
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return {}
+
+
+def active_runs(flwr: str) -> list[int]:
+    """Runs of this SuperLink that have not finished."""
+    runs = flwr_json(flwr, "ls", CONNECTION).get("runs", [])
+    return [int(run["run-id"]) for run in runs if str(run.get("status", "")).split(":")[0] in ACTIVE]
+
+
+def stop_active_runs(flwr: str, timeout: float = 120) -> None:
+    """One run at a time per federation: stop what an earlier Job attempt or revision left going.
+
+    A stopped run keeps its checkpoint; the new run (``resume = true``) continues from it.
+    """
+    for run_id in active_runs(flwr):
+        print(f"fedcifar: stopping run {run_id}, still going from an earlier attempt or revision", flush=True)
+        subprocess.run([flwr, "stop", str(run_id), CONNECTION], capture_output=True, timeout=120)
+    wait_until("earlier runs to stop", lambda: not active_runs(flwr), timeout)
+
+
+def run_status(flwr: str, run_id: int) -> str:
+    runs = flwr_json(flwr, "ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
+    return str(runs[0]["status"]) if runs else "unknown (SuperLink unreachable)"
+
+
 def submit(
     *, app: str, superlink: str, run_config: str, client_metrics: list[str], num_partitions: int | None,
     timeout: float, stream: bool = True,
-) -> None:
-    """Wait for the federation, then replace this process with ``flwr run``."""
+) -> int:
+    """Wait for the federation, stop runs still going, start the run and stream its logs.
+
+    Returns 0 only when the run finished as completed, so that a Job whose run failed, or lost
+    its SuperLink, is retried; with ``resume = true`` in the run config the retry continues from
+    the last checkpointed round.
+    """
     flwr_home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
     ca = os.environ.get(security.ROOT_CERTIFICATES_ENV) or None
     write_connection(flwr_home, CONNECTION, superlink, ca)
@@ -93,8 +136,19 @@ def submit(
     if client_metrics:
         wait_until("clients", clients_ready(client_metrics, num_partitions or len(client_metrics)), timeout)
         print(f"fedcifar: {len(client_metrics)} clients ready", flush=True)
-    command = [str(Path(sys.executable).parent / "flwr"), "run", app, CONNECTION, "--run-config", run_config]
-    if stream:
-        command.append("--stream")
-    print("fedcifar: " + shlex.join(command), flush=True)
-    os.execv(command[0], command)
+    flwr = str(Path(sys.executable).parent / "flwr")
+    stop_active_runs(flwr)
+    command = ["run", app, CONNECTION, "--run-config", run_config]
+    print("fedcifar: " + shlex.join(["flwr", *command]), flush=True)
+    reply = flwr_json(flwr, *command)
+    if not reply.get("success"):
+        print(f"fedcifar: flwr run failed: {reply or 'no reply'}", flush=True)
+        return 1
+    run_id = int(reply["run-id"])
+    print(f"fedcifar: submitted run {run_id}", flush=True)
+    if not stream:
+        return 0
+    subprocess.run([flwr, "log", str(run_id), CONNECTION, "--stream"])  # until the run ends or the link drops
+    status = run_status(flwr, run_id)
+    print(f"fedcifar: run {run_id} {status}", flush=True)
+    return 0 if status == "finished:completed" else 1

@@ -534,8 +534,10 @@ def test_run_job_defaults(default_docs: list[dict]) -> None:
         "num-server-rounds": "3", "local-epochs": "1", "batch-size": "32", "learning-rate": "0.01",
         "momentum": "0.9", "partitioner": '"iid"', "dirichlet-alpha": "0.5", "fraction-train": "1.0",
         "fraction-evaluate": "0.0", "min-nodes": "2", "num-partitions": "2", "round-timeout": "3600.0", "seed": "42",
-        "device": '"auto"',
+        "device": '"auto"', "round-retries": "2", "resume": "true",
+        "out-dir": '"/var/lib/fedcifar/runs/revision-1"',  # per revision: a Job retry resumes the run
     }  # fmt: skip
+    assert job["spec"]["backoffLimit"] == 3
 
 
 def test_run_job_values(run_docs: list[dict]) -> None:
@@ -660,14 +662,15 @@ def test_notes_render(tmp_path: Path) -> None:
 
 DASHBOARD_FILES = sorted((CHART / "dashboards").glob("*.json"))
 # Labels a Prometheus with the standard kubernetes pod relabeling adds, plus the series' own labels.
-ALLOWED_LABELS = {"namespace", "pod", "partition", "num_partitions", "device", "kind", "le"}
+ALLOWED_LABELS = {"namespace", "pod", "partition", "num_partitions", "device", "kind", "le", "reason"}
 KNOWN_METRICS = {
     "fedcifar_round", "fedcifar_run_rounds", "fedcifar_rounds_completed_total",
     "fedcifar_round_duration_seconds_bucket", "fedcifar_round_duration_seconds_sum",
     "fedcifar_round_duration_seconds_count", "fedcifar_train_loss", "fedcifar_eval_loss",
     "fedcifar_eval_accuracy", "fedcifar_participating_clients", "fedcifar_connected_clients",
     "fedcifar_examples_trained_total", "fedcifar_sent_bytes_total", "fedcifar_received_bytes_total",
-    "fedcifar_client_failures_total", "fedcifar_client_info", "fedcifar_client_train_loss",
+    "fedcifar_client_failures_total", "fedcifar_rejected_updates_total", "fedcifar_failed_round_attempts_total",
+    "fedcifar_client_info", "fedcifar_client_train_loss",
     "fedcifar_client_eval_loss", "fedcifar_client_eval_accuracy", "fedcifar_client_round",
     "fedcifar_client_examples_trained_total", "fedcifar_client_train_duration_seconds_bucket",
     "fedcifar_client_train_duration_seconds_sum", "fedcifar_client_train_duration_seconds_count",

@@ -291,7 +291,13 @@ The Flower run config passed to `flwr run --run-config`.
   (printf "round-timeout=%s" (include "fedcifar.tomlFloat" $run.roundTimeout))
   (printf "seed=%d" (int $run.seed))
   (printf "device=%s" (toJson $run.device))
+  (printf "round-retries=%d" (int $run.roundRetries))
+  (printf "resume=%t" $run.resume)
 -}}
+{{- if not (hasKey $run.extraConfig "out-dir") }}
+{{- /* per revision, on the SuperLink's state volume: a Job retry resumes from its checkpoint */}}
+{{- $pairs = append $pairs (printf "out-dir=%s" (toJson (printf "%s/runs/revision-%d" (include "fedcifar.stateDir" .) (int .Release.Revision)))) }}
+{{- end }}
 {{- range $key := keys $run.extraConfig | sortAlpha }}
 {{- $pairs = append $pairs (printf "%s=%s" $key (include "fedcifar.tomlValue" (get $run.extraConfig $key))) }}
 {{- end }}
