@@ -79,7 +79,8 @@ def test_a_killed_client_pod_and_a_killed_superlink_lose_no_round(kube, faults_r
 
     # the SuperLink's processes die (a crash: the container restarts, its state volume stays)
     kill = ("import os, signal\nfor p in filter(str.isdigit, os.listdir('/proc')):\n"
-            "    if b'flower-superlink' in open(f'/proc/{p}/cmdline', 'rb').read(): os.kill(int(p), signal.SIGKILL)")  # fmt: skip
+            "    if int(p) != os.getpid() and b'bin/flower-superlink' in open(f'/proc/{p}/cmdline', 'rb').read():\n"
+            "        os.kill(int(p), signal.SIGKILL)")  # fmt: skip
     run("kubectl", "-n", NS, "exec", superlink_pod(kube), "--", "python", "-c", kill)
     crashed_at = time.monotonic()
 
