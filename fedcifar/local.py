@@ -264,11 +264,14 @@ class LocalFederation:
             if time.monotonic() >= next_status:
                 status = self.run_status(run_id)
                 if status.startswith("finished") and not status.endswith("completed"):
-                    raise FederationError(
-                        f"run {run_id} ended as {status}. SuperLink log:\n{self.nodes[0].log_tail()}"
-                    )
+                    raise FederationError(f"run {run_id} ended as {status}. Its log ends with:\n{self.run_log_tail(run_id)}")
                 next_status = time.monotonic() + status_every
             time.sleep(poll)
+
+    def run_log_tail(self, run_id: int, lines: int = 30) -> str:
+        """The end of the run's log (the ServerApp's output lives in the SuperLink's log store)."""
+        done = self.flwr("log", str(run_id), CONNECTION, "--show")
+        return "\n".join((done.stdout + done.stderr).strip().splitlines()[-lines:])
 
     def sample_memory(self) -> None:
         """Fold the peak resident memory of every running process into ``peak_rss``."""

@@ -105,10 +105,14 @@ def run_rounds(
             strategy.metrics.failed_round_attempts.inc()
             log.warning("round %d, attempt %d: no client update was accepted", server_round, attempt)
         else:
+            where = (
+                f"round {server_round - 1} is the last checkpointed one: fix the clients, then resume the run "
+                "(fedcifar run --resume OUT_DIR, or -c resume=true)" if server_round > 1
+                else "no round was completed: fix the clients (or the hyper-parameters), then start again"
+            )  # fmt: skip
             raise RoundFailed(
                 f"round {server_round} aggregated no client update in {config.round_retries + 1} attempts "
-                f"(see the failures above); round {server_round - 1} is the last checkpointed one: fix the "
-                "clients, then resume the run (fedcifar run --resume OUT_DIR, or -c resume=true)"
+                f"(see the failures and refused updates above); {where}"
             )
         arrays = aggregated
         messages = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)

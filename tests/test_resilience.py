@@ -85,6 +85,24 @@ def test_killed_and_frozen_clients_cost_no_round(tmp_path, mini_dir):
     print(f"\nrecovery: partition 1 trained again {faults['recovered'] - faults['killed']:.1f}s after its node was killed")
 
 
+def test_diverged_updates_are_refused_and_the_run_stops_with_a_clear_error(tmp_path, mini_dir):
+    """A learning rate of 1e6 makes every client's weights overflow: real NaN/Inf updates."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "fedcifar", "run", "--clients", "2", "--rounds", "2", "--data", str(mini_dir),
+         "--out", str(out), "-c", "learning-rate=1e6", "-c", "round-retries=1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 1, said[-3000:]
+    assert said.count("update refused (non_finite)") == 4  # 2 clients x 2 attempts
+    assert "round 1 aggregated no client update in 2 attempts" in said
+    assert "no round was completed" in said
+    history = load_history(out)
+    assert history["rounds"] == [] and history["status"] == "running"  # nothing NaN was recorded or saved
+    assert not (out / "model.pt").exists()
+
+
 def test_a_killed_server_resumes_after_its_last_completed_round(tmp_path, mini_dir):
     out = tmp_path / "out"
     with LocalFederation(clients=2, app_dir=ROOT, work_dir=tmp_path, data=str(mini_dir)) as fed:
