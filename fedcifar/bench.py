@@ -34,7 +34,8 @@ from fedcifar.local import LocalFederation
 console = Console(stderr=True)
 PROJECT = Path(__file__).resolve().parent.parent
 STOCK_APP = PROJECT / "benchmarks" / "stock_app"
-NODE_KINDS = ("fedcifar supernode", "fedcifar trainer", "flower-supernode", "flower-superexec", "flwr-clientapp")
+NODE_KINDS = ("fedcifar supernode", "fedcifar trainer", "flower-supernode", "flower-superexec", "clientapp forkserver",
+              "flwr-clientapp")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,37 @@
-"""Flower's idle polling, shortened: the one change fedcifar makes to Flower's behaviour.
+"""Flower's per-message costs, cut: the only changes fedcifar makes to Flower's behaviour.
 
-flwr 1.42's SuperNode loop (``flwr/supernode/start_client_internal.py``) sleeps a fixed 3 s
-whenever it pulled no message, so every message waits up to 3 s before a node even sees it, and
-then checks for the ClientApp's reply every 0.5 s. ``python -m fedcifar.flower_tuning supernode
-ARGS`` runs the stock ``flower-supernode`` with the idle sleep capped at ``$FEDCIFAR_POLL_INTERVAL``
-seconds (default 0.25: one pull request per node and interval) and the local reply check at
-0.02 s. Only that module's view of ``time`` is replaced; nothing else in Flower changes.
-The other two waits have knobs of their own: SuperExec's task polling
+1. **Idle polling.** flwr 1.42's SuperNode loop (``flwr/supernode/start_client_internal.py``)
+   sleeps a fixed 3 s whenever it pulled no message, so every message waits up to 3 s before a
+   node even sees it, and then checks for the ClientApp's reply every 0.5 s. Here the idle sleep
+   is capped at ``$FEDCIFAR_POLL_INTERVAL`` seconds (default 0.25: one pull request per node and
+   interval) and the local reply check at 0.02 s. Only that module's view of ``time`` changes.
+2. **A ClientApp process per message, forked warm.** The SuperNode's SuperExec starts
+   ``flwr-clientapp`` as a new process for every message, which spends ~0.6 s of CPU importing
+   Python and Flower's runtime before it handles anything. Here the SuperExec
+   (this module's ``superexec``, started by the SuperNode instead of ``flower-superexec``) forks each ClientApp from a single-threaded fork server that imported
+   that runtime once (``multiprocessing``'s forkserver). Each message still gets its own
+   process, running Flower's own ``flwr-clientapp`` entry point with the same arguments; the
+   app itself is still imported from the run's FAB, not preloaded.
+
+3. **Object pulls that back off for a second.** A node stores a message before its content
+   has arrived, so whoever pulls that content at once (the ClientApp from its SuperNode, the
+   ServerApp from the SuperLink) often finds it missing and, by Flower's default, retries
+   after 1 s, doubling. Here the first retry comes after 0.02 s (then doubling to the same 10 s
+   cap): the default arguments of Flower's two object-pull functions, in the processes that pull.
+
+The first two are module-local stand-ins (``time`` and ``subprocess`` as seen by one Flower module), set
+up by ``python -m fedcifar.flower_tuning supernode ARGS`` (what ``fedcifar supernode`` runs);
+``tests/test_flower_tuning.py`` fails if the pinned Flower stops calling what they replace.
+The other waits have knobs of their own: SuperExec's task polling
 (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, set by ``fedcifar superlink/supernode``) and the
 ServerApp's reply polling (``server_app.PollingGrid``).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import subprocess
 import sys
 import time
 import types
@@ -21,6 +39,32 @@ import types
 POLL_ENV = "FEDCIFAR_POLL_INTERVAL"
 DEFAULT_POLL_SECONDS = 0.25
 LOCAL_CHECK_SECONDS = 0.02
+PULL_RETRY_SECONDS = 0.02  # Flower's default: 1 s (flwr.supercore.constant.PULL_INITIAL_BACKOFF)
+SUPEREXEC, CLIENTAPP = "flower-superexec", "flwr-clientapp"
+# What a ClientApp process imports before it reads its message (not the app: that comes from the FAB)
+CLIENTAPP_PRELOAD = ["flwr.supernode.cli", "flwr.supernode.runtime.run_clientapp", "flwr.clientapp",
+                     "flwr.supercore.inflatable.inflatable_utils", "numpy", "prometheus_client"]  # fmt: skip
+# Run in the forked child: Flower's flwr-clientapp entry point, named like it in /proc/<pid>/comm.
+# (exec of a string keeps fedcifar itself out of the child, so the FAB's fedcifar is the one imported.)
+CLIENTAPP_MAIN = """
+import ctypes, os, sys
+from flwr.supercore.inflatable import inflatable_utils
+for pull in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+    pull.__kwdefaults__["initial_backoff"] = {backoff}  # as shorten_object_pull_backoff()
+try:
+    ctypes.CDLL(None).prctl(15, b"flwr-clientapp", 0, 0, 0)  # PR_SET_NAME (Linux)
+except AttributeError:
+    pass
+if {quiet}:  # Flower's suppress_output
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1), os.dup2(devnull, 2)
+sys.argv = {argv!r}
+from flwr.supernode.cli import flwr_clientapp
+flwr_clientapp()
+"""
+# Started with -c, not -m: multiprocessing would import a -m main module (and with it the
+# installed fedcifar package) into every forked child.
+SUPEREXEC_MAIN = "import sys; from fedcifar.flower_tuning import main; main(sys.argv[1:])"
 
 
 def capped_time(idle: float, local: float = LOCAL_CHECK_SECONDS) -> types.SimpleNamespace:
@@ -31,20 +75,81 @@ def capped_time(idle: float, local: float = LOCAL_CHECK_SECONDS) -> types.Simple
     return proxy
 
 
+def rerouted_subprocess(reroute) -> types.SimpleNamespace:
+    """The ``subprocess`` module, but ``Popen(args, ...)`` goes to ``reroute(args, **kwargs)``."""
+    proxy = types.SimpleNamespace(**{name: getattr(subprocess, name) for name in dir(subprocess) if not name.startswith("__")})
+    proxy.Popen = reroute
+    return proxy
+
+
 def shorten_supernode_polling(idle: float) -> None:
     import flwr.supernode.start_client_internal as supernode_loop
 
     supernode_loop.time = capped_time(idle)
 
 
-def main(argv: list[str]) -> None:
-    if not argv or argv[0] != "supernode":
-        sys.exit("usage: python -m fedcifar.flower_tuning supernode [flower-supernode options]")
-    shorten_supernode_polling(float(os.environ.get(POLL_ENV, DEFAULT_POLL_SECONDS)))
-    from flwr.supernode.cli import flower_supernode
+def shorten_object_pull_backoff(seconds: float = PULL_RETRY_SECONDS) -> None:
+    """The first retry of a missing object after ``seconds`` instead of 1 s, in this process."""
+    from flwr.supercore.inflatable import inflatable_utils
 
-    sys.argv = ["flower-supernode", *argv[1:]]
-    flower_supernode()
+    for pull in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        pull.__kwdefaults__["initial_backoff"] = seconds
+
+
+def start_warm_superexec() -> None:
+    """Make the SuperNode start this module's SuperExec instead of ``flower-superexec``."""
+    import flwr.supernode.start_client_internal as supernode_loop
+
+    def popen(args, **kwargs):
+        if args and args[0] == SUPEREXEC:
+            args = [sys.executable, "-c", SUPEREXEC_MAIN, "superexec", *args[1:]]
+        return subprocess.Popen(args, **kwargs)
+
+    supernode_loop.subprocess = rerouted_subprocess(popen)
+
+
+class ClientAppForkServer:
+    """Starts ``flwr-clientapp ARGS`` as a process forked from a server that preloaded its imports."""
+
+    def __init__(self, preload: list[str] = CLIENTAPP_PRELOAD) -> None:
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(preload)
+
+    def popen(self, args, **kwargs):
+        if not args or args[0] != CLIENTAPP:
+            return subprocess.Popen(args, **kwargs)
+        # daemon: stopped with the SuperExec, as Flower's parent-pid monitor would stop it anyway
+        quiet = kwargs.get("stdout") is subprocess.DEVNULL
+        code = CLIENTAPP_MAIN.format(argv=list(args), quiet=quiet, backoff=PULL_RETRY_SECONDS)
+        process = self.context.Process(target=exec, args=(code,), daemon=True)
+        process.start()  # also reaps the ones that finished
+        return process
+
+
+def start_forked_clientapps() -> None:
+    """Make this SuperExec fork its ClientApp processes warm instead of starting them cold."""
+    from flwr.supercore.superexec.executor import subprocess_executor
+
+    subprocess_executor.subprocess = rerouted_subprocess(ClientAppForkServer().popen)
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in ("supernode", "superexec"):
+        sys.exit("usage: python -m fedcifar.flower_tuning supernode|superexec [Flower's options]")
+    if argv[0] == "supernode":
+        shorten_supernode_polling(float(os.environ.get(POLL_ENV, DEFAULT_POLL_SECONDS)))
+        shorten_object_pull_backoff()
+        start_warm_superexec()
+        from flwr.supernode.cli import flower_supernode
+
+        sys.argv = ["flower-supernode", *argv[1:]]
+        flower_supernode()
+    else:
+        start_forked_clientapps()
+        from flwr.supercore.cli import flower_superexec
+
+        sys.argv = [SUPEREXEC, *argv[1:]]
+        flower_superexec()
 
 
 if __name__ == "__main__":

@@ -316,6 +316,16 @@ def _process_kind(pid: int) -> str | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
+    try:
+        if Path(f"/proc/{pid}/comm").read_text().strip() == "flwr-clientapp":
+            return "flwr-clientapp"  # forked by fedcifar's SuperExec (flower_tuning.py)
+    except OSError:
+        return None
+    text = b" ".join(cmdline).decode(errors="replace")
+    if "multiprocessing.forkserver" in text:
+        return "clientapp forkserver"
+    if "fedcifar.flower_tuning" in text and "superexec" in text:
+        return "flower-superexec"
     words = [Path(w.decode(errors="replace")).name for w in cmdline[:5]]
     flower = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
     for kind in flower:

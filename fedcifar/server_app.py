@@ -33,6 +33,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from fedcifar.checkpoint import Checkpoint, check_same_training, load_checkpoint
 from fedcifar.config import RunConfig
 from fedcifar.data import load_full, resolve_source
+from fedcifar.flower_tuning import shorten_object_pull_backoff
 from fedcifar.history import PLOT_FILE, History, RoundRecord, plot_history
 from fedcifar.metrics import FAILURE_REASONS, REJECT_REASONS, ServerMetrics, record_bytes, server_metrics
 from fedcifar.task import Net, evaluate, initial_model, pick_device
@@ -49,6 +50,7 @@ class RoundFailed(RuntimeError):
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    shorten_object_pull_backoff()  # replies are pulled as soon as they are listed (flower_tuning.py)
     config = RunConfig.from_flower(context.run_config)
     out_dir = output_dir(config, context.run_id)
     source = resolve_source()

@@ -53,7 +53,8 @@ def tree_rss(root: int, skip: str = "flwr-clientapp") -> int:
         pid = todo.pop()
         todo.extend(children.get(pid, []))
         try:
-            if skip in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+            if skip in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") or \
+                    Path(f"/proc/{pid}/comm").read_text().strip() == skip:  # forked ClientApps
                 continue
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):

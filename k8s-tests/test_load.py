@@ -25,7 +25,8 @@ pytestmark = pytest.mark.e2e
 POD_RSS = (
     "import os\ntotal = 0\nfor p in filter(str.isdigit, os.listdir('/proc')):\n"
     "    try:\n        cmd = open(f'/proc/{p}/cmdline', 'rb').read()\n"
-    "        if b'flwr-clientapp' in cmd or int(p) == os.getpid(): continue\n"
+    "        comm = open(f'/proc/{p}/comm').read().strip()\n"
+    "        if b'flwr-clientapp' in cmd or comm == 'flwr-clientapp' or int(p) == os.getpid(): continue\n"
     "        total += next(int(l.split()[1]) for l in open(f'/proc/{p}/status') if l.startswith('VmRSS:'))\n"
     "    except (OSError, StopIteration): pass\nprint(total * 1024)"
 )  # fmt: skip

@@ -1,13 +1,18 @@
-"""The one change to Flower's behaviour: the SuperNode loop's sleeps, capped. Guarded against upgrades."""
+"""The changes to Flower's behaviour: shorter SuperNode sleeps, warm-forked ClientApps. Guarded against upgrades."""
 
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 import time
 
 import flwr.supernode.start_client_internal as supernode_loop
 
-from fedcifar.flower_tuning import capped_time, shorten_supernode_polling
+from fedcifar.flower_tuning import (
+    CLIENTAPP, CLIENTAPP_MAIN, PULL_RETRY_SECONDS, ClientAppForkServer, capped_time, shorten_object_pull_backoff,
+    shorten_supernode_polling, start_warm_superexec,
+)
 from fedcifar.server_app import PollingGrid
 
 
@@ -44,3 +49,54 @@ def test_polling_grid_delegates_everything_else():
 
     grid = PollingGrid(Recorder(), 0.05)
     assert grid.get_node_ids() == [1, 2] and grid.interval == 0.05
+
+
+def test_the_rerouted_launches_are_still_in_the_pinned_flower():
+    """The SuperNode starts `flower-superexec` and SuperExec starts `flwr-clientapp` with subprocess.Popen."""
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+    from flwr.supercore.superexec.executor import subprocess_executor
+
+    source = inspect.getsource(supernode_loop.start_client_internal)
+    assert 'command = ["flower-superexec"]' in source and "subprocess.Popen(command)" in source
+    assert "subprocess.Popen(" in inspect.getsource(subprocess_executor.SubprocessExecutor.launch)
+    assert CLIENTAPP in TASK_TYPE_TO_COMMAND.values()
+
+
+def test_clientapps_are_forked_from_the_warm_server_and_named_like_flowers():
+    server = ClientAppForkServer(preload=["flwr.supernode.cli"])
+    started = time.perf_counter()
+    process = server.popen([CLIENTAPP, "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process.join(60)
+    assert process.exitcode == 0  # Flower's own entry point ran (and printed its help, silenced)
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    again = server.popen([CLIENTAPP, "--help"], stdout=subprocess.DEVNULL)
+    again.join(60)
+    assert again.exitcode == 0 and time.perf_counter() - started < first  # warm: the server exists now
+    other = server.popen([sys.executable, "-c", "pass"])  # anything else: a plain subprocess
+    assert isinstance(other, subprocess.Popen) and other.wait(30) == 0
+
+
+def test_the_supernode_starts_the_warm_superexec(monkeypatch):
+    seen = []
+    monkeypatch.setattr(supernode_loop, "subprocess", supernode_loop.subprocess)  # restored after the test
+    monkeypatch.setattr(subprocess, "Popen", lambda args, **kw: seen.append(args))
+    start_warm_superexec()
+    supernode_loop.subprocess.Popen(["flower-superexec", "--insecure", "--runtime-api-address", "x:1"])
+    supernode_loop.subprocess.Popen(["something-else"])
+    assert seen[0][:2] == [sys.executable, "-c"] and seen[0][3:] == ["superexec", "--insecure", "--runtime-api-address", "x:1"]
+    assert seen[1] == ["something-else"]
+
+
+def test_object_pulls_retry_soon(monkeypatch):
+    from flwr.supercore.constant import PULL_INITIAL_BACKOFF
+    from flwr.supercore.inflatable import inflatable_utils
+
+    pulls = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    assert PULL_INITIAL_BACKOFF == 1  # the pinned Flower's default
+    for pull in pulls:  # ... a keyword default where this patch expects it
+        assert "initial_backoff" in pull.__kwdefaults__
+        monkeypatch.setitem(pull.__kwdefaults__, "initial_backoff", 1)  # restored after the test
+    shorten_object_pull_backoff()
+    assert all(pull.__kwdefaults__["initial_backoff"] == PULL_RETRY_SECONDS for pull in pulls)
+    assert "inflatable_utils.pull_objects" in CLIENTAPP_MAIN  # the forked ClientApps get it too
