@@ -96,6 +96,28 @@ def shorten_object_pull_backoff(seconds: float = PULL_RETRY_SECONDS) -> None:
         pull.__kwdefaults__["initial_backoff"] = seconds
 
 
+def report_activation() -> None:
+    """Publish ``fedcifar_client_node{node_id}`` once the SuperLink has activated this node.
+
+    Not a change in behaviour: the SuperNode sets its node id when activation succeeded, and
+    this also writes it to the node's metrics. ``fedcifar submit`` waits for it, because a node
+    that only runs is not yet sampled: after a restart with the same key, activation waits
+    until the SuperLink has given up on the previous activation.
+    """
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    from fedcifar.metrics import client_metrics
+
+    set_node_id = InMemoryNodeState.set_node_id
+
+    def set_and_report(self, node_id):
+        set_node_id(self, node_id)
+        if node_id is not None:
+            client_metrics().node.labels(str(node_id)).set(1)
+
+    InMemoryNodeState.set_node_id = set_and_report
+
+
 def start_warm_superexec() -> None:
     """Make the SuperNode start this module's SuperExec instead of ``flower-superexec``."""
     import flwr.supernode.start_client_internal as supernode_loop
@@ -140,6 +162,7 @@ def main(argv: list[str]) -> None:
         shorten_supernode_polling(float(os.environ.get(POLL_ENV, DEFAULT_POLL_SECONDS)))
         shorten_object_pull_backoff()
         start_warm_superexec()
+        report_activation()
         from flwr.supernode.cli import flower_supernode
 
         sys.argv = ["flower-supernode", *argv[1:]]

@@ -100,6 +100,10 @@ class ClientMetrics:
             "fedcifar_client_info", "Always 1; labels: this node's partition, the partition count, its device.",
             ["partition", "num_partitions", "device"], multiprocess_mode="mostrecent", **kw,
         )  # fmt: skip
+        self.node = Gauge(
+            "fedcifar_client_node", "1 once the SuperLink has activated this SuperNode; label: its Flower node id.",
+            ["node_id"], multiprocess_mode="mostrecent", **kw,
+        )  # fmt: skip
         self.train_loss = Gauge(
             "fedcifar_client_train_loss", "Training loss of this node's last training round.",
             part, multiprocess_mode="mostrecent", **kw,

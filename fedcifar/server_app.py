@@ -224,7 +224,7 @@ class ResilientFedAvg(FedAvg):
         self.node_wait = config.round_timeout
         self.num_partitions = config.num_partitions
         self.partition_of: dict[int, int] = {}  # node id -> partition, from its replies
-        self._outbox: list[int] = []  # node ids of the messages sent last, until their replies are counted
+        self._outbox: list[Message] = []  # the messages sent last, until their replies are counted
         self._reference: dict[str, tuple[tuple[int, ...], str]] = {}
         self._round: dict[str, object] = {}
         metrics.num_rounds.set(config.num_server_rounds)
@@ -346,7 +346,7 @@ class ResilientFedAvg(FedAvg):
         sent = record_bytes(arrays) * len(messages)
         self._round["sent"] += sent
         self.metrics.sent_bytes.inc(sent)
-        self._outbox = [m.metadata.dst_node_id for m in messages]
+        self._outbox = messages  # the Grid sets their message ids when it pushes them
         return messages
 
     def _partition_label(self, node_id: int) -> str:
@@ -357,11 +357,15 @@ class ResilientFedAvg(FedAvg):
         for m in replies:
             if (partition := reply_partition(m)) is not None:
                 self.partition_of[m.metadata.src_node_id] = partition
-        answered = {m.metadata.src_node_id for m in replies}
+        # an error the SuperLink made up (e.g. node unavailable) does not come from the node: use the request
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox}
+        answered = set()
         for m in replies:
+            node_id = sent_to.get(m.metadata.reply_to_message_id, m.metadata.src_node_id)
+            answered.add(node_id)
             if m.has_error():
-                self._failure(m.metadata.src_node_id, "error", m.error.reason)
-        for node_id in self._outbox:
+                self._failure(node_id, "error", m.error.reason)
+        for node_id in sent_to.values():
             if node_id not in answered:
                 self._failure(node_id, "timeout", "no reply before the round's deadline")
         self._outbox = []

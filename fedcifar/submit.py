@@ -56,17 +56,21 @@ def superlink_healthy(address: str, root_certificates: str | None = None) -> boo
 
 
 def client_partitions(url: str) -> int | None:
-    """The ``num_partitions`` a client node reports on its metrics endpoint (None: not reachable)."""
+    """The ``num_partitions`` a client node reports once its SuperNode is activated (None: not yet,
+    or not reachable)."""
     try:
         with urllib.request.urlopen(url, timeout=5) as reply:
             text = reply.read().decode()
     except OSError:
         return None
+    partitions, activated = None, False
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "fedcifar_client_info":
-                return int(sample.labels["num_partitions"])
-    return None
+                partitions = int(sample.labels["num_partitions"])
+            elif sample.name == "fedcifar_client_node" and sample.value == 1:
+                activated = True
+    return partitions if activated else None
 
 
 def clients_ready(urls: list[str], num_partitions: int) -> Callable[[], bool]:
@@ -74,7 +78,7 @@ def clients_ready(urls: list[str], num_partitions: int) -> Callable[[], bool]:
         seen = {url: client_partitions(url) for url in urls}
         waiting = [url for url, n in seen.items() if n != num_partitions]
         if waiting:
-            print(f"fedcifar: waiting for {len(waiting)} client(s) with {num_partitions} partitions: "
+            print(f"fedcifar: waiting for {len(waiting)} client(s) activated with {num_partitions} partitions: "
                   + ", ".join(f"{u} ({seen[u]})" for u in waiting), flush=True)  # fmt: skip
         return not waiting
 

@@ -53,6 +53,8 @@ def round_trip(strategy: ResilientFedAvg, arrays: ArrayRecord, answers: dict[int
         Message(RecordDict({"arrays": arrays, "config": ConfigRecord()}), dst_node_id=node, message_type="train")
         for node in answers
     ]))  # fmt: skip
+    for message in sent:  # what the Grid does when it pushes them
+        message.metadata.__dict__["_message_id"] = message.object_id
     strategy._reference = {name: (tuple(a.shape), a.dtype) for name, a in arrays.items()}
     replies = []
     for message, answer in zip(sent, answers.values()):
@@ -60,6 +62,8 @@ def round_trip(strategy: ResilientFedAvg, arrays: ArrayRecord, answers: dict[int
             replies.append(Message(answer, reply_to=message))
         elif isinstance(answer, str):
             replies.append(Message(Error(code=0, reason=answer), reply_to=message))
+            if answer.startswith("Node Unavailable"):  # made up by the SuperLink: not from the node
+                replies[-1].metadata.__dict__["_src_node_id"] = 1
     return strategy.aggregate_train(1, replies)
 
 
@@ -114,11 +118,13 @@ def test_bad_updates_never_reach_the_average(strategy, global_arrays):
 
 def test_missing_and_failed_replies_are_counted_by_partition(strategy, global_arrays):
     round_trip(strategy, global_arrays, {11: update(global_arrays, 0), 12: update(global_arrays, 1)})
-    arrays, _ = round_trip(strategy, global_arrays, {11: update(global_arrays, 0), 12: None, 13: "ClientApp crashed"})
+    arrays, _ = round_trip(strategy, global_arrays, {
+        11: update(global_arrays, 0), 12: None, 13: "ClientApp crashed", 14: "Node Unavailable",
+    })  # fmt: skip
     assert arrays is not None and strategy._round["partitions"] == [0]
     assert counter(strategy, "failures", partition="1", reason="timeout") == 1  # node 12 was partition 1
-    assert counter(strategy, "failures", partition="unknown", reason="error") == 1  # node 13 never answered before
-    assert strategy._round["failures"] == 2
+    assert counter(strategy, "failures", partition="unknown", reason="error") == 2  # 13 and 14 never answered before
+    assert strategy._round["failures"] == 3  # each missing reply once
 
 
 def test_a_round_without_any_sound_update_aggregates_nothing(strategy, global_arrays):

@@ -144,6 +144,8 @@ def test_client_metrics_match_history(federation):
     for partition, final in enumerate(finals):
         p = str(partition)
         assert value(final, "fedcifar_client_info", device="cpu", num_partitions=str(CLIENTS), partition=p) == 1
+        activated = [k for k, v in final.items() if k[0] == "fedcifar_client_node" and v == 1]
+        assert len(activated) == 1 and int(dict(activated[0][1])["node_id"]) > 0  # the SuperNode's Flower id
         assert value(final, "fedcifar_client_examples_trained_total", partition=p) == 250 * ROUNDS
         assert value(final, "fedcifar_client_messages_total", kind="train", partition=p) == ROUNDS
         assert value(final, "fedcifar_client_messages_total", kind="evaluate", partition=p) == ROUNDS

@@ -37,7 +37,16 @@ def node_endpoint(tmp_path, monkeypatch):
     server.shutdown()
 
 
-def test_clients_ready_only_with_the_expected_partition_count(node_endpoint):
+def activate(node_id: str) -> None:
+    """What the SuperNode process writes once the SuperLink activated it (flower_tuning.report_activation)."""
+    writer = f"from fedcifar.metrics import client_metrics; client_metrics().node.labels('{node_id}').set(1)"
+    subprocess.run([sys.executable, "-c", writer], check=True)
+
+
+def test_clients_ready_only_once_activated_with_the_expected_partition_count(node_endpoint):
+    assert client_partitions(node_endpoint) is None  # running, but not yet in the federation
+    assert not clients_ready([node_endpoint], 3)()
+    activate("1234")
     assert client_partitions(node_endpoint) == 3
     assert clients_ready([node_endpoint], 3)()
     assert not clients_ready([node_endpoint], 4)()  # e.g. a pod not yet replaced by helm upgrade
