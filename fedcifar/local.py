@@ -191,16 +191,18 @@ class LocalFederation:
 
     def close(self, grace: float = 15) -> None:
         """Stop the SuperNodes, then the SuperLink, then anything left that carries the token."""
-        for node in [*self.nodes[1:], *self.nodes[:1]]:
-            if node.alive():
-                node.popen.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for node in self.nodes:
-            try:
-                node.popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                node.popen.kill()
-                node.popen.wait()
+        # SuperNodes first, and the SuperLink only once they are gone: they deactivate on the way out
+        for group in (self.nodes[1:], self.nodes[:1]):
+            for node in group:
+                if node.alive():
+                    node.popen.send_signal(signal.SIGTERM)
+            for node in group:
+                try:
+                    node.popen.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    node.popen.kill()
+                    node.popen.wait()
         while time.monotonic() < deadline and processes_with_token(self.token):
             time.sleep(0.1)
         for pid in processes_with_token(self.token):

@@ -98,11 +98,13 @@ def run_node(
     server = serve_multiprocess(metrics_port, metrics_host)
     print(f"fedcifar: metrics on http://{metrics_host}:{metrics_port}/metrics", flush=True)
     children: list[subprocess.Popen] = []
+    signalled: set[int] = set()  # pids already asked to stop
 
     def stop(signum: int, _frame: object) -> None:
         for child in reversed(children):
             if child.poll() is None:
                 child.send_signal(signum)
+                signalled.add(child.pid)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
@@ -123,7 +125,10 @@ def run_node(
             registrar.stop()
         for child in reversed(children):
             if child.poll() is None:
-                child.terminate()
+                # once only: a second SIGTERM cuts Flower's graceful exit short, and with it the
+                # SuperNode's deactivation (a restarted pod could not rejoin until it expired)
+                if child.pid not in signalled:
+                    child.terminate()
                 try:
                     child.wait(STOP_GRACE_SECONDS)
                 except subprocess.TimeoutExpired:

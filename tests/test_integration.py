@@ -172,3 +172,5 @@ def test_console_shows_rounds_and_nothing_is_left_running(federation):
         except OSError:
             continue
     assert leftovers == [], f"processes still running in {out}: {leftovers}"
+    # each SuperNode left the federation properly: a restarted one could rejoin at once
+    assert (out / "logs" / "superlink.log").read_text().count("Deactivated node_id") == CLIENTS
