@@ -350,3 +350,30 @@ def _vm_hwm(pid: int) -> int:
     except (OSError, ValueError):
         pass
     return 0
+
+
+def tree_rss(root: int, skip: str = "flwr-clientapp") -> int:
+    """Resident bytes of ``root`` and its descendants, but not the per-message ClientApp processes
+    (Flower starts one per message; whether one is alive when sampled is chance)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            if skip in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") or \
+                    Path(f"/proc/{pid}/comm").read_text().strip() == skip:  # forked ClientApps
+                continue
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total

@@ -100,11 +100,9 @@ def run_rounds(
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid)
             replies = grid.send_and_receive(messages, timeout=config.round_timeout, done=strategy.all_partitions_in)
             aggregated, _ = strategy.aggregate_train(server_round, replies)
-            strategy._round["attempts"] = attempt
+            strategy.record_attempt(server_round, attempt, succeeded=aggregated is not None)
             if aggregated is not None:
                 break
-            strategy.metrics.failed_round_attempts.inc()
-            log.warning("round %d, attempt %d: no client update was accepted", server_round, attempt)
         else:
             where = (
                 f"round {server_round - 1} is the last checkpointed one: fix the clients, then resume the run "
@@ -236,6 +234,12 @@ class ResilientFedAvg(FedAvg):
     def begin_round(self, server_round: int) -> None:
         self._round = {"started": time.perf_counter(), "sent": 0, "received": 0, "failures": 0, "rejected": 0}
         self.metrics.round.set(server_round)
+
+    def record_attempt(self, server_round: int, attempt: int, succeeded: bool) -> None:
+        self._round["attempts"] = attempt
+        if not succeeded:
+            self.metrics.failed_round_attempts.inc()
+            log.warning("round %d, attempt %d: no client update was accepted", server_round, attempt)
 
     def all_partitions_in(self, replies: list[Message]) -> bool:
         """Whether sound-looking replies from every partition are in (so stale node ids need no wait)."""

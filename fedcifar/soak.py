@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 
 from fedcifar.bench import PROJECT, machine, make_subset
-from fedcifar.local import LocalFederation
+from fedcifar.local import LocalFederation, tree_rss
 
 console = Console(stderr=True)
 
@@ -35,33 +35,6 @@ class SoakConfig:
     test_examples: int = 2000
     baseline_round: int = 5
     max_growth: float = 0.10
-
-
-def tree_rss(root: int, skip: str = "flwr-clientapp") -> int:
-    """Resident bytes of ``root`` and its descendants, but not the per-message ClientApp processes
-    (Flower starts one per message; whether one is alive when sampled is chance)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
-        try:
-            if skip in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") or \
-                    Path(f"/proc/{pid}/comm").read_text().strip() == skip:  # forked ClientApps
-                continue
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return total
 
 
 def soak(config: SoakConfig, data: str | None, out: Path) -> dict[str, Any]:
