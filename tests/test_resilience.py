@@ -80,7 +80,9 @@ def test_killed_and_frozen_clients_cost_no_round(tmp_path, mini_dir):
     assert without_1 and without_1[0]["round"] >= 2  # while partition 1's node was dead
     assert without_0 and without_0[0]["round"] > faults["frozen_after"]  # while partition 0's trainer was frozen
     assert rounds[-1]["partitions"] == [0, 1]  # both back
-    assert all(r["round_seconds"] < ROUND_TIMEOUT + 5 for r in rounds)  # deadlines, not endless waits
+    # the 8 s deadline ended the faulty rounds, not Flower's default hour (a loose bound: the
+    # machine may be busy; under CI load with 16 pods beside it one round took over 13 s)
+    assert all(r["round_seconds"] < 60 for r in rounds)
     assert value(server, "fedcifar_client_failures_total", partition="1", reason="timeout") >= 1
     assert value(server, "fedcifar_client_failures_total", partition="0", reason="timeout") >= 1
     log = client_1.log_path.read_text()
