@@ -19,6 +19,14 @@
    after 1 s, doubling. Here the first retry comes after 0.02 s (then doubling to the same 10 s
    cap): the default arguments of Flower's two object-pull functions, in the processes that pull.
 
+4. **Reply pulls bounded by the round's deadline.** The SuperLink lists a reply as soon as its
+   sender pushed the message, before its content; if the sender dies in between (a pod lost
+   mid-upload), the ServerApp's pull of that content retries until Flower's object-push session
+   expires (about 3 minutes here; ``PULL_MAX_TIME`` is 2 hours), holding the whole round past its
+   ``round-timeout``. ``server_app.PollingGrid`` pulls within ``pulls_bounded_by(seconds left)``:
+   a content still missing at the deadline becomes Flower's own "objects unavailable" error
+   reply, counted as that client's failure.
+
 The first two are module-local stand-ins (``time`` and ``subprocess`` as seen by one Flower module), set
 up by ``python -m fedcifar.flower_tuning supernode ARGS`` (what ``fedcifar supernode`` runs);
 ``tests/test_flower_tuning.py`` fails if the pinned Flower stops calling what they replace.
@@ -29,17 +37,20 @@ ServerApp's reply polling (``server_app.PollingGrid``).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import subprocess
 import sys
 import time
 import types
+from collections.abc import Iterator
 
 POLL_ENV = "FEDCIFAR_POLL_INTERVAL"
 DEFAULT_POLL_SECONDS = 0.25
 LOCAL_CHECK_SECONDS = 0.02
 PULL_RETRY_SECONDS = 0.02  # Flower's default: 1 s (flwr.supercore.constant.PULL_INITIAL_BACKOFF)
+BOUNDED_PULL_RETRY_CAP = 0.5  # Flower's default: 10 s (PULL_BACKOFF_CAP)
 SUPEREXEC, CLIENTAPP = "flower-superexec", "flwr-clientapp"
 # What a ClientApp process imports before it reads its message (not the app: that comes from the FAB)
 CLIENTAPP_PRELOAD = ["flwr.supernode.cli", "flwr.supernode.runtime.run_clientapp", "flwr.clientapp",
@@ -94,6 +105,21 @@ def shorten_object_pull_backoff(seconds: float = PULL_RETRY_SECONDS) -> None:
 
     for pull in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
         pull.__kwdefaults__["initial_backoff"] = seconds
+
+
+@contextlib.contextmanager
+def pulls_bounded_by(seconds: float, retry_cap: float = BOUNDED_PULL_RETRY_CAP) -> Iterator[None]:
+    """Within the block, Flower's ``pull_objects`` gives up after ``seconds`` at most (retrying at least
+    every ``retry_cap`` s, so it does not sleep far past them); defaults restored after it."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    defaults = inflatable_utils.pull_objects.__kwdefaults__
+    saved = dict(defaults)
+    defaults.update(max_time=min(max(seconds, 0.0), saved["max_time"]), backoff_cap=min(retry_cap, saved["backoff_cap"]))
+    try:
+        yield
+    finally:
+        defaults.update(saved)
 
 
 def report_activation() -> None:

@@ -32,7 +32,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from fedcifar.checkpoint import Checkpoint, check_same_training, load_checkpoint
 from fedcifar.config import RunConfig
 from fedcifar.data import load_full, resolve_source
-from fedcifar.flower_tuning import shorten_object_pull_backoff
+from fedcifar.flower_tuning import pulls_bounded_by, shorten_object_pull_backoff
 from fedcifar.history import PLOT_FILE, History, RoundRecord, plot_history
 from fedcifar.metrics import FAILURE_REASONS, REJECT_REASONS, ServerMetrics, record_bytes, server_metrics
 from fedcifar.task import Net, evaluate, initial_model, pick_device
@@ -125,7 +125,8 @@ class PollingGrid:
 
     Flower 1.42's ``send_and_receive`` sleeps 3 s between pulls, so a round waits up to 3 s
     after its last reply; this is the same push-then-pull loop at a shorter interval, which
-    also stops early once ``done(replies)`` holds (e.g. every partition has answered).
+    also stops early once ``done(replies)`` holds (e.g. every partition has answered), and
+    whose pulls end by the deadline too (``flower_tuning.pulls_bounded_by``).
     """
 
     def __init__(self, grid: Grid, interval: float) -> None:
@@ -145,7 +146,9 @@ class PollingGrid:
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending and (deadline is None or time.monotonic() < deadline):
-            pulled = list(self._grid.pull_messages(pending))
+            left = float("inf") if deadline is None else deadline - time.monotonic()
+            with pulls_bounded_by(left):  # a reply whose sender died mid-upload must not hold the round
+                pulled = list(self._grid.pull_messages(pending))
             replies.extend(pulled)
             pending -= {m.metadata.reply_to_message_id for m in pulled}
             if pending and done is not None and done(replies):

@@ -6,11 +6,13 @@ import inspect
 import subprocess
 import sys
 import time
+import types
 
 import flwr.supernode.start_client_internal as supernode_loop
 
 from fedcifar.flower_tuning import (
-    CLIENTAPP, CLIENTAPP_MAIN, PULL_RETRY_SECONDS, ClientAppForkServer, capped_time, shorten_object_pull_backoff,
+    CLIENTAPP, CLIENTAPP_MAIN, PULL_RETRY_SECONDS, ClientAppForkServer, capped_time, pulls_bounded_by,
+    shorten_object_pull_backoff,
     shorten_supernode_polling, start_warm_superexec,
 )
 from fedcifar.server_app import PollingGrid
@@ -100,3 +102,57 @@ def test_object_pulls_retry_soon(monkeypatch):
     shorten_object_pull_backoff()
     assert all(pull.__kwdefaults__["initial_backoff"] == PULL_RETRY_SECONDS for pull in pulls)
     assert "inflatable_utils.pull_objects" in CLIENTAPP_MAIN  # the forked ClientApps get it too
+
+
+UNAVAILABLE = types.SimpleNamespace(metadata=types.SimpleNamespace(reply_to_message_id="m1"))  # as Flower makes it
+
+
+class ObjectsNeverArrive:
+    """A Grid whose one reply is listed but whose content never arrives (its sender died mid-upload),
+    pulled with Flower's own ``pull_objects``, as ``HttpGrid.pull_messages`` does."""
+
+    def __init__(self) -> None:
+        self.pulls = 0
+
+    def push_messages(self, messages):
+        return ["m1"]
+
+    def pull_messages(self, message_ids):
+        from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError, pull_objects
+
+        def never(object_id):
+            self.pulls += 1
+            raise ObjectUnavailableError(object_id)
+
+        try:
+            pull_objects(object_ids=["content"], pull_object_fn=never)
+        except ObjectPullError:
+            return [UNAVAILABLE]
+        return []
+
+
+def test_a_reply_whose_content_never_arrives_ends_at_the_rounds_deadline():
+    from flwr.supercore.inflatable import inflatable_utils
+
+    import flwr.superlink.grid.http_grid as http_grid
+
+    source = inspect.getsource(http_grid.HttpGrid.pull_messages)
+    assert "pull_objects(" in source and "max_time" not in source  # it pulls with the defaults we bound
+    before = dict(inflatable_utils.pull_objects.__kwdefaults__)
+    grid = ObjectsNeverArrive()
+    started = time.monotonic()
+    replies = PollingGrid(grid, 0.05).send_and_receive(["a message"], timeout=1.5)
+    took = time.monotonic() - started
+    assert replies == [UNAVAILABLE]
+    assert 1.4 < took < 3 and grid.pulls >= 4  # Flower alone would retry for 2 hours
+    assert inflatable_utils.pull_objects.__kwdefaults__ == before  # restored
+
+
+def test_pulls_bounded_by_only_shortens():
+    from flwr.supercore.inflatable import inflatable_utils
+
+    defaults = inflatable_utils.pull_objects.__kwdefaults__
+    with pulls_bounded_by(float("inf")):
+        assert defaults["max_time"] == 7200 and defaults["backoff_cap"] == 0.5
+    with pulls_bounded_by(-1):
+        assert defaults["max_time"] == 0

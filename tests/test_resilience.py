@@ -60,30 +60,37 @@ def test_killed_and_frozen_clients_cost_no_round(tmp_path, mini_dir):
             if record["round"] == 1:  # a pod lost: the node, its trainer and Flower's helpers
                 os.killpg(client_1.popen.pid, signal.SIGKILL)
                 faults["killed"] = time.monotonic()
-            elif 1 in record["partitions"] and "recovered" not in faults:  # partition 1 is back
+                # a busy machine may have finished more rounds by now; the next may be in flight
+                faults["killed_after"] = len(load_history(out)["rounds"])
+            elif record["round"] > faults["killed_after"] + 1 and 1 in record["partitions"] and "recovered" not in faults:
+                # partition 1 is back, trained by the restarted node (a round that began after the kill)
                 faults["recovered"] = time.monotonic()
                 frozen = trainer_pid(fed, 0)  # now a slow client: its trainer stops answering a while
                 os.kill(frozen, signal.SIGSTOP)
                 faults["frozen_after"] = record["round"]
                 threading.Timer(ROUND_TIMEOUT + 2, os.kill, (frozen, signal.SIGCONT)).start()
 
-        run_id = fed.submit(run_config(out, rounds=7))
+        run_id = fed.submit(run_config(out, rounds=9))  # rounds to spare for a busy machine
         history = fed.follow(run_id, out, inject, on_notice=notices.append)
         server = scrape(fed.metrics_ports[0])
         assert client_1.restarts == 1 and "supernode-1 exited with code" in notices[0]
 
     rounds = history["rounds"]
-    assert [r["round"] for r in rounds] == list(range(1, 8)) and history["status"] == "completed"
-    # rounds run at most a deadline past their work: each fault costs its partition, not the round
-    without_1 = [r for r in rounds if r["partitions"] == [0] and r["failures"] >= 1]
+    seen = [(r["round"], r["partitions"], r["failures"], round(r["round_seconds"], 1)) for r in rounds], faults
+    assert [r["round"] for r in rounds] == list(range(1, 10)) and history["status"] == "completed", seen
+    # each fault costs its partition, not the round. Partition 1's dead node is missed in a round
+    # after the kill; its restarted node (a new node id) may already fill in that same round.
+    missed_1 = [r for r in rounds if faults["killed_after"] < r["round"] <= faults["frozen_after"] and r["failures"]]
+    assert missed_1, seen
     without_0 = [r for r in rounds if r["partitions"] == [1] and r["failures"] >= 1]
-    assert without_1 and without_1[0]["round"] >= 2  # while partition 1's node was dead
-    assert without_0 and without_0[0]["round"] > faults["frozen_after"]  # while partition 0's trainer was frozen
-    assert rounds[-1]["partitions"] == [0, 1]  # both back
+    assert without_0 and without_0[0]["round"] > faults["frozen_after"], seen  # while 0's trainer was frozen
+    assert any(0 in r["partitions"] for r in rounds[without_0[0]["round"]:]), seen  # thawed, it trains again
+    assert rounds[-1]["partitions"] == [0, 1], seen  # both back
     # the 8 s deadline ended the faulty rounds, not Flower's default hour (a loose bound: the
     # machine may be busy; under CI load with 16 pods beside it one round took over 13 s)
     assert all(r["round_seconds"] < 60 for r in rounds)
-    assert value(server, "fedcifar_client_failures_total", partition="1", reason="timeout") >= 1
+    # the dead node's reply is missing (timeout), or the SuperLink answers for it (error)
+    assert sum(value(server, "fedcifar_client_failures_total", partition="1", reason=r) for r in ("timeout", "error")) >= 1
     assert value(server, "fedcifar_client_failures_total", partition="0", reason="timeout") >= 1
     log = client_1.log_path.read_text()
     assert log.count("fedcifar: partition 1 of 2") == 2  # the restarted node took its partition again
