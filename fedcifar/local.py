@@ -247,8 +247,9 @@ class LocalFederation:
     ) -> dict[str, Any]:
         """Report each new round of ``out_dir/history.json`` until the run ends; return the history.
 
-        Dead SuperNodes are restarted (``on_notice`` hears of it); a dead SuperLink ends the
-        run with ``FederationError``.
+        Dead SuperNodes are restarted (``on_notice`` hears of it); a dead SuperLink, or a run
+        that Flower reports finished but not completed (asked ``status_every`` s after the last
+        new round), ends it with ``FederationError``.
         """
         shown, next_status = 0, time.monotonic() + status_every
         while True:
@@ -256,6 +257,9 @@ class LocalFederation:
             for record in (history or {}).get("rounds", [])[shown:]:
                 on_round(record)
                 shown += 1
+                # a run that completes rounds is alive: ask Flower (a `flwr` process, ~1 s of CPU)
+                # only once rounds stop coming
+                next_status = time.monotonic() + status_every
             if history and history.get("run_id") == run_id and history.get("status") == "completed":
                 return history
             self.sample_memory()

@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -35,7 +35,7 @@ from fedcifar.data import load_full, resolve_source
 from fedcifar.flower_tuning import pulls_bounded_by, shorten_object_pull_backoff
 from fedcifar.history import PLOT_FILE, History, RoundRecord, plot_history
 from fedcifar.metrics import FAILURE_REASONS, REJECT_REASONS, ServerMetrics, record_bytes, server_metrics
-from fedcifar.task import Net, evaluate, initial_model, pick_device
+from fedcifar.task import MODEL_KEY, Net, evaluate, flat_weights, initial_model, load_flat_weights, pick_device
 
 log = logging.getLogger("flwr.fedcifar")
 REPLY_POLL_SECONDS = 0.05  # Flower's handler prints it in the app's log
@@ -71,12 +71,12 @@ def main(grid: Grid, context: Context) -> None:
         net = initial_model(config.seed)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> None:
-        net.load_state_dict(arrays.to_torch_state_dict())
+        load_flat_weights(net, arrays[MODEL_KEY].numpy())
         loss, accuracy = evaluate(net, test_data, device)
         strategy.finish_round(server_round, loss, accuracy, net, config)
 
     strategy = ResilientFedAvg(history, out_dir, server_metrics(), config)
-    arrays = ArrayRecord(net.state_dict())
+    arrays = ArrayRecord({MODEL_KEY: Array(flat_weights(net))})
     first = checkpoint.round + 1 if checkpoint else 1
     if first == 1:
         evaluate_global(0, arrays)

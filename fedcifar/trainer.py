@@ -17,14 +17,12 @@ import resource
 import threading
 from dataclasses import dataclass, field
 from multiprocessing.connection import Listener
-import numpy as np
-import torch
 
 from fedcifar.config import RunConfig
 from fedcifar.data import ImageTensors, load_partition, resolve_source
 from fedcifar.metrics import client_metrics
 from fedcifar.protocol import TRAINER_KEY_ENV, Reply, Task
-from fedcifar.task import Net, evaluate, pick_device, train
+from fedcifar.task import MODEL_KEY, Net, evaluate, flat_weights, load_flat_weights, pick_device, train
 
 log = logging.getLogger("fedcifar.trainer")
 
@@ -51,8 +49,13 @@ class Trainer:
         )  # fmt: skip
 
     def _model(self, task: Task) -> Net:
+        if set(task.arrays) != {MODEL_KEY}:
+            raise ValueError(
+                f"the message carries arrays {sorted(task.arrays)}, not one {MODEL_KEY!r} vector: "
+                "its ServerApp comes from another version of fedcifar; run the same version on both sides"
+            )
         net = Net()
-        net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in task.arrays.items()})
+        load_flat_weights(net, task.arrays[MODEL_KEY])
         return net
 
     def _train(self, task: Task, config: RunConfig) -> Reply:
@@ -66,7 +69,7 @@ class Trainer:
             device=device, seed=config.seed + task.partition_id,
             first_epoch=(task.server_round - 1) * config.local_epochs, augmented=config.augment,
         )  # fmt: skip
-        arrays = {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
+        arrays = {MODEL_KEY: flat_weights(net)}
         part, m = str(task.partition_id), client_metrics()
         m.last_round.labels(part).set(task.server_round)
         m.train_loss.labels(part).set(result.loss)

@@ -14,11 +14,11 @@ import pytest
 
 from fedcifar.client_app import TrainerError, run_task
 from fedcifar.protocol import TRAINER_ENV, TRAINER_KEY_ENV, Task
-from fedcifar.task import initial_model
+from fedcifar.task import MODEL_KEY, flat_weights, initial_model
 
 
 def task(mini_dir, kind: str = "train", **run_config) -> Task:
-    arrays = {k: v.numpy() for k, v in initial_model(42).state_dict().items()}
+    arrays = {MODEL_KEY: flat_weights(initial_model(42))}
     return Task(kind=kind, arrays=arrays, server_round=1, lr=0.01, partition_id=1, num_partitions=2,
                 run_config={"local-epochs": 1, "batch-size": 32, **run_config}, data_path=str(mini_dir))  # fmt: skip
 

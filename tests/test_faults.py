@@ -17,7 +17,7 @@ from fedcifar.config import RunConfig
 from fedcifar.history import History, RoundRecord
 from fedcifar.metrics import ServerMetrics
 from fedcifar.server_app import ResilientFedAvg, update_problem
-from fedcifar.task import Net, initial_model
+from fedcifar.task import MODEL_KEY, Net, flat_weights, initial_model
 
 
 @pytest.fixture(autouse=True)
@@ -30,13 +30,14 @@ def _task_identity():
 
 @pytest.fixture
 def global_arrays() -> ArrayRecord:
-    return ArrayRecord(initial_model(0).state_dict())
+    return ArrayRecord({MODEL_KEY: Array(flat_weights(initial_model(0)))})  # the model as messages carry it
 
 
 def update(arrays: ArrayRecord, partition: int, examples: int = 100, scale: float = 1.0, **changes) -> RecordDict:
-    """A training reply's content: ``arrays`` times ``scale``, with some arrays replaced."""
+    """A training reply's content: ``arrays`` times ``scale``, with some arrays replaced (by a
+    value, or by a function of the trained weights)."""
     trained = {name: a.numpy() * scale for name, a in arrays.items()}
-    trained.update(changes)
+    trained.update({name: change(trained[MODEL_KEY]) if callable(change) else change for name, change in changes.items()})
     return RecordDict({
         "arrays": ArrayRecord({name: Array(np.asarray(a, dtype=np.float32)) for name, a in trained.items()}),
         "metrics": MetricRecord({
@@ -83,9 +84,10 @@ def counter(strategy, name: str, **labels) -> float:
 @pytest.mark.parametrize(
     "change, reason",
     [
-        ({"fc3.bias": np.full(10, np.nan)}, "non_finite"),
-        ({"conv1.weight": np.full((6, 3, 5, 5), np.inf)}, "non_finite"),
-        ({"fc3.bias": np.zeros(11)}, "wrong_shape"),
+        ({MODEL_KEY: lambda w: np.where(np.arange(w.size) == 7, np.nan, w)}, "non_finite"),
+        ({MODEL_KEY: lambda w: np.where(np.arange(w.size) == w.size - 1, np.inf, w)}, "non_finite"),
+        ({MODEL_KEY: lambda w: np.append(w, 0.0)}, "wrong_shape"),
+        ({MODEL_KEY: lambda w: w.reshape(2, -1)}, "wrong_shape"),
         ({"extra.weight": np.zeros(3)}, "wrong_shape"),
     ],
 )
@@ -102,7 +104,7 @@ def test_an_update_with_impossible_metrics_is_refused(examples, partition, globa
 
 
 def test_bad_updates_never_reach_the_average(strategy, global_arrays):
-    nan = {"fc3.bias": np.full(10, np.nan)}
+    nan = {MODEL_KEY: lambda w: np.full_like(w, np.nan)}
     arrays, metrics = round_trip(strategy, global_arrays, {
         11: update(global_arrays, 0, scale=2.0),
         12: update(global_arrays, 1, **nan),          # poisoned
@@ -128,7 +130,7 @@ def test_missing_and_failed_replies_are_counted_by_partition(strategy, global_ar
 
 
 def test_a_round_without_any_sound_update_aggregates_nothing(strategy, global_arrays):
-    arrays, _ = round_trip(strategy, global_arrays, {11: None, 12: update(global_arrays, 1, **{"fc3.bias": np.zeros(3)})})
+    arrays, _ = round_trip(strategy, global_arrays, {11: None, 12: update(global_arrays, 1, **{MODEL_KEY: np.zeros(3)})})
     assert arrays is None
 
 

@@ -7,7 +7,9 @@ import torch
 
 from fedcifar.centralized import run_centralized
 from fedcifar.data import load_full, load_partition, resolve_source
-from fedcifar.task import Net, augment, evaluate, initial_model, normalize, pick_device, train
+from fedcifar.task import (
+    Net, augment, evaluate, flat_weights, initial_model, load_flat_weights, normalize, pick_device, train,
+)
 
 
 def test_net_is_the_tutorial_cnn():
@@ -21,6 +23,16 @@ def test_initial_model_is_seeded():
     a, b, c = initial_model(1), initial_model(1), initial_model(2)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+def test_the_model_travels_as_one_vector_and_comes_back_exactly():
+    sent, received = initial_model(1), Net()
+    flat = flat_weights(sent)
+    assert flat.shape == (62_006,) and flat.dtype == "float32"
+    load_flat_weights(received, flat)
+    assert all(torch.equal(x, y) for x, y in zip(sent.state_dict().values(), received.state_dict().values()))
+    with pytest.raises(ValueError, match="expected 62006 weights in one vector"):
+        load_flat_weights(received, flat[:-1])
 
 
 def test_normalize_matches_the_tutorial_transform():
