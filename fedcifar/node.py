@@ -36,6 +36,7 @@ from fedcifar.security import rewrite_private_key_arg, superlink_registrar
 
 POD_INDEX_ENV = "POD_INDEX"
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL_SECONDS = 0.1  # Flower's default: 1 s per app launch
 STOP_GRACE_SECONDS = 15
 
 
@@ -90,7 +91,7 @@ def run_node(
     directory = Path(metrics_dir or tempfile.mkdtemp(prefix="fedcifar-metrics-"))
     prepare_multiprocess_dir(directory)
     os.environ[MULTIPROC_ENV] = str(directory)  # inherited by Flower and the apps it spawns
-    os.environ.setdefault(SUPEREXEC_POLL_ENV, "0.1")  # Flower's default: 1 s per app launch
+    os.environ.setdefault(SUPEREXEC_POLL_ENV, str(SUPEREXEC_POLL_SECONDS))
     # Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by name
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     command = rewrite_private_key_arg(command, directory.parent)  # a PEM SuperNode key -> OpenSSH

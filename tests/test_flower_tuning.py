@@ -156,3 +156,13 @@ def test_pulls_bounded_by_only_shortens():
         assert defaults["max_time"] == 7200 and defaults["backoff_cap"] == 0.5
     with pulls_bounded_by(-1):
         assert defaults["max_time"] == 0
+
+
+def test_local_supernodes_poll_less_once_they_outnumber_the_cores():
+    from fedcifar.flower_tuning import POLL_ENV
+    from fedcifar.local import idle_polling
+    from fedcifar.node import SUPEREXEC_POLL_ENV
+
+    defaults = {POLL_ENV: "0.25", SUPEREXEC_POLL_ENV: "0.1"}
+    assert idle_polling(2, 2) == idle_polling(4, 2) == idle_polling(16, 16) == defaults
+    assert idle_polling(16, 2) == {POLL_ENV: "1", SUPEREXEC_POLL_ENV: "0.4"}  # the same idle requests per core as 4
