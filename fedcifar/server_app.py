@@ -224,6 +224,10 @@ class ResilientFedAvg(FedAvg):
         self.node_wait = config.round_timeout
         self.num_partitions = config.num_partitions
         self.partition_of: dict[int, int] = {}  # node id -> partition, from its replies
+        self._last_reply: dict[int, int] = {}  # node id -> when it last replied (a count of pulls)
+        self._failed: set[int] = set()  # nodes whose latest message went unanswered or failed
+        self._skipped: set[int] = set()  # superseded nodes, once logged
+        self._pulls = 0
         self._outbox: list[Message] = []  # the messages sent last, until their replies are counted
         self._reference: dict[str, tuple[tuple[int, ...], str]] = {}
         self._round: dict[str, object] = {}
@@ -256,7 +260,8 @@ class ResilientFedAvg(FedAvg):
         self._wait_for_nodes(grid)
         self.metrics.connected_clients.set(len(list(grid.get_node_ids())))
         self._reference = {name: (tuple(a.shape), a.dtype) for name, a in arrays.items()}
-        return self._sending(arrays, list(super().configure_train(server_round, arrays, config, grid)))
+        messages = super().configure_train(server_round, arrays, config, grid)
+        return self._sending(arrays, self._skip_superseded(messages))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -264,7 +269,8 @@ class ResilientFedAvg(FedAvg):
         if self.fraction_evaluate == 0.0:
             return []
         self._wait_for_nodes(grid)
-        return self._sending(arrays, list(super().configure_evaluate(server_round, arrays, config, grid)))
+        messages = super().configure_evaluate(server_round, arrays, config, grid)
+        return self._sending(arrays, self._skip_superseded(messages))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -348,6 +354,31 @@ class ResilientFedAvg(FedAvg):
                 )
             time.sleep(NODE_POLL_SECONDS)
 
+    def _skip_superseded(self, messages: Iterable[Message]) -> list[Message]:
+        kept = []
+        for m in messages:
+            node_id = m.metadata.dst_node_id
+            if not self._superseded(node_id):
+                kept.append(m)
+            elif node_id not in self._skipped:
+                self._skipped.add(node_id)
+                log.info("node %d no longer gets messages: partition %s answers from a newer node",
+                         node_id, self._partition_label(node_id))  # fmt: skip
+        return kept
+
+    def _superseded(self, node_id: int) -> bool:
+        """A node that failed, whose partition another node has answered for since (a restarted
+        pod or process registers anew): Flower lists the dead id until its heartbeats are missed
+        (a minute or more), and every message to it would be one more counted failure."""
+        partition = self.partition_of.get(node_id)
+        if node_id not in self._failed or partition is None:
+            return False
+        since = self._last_reply.get(node_id, -1)
+        return any(
+            p == partition and self._last_reply.get(other, -1) > since
+            for other, p in self.partition_of.items() if other != node_id
+        )  # fmt: skip
+
     def _sending(self, arrays: ArrayRecord, messages: list[Message]) -> list[Message]:
         sent = record_bytes(arrays) * len(messages)
         self._round["sent"] += sent
@@ -360,9 +391,12 @@ class ResilientFedAvg(FedAvg):
 
     def _received(self, replies: list[Message]) -> list[Message]:
         """Count bytes, error replies and missing replies (by partition); learn node partitions."""
+        self._pulls += 1
         for m in replies:
             if (partition := reply_partition(m)) is not None:
                 self.partition_of[m.metadata.src_node_id] = partition
+                self._last_reply[m.metadata.src_node_id] = self._pulls
+                self._failed.discard(m.metadata.src_node_id)
         # an error the SuperLink made up (e.g. node unavailable) does not come from the node: use the request
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outbox}
         answered = set()
@@ -385,6 +419,7 @@ class ResilientFedAvg(FedAvg):
 
     def _failure(self, node_id: int, reason: str, detail: str) -> None:
         partition = self._partition_label(node_id)
+        self._failed.add(node_id)
         self._round["failures"] += 1
         self.metrics.failures.labels(partition, reason).inc()
         log.warning("client failure (%s): node %d, partition %s: %s", reason, node_id, partition, detail)

@@ -129,6 +129,21 @@ def test_missing_and_failed_replies_are_counted_by_partition(strategy, global_ar
     assert strategy._round["failures"] == 3  # each missing reply once
 
 
+def test_a_dead_node_replaced_by_a_newer_one_gets_no_more_messages(strategy, global_arrays):
+    """Node 12 (partition 1) dies; it restarts as node 13. Flower lists 12 for a minute more."""
+    round_trip(strategy, global_arrays, {11: update(global_arrays, 0), 12: update(global_arrays, 1)})
+    round_trip(strategy, global_arrays, {11: update(global_arrays, 0), 12: None, 13: update(global_arrays, 1)})
+    assert counter(strategy, "failures", partition="1", reason="timeout") == 1
+
+    def to(*nodes):
+        return [Message(RecordDict({"arrays": global_arrays}), dst_node_id=n, message_type="train") for n in nodes]
+
+    assert [m.metadata.dst_node_id for m in strategy._skip_superseded(to(11, 12, 13))] == [11, 13]
+    # a node that failed without a successor for its partition is still tried
+    round_trip(strategy, global_arrays, {11: None, 13: update(global_arrays, 1)})
+    assert [m.metadata.dst_node_id for m in strategy._skip_superseded(to(11, 13))] == [11, 13]
+
+
 def test_a_round_without_any_sound_update_aggregates_nothing(strategy, global_arrays):
     arrays, _ = round_trip(strategy, global_arrays, {11: None, 12: update(global_arrays, 1, **{MODEL_KEY: np.zeros(3)})})
     assert arrays is None
