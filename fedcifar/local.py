@@ -192,7 +192,7 @@ class LocalFederation:
             notices.append(f"{node.name} exited with code {code}; restarted it (restart {node.restarts})")
         return notices
 
-    def close(self, grace: float = 15) -> None:
+    def close(self, grace: float = 15, helpers_grace: float = 2) -> None:
         """Stop the SuperNodes, then the SuperLink, then anything left that carries the token."""
         deadline = time.monotonic() + grace
         # SuperNodes first, and the SuperLink only once they are gone: they deactivate on the way out
@@ -206,13 +206,18 @@ class LocalFederation:
                 except subprocess.TimeoutExpired:
                     node.popen.kill()
                     node.popen.wait()
-        while time.monotonic() < deadline and processes_with_token(self.token):
-            time.sleep(0.1)
-        for pid in processes_with_token(self.token):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        # Flower's detached helpers (the ServerApp, forked ClientApps, their resource trackers)
+        # retry their dead peers ~5 s more: ask them to stop, and kill what is left soon after
+        # (nothing is lost: history and checkpoints are written atomically)
+        deadline = min(deadline, time.monotonic() + helpers_grace)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in processes_with_token(self.token):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            while sig == signal.SIGTERM and time.monotonic() < deadline and processes_with_token(self.token):
+                time.sleep(0.1)
 
     # -- runs --------------------------------------------------------------------------------
 

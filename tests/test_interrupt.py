@@ -28,12 +28,19 @@ def processes_in(folder: Path) -> list[int]:
     return found
 
 
+def as_foreground_job() -> None:
+    """Ctrl-C's disposition at a terminal. A job started in the background by a non-interactive
+    shell (``cmd &``, as a CI runner may start pytest) ignores SIGINT, and its children inherit
+    that; fedcifar rightly keeps it, so the test must not depend on how pytest was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_mid_run_stops_everything(tmp_path, mini_dir):
     out = tmp_path / "run"
     run = subprocess.Popen(
         [sys.executable, "-m", "fedcifar", "run", "--clients", "2", "--rounds", "50", "--data", str(mini_dir),
          "--out", str(out)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_foreground_job,
     )  # fmt: skip
     deadline = time.monotonic() + 180
     while not (out / "history.json").exists():  # the run is under way: the ServerApp wrote round 0
