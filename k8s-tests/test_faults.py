@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import recreate_namespace
+from fedcifar.metrics import FAILURE_REASONS
 from kube import CHART, ROOT, helm, http_get, pod_logs, port_forward, pods, run, wait_for
 
 NS, RELEASE = "fedcifar-e2e-faults", "faults"
@@ -76,7 +77,7 @@ def test_a_killed_client_pod_and_a_killed_superlink_lose_no_round(kube, faults_r
         # sees the node's heartbeats stop first: which one comes first is the cluster's timing
         failures = lambda: sum(  # noqa: E731
             server_metrics(port).get(("fedcifar_client_failures_total", (("partition", "1"), ("reason", r))), 0)
-            for r in ("timeout", "error"))
+            for r in FAILURE_REASONS)
         wait_for("the lost reply of partition 1 to be counted", lambda: failures() >= 1, ROUND_TIMEOUT + 60, 1)
         done_before_crash = completed()
     assert done_before_crash < ROUNDS, "the run ended before the SuperLink could be killed"
