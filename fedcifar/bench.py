@@ -10,8 +10,8 @@
 All three use the same subset of the data (``--examples-per-client`` x ``--clients`` train
 images, ``--test-examples`` test images), the same model initialisation and hyper-parameters,
 on this machine. Round 1 pays one-off costs (imports, decoding the partition) and is reported
-apart; the steady-state figures are means over rounds 2 and later. The last line printed is
-one JSON object with every figure.
+apart; the steady-state figures are means over rounds 2 and later (the centralized loop's
+throughput: epochs 2 and later). The last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -97,6 +97,12 @@ def summarize(rounds: list[dict]) -> dict[str, float]:
     }
 
 
+def client_images_per_second(rounds: list[dict], config: BenchConfig) -> float:
+    """Training images per second of one client's training loop, steady rounds, mean over clients."""
+    train_seconds = statistics.mean(s for r in steady(rounds) for s in r["client_train_seconds"])
+    return config.examples_per_client * config.local_epochs / train_seconds
+
+
 def bench(config: BenchConfig, data: str | None, out: Path) -> dict[str, Any]:
     from fedcifar.centralized import run_centralized
 
@@ -114,6 +120,7 @@ def bench(config: BenchConfig, data: str | None, out: Path) -> dict[str, Any]:
         stock_history, _ = run_federation(True, config.clients, subset, out / "stock", {**run_config, "data-path": str(subset)})
         stock = summarize(stock_history["rounds"])
         result.update({f"stock_{k}": v for k, v in stock.items()})
+        result["stock_client_images_per_second"] = client_images_per_second(stock_history["rounds"], config)
 
     console.print("[bold](b) fedcifar[/]")
     fed_config = {**run_config, "num-partitions": config.clients, "device": config.device,
@@ -122,8 +129,7 @@ def bench(config: BenchConfig, data: str | None, out: Path) -> dict[str, Any]:
     fed = summarize(history["rounds"])
     result.update({f"fedcifar_{k}": v for k, v in fed.items()})
     rest = steady(history["rounds"])
-    train_seconds = statistics.mean(s for r in rest for s in r["client_train_seconds"])
-    result["client_images_per_second"] = config.examples_per_client * config.local_epochs / train_seconds
+    result["client_images_per_second"] = client_images_per_second(history["rounds"], config)
     result["client_peak_rss_bytes"] = sum(peaks.get(kind, 0) for kind in NODE_KINDS)
     result["client_peak_rss_by_process"] = {k: v for k, v in peaks.items() if k in NODE_KINDS}
     result["bytes_per_round"] = statistics.mean(r["sent_bytes"] + r["received_bytes"] for r in rest)
@@ -131,6 +137,8 @@ def bench(config: BenchConfig, data: str | None, out: Path) -> dict[str, Any]:
     if config.stock:
         result["round_speedup"] = stock["round_seconds"] / fed["round_seconds"]
         result["stock_round_seconds"], result["fedcifar_round_seconds"] = stock["round_seconds"], fed["round_seconds"]
+        # the stock client's loop includes its data path (PIL images, per-image transforms, DataLoader)
+        result["data_path_speedup"] = result["client_images_per_second"] / result["stock_client_images_per_second"]
 
     console.print("[bold](c) centralized[/]")
     epochs = config.rounds * config.local_epochs
@@ -138,10 +146,14 @@ def bench(config: BenchConfig, data: str | None, out: Path) -> dict[str, Any]:
         resolve_source(str(subset)), epochs=epochs, batch_size=config.batch_size, lr=config.learning_rate,
         momentum=config.momentum, seed=42, device=config.device, augmented=config.augment,
     )  # fmt: skip
-    result["centralized_images_per_second"] = central.examples / central.train_seconds
+    result["centralized_images_per_second"] = central.steady_images_per_second
     result["centralized_accuracy"] = central.test_accuracy
     result["throughput_ratio"] = result["client_images_per_second"] / result["centralized_images_per_second"]
     result["device"] = central.device
+    if central.device == "cuda":
+        import torch
+
+        result["machine"] += f", {torch.cuda.get_device_name()}"
     result["accuracy_ratio"] = fed["accuracy"] / central.test_accuracy
     result["augment"] = config.augment
 
@@ -164,7 +176,20 @@ def scale_table(config: BenchConfig, data: str | None, out: Path) -> dict[int, f
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    """Where the figures come from: the same code runs ~3x slower on some 2-core CPUs than on others."""
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in cpu_info() if line.startswith("model name")), "")
+    cpu = f"{model}, " if model else ""
+    return (f"{platform.machine()}, {cpu}{os.cpu_count()} CPUs ({torch.backends.cpu.get_cpu_capability()}), "
+            f"Python {platform.python_version()}")  # fmt: skip
+
+
+def cpu_info() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        return []
 
 
 def print_report(result: dict[str, Any]) -> None:

@@ -24,6 +24,9 @@ class CentralizedResult:
     seconds: float  # data loading, training and evaluation
     train_seconds: float
     examples: int
+    # images per second after the first epoch, which pays the one-off costs (CUDA context, kernel
+    # selection, caches): the warm figure a federated client's steady rounds compare against
+    steady_images_per_second: float
     device: str
     data: str
 
@@ -44,13 +47,25 @@ def run_centralized(
     train_data, test_data = load_full(source, "train"), load_full(source, "test")
     torch_device = pick_device(device)
     net = initial_model(seed)
+    epoch_ends: list[float] = []
+
+    def epoch_done(epoch: int, loss: float) -> None:
+        epoch_ends.append(time.perf_counter())  # after train's host sync: the epoch's work is done
+        if on_epoch:
+            on_epoch(epoch, loss)
+
     result = train(
         net, train_data, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-        device=torch_device, seed=seed, augmented=augmented, on_epoch=on_epoch,
+        device=torch_device, seed=seed, augmented=augmented, on_epoch=epoch_done,
     )  # fmt: skip
+    if len(epoch_ends) > 1:
+        steady = len(train_data) * (len(epoch_ends) - 1) / (epoch_ends[-1] - epoch_ends[0])
+    else:
+        steady = result.examples / result.seconds
     test_loss, test_accuracy = evaluate(net, test_data, torch_device)
     return CentralizedResult(
         epochs=epochs, train_loss=result.loss, test_loss=test_loss, test_accuracy=test_accuracy,
         seconds=time.perf_counter() - started, train_seconds=result.seconds,
-        examples=result.examples, device=torch_device.type, data=source.describe(),
+        examples=result.examples, steady_images_per_second=steady, device=torch_device.type,
+        data=source.describe(),
     )  # fmt: skip

@@ -215,6 +215,21 @@ def load_partition(
     return to_tensors(part)
 
 
+@lru_cache(maxsize=8)
+def resident_partition(
+    device: torch.device,
+    source: DataSource,
+    split: str,
+    partition_id: int,
+    num_partitions: int,
+    partitioner: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 42,
+) -> ImageTensors:
+    """``load_partition`` kept on ``device``: a GPU gets the partition once, not once per message."""
+    return load_partition(source, split, partition_id, num_partitions, partitioner, alpha, seed).to(device)
+
+
 def load_full(source: DataSource, split: str) -> ImageTensors:
     """A whole split as tensors (centralized training and server-side evaluation)."""
     return load_partition(source, split, 0, 1)

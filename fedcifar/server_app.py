@@ -53,8 +53,9 @@ def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_flower(context.run_config)
     out_dir = output_dir(config, context.run_id)
     source = resolve_source()
-    test_data = load_full(source, "test")  # fail before any round if the data is unusable
     device = pick_device(config.device)
+    # loaded before any round, so unusable data fails at once; on a GPU, copied there once
+    test_data = load_full(source, "test").to(device)
     net = Net()
     checkpoint = load_checkpoint(out_dir, net.state_dict()) if config.resume else None
     if checkpoint:

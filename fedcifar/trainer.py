@@ -18,8 +18,10 @@ import threading
 from dataclasses import dataclass, field
 from multiprocessing.connection import Listener
 
+import torch
+
 from fedcifar.config import RunConfig
-from fedcifar.data import ImageTensors, load_partition, resolve_source
+from fedcifar.data import ImageTensors, resident_partition, resolve_source
 from fedcifar.metrics import client_metrics
 from fedcifar.protocol import TRAINER_KEY_ENV, Reply, Task
 from fedcifar.task import MODEL_KEY, Net, evaluate, flat_weights, load_flat_weights, pick_device, train
@@ -29,7 +31,7 @@ log = logging.getLogger("fedcifar.trainer")
 
 @dataclass
 class Trainer:
-    """Runs tasks; keeps decoded partitions (per process, see data.load_partition) and the device."""
+    """Runs tasks; keeps decoded partitions on the training device (data.resident_partition)."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -42,9 +44,9 @@ class Trainer:
                 return self._evaluate(task, config)
             raise ValueError(f"unknown task kind {task.kind!r}")
 
-    def _data(self, task: Task, config: RunConfig, split: str) -> ImageTensors:
-        return load_partition(
-            resolve_source(task.data_path), split, task.partition_id, task.num_partitions,
+    def _data(self, task: Task, config: RunConfig, split: str, device: torch.device) -> ImageTensors:
+        return resident_partition(
+            device, resolve_source(task.data_path), split, task.partition_id, task.num_partitions,
             config.partitioner, config.dirichlet_alpha, config.seed,
         )  # fmt: skip
 
@@ -59,8 +61,8 @@ class Trainer:
         return net
 
     def _train(self, task: Task, config: RunConfig) -> Reply:
-        data = self._data(task, config, "train")
         device = pick_device(config.device)
+        data = self._data(task, config, "train", device)
         net = self._model(task)
         result = train(
             net, data,
@@ -91,8 +93,9 @@ class Trainer:
         return Reply(metrics, arrays)
 
     def _evaluate(self, task: Task, config: RunConfig) -> Reply:
-        data = self._data(task, config, "test")
-        loss, accuracy = evaluate(self._model(task), data, pick_device(config.device))
+        device = pick_device(config.device)
+        data = self._data(task, config, "test", device)
+        loss, accuracy = evaluate(self._model(task), data, device)
         part, m = str(task.partition_id), client_metrics()
         m.eval_loss.labels(part).set(loss)
         m.eval_accuracy.labels(part).set(accuracy)

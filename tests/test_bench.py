@@ -24,6 +24,7 @@ def test_bench_reports_every_figure(tmp_path, mini_dir):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     for key in ("stock_round_seconds", "fedcifar_round_seconds", "round_speedup", "fixed_overhead_seconds",
                 "client_images_per_second", "centralized_images_per_second", "throughput_ratio",
+                "stock_client_images_per_second", "data_path_speedup",
                 "client_peak_rss_bytes", "bytes_per_round", "stock_accuracy", "fedcifar_accuracy",
                 "centralized_accuracy"):  # fmt: skip
         assert key in result, key
@@ -31,6 +32,9 @@ def test_bench_reports_every_figure(tmp_path, mini_dir):
     assert result["fedcifar_round_seconds"] > result["fixed_overhead_seconds"] > 0
     assert result["throughput_ratio"] == pytest.approx(
         result["client_images_per_second"] / result["centralized_images_per_second"]
+    )
+    assert result["data_path_speedup"] == pytest.approx(
+        result["client_images_per_second"] / result["stock_client_images_per_second"]
     )
     for key in ("stock_accuracy", "fedcifar_accuracy", "centralized_accuracy"):
         assert 0 <= result[key] <= 1

@@ -12,7 +12,7 @@ import torch
 
 from fedcifar import data
 from fedcifar.config import ConfigError
-from fedcifar.data import DataError, load_full, load_partition, load_split, resolve_source
+from fedcifar.data import DataError, load_full, load_partition, load_split, resident_partition, resolve_source
 
 
 @pytest.fixture(autouse=True)
@@ -123,6 +123,16 @@ def test_partitioning_is_deterministic(mini_dir):
     data.load_split.cache_clear()
     b = load_partition(source, "train", 1, 4, "dirichlet", 0.3, 7)
     assert torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images)
+
+
+def test_resident_partition_is_decoded_and_moved_once(mini_dir):
+    """The trainer's partition stays on its device between messages; on the CPU it is no copy."""
+    source, cpu = resolve_source(mini_dir), torch.device("cpu")
+    resident = resident_partition(cpu, source, "train", 1, 2)
+    assert resident_partition(cpu, source, "train", 1, 2) is resident
+    decoded = load_partition(source, "train", 1, 2, "iid", 0.5, 42)  # the call resident_partition makes
+    assert resident.images is decoded.images and resident.labels is decoded.labels
+    assert resident_partition(cpu, source, "train", 0, 2).labels.tolist() != resident.labels.tolist()
 
 
 def test_dirichlet_skews_labels(mini_dir):
