@@ -142,26 +142,39 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
-@torch.inference_mode()
 def evaluate(
     net: nn.Module, data: ImageTensors, device: torch.device, batch_size: int | None = None
 ) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy (0..1) of ``net`` on ``data``."""
+    """Mean cross-entropy loss and accuracy (0..1) of ``net`` on ``data``; ``net`` stays trainable."""
     # on a CPU, batches of 256 keep the activations in cache: 10,000 test images took 0.18 s
     # instead of 0.33 s at 1,000 (2-core x86_64)
     batch_size = batch_size or (256 if device.type == "cpu" else 1000)
-    net.to(device).eval()
-    data = data.to(device)
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    # channels-last convolutions: the server's evaluation of 10,000 test images took 0.30 s
+    # instead of 0.42 s (2-core AMD EPYC, AVX2; training was no faster). Not measured on a GPU.
+    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    # Moved outside inference mode: parameters converted inside it become inference tensors, and
+    # the next load_state_dict into them fails (the ServerApp's model, reused every round).
+    net.to(device, memory_format=layout).eval()
+    try:
+        with torch.inference_mode():
+            return _loss_and_accuracy(net, data.to(device), batch_size, layout)
+    finally:
+        net.to(memory_format=torch.contiguous_format)  # the layout train() and flat_weights() expect
+
+
+def _loss_and_accuracy(
+    net: nn.Module, data: ImageTensors, batch_size: int, layout: torch.memory_format
+) -> tuple[float, float]:
+    if len(data) == 0:
+        return float("nan"), float("nan")
+    total_loss = torch.zeros((), device=data.labels.device)
+    correct = torch.zeros((), dtype=torch.int64, device=data.labels.device)
     for start in range(0, len(data), batch_size):
-        images = normalize(data.images[start : start + batch_size])
+        images = normalize(data.images[start : start + batch_size]).contiguous(memory_format=layout)
         labels = data.labels[start : start + batch_size]
         logits = net(images)
         total_loss += F.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(dim=1) == labels).sum()
-    if len(data) == 0:
-        return float("nan"), float("nan")
     return total_loss.item() / len(data), correct.item() / len(data)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fedcifar.centralized import run_centralized
 from fedcifar.data import load_full, load_partition, resolve_source
@@ -86,6 +87,21 @@ def test_centralized_throughput_leaves_out_the_first_epoch(mini_dir):
     per_epoch = result.examples // 3
     steady_seconds = 2 * per_epoch / result.steady_images_per_second
     assert 0 < steady_seconds < result.train_seconds
+
+
+def test_evaluate_matches_plain_forward_and_leaves_the_model_trainable(mini_dir):
+    """The ServerApp evaluates, loads the next round's weights into the same model, and so on."""
+    data = load_full(resolve_source(mini_dir), "test")
+    net, cpu = initial_model(3), torch.device("cpu")
+    with torch.no_grad():  # the reference: the plain layout, one batch
+        logits = net(data.images.float() / 127.5 - 1.0)
+    expected = (F.cross_entropy(logits, data.labels).item(), (logits.argmax(1) == data.labels).float().mean().item())
+    assert evaluate(net, data, cpu, batch_size=64) == pytest.approx(expected, rel=1e-5)
+    for param in net.parameters():
+        assert not param.is_inference() and param.is_contiguous()
+    load_flat_weights(net, flat_weights(initial_model(4)))
+    train(net, data, epochs=1, batch_size=64, lr=0.01, momentum=0.9, device=cpu, seed=0)
+    assert evaluate(net, data, cpu)[1] >= 0
 
 
 def test_augment_is_a_random_crop_or_flipped_crop_of_each_image():
