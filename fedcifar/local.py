@@ -290,7 +290,7 @@ class LocalFederation:
     def sample_memory(self) -> None:
         """Fold the peak resident memory of every running process into ``peak_rss``."""
         for pid in processes_with_token(self.token):
-            kind, hwm = _process_kind(pid), _vm_hwm(pid)
+            kind, hwm = _process_kind(pid), process_memory(pid, "VmHWM")
             if kind and hwm:
                 self.peak_rss[kind] = max(self.peak_rss.get(kind, 0), hwm)
 
@@ -362,10 +362,11 @@ def _process_kind(pid: int) -> str | None:
     return None
 
 
-def _vm_hwm(pid: int) -> int:
+def process_memory(pid: int, field: str = "VmRSS") -> int:
+    """Bytes of a memory figure of /proc/PID/status: VmRSS (resident now) or VmHWM (peak); 0 if gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
@@ -386,14 +387,17 @@ def tree_rss(root: int, skip: str = "flwr-clientapp") -> int:
     total, todo = 0, [root]
     while todo:
         pid = todo.pop()
-        todo.extend(children.get(pid, []))
         try:
-            if skip in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") or \
-                    Path(f"/proc/{pid}/comm").read_text().strip() == skip:  # forked ClientApps
-                continue
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
         except OSError:
             continue
+        # The ClientApp fork server's children are ClientApps, also in the instant before one
+        # renames itself: counted, it once added 89 MiB to a node for one round of a soak.
+        if "multiprocessing.forkserver" not in cmdline:
+            todo.extend(children.get(pid, []))
+        if skip in cmdline or comm == skip:  # cold ClientApps, and forked ones once renamed
+            continue
+        total += process_memory(pid)
     return total
+

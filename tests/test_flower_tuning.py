@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import inspect
+import multiprocessing
 import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import flwr.supernode.start_client_internal as supernode_loop
+import pytest
 
 from fedcifar.flower_tuning import (
     CLIENTAPP, CLIENTAPP_MAIN, PULL_RETRY_SECONDS, ClientAppForkServer, capped_time, pulls_bounded_by,
     shorten_object_pull_backoff,
     shorten_supernode_polling, start_warm_superexec,
 )
+from fedcifar.local import process_memory, tree_rss
 from fedcifar.server_app import PollingGrid
 
 
@@ -77,6 +81,20 @@ def test_clientapps_are_forked_from_the_warm_server_and_named_like_flowers():
     assert again.exitcode == 0 and time.perf_counter() - started < first  # warm: the server exists now
     other = server.popen([sys.executable, "-c", "pass"])  # anything else: a plain subprocess
     assert isinstance(other, subprocess.Popen) and other.wait(30) == 0
+
+
+def test_node_memory_leaves_out_the_fork_servers_children():
+    """A child of the fork server is a ClientApp even before it renames itself (soak: a +89 MiB spike)."""
+    child = multiprocessing.get_context("forkserver").Process(target=time.sleep, args=(60,))
+    child.start()
+    try:
+        server = int(Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert "multiprocessing.forkserver" in Path(f"/proc/{server}/cmdline").read_text()
+        assert process_memory(child.pid) > 2**20  # what counting the child would add
+        assert tree_rss(server) == pytest.approx(process_memory(server), abs=2**20)
+    finally:
+        child.kill()
+        child.join()
 
 
 def test_the_supernode_starts_the_warm_superexec(monkeypatch):
