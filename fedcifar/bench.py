@@ -150,10 +150,6 @@ def bench(config: BenchConfig, data: str | None, out: Path) -> dict[str, Any]:
     result["centralized_accuracy"] = central.test_accuracy
     result["throughput_ratio"] = result["client_images_per_second"] / result["centralized_images_per_second"]
     result["device"] = central.device
-    if central.device == "cuda":
-        import torch
-
-        result["machine"] += f", {torch.cuda.get_device_name()}"
     result["accuracy_ratio"] = fed["accuracy"] / central.test_accuracy
     result["augment"] = config.augment
 
@@ -181,8 +177,9 @@ def machine() -> str:
 
     model = next((line.split(":", 1)[1].strip() for line in cpu_info() if line.startswith("model name")), "")
     cpu = f"{model}, " if model else ""
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{platform.machine()}, {cpu}{os.cpu_count()} CPUs ({torch.backends.cpu.get_cpu_capability()}), "
-            f"Python {platform.python_version()}")  # fmt: skip
+            f"Python {platform.python_version()}{gpu}")  # fmt: skip
 
 
 def cpu_info() -> list[str]:

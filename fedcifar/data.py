@@ -22,6 +22,7 @@ import pickle
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -216,18 +217,9 @@ def load_partition(
 
 
 @lru_cache(maxsize=8)
-def resident_partition(
-    device: torch.device,
-    source: DataSource,
-    split: str,
-    partition_id: int,
-    num_partitions: int,
-    partitioner: str = "iid",
-    alpha: float = 0.5,
-    seed: int = 42,
-) -> ImageTensors:
-    """``load_partition`` kept on ``device``: a GPU gets the partition once, not once per message."""
-    return load_partition(source, split, partition_id, num_partitions, partitioner, alpha, seed).to(device)
+def resident_partition(device: torch.device, *partition: Any) -> ImageTensors:
+    """``load_partition(*partition)`` kept on ``device``: a GPU gets it once, not once per message."""
+    return load_partition(*partition).to(device)
 
 
 def load_full(source: DataSource, split: str) -> ImageTensors:

@@ -400,4 +400,3 @@ def tree_rss(root: int, skip: str = "flwr-clientapp") -> int:
             continue
         total += process_memory(pid)
     return total
-

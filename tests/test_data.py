@@ -130,7 +130,7 @@ def test_resident_partition_is_decoded_and_moved_once(mini_dir):
     source, cpu = resolve_source(mini_dir), torch.device("cpu")
     resident = resident_partition(cpu, source, "train", 1, 2)
     assert resident_partition(cpu, source, "train", 1, 2) is resident
-    decoded = load_partition(source, "train", 1, 2, "iid", 0.5, 42)  # the call resident_partition makes
+    decoded = load_partition(source, "train", 1, 2)  # the call resident_partition makes
     assert resident.images is decoded.images and resident.labels is decoded.labels
     assert resident_partition(cpu, source, "train", 0, 2).labels.tolist() != resident.labels.tolist()
 
