@@ -300,9 +300,9 @@ class ResilientFedAvg(FedAvg):
     def finish_round(self, server_round: int, loss: float, accuracy: float, net: Net, config: RunConfig) -> None:
         """Called by the server-side evaluation, the last step of a round (round 0: before any)."""
         m = self.metrics
-        m.eval_loss.set(loss)
-        m.eval_accuracy.set(accuracy)
         if server_round == 0:
+            m.eval_loss.set(loss)
+            m.eval_accuracy.set(accuracy)
             self.history.initial_eval_loss, self.history.initial_eval_accuracy = loss, accuracy
             self.history.save(self.out_dir)
             return
@@ -325,10 +325,6 @@ class ResilientFedAvg(FedAvg):
             client_eval_loss=r.get("client_eval_loss"),
             client_eval_accuracy=r.get("client_eval_accuracy"),
         )
-        m.train_loss.set(record.train_loss)
-        m.participating_clients.set(record.participating_clients)
-        m.examples_trained.inc(record.examples_trained)
-        m.round_duration.observe(record.round_seconds)
         self.history.rounds.append(record)
         # the checkpoint first: a crash between the two files leaves history.json a round behind, never ahead
         Checkpoint(
@@ -336,6 +332,14 @@ class ResilientFedAvg(FedAvg):
             fingerprint=config.training_fingerprint(), rng_state=random.getstate(),
         ).save(self.out_dir)  # fmt: skip
         self.history.save(self.out_dir)
+        # the round's figures together with its count, after the files: a scrape during the saves
+        # saw the next round's accuracy beside the previous round's count
+        m.eval_loss.set(loss)
+        m.eval_accuracy.set(accuracy)
+        m.train_loss.set(record.train_loss)
+        m.participating_clients.set(record.participating_clients)
+        m.examples_trained.inc(record.examples_trained)
+        m.round_duration.observe(record.round_seconds)
         m.rounds_completed.inc()
         log.info(
             "round %d: train_loss=%.4f eval_loss=%.4f eval_accuracy=%.4f %.1fs",
