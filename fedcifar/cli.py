@@ -101,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     so.set_defaults(handler=cmd_soak)
 
     sub_ = sub.add_parser("submit", help="wait for a SuperLink and its clients, then flwr run (the chart's run Job)")
-    sub_.add_argument("--superlink", required=True, help="SuperLink address HOST:PORT (insecure)")
+    sub_.add_argument("--superlink", required=True, help="SuperLink address HOST:PORT (/health; also Control)")
+    sub_.add_argument("--control-pod-selector", metavar="LABELS",
+                      help="reach the Control API through a port-forward to the pod these labels pick (in-cluster)")
+    sub_.add_argument("--control-port", type=int, default=9093, help="the Control API's port in that pod")
     sub_.add_argument("--app", default=str(APP_DIR), help="Flower app folder (default: this project)")
     sub_.add_argument("--run-config", default="", help="'key=value ...' run config overrides (TOML values)")
     sub_.add_argument("--client-metrics", nargs="*", default=[], metavar="URL",
@@ -176,13 +179,15 @@ def cmd_soak(args: argparse.Namespace, _extra: list[str]) -> int:
 
 
 def cmd_submit(args: argparse.Namespace, _extra: list[str]) -> int:
+    from fedcifar.portforward import PortForwardError
     from fedcifar.submit import NotReady, submit
 
     try:
         return submit(app=args.app, superlink=args.superlink, run_config=args.run_config,
                       client_metrics=args.client_metrics, num_partitions=args.num_partitions,
-                      timeout=args.timeout, stream=not args.no_stream)  # fmt: skip
-    except NotReady as err:
+                      timeout=args.timeout, stream=not args.no_stream, control_pod_selector=args.control_pod_selector,
+                      control_port=args.control_port)  # fmt: skip
+    except (NotReady, PortForwardError) as err:
         console.print(f"[bold red]error:[/] {err}")
         return 1
 

@@ -7,6 +7,11 @@ replaced first, or the run would mix two splits — then stops any run still goi
 a time per federation), submits the run with ``flwr run``, streams its logs and exits 0 only if
 it completed: a Job retry then resumes a failed run from its checkpoint.
 
+In the chart the Control API is not on the SuperLink's public port (a proxy refuses it there):
+with ``--control-pod-selector`` and ``--control-port`` the ``flwr`` commands reach Flower on the
+SuperLink pod's loopback through the Kubernetes API server's port-forward (``portforward.py``), as an
+operator's ``kubectl port-forward`` does; ``--superlink`` is then used for ``/health`` only.
+
 With ``$FEDCIFAR_ROOT_CERTIFICATES`` (the chart sets it when ``tls.enabled``) the connection uses
 TLS verified with that CA (``root-certificates`` instead of ``insecure = true``) and ``/health`` is
 checked over HTTPS. With ``$FEDCIFAR_SUPERNODE_PUBLIC_KEYS`` it registers those SuperNode keys
@@ -23,7 +28,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -119,9 +125,25 @@ def run_status(flwr: str, run_id: int) -> str:
     return str(runs[0]["status"]) if runs else "unknown (SuperLink unreachable)"
 
 
+@contextmanager
+def control_api(superlink: str, pod_selector: str | None, port: int | None) -> Iterator[str]:
+    """The address ``flwr`` uses for the Control API: ``superlink`` itself, or a local port-forward
+    to ``port`` on the loopback of the pod that ``pod_selector`` picks."""
+    if not pod_selector:
+        yield superlink
+        return
+    from fedcifar.portforward import PortForward
+
+    forward = PortForward(pod_selector, port or 9093)
+    pod = forward.check()
+    with forward as address:
+        print(f"fedcifar: Control API through a port-forward to {forward.namespace}/{pod}:{forward.port}", flush=True)
+        yield address
+
+
 def submit(
     *, app: str, superlink: str, run_config: str, client_metrics: list[str], num_partitions: int | None,
-    timeout: float, stream: bool = True,
+    timeout: float, stream: bool = True, control_pod_selector: str | None = None, control_port: int | None = None,
 ) -> int:
     """Wait for the federation, stop runs still going, start the run and stream its logs.
 
@@ -129,11 +151,20 @@ def submit(
     its SuperLink, is retried; with ``resume = true`` in the run config the retry continues from
     the last checkpointed round.
     """
-    flwr_home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
     ca = os.environ.get(security.ROOT_CERTIFICATES_ENV) or None
-    write_connection(flwr_home, CONNECTION, superlink, ca)
     wait_until(f"SuperLink {superlink}", lambda: superlink_healthy(superlink, ca), timeout)
     print(f"fedcifar: SuperLink {superlink} is healthy{' (TLS)' if ca else ''}", flush=True)
+    with control_api(superlink, control_pod_selector, control_port) as control:
+        return submit_run(app=app, control=control, ca=ca, run_config=run_config, client_metrics=client_metrics,
+                          num_partitions=num_partitions, timeout=timeout, stream=stream)  # fmt: skip
+
+
+def submit_run(
+    *, app: str, control: str, ca: str | None, run_config: str, client_metrics: list[str],
+    num_partitions: int | None, timeout: float, stream: bool,
+) -> int:
+    flwr_home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    write_connection(flwr_home, CONNECTION, control, ca)
     keys = os.environ.get(security.PUBLIC_KEYS_ENV)
     if keys:
         security.register_missing_public_keys(Path(keys), flwr_home)

@@ -44,7 +44,7 @@ def superlink_pod(kube) -> str:
 
 
 def history(kube) -> dict:
-    return json.loads(run("kubectl", "-n", NS, "exec", superlink_pod(kube), "--", "cat", HISTORY).stdout)
+    return json.loads(run("kubectl", "-n", NS, "exec", superlink_pod(kube), "-c", "superlink", "--", "cat", HISTORY).stdout)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_a_killed_client_pod_and_a_killed_superlink_lose_no_round(kube, faults_r
     kill = ("import os, signal\nfor p in filter(str.isdigit, os.listdir('/proc')):\n"
             "    if int(p) != os.getpid() and b'bin/flower-superlink' in open(f'/proc/{p}/cmdline', 'rb').read():\n"
             "        os.kill(int(p), signal.SIGKILL)")  # fmt: skip
-    run("kubectl", "-n", NS, "exec", superlink_pod(kube), "--", "python", "-c", kill)
+    run("kubectl", "-n", NS, "exec", superlink_pod(kube), "-c", "superlink", "--", "python", "-c", kill)
     crashed_at = time.monotonic()
 
     def job_done():

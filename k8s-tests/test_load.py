@@ -70,7 +70,7 @@ def test_16_clients_10_rounds_no_failed_round_no_memory_growth(kube, load_releas
     final = client_memory()
 
     superlink = [p.metadata.name for p in pods(kube, NS, "app.kubernetes.io/component=superlink")][0]
-    history = json.loads(run("kubectl", "-n", NS, "exec", superlink, "--",
+    history = json.loads(run("kubectl", "-n", NS, "exec", superlink, "-c", "superlink", "--",
                              "cat", "/var/lib/fedcifar/runs/revision-1/history.json").stdout)  # fmt: skip
     rounds = history["rounds"]
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))

@@ -2,9 +2,12 @@
 schedule on (advertised) GPUs, run `helm test`, uninstall. The tests run in file order on one release.
 
 The release runs with the chart's defaults for security: TLS between every component and the
-SuperLink, SuperNode authentication (one registered key per client), NetworkPolicies. The cluster
-(v1.20, Docker's bridge) does not enforce NetworkPolicies, so what is tested for real is TLS and
-authentication: a plaintext SuperNode and one with an unregistered key do not get in.
+SuperLink, SuperNode authentication (one registered key per client), NetworkPolicies, and a public
+port that serves the Fleet API alone. The cluster (v1.20, Docker's bridge) does not enforce
+NetworkPolicies, so what is tested for real is TLS, authentication, the proxy and RBAC: a plaintext
+SuperNode and one with an unregistered key do not get in; from another namespace the Control and
+runtime APIs and /docs get 403 through the Service; the Control API answers through kubectl
+port-forward for an identity with the rights and not for one without.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ import re
 import ssl
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import APP_NS, SHARED_K8S
-from kube import CHART, ROOT, helm, pod_logs, port_forward, pods, prom_query, run, wait_for
+from conftest import APP_NS, MON_NS, SHARED_K8S
+from kube import CHART, ROOT, free_port, helm, pod_logs, port_forward, pods, prom_query, run, wait_for
 
 RELEASE = "e2e"
 GPU_NS, GPU_RELEASE = "fedcifar-e2e-gpu", "gpu"
@@ -149,6 +153,7 @@ def test_helm_test_passes(release):
 
 SUPERLINK = f"{RELEASE}-fedcifar-superlink"
 TLS_SECRET = f"{SUPERLINK}-tls"
+CONTROL_PORT = 9093  # Flower on the SuperLink pod's loopback (superlink.controlPort)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +166,7 @@ def ca_file(kube, release, tmp_path_factory) -> Path:
 
 
 def flwr_nodes(port: int, ca: Path, home: Path) -> list[dict]:
-    """``flwr supernode ls`` against the SuperLink's Control API (port-forwarded), over TLS."""
+    """``flwr supernode ls`` against the SuperLink's Control API (port-forwarded, as the README says), over TLS."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "127.0.0.1:{port}"\n'
                                       f'root-certificates = "{ca}"\n')  # fmt: skip
@@ -178,14 +183,15 @@ def test_superlink_speaks_only_tls_and_knows_only_the_release_clients(kube, rele
         context = ssl.create_default_context(cafile=str(ca_file))  # the certificate is valid for 127.0.0.1
         with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=10, context=context) as reply:
             assert reply.status == 200
-        with pytest.raises(OSError):  # plain HTTP on the same port gets no HTTP answer
+        with pytest.raises(urllib.error.HTTPError, match="400"):  # plain HTTP on the same port is refused
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read()
         with pytest.raises(OSError, match="CERTIFICATE_VERIFY_FAILED"):  # nor does a client that trusts another CA
             urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=10,
                                    context=ssl.create_default_context()).read()  # fmt: skip
+    with port_forward(APP_NS, f"deploy/{SUPERLINK}", CONTROL_PORT) as port:
         nodes = flwr_nodes(port, ca_file, tmp_path / "flwr")
     assert len(nodes) == 3 and {n["status"] for n in nodes} == {"online"}, nodes  # the 3 registered clients
-    log = run("kubectl", "-n", APP_NS, "logs", f"deploy/{SUPERLINK}").stdout
+    log = run("kubectl", "-n", APP_NS, "logs", f"deploy/{SUPERLINK}", "-c", "superlink").stdout
     assert "3 SuperNode keys registered; ready" in log
     client = pods(kube, APP_NS, CLIENTS_SELECTOR)[0].metadata.name
     listing = run("kubectl", "-n", APP_NS, "exec", client, "--", "ls", "/etc/fedcifar/supernode").stdout.split()
@@ -250,13 +256,109 @@ def test_unregistered_and_plaintext_supernodes_are_refused(kube, release, image,
         log = pod_logs(kube, APP_NS, "unregistered-supernode")
         assert "[code: 2004] Failed to activate SuperNode." in log, log  # the SuperLink does not know its key
         log = pod_logs(kube, APP_NS, "plaintext-supernode")
-        assert "Giving up reconnection" in log and "SuperNode ID" not in log, log
-        with port_forward(APP_NS, f"svc/{SUPERLINK}", 8000) as port:
+        # the proxy's TLS port answers plaintext with 400: Flower gives up at once (exit code 305)
+        assert "400 Bad Request" in log and "SuperNode ID" not in log, log
+        with port_forward(APP_NS, f"deploy/{SUPERLINK}", CONTROL_PORT) as port:
             nodes = flwr_nodes(port, ca_file, tmp_path / "flwr")
         assert len(nodes) == 3 and {n["status"] for n in nodes} == {"online"}, nodes
     finally:
         run("kubectl", "-n", APP_NS, "delete", "pod,secret", "-l", "fedcifar-e2e=intruder", "--wait=false", check=False)
         run("kubectl", "-n", APP_NS, "delete", "secret", "intruder-key", "--wait=false", check=False)
+
+
+# What anyone who reaches the public port gets, run from a pod in another namespace: the CA (it is
+# public) and no key. Raw requests verify nothing; the flwr CLI verifies the SuperLink with the CA.
+OUTSIDER_SCRIPT = r"""
+import json, os, ssl, subprocess, urllib.error, urllib.request
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+base, out = os.environ["SUPERLINK"], {}
+for method, path in [("GET", "/health"), ("POST", "/v1/control/list-runs"), ("POST", "/v1/control/list-nodes"),
+                     ("POST", "/v1/runtime/acquire-task"), ("GET", "/docs"), ("GET", "/openapi.json")]:
+    request = urllib.request.Request(f"https://{base}{path}", data=b"" if method == "POST" else None, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=ssl._create_unverified_context()) as reply:
+            out[path] = [reply.status, reply.read().decode()[:300]]
+    except urllib.error.HTTPError as err:
+        out[path] = [err.code, err.read().decode()[:300]]
+home = "/tmp/flwr"
+os.makedirs(home)
+open(f"{home}/config.toml", "w").write(f'[superlink.site]\naddress = "{base}"\nroot-certificates = "/etc/ca/ca.crt"\n')
+key = ec.generate_private_key(ec.SECP256R1()).public_key()
+open("/tmp/site.pub", "wb").write(key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+for name, args in [("flwr ls", ["ls", "site"]), ("flwr supernode register", ["supernode", "register", "/tmp/site.pub", "site"]),
+                   ("flwr run", ["run", "/app", "site"])]:
+    done = subprocess.run(["flwr", *args, "--format", "json"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "FLWR_HOME": home})
+    out[name] = done.stdout[done.stdout.find("{"):] or done.stderr[-500:]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_public_port_serves_the_fleet_api_alone(kube, release, image, ca_file):
+    """From another namespace, through the SuperLink's Service: the Control and runtime APIs and the docs
+    get 403 with a sentence, whoever asks; flwr run, flwr ls and key registration fail."""
+    repo, tag = image
+    run("kubectl", "-n", MON_NS, "create", "configmap", "superlink-ca", f"--from-file=ca.crt={ca_file}")
+    pod = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "outsider", "namespace": MON_NS},
+        "spec": {
+            "restartPolicy": "Never", "automountServiceAccountToken": False, "enableServiceLinks": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "outsider", "image": f"{repo}:{tag}", "imagePullPolicy": "IfNotPresent",
+                "command": ["python3", "-c", OUTSIDER_SCRIPT],
+                "env": [{"name": "SUPERLINK", "value": f"{SUPERLINK}.{APP_NS}:8000"},
+                        {"name": "FLWR_TELEMETRY_ENABLED", "value": "0"}],
+                "resources": {"requests": {"cpu": "10m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}},
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "ca", "mountPath": "/etc/ca"}],
+            }],
+            "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "ca", "configMap": {"name": "superlink-ca"}}],
+        },
+    }  # fmt: skip
+    try:
+        run("kubectl", "apply", "-f", "-", input=json.dumps(pod))
+        done = wait_for("the outsider pod to finish",
+                        lambda: kube.read_namespaced_pod("outsider", MON_NS).status.phase in ("Succeeded", "Failed"),
+                        180, 2)  # fmt: skip
+        log = pod_logs(kube, MON_NS, "outsider")
+        assert done and "RESULT " in log, log
+        out = json.loads(log.split("RESULT ", 1)[1])
+    finally:
+        run("kubectl", "-n", MON_NS, "delete", "pod/outsider", "configmap/superlink-ca", "--wait=false", check=False)
+    assert out["/health"][0] == 200, out
+    for path in ("/v1/control/list-runs", "/v1/control/list-nodes", "/v1/runtime/acquire-task", "/docs", "/openapi.json"):
+        status, body = out[path]
+        assert status == 403 and body.startswith("fedcifar: this port serves only Flower's Fleet API"), (path, out[path])
+    for command in ("flwr ls", "flwr supernode register", "flwr run"):
+        assert '"success": false' in out[command] and "403" in out[command], (command, out[command])
+
+
+def test_control_api_answers_through_port_forward_only_with_the_rights(kube, release, ca_file, tmp_path):
+    """The README's operator path: kubectl port-forward + flwr, guarded by RBAC (pods/portforward)."""
+    with port_forward(APP_NS, f"deploy/{SUPERLINK}", CONTROL_PORT) as port:  # the admin here
+        home = tmp_path / "flwr"
+        flwr_nodes(port, ca_file, home)  # writes the connection
+        done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls", "e2e", "--format", "json"],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"})  # fmt: skip
+        runs = json.loads(done.stdout[done.stdout.index("{"):])["runs"]
+    assert "finished:completed" in [r["status"] for r in runs], runs  # the run Job's, through the same path
+    run("kubectl", "-n", APP_NS, "create", "serviceaccount", "viewer")
+    run("kubectl", "-n", APP_NS, "create", "rolebinding", "viewer", "--clusterrole=view", f"--serviceaccount={APP_NS}:viewer")
+    try:  # Kubernetes' built-in `view`: may read the pods, may not forward to them
+        denied = run("kubectl", "-n", APP_NS, "--as", f"system:serviceaccount:{APP_NS}:viewer", "port-forward",
+                     f"deploy/{SUPERLINK}", f"{free_port()}:{CONTROL_PORT}", check=False, timeout=30)  # fmt: skip
+    finally:
+        run("kubectl", "-n", APP_NS, "delete", "rolebinding/viewer", "serviceaccount/viewer", check=False)
+    assert denied.returncode != 0 and 'cannot create resource "pods/portforward"' in denied.stderr, denied.stderr
+    job_account = f"system:serviceaccount:{APP_NS}:{RELEASE}-fedcifar-run"
+    for verb, resource, allowed in (("create", "pods/portforward", "yes"), ("get", "secrets", "no"),
+                                    ("create", "pods/exec", "no"), ("list", "pods", "yes")):  # fmt: skip
+        answer = run("kubectl", "-n", APP_NS, "auth", "can-i", verb, resource, "--as", job_account, check=False)
+        assert answer.stdout.strip() == allowed, (verb, resource, answer.stdout, answer.stderr)
 
 
 def test_network_policies_exist(release):

@@ -33,7 +33,8 @@ MONITORING_API = "monitoring.coreos.com/v1"
 CERT_MANAGER_API = "cert-manager.io/v1"
 # The only API groups the chart may use: all served by Kubernetes 1.20 and by 1.28-1.33 (the CRDs
 # of the Prometheus Operator and cert-manager only where the cluster has them).
-ALLOWED_API_VERSIONS = {"v1", "apps/v1", "batch/v1", "networking.k8s.io/v1", MONITORING_API, CERT_MANAGER_API}
+ALLOWED_API_VERSIONS = {"v1", "apps/v1", "batch/v1", "networking.k8s.io/v1", "rbac.authorization.k8s.io/v1",
+                        MONITORING_API, CERT_MANAGER_API}  # fmt: skip
 VALIDATE_VERSIONS = ("1.28.0", "1.33.0")
 
 
@@ -241,6 +242,10 @@ def test_default_objects(default_docs: list[dict]) -> None:
         ("NetworkPolicy", f"{FULLNAME}-superlink"),
         ("NetworkPolicy", f"{FULLNAME}-clients"),
         ("NetworkPolicy", f"{FULLNAME}-run"),
+        ("ConfigMap", f"{FULLNAME}-superlink-proxy"),
+        ("ServiceAccount", f"{FULLNAME}-run"),
+        ("Role", f"{FULLNAME}-run"),
+        ("RoleBinding", f"{FULLNAME}-run"),
     }
     for doc in default_docs:
         assert doc["apiVersion"] in ALLOWED_API_VERSIONS, doc["apiVersion"]
@@ -275,17 +280,26 @@ def test_superlink(default_docs: list[dict]) -> None:
     assert c["command"] == ["fedcifar", "superlink"]
     args = c["args"]
     for flag, value in (("--metrics-port", "9400"), ("--metrics-host", "0.0.0.0"),
-                        ("--metrics-dir", "/var/run/fedcifar/metrics"), ("--host", "0.0.0.0"),
-                        ("--port", "8000")):  # fmt: skip
-        assert args[args.index(flag) + 1] == value
+                        ("--metrics-dir", "/var/run/fedcifar/metrics"), ("--host", "127.0.0.1"),
+                        ("--port", "9093")):  # fmt: skip
+        assert args[args.index(flag) + 1] == value  # Flower on the loopback: the proxy is its public face
     assert "--insecure" not in args and "--disable-runtime-dependency-installation" in args  # TLS by default
     assert "--database" not in args
     assert c["workingDir"] == "/var/lib/fedcifar"
     mounts = mounts_of(deploy, c)
     assert "emptyDir" in mounts["/var/lib/fedcifar"][1]
-    for probe in ("startupProbe", "livenessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTPS"}
-    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8000, "metrics": 9400}
+    for probe in ("startupProbe", "livenessProbe"):  # Flower itself, on the loopback, not through the proxy
+        command = c[probe]["exec"]["command"]
+        assert command[:2] == ["python3", "-c"] and '"https://127.0.0.1:9093/health"' in command[2]
+        assert 'cafile="/etc/fedcifar/tls/ca.crt"' in command[2]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 9400}
+    proxy = container(deploy, "proxy")
+    assert proxy["command"] == ["nginx", "-e", "stderr", "-c", "/etc/fedcifar/proxy/nginx.conf", "-g", "daemon off;"]
+    assert {p["name"]: p["containerPort"] for p in proxy["ports"]} == {"http": 8000}
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTPS"}
+    proxy_mounts = mounts_of(deploy, proxy)
+    assert proxy_mounts["/etc/fedcifar/proxy"][1]["configMap"]["name"] == f"{FULLNAME}-superlink-proxy"
+    assert proxy_mounts["/tmp"][1]["name"] == "proxy-tmp" and proxy_mounts["/etc/fedcifar/tls"][0]["readOnly"]
     assert "FEDCIFAR_DATA" not in env_of(c)  # hub by default
     svc = find(default_docs, "Service", f"{FULLNAME}-superlink")
     assert svc["spec"]["type"] == "ClusterIP"
@@ -540,6 +554,47 @@ def test_run_job_defaults(default_docs: list[dict]) -> None:
     assert job["spec"]["backoffLimit"] == 3
 
 
+def test_run_job_reaches_the_control_api_through_a_port_forward(default_docs: list[dict]) -> None:
+    """The public port refuses the Control API; the Job port-forwards to Flower on the SuperLink's loopback."""
+    deploy = find(default_docs, "Deployment", f"{FULLNAME}-superlink")
+    selector = deploy["spec"]["selector"]["matchLabels"]
+    assert job_arg(default_docs, "--control-pod-selector") == ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+    assert job_arg(default_docs, "--control-port") == "9093"
+    role = find(default_docs, "Role", f"{FULLNAME}-run")
+    assert role["rules"] == [  # as narrow as RBAC allows: no exec, no secrets, nothing cluster-wide
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+        {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]},
+    ]
+    binding = find(default_docs, "RoleBinding", f"{FULLNAME}-run")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": f"{FULLNAME}-run"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{FULLNAME}-run", "namespace": "fl"}]
+    assert not [d for d in render("--set", "run.enabled=false") if d["kind"] in ("Role", "RoleBinding")]
+
+
+def test_the_public_face_passes_only_the_fleet_api(default_docs: list[dict]) -> None:
+    """What nginx is told (tests/test_proxy.py runs this config in front of a real SuperLink)."""
+    conf = find(default_docs, "ConfigMap", f"{FULLNAME}-superlink-proxy")["data"]["nginx.conf"]
+    assert re.findall(r"location (.+?) \{", conf) == ["/v1/fleet/", "= /health", "= /v1/fleet", "/"]
+    assert conf.count("proxy_pass https://flower;") == 2 and conf.count("return 403") == 2
+    assert "listen 8000 ssl;" in conf and "server 127.0.0.1:9093;" in conf
+    assert "client_max_body_size 6m;" in conf and "proxy_ssl_verify on;" in conf
+    assert "$http_" not in conf  # no request header (flwr-signature, flwr-timestamp) reaches the log
+    other = render("--set", "superlink.proxy.maxBodySize=2m")
+    assert "client_max_body_size 2m;" in find(other, "ConfigMap", f"{FULLNAME}-superlink-proxy")["data"]["nginx.conf"]
+    checksum = "checksum/proxy"  # the pod rolls when the proxy config changes
+    assert (find(default_docs, "Deployment")["spec"]["template"]["metadata"]["annotations"][checksum]
+            != find(other, "Deployment")["spec"]["template"]["metadata"]["annotations"][checksum])  # fmt: skip
+
+
+def test_node_port_for_supernodes_outside_the_cluster() -> None:
+    svc = find(render("--set", "superlink.service.type=NodePort", "--set", "superlink.service.nodePort=30800"),
+               "Service", f"{FULLNAME}-superlink")  # fmt: skip
+    ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert svc["spec"]["type"] == "NodePort" and ports["http"]["nodePort"] == 30800
+    assert ports["http"]["targetPort"] == "http"  # the proxy container: Fleet API and /health only
+    assert "nodePort" not in ports["metrics"]
+
+
 def test_run_job_values(run_docs: list[dict]) -> None:
     config = run_config_of(run_docs)
     assert config["num-server-rounds"] == "7"
@@ -586,8 +641,12 @@ def test_security_contexts_everywhere(default_docs: list[dict], gpu_docs: list[d
         for doc in pods:
             spec = pod_spec(doc)
             where = f"{doc['kind']} {doc['metadata']['name']}"
-            assert spec["automountServiceAccountToken"] is False, where
-            assert spec["serviceAccountName"] == FULLNAME, where
+            if doc["kind"] == "Job":  # the only token: the port-forward to the Control API
+                assert spec["automountServiceAccountToken"] is True, where
+                assert spec["serviceAccountName"] == f"{FULLNAME}-run", where
+            else:
+                assert spec["automountServiceAccountToken"] is False, where
+                assert spec["serviceAccountName"] == FULLNAME, where
             psc = spec["securityContext"]
             assert psc["runAsNonRoot"] is True and psc["runAsUser"] == 10001 and psc["runAsGroup"] == 10001, where
             assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, where
@@ -600,8 +659,8 @@ def test_security_contexts_everywhere(default_docs: list[dict], gpu_docs: list[d
                 assert c["imagePullPolicy"] == "IfNotPresent", where
                 assert not c["image"].endswith(":latest") and ":" in c["image"], where
                 assert c.get("resources"), where
-    sa = find(default_docs, "ServiceAccount")
-    assert sa["automountServiceAccountToken"] is False
+    for sa in (d for d in default_docs if d["kind"] == "ServiceAccount"):
+        assert sa["automountServiceAccountToken"] is False
 
 
 def test_security_contexts_with_every_security_option(insecure_docs, cert_manager_docs,
@@ -610,7 +669,7 @@ def test_security_contexts_with_every_security_option(insecure_docs, cert_manage
     for docs in (insecure_docs, cert_manager_docs, existing_secrets_docs):
         for doc in workloads(docs):
             spec, where = pod_spec(doc), f"{doc['kind']} {doc['metadata']['name']}"
-            assert spec["automountServiceAccountToken"] is False, where
+            assert spec["automountServiceAccountToken"] is (doc["kind"] == "Job"), where
             assert spec["securityContext"]["runAsNonRoot"] is True, where
             for c in spec["containers"]:
                 csc = c["securityContext"]
@@ -647,9 +706,9 @@ def test_notes_render(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     notes = yaml.safe_load(result.stdout)["notes"]
-    assert f"kubectl --namespace fl port-forward svc/{FULLNAME}-superlink 8000:8000" in notes
+    assert f"kubectl --namespace fl port-forward deploy/{FULLNAME}-superlink 9093:9093" in notes  # the Control API
     assert "flwr run . fedcifar --stream --run-config" in notes and 'partitioner="dirichlet"' in notes
-    assert 'address = "127.0.0.1:8000"' in notes
+    assert 'address = "127.0.0.1:9093"' in notes
     assert f"get secret {FULLNAME}-superlink-tls -o jsonpath='{{.data.ca\\.crt}}' | base64 -d > \"$FLWR_HOME/ca.crt\"" in notes
     assert 'root-certificates = "$FLWR_HOME/ca.crt"' in notes and "insecure = true" not in notes
     assert 'cat > "$FLWR_HOME/config.toml" <<TOML' in notes  # unquoted: the shell writes the absolute path
@@ -781,7 +840,7 @@ def test_superlink_serves_tls_and_requires_registered_supernodes(default_docs: l
     assert env["FEDCIFAR_READY_FILE"] == "/var/run/fedcifar/superlink-ready"  # on the writable run emptyDir
     # in the Service only once the keys are registered; alive as long as /health answers over HTTPS
     assert c["readinessProbe"]["exec"]["command"] == ["test", "-e", "/var/run/fedcifar/superlink-ready"]
-    assert c["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert "https://127.0.0.1:9093/health" in c["livenessProbe"]["exec"]["command"][2]
     assert all("supernode-keys" not in str(v) for v in pod_spec(deploy)["volumes"])  # no private key here
 
 
@@ -856,7 +915,12 @@ def test_plaintext_when_tls_is_off(insecure_docs: list[dict]) -> None:
     assert "--insecure" in superlink["args"] and "--enable-supernode-auth" not in superlink["args"]
     assert not any(a.startswith("--ssl") for a in superlink["args"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert superlink[probe]["httpGet"] == {"path": "/health", "port": "http"}
+        command = superlink[probe]["exec"]["command"][2]
+        assert '"http://127.0.0.1:9093/health"' in command and "context=None" in command
+    proxy = container(find(insecure_docs, "Deployment"), "proxy")
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    conf = find(insecure_docs, "ConfigMap", f"{FULLNAME}-superlink-proxy")["data"]["nginx.conf"]
+    assert "listen 8000;" in conf and "ssl" not in conf and "proxy_pass http://flower;" in conf
     supernode = container(find(insecure_docs, "StatefulSet"))
     assert "--insecure" in supernode["args"] and "--root-certificates" not in supernode["args"]
     assert "--auth-supernode-private-key" not in supernode["args"]
@@ -918,7 +982,7 @@ def test_network_policies(default_docs: list[dict], existing_secrets_docs: list[
     assert superlink["podSelector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
     assert superlink["policyTypes"] == ["Ingress"]  # egress open: the Hub download
     assert superlink["ingress"] == [
-        {"from": [own], "ports": [{"port": 8000, "protocol": "TCP"}]},  # Fleet + Control + runtime: one port
+        {"from": [own], "ports": [{"port": 8000, "protocol": "TCP"}]},  # the public face: Fleet API and /health
         {"ports": [{"port": 9400, "protocol": "TCP"}]},  # metrics: from anywhere by default
     ]
     clients = find(default_docs, "NetworkPolicy", f"{FULLNAME}-clients")["spec"]
@@ -1018,6 +1082,7 @@ PASS_THROUGH = {
     "podSecurityContext", "securityContext", "extraEnv",
     *(f"{c}.{k}" for c in ("superlink", "clients", "run") for k in
       ("resources", "nodeSelector", "affinity", "podAnnotations", "podLabels", "extraEnv")),
+    "superlink.proxy.resources",
     "superlink.service.annotations", "superlink.persistence.annotations", "serviceAccount.annotations",
     "run.extraConfig", "metrics.serviceMonitor.additionalLabels", "metrics.podMonitor.additionalLabels",
     "dashboards.annotations", "tests.resources", "tls.certManager.issuerRef",
@@ -1068,6 +1133,8 @@ def test_schema_rejects(args: tuple[str, ...], expected: str) -> None:
         (("--set", "tls.enabled=false"), "supernodeAuth.enabled needs tls.enabled"),
         (("--set", "supernodeAuth.existingSecret=keys"),
          "supernodeAuth.existingSecret and supernodeAuth.existingPublicKeysSecret go together"),
+        (("--set", "metrics.port=9093"), "metrics.port and superlink.controlPort are both 9093"),
+        (("--set", "superlink.controlPort=8000"), "superlink.controlPort and superlink.port are both 8000"),
     ],
 )  # fmt: skip
 def test_contradictory_values_fail(args: tuple[str, ...], expected: str) -> None:
@@ -1116,7 +1183,7 @@ def test_skaffold_structure(skaffold: dict) -> None:
         assert templates["image.tag"] == "{{.IMAGE_TAG_local_fedcifar}}", where
     forwards = {(f["resourceType"], f["resourceName"], f["port"]) for f in skaffold["portForward"]}
     superlink = f"{skaffold['deploy']['helm']['releases'][0]['name']}-superlink"  # release "fedcifar"
-    assert {("service", superlink, 8000), ("service", superlink, 9400)} <= forwards
+    assert {("service", superlink, 8000), ("service", superlink, 9400), ("deployment", superlink, 9093)} <= forwards
     profiles = {p["name"]: p for p in skaffold["profiles"]}
     assert {"kind", "minikube", "gpu"} <= set(profiles)
     for name in ("kind", "minikube"):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import threading
 import tomllib
 
 import pytest
@@ -14,7 +16,9 @@ from fedcifar.config import ConfigError
 from fedcifar.local import free_port
 from fedcifar.metrics import serve_multiprocess
 from fedcifar.node import prepare_multiprocess_dir
-from fedcifar.submit import NotReady, client_partitions, clients_ready, superlink_healthy, wait_until, write_connection
+from fedcifar.portforward import splice
+from fedcifar.submit import (NotReady, client_partitions, clients_ready, control_api, superlink_healthy, wait_until,
+                             write_connection)
 
 
 def test_connection_file_is_what_flwr_reads(tmp_path):
@@ -86,3 +90,28 @@ def test_connection_with_tls_is_verified_with_the_ca(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     connection = read_superlink_connection("fedcifar")  # what `flwr run` reads
     assert connection.root_certificates == "/etc/fedcifar/tls/ca.crt" and connection.insecure is False
+
+
+def test_without_a_pod_selector_the_control_api_is_the_superlink_address():
+    with control_api("svc:8000", None, None) as address:
+        assert address == "svc:8000"
+
+
+def test_splice_copies_both_ways_and_closes_both_ends():
+    """The run Job's port-forward relay: a local connection spliced to a port-forward stream."""
+    local, local_peer = socket.socketpair()
+    remote, remote_peer = socket.socketpair()
+    relay = threading.Thread(target=splice, args=(local_peer, remote_peer))
+    relay.start()
+    big = bytes(range(256)) * 4096  # 1 MiB: more than one recv, more than the sockets buffer
+    threading.Thread(target=local.sendall, args=(big,)).start()
+    received = b""
+    while len(received) < len(big):
+        received += remote.recv(65536)
+    assert received == big
+    remote.sendall(b"reply")
+    assert local.recv(16) == b"reply"
+    remote.close()  # the pod side goes away: the relay ends and closes the local side
+    relay.join(5)
+    assert not relay.is_alive() and local.recv(16) == b""
+    local.close()

@@ -72,6 +72,15 @@ Object names. The StatefulSet name stays within 52 characters, because the contr
 {{- printf "%s-superlink" (include "fedcifar.fullname" . | trunc 53 | trimSuffix "-") }}
 {{- end }}
 
+{{- define "fedcifar.proxy.fullname" -}}
+{{- printf "%s-superlink-proxy" (include "fedcifar.fullname" . | trunc 47 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The run Job's own ServiceAccount: the only one with a token, for the Control API's port-forward. */}}
+{{- define "fedcifar.run.serviceAccountName" -}}
+{{- printf "%s-run" (include "fedcifar.fullname" . | trunc 59 | trimSuffix "-") }}
+{{- end }}
+
 {{- define "fedcifar.clients.fullname" -}}
 {{- printf "%s-clients" (include "fedcifar.fullname" . | trunc 44 | trimSuffix "-") }}
 {{- end }}
@@ -109,6 +118,13 @@ The SuperLink address (in-namespace Service name and port) and its health URL.
 */}}
 {{- define "fedcifar.superlink.address" -}}
 {{- printf "%s:%d" (include "fedcifar.superlink.fullname" .) (int .Values.superlink.port) }}
+{{- end }}
+
+{{/* The SuperLink container's probes ask Flower itself on the loopback (not through the proxy). */}}
+{{- define "fedcifar.superlink.localHealthCommand" -}}
+{{- $url := printf "%s://127.0.0.1:%d/health" (ternary "https" "http" .Values.tls.enabled) (int .Values.superlink.controlPort) -}}
+{{- $context := ternary (printf "ssl.create_default_context(cafile=%s)" (include "fedcifar.tls.caFile" . | quote)) "None" .Values.tls.enabled -}}
+{{- list "python3" "-c" (printf "import ssl, urllib.request; urllib.request.urlopen(%s, timeout=4, context=%s)" ($url | quote) $context) | toJson -}}
 {{- end }}
 
 {{- define "fedcifar.superlink.healthURL" -}}
@@ -351,6 +367,14 @@ every release renders.
 {{- if or (eq .Values.image.tag "latest") (eq .Values.clients.gpu.image.tag "latest") }}
 {{- fail "image.tag and clients.gpu.image.tag must be fixed versions, not \"latest\"." }}
 {{- end }}
+{{- $ports := dict "superlink.port" .Values.superlink.port "superlink.controlPort" .Values.superlink.controlPort "metrics.port" .Values.metrics.port }}
+{{- range $a := keys $ports | sortAlpha }}
+{{- range $b := keys $ports | sortAlpha }}
+{{- if and (lt $a $b) (eq (int (get $ports $a)) (int (get $ports $b))) }}
+{{- fail (printf "%s and %s are both %v: the SuperLink pod listens on each, so they must differ." $a $b (get $ports $a)) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if and .Values.supernodeAuth.enabled (not .Values.tls.enabled) }}
 {{- fail "supernodeAuth.enabled needs tls.enabled: Flower refuses SuperNode authentication over plaintext (--enable-supernode-auth with --insecure)." }}
 {{- end }}
@@ -444,4 +468,15 @@ metadata:
 data:
   {{ printf "fedcifar-%s.json" .name }}: |-
     {{- $json | nindent 4 }}
+{{- end }}
+
+{{/*
+A label map as a Kubernetes label selector string: k1=v1,k2=v2 (sorted).
+*/}}
+{{- define "fedcifar.selectorString" -}}
+{{- $pairs := list }}
+{{- range $k := keys . | sortAlpha }}
+{{- $pairs = append $pairs (printf "%s=%s" $k (get $ $k)) }}
+{{- end }}
+{{- join "," $pairs }}
 {{- end }}

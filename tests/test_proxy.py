@@ -1,0 +1,183 @@
+"""The SuperLink's public face, for real: the chart's nginx config in front of a real SuperLink.
+
+``helm template`` renders the proxy ConfigMap; nginx (Debian's, as in the image) runs it in front of
+``fedcifar superlink`` with TLS and SuperNode authentication, which listens on 127.0.0.1 only as in
+the pod. Through the proxy: the Fleet API and ``/health`` answer, everything else gets 403 with a
+sentence (the ``flwr`` CLI included); a registered SuperNode joins through it and a run moves a
+3 MiB array there and back (nginx's default 1 MiB body limit would refuse Flower's chunk); a body
+above ``superlink.proxy.maxBodySize`` gets 413; the access log holds no signature headers.
+
+Skipped where nginx or helm is missing; CI installs nginx (``.ci/run``) and has helm.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from pki import write_pki
+
+from fedcifar import security
+from fedcifar.local import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "fedcifar"
+ECHO_APP = ROOT / "tests" / "apps" / "echo"
+BIN = Path(sys.executable).parent
+# Flower starts flower-superexec and the app processes by name
+FLOWER_ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+              "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+HELM = shutil.which("helm") or ("/var/cache/local-k8s/bin/helm" if Path("/var/cache/local-k8s/bin/helm").exists() else None)
+REFUSAL = "fedcifar: this port serves only Flower's Fleet API (/v1/fleet/) and /health"
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx); CI installs it"),
+    pytest.mark.skipif(HELM is None, reason="helm renders the proxy config from the chart"),
+]
+
+
+def wait(what: str, probe, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def proxy_config(public: int, control: int, tls_dir: Path, tmp: Path) -> str:
+    """The chart's nginx.conf, with the pod's paths mapped to this test's folders."""
+    done = subprocess.run([HELM, "template", "t", str(CHART), "--show-only", "templates/superlink-proxy-configmap.yaml",
+                           "--set", f"superlink.port={public}", "--set", f"superlink.controlPort={control}"],
+                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    conf = yaml.safe_load(done.stdout)["data"]["nginx.conf"]
+    conf = conf.replace("/tmp/", f"{tmp}/").replace("/etc/fedcifar/tls/", f"{tls_dir}/")
+    conf = conf.replace("access_log /dev/stdout", f"access_log {tmp}/access.log")
+    if os.geteuid() == 0:  # nginx's workers would drop to `nobody`, which cannot read this test's folders
+        conf = "user root;\n" + conf
+    return conf
+
+
+@pytest.fixture(scope="module")
+def face(tmp_path_factory):
+    """nginx on a public port in front of ``fedcifar superlink`` (TLS, SuperNode auth) on 127.0.0.1."""
+    work = tmp_path_factory.mktemp("face")
+    (work / "pki").mkdir()
+    pki = write_pki(work / "pki", supernodes=1)
+    keys = work / "keys"
+    keys.mkdir()
+    (keys / "supernode-0.pub").write_bytes((pki / "supernode-0.pub").read_bytes())
+    public, control, ready = free_port(), free_port(), work / "ready"
+    superlink = subprocess.Popen(
+        [str(BIN / "fedcifar"), "superlink", "--metrics-port", str(free_port()), "--metrics-host", "127.0.0.1",
+         "--metrics-dir", str(work / "metrics"), "--host", "127.0.0.1", "--port", str(control),
+         "--ssl-ca-certfile", str(pki / "ca.crt"), "--ssl-certfile", str(pki / "tls.crt"),
+         "--ssl-keyfile", str(pki / "tls.key"), "--enable-supernode-auth", "--disable-runtime-dependency-installation"],
+        cwd=work, stdout=open(work / "superlink.log", "w"), stderr=subprocess.STDOUT,
+        env={**FLOWER_ENV, security.PUBLIC_KEYS_ENV: str(keys), security.READY_FILE_ENV: str(ready),
+             "FLWR_HOME": str(work / "flwr")},
+    )  # fmt: skip
+    (work / "nginx.conf").write_text(proxy_config(public, control, pki, work))
+    nginx = subprocess.Popen([NGINX, "-e", "stderr", "-c", str(work / "nginx.conf"), "-g", "daemon off;"],
+                             stdout=open(work / "nginx.log", "w"), stderr=subprocess.STDOUT)  # fmt: skip
+    admin = work / "admin"  # an operator on the pod's loopback (what kubectl port-forward gives)
+    security.write_connection(admin, security.CONNECTION, f"127.0.0.1:{control}", str(pki / "ca.crt"))
+    try:
+        wait("the SuperLink's keys registered", ready.exists, 90)
+        assert nginx.poll() is None, (work / "nginx.log").read_text()
+        yield {"public": public, "control": control, "pki": pki, "work": work, "admin": admin}
+    finally:
+        for proc in (nginx, superlink):
+            proc.terminate()
+            proc.wait(30)
+
+
+def request(face: dict, method: str, path: str, body: bytes = b"") -> tuple[int, str]:
+    """One HTTPS request to the public port, verified with the CA (a raw path: no client-side cleanup)."""
+    context = ssl.create_default_context(cafile=str(face["pki"] / "ca.crt"))
+    conn = http.client.HTTPSConnection("127.0.0.1", face["public"], context=context, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers={"content-type": "application/protobuf"})
+        reply = conn.getresponse()
+        return reply.status, reply.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def flwr(home: Path, *args: str) -> dict:
+    done = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], capture_output=True, text=True, timeout=120,
+                          env={**FLOWER_ENV, "FLWR_HOME": str(home)})  # fmt: skip
+    return json.loads(done.stdout[done.stdout.index("{"):]) if "{" in done.stdout else {"stdout": done.stdout}
+
+
+def test_only_the_fleet_api_and_health_pass(face):
+    assert request(face, "GET", "/health")[0] == 200
+    refused = {
+        ("POST", "/v1/control/list-runs"), ("POST", "/v1/control/register-supernode"),
+        ("POST", "/v1/runtime/acquire-task"), ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/"),
+        ("POST", "/v1/fleet/../control/list-runs"), ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
+        ("POST", "/v1/fleet/x/..%2f..%2fcontrol/list-runs"), ("POST", "/v1/fleet"), ("POST", "/V1/control/list-runs"),
+    }  # fmt: skip
+    for method, path in refused:
+        status, body = request(face, method, path)
+        assert (status, body.startswith(REFUSAL)) == (403, True), (method, path, status, body)
+    status, body = request(face, "POST", "/v1/fleet/pull-messages")  # Flower answers (an unsigned request)
+    assert status != 403 and not body.startswith(REFUSAL), (status, body)
+
+
+def test_the_flwr_cli_is_refused_on_the_public_port(face, tmp_path):
+    outsider = tmp_path / "outsider"  # holds the CA (it is public), as a site would
+    security.write_connection(outsider, security.CONNECTION, f"127.0.0.1:{face['public']}", str(face["pki"] / "ca.crt"))
+    for args in (("ls", security.CONNECTION), ("supernode", "ls", security.CONNECTION)):
+        reply = flwr(outsider, *args)
+        assert not reply.get("success"), reply
+        assert "403" in json.dumps(reply), reply
+    assert flwr(face["admin"], "ls", security.CONNECTION)["success"]  # the loopback (operator) path works
+
+
+def test_a_registered_supernode_moves_3_mib_through_the_proxy(face, tmp_path):
+    key = security.rewrite_private_key_arg(["--auth-supernode-private-key", str(face["pki"] / "supernode-0.key")],
+                                           tmp_path)  # fmt: skip
+    node = subprocess.Popen(
+        [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{face['public']}", "--port", str(free_port()),
+         "--root-certificates", str(face["pki"] / "ca.crt"), *key],
+        env={**FLOWER_ENV, "FLWR_HOME": str(tmp_path / "node")}, stdout=open(tmp_path / "node.log", "w"),
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        reply = flwr(face["admin"], "run", str(ECHO_APP), security.CONNECTION, "--run-config", "size-mib=3")
+        assert reply.get("success"), reply
+        run_id = str(reply["run-id"])
+
+        def finished() -> str | None:
+            runs = flwr(face["admin"], "ls", security.CONNECTION, "--run-id", run_id).get("runs", [])
+            status = runs[0]["status"] if runs else ""
+            return status if status.startswith("finished") else None
+
+        status = wait("the echo run to finish", finished, 180)
+        log = (tmp_path / "node.log").read_text()
+        assert status == "finished:completed", f"{status}\n{log[-3000:]}"
+    finally:
+        node.terminate()
+        node.wait(30)
+    access = (face["work"] / "access.log").read_text()
+    pushes = [line for line in access.splitlines() if "POST /v1/fleet/push-object" in line]
+    assert any(int(line.split()[-3]) > 3 * 2**20 for line in pushes), access[-2000:]  # the 3 MiB chunk went through
+    assert "flwr-signature" not in access.lower() and "flwr-timestamp" not in access.lower()
+
+
+def test_a_body_above_the_limit_is_refused_by_the_proxy(face):
+    status, _ = request(face, "POST", "/v1/fleet/push-object", b"\0" * (7 * 2**20))  # maxBodySize: 6m
+    assert status == 413
