@@ -355,10 +355,11 @@ def test_control_api_answers_through_port_forward_only_with_the_rights(kube, rel
         run("kubectl", "-n", APP_NS, "delete", "rolebinding/viewer", "serviceaccount/viewer", check=False)
     assert denied.returncode != 0 and 'cannot create resource "pods/portforward"' in denied.stderr, denied.stderr
     job_account = f"system:serviceaccount:{APP_NS}:{RELEASE}-fedcifar-run"
-    for verb, resource, allowed in (("create", "pods/portforward", "yes"), ("get", "secrets", "no"),
-                                    ("create", "pods/exec", "no"), ("list", "pods", "yes")):  # fmt: skip
-        answer = run("kubectl", "-n", APP_NS, "auth", "can-i", verb, resource, "--as", job_account, check=False)
-        assert answer.stdout.strip() == allowed, (verb, resource, answer.stdout, answer.stderr)
+    for question, allowed in ((["create", "pods", "--subresource=portforward"], "yes"), (["list", "pods"], "yes"),
+                              (["get", "secrets"], "no"), (["create", "pods", "--subresource=exec"], "no"),
+                              (["create", "pods"], "no")):  # fmt: skip
+        answer = run("kubectl", "-n", APP_NS, "auth", "can-i", *question, "--as", job_account, check=False)
+        assert answer.stdout.strip() == allowed, (question, answer.stdout, answer.stderr)
 
 
 def test_network_policies_exist(release):

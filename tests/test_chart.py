@@ -862,6 +862,16 @@ def test_generated_certificate_covers_the_service_names(default_docs: list[dict]
     assert key.public_key().public_numbers() == cert.public_key().public_numbers()
 
 
+def test_extra_ip_addresses_for_supernodes_outside_the_cluster() -> None:
+    extra = ("--set", "tls.extraIpAddresses[0]=192.0.2.10", "--set", "tls.extraIpAddresses[1]=2001:db8::1")
+    data = secret_data(find(render(*extra), "Secret", f"{FULLNAME}-superlink-tls"))
+    sans = x509.load_pem_x509_certificate(data["tls.crt"]).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert [str(ip) for ip in sans.value.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "192.0.2.10", "2001:db8::1"]
+    issued = find(render(*CERT_MANAGER_ARGS, *extra), "Certificate", f"{FULLNAME}-superlink-tls")
+    assert issued["spec"]["ipAddresses"] == ["127.0.0.1", "192.0.2.10", "2001:db8::1"]
+    assert "tls.extraIpAddresses.0" in render_error("--set", "tls.extraIpAddresses[0]=node-1")
+
+
 def test_clients_verify_the_ca_and_each_mounts_only_its_own_key(run_docs: list[dict]) -> None:
     sts = find(run_docs, "StatefulSet")
     c = container(sts, "supernode")

@@ -18,13 +18,11 @@ import os
 import shutil
 import ssl
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from pki import write_pki
+from support import BIN, FLOWER_ENV, wait, write_pki
 
 from fedcifar import security
 from fedcifar.local import free_port
@@ -32,10 +30,6 @@ from fedcifar.local import free_port
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "fedcifar"
 ECHO_APP = ROOT / "tests" / "apps" / "echo"
-BIN = Path(sys.executable).parent
-# Flower starts flower-superexec and the app processes by name
-FLOWER_ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-              "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 HELM = shutil.which("helm") or ("/var/cache/local-k8s/bin/helm" if Path("/var/cache/local-k8s/bin/helm").exists() else None)
 REFUSAL = "fedcifar: this port serves only Flower's Fleet API (/v1/fleet/) and /health"
@@ -45,16 +39,6 @@ pytestmark = [
     pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx); CI installs it"),
     pytest.mark.skipif(HELM is None, reason="helm renders the proxy config from the chart"),
 ]
-
-
-def wait(what: str, probe, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def proxy_config(public: int, control: int, tls_dir: Path, tmp: Path) -> str:

@@ -8,9 +8,7 @@ one with an unregistered key is refused, and one speaking plaintext never gets i
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -18,14 +16,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from pki import certificate, pem_private, write_pki
+from support import BIN, FLOWER_ENV, certificate, pem_private, wait, write_pki
 
 from fedcifar import security
 from fedcifar.local import free_port
-
-BIN = Path(sys.executable).parent
-FLOWER_ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-
 
 # ---------------------------------------------------------------------------------------------
 # keys and certificates
@@ -84,16 +78,6 @@ def test_connection_with_root_certificates(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # a real SuperLink
-
-
-def wait(what: str, probe, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def nodes(flwr_home: Path) -> list[dict]:

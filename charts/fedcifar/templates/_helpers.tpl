@@ -159,6 +159,10 @@ true
 {{- concat $names .Values.tls.extraDnsNames | uniq | toJson -}}
 {{- end }}
 
+{{- define "fedcifar.tls.ipAddresses" -}}
+{{- concat (list "127.0.0.1") .Values.tls.extraIpAddresses | uniq | toJson -}}
+{{- end }}
+
 {{/*
 SuperNode authentication: one ECDSA key pair per client ordinal. The private keys (one Secret) are
 mounted by the client pods, each container seeing only its own through subPathExpr; the public keys

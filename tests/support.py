@@ -1,15 +1,35 @@
-"""Test certificates and keys: a CA, a SuperLink certificate for localhost/127.0.0.1, SuperNode keys."""
+"""Helpers shared by the tests that run real Flower processes: certificates and keys (a CA, a
+SuperLink certificate for localhost/127.0.0.1, SuperNode keys), Flower's environment, bounded waits."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import sys
+import time
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+BIN = Path(sys.executable).parent
+# no telemetry; Flower starts flower-superexec and the app processes by name, from beside this interpreter
+FLOWER_ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+              "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}  # fmt: skip
+
+
+def wait(what: str, probe, timeout: float = 60):
+    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def pem_private(key) -> bytes:
