@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub_.add_argument("--superlink", required=True, help="SuperLink address HOST:PORT (/health; also Control)")
     sub_.add_argument("--control-pod-selector", metavar="LABELS",
                       help="reach the Control API through a port-forward to the pod these labels pick (in-cluster)")
-    sub_.add_argument("--control-port", type=int, default=9093, help="the Control API's port in that pod")
+    sub_.add_argument("--control-port", type=int, default=9093, help="Flower's port on that pod's loopback")
     sub_.add_argument("--app", default=str(APP_DIR), help="Flower app folder (default: this project)")
     sub_.add_argument("--run-config", default="", help="'key=value ...' run config overrides (TOML values)")
     sub_.add_argument("--client-metrics", nargs="*", default=[], metavar="URL",

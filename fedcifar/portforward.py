@@ -66,12 +66,11 @@ class PortForward:
             raise PortForwardError(f"no running pod matches {self.selector} in namespace {self.namespace}")
         return running[0]
 
-    def open(self) -> socket.socket:
+    def open(self, pod: str) -> socket.socket:
         """One port-forward stream to the pod's port, as a socket."""
         from kubernetes.client import ApiException
         from kubernetes.stream import portforward
 
-        pod = self.pod()
         try:
             forward = portforward(self.core.connect_get_namespaced_pod_portforward, pod, self.namespace,
                                   ports=str(self.port))  # fmt: skip
@@ -83,9 +82,11 @@ class PortForward:
         return forward.socket(self.port)
 
     def check(self) -> str:
-        """Open and close one stream: a clear error now instead of a reset connection in ``flwr``."""
-        self.open().close()
-        return self.pod()
+        """Open and close one stream (a clear error now instead of a reset connection in ``flwr``);
+        returns the pod it reached."""
+        pod = self.pod()
+        self.open(pod).close()
+        return pod
 
     def serve(self) -> None:
         while True:
@@ -94,7 +95,7 @@ class PortForward:
             except OSError:
                 return  # closed
             try:
-                remote = self.open()
+                remote = self.open(self.pod())
             except PortForwardError as err:
                 print(f"fedcifar: {err}", flush=True)
                 local.close()

@@ -126,7 +126,7 @@ def run_status(flwr: str, run_id: int) -> str:
 
 
 @contextmanager
-def control_api(superlink: str, pod_selector: str | None, port: int | None) -> Iterator[str]:
+def control_api(superlink: str, pod_selector: str | None, port: int) -> Iterator[str]:
     """The address ``flwr`` uses for the Control API: ``superlink`` itself, or a local port-forward
     to ``port`` on the loopback of the pod that ``pod_selector`` picks."""
     if not pod_selector:
@@ -134,7 +134,7 @@ def control_api(superlink: str, pod_selector: str | None, port: int | None) -> I
         return
     from fedcifar.portforward import PortForward
 
-    forward = PortForward(pod_selector, port or 9093)
+    forward = PortForward(pod_selector, port)
     pod = forward.check()
     with forward as address:
         print(f"fedcifar: Control API through a port-forward to {forward.namespace}/{pod}:{forward.port}", flush=True)
@@ -143,7 +143,7 @@ def control_api(superlink: str, pod_selector: str | None, port: int | None) -> I
 
 def submit(
     *, app: str, superlink: str, run_config: str, client_metrics: list[str], num_partitions: int | None,
-    timeout: float, stream: bool = True, control_pod_selector: str | None = None, control_port: int | None = None,
+    timeout: float, stream: bool = True, control_pod_selector: str | None = None, control_port: int = 9093,
 ) -> int:
     """Wait for the federation, stop runs still going, start the run and stream its logs.
 
@@ -155,35 +155,27 @@ def submit(
     wait_until(f"SuperLink {superlink}", lambda: superlink_healthy(superlink, ca), timeout)
     print(f"fedcifar: SuperLink {superlink} is healthy{' (TLS)' if ca else ''}", flush=True)
     with control_api(superlink, control_pod_selector, control_port) as control:
-        return submit_run(app=app, control=control, ca=ca, run_config=run_config, client_metrics=client_metrics,
-                          num_partitions=num_partitions, timeout=timeout, stream=stream)  # fmt: skip
-
-
-def submit_run(
-    *, app: str, control: str, ca: str | None, run_config: str, client_metrics: list[str],
-    num_partitions: int | None, timeout: float, stream: bool,
-) -> int:
-    flwr_home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
-    write_connection(flwr_home, CONNECTION, control, ca)
-    keys = os.environ.get(security.PUBLIC_KEYS_ENV)
-    if keys:
-        security.register_missing_public_keys(Path(keys), flwr_home)
-    if client_metrics:
-        wait_until("clients", clients_ready(client_metrics, num_partitions or len(client_metrics)), timeout)
-        print(f"fedcifar: {len(client_metrics)} clients ready", flush=True)
-    flwr = str(Path(sys.executable).parent / "flwr")
-    stop_active_runs(flwr)
-    command = ["run", app, CONNECTION, "--run-config", run_config]
-    print("fedcifar: " + shlex.join(["flwr", *command]), flush=True)
-    reply = flwr_json(flwr, *command)
-    if not reply.get("success"):
-        print(f"fedcifar: flwr run failed: {reply or 'no reply'}", flush=True)
-        return 1
-    run_id = int(reply["run-id"])
-    print(f"fedcifar: submitted run {run_id}", flush=True)
-    if not stream:
-        return 0
-    subprocess.run([flwr, "log", str(run_id), CONNECTION, "--stream"])  # until the run ends or the link drops
-    status = run_status(flwr, run_id)
-    print(f"fedcifar: run {run_id} {status}", flush=True)
-    return 0 if status == "finished:completed" else 1
+        flwr_home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+        write_connection(flwr_home, CONNECTION, control, ca)
+        keys = os.environ.get(security.PUBLIC_KEYS_ENV)
+        if keys:
+            security.register_missing_public_keys(Path(keys), flwr_home)
+        if client_metrics:
+            wait_until("clients", clients_ready(client_metrics, num_partitions or len(client_metrics)), timeout)
+            print(f"fedcifar: {len(client_metrics)} clients ready", flush=True)
+        flwr = str(Path(sys.executable).parent / "flwr")
+        stop_active_runs(flwr)
+        command = ["run", app, CONNECTION, "--run-config", run_config]
+        print("fedcifar: " + shlex.join(["flwr", *command]), flush=True)
+        reply = flwr_json(flwr, *command)
+        if not reply.get("success"):
+            print(f"fedcifar: flwr run failed: {reply or 'no reply'}", flush=True)
+            return 1
+        run_id = int(reply["run-id"])
+        print(f"fedcifar: submitted run {run_id}", flush=True)
+        if not stream:
+            return 0
+        subprocess.run([flwr, "log", str(run_id), CONNECTION, "--stream"])  # until the run ends or the link drops
+        status = run_status(flwr, run_id)
+        print(f"fedcifar: run {run_id} {status}", flush=True)
+        return 0 if status == "finished:completed" else 1

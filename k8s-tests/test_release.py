@@ -165,17 +165,22 @@ def ca_file(kube, release, tmp_path_factory) -> Path:
     return path
 
 
-def flwr_nodes(port: int, ca: Path, home: Path) -> list[dict]:
-    """``flwr supernode ls`` against the SuperLink's Control API (port-forwarded, as the README says), over TLS."""
+def flwr_control(port: int, ca: Path, home: Path, *command: str) -> dict:
+    """A ``flwr`` command's JSON reply from the SuperLink's Control API (port-forwarded, as the README
+    says), over TLS."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "127.0.0.1:{port}"\n'
                                       f'root-certificates = "{ca}"\n')  # fmt: skip
-    done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "supernode", "ls", "e2e", "--format", "json"],
+    done = subprocess.run([str(Path(sys.executable).parent / "flwr"), *command, "e2e", "--format", "json"],
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"})  # fmt: skip
     reply = json.loads(done.stdout[done.stdout.index("{"):])
     assert reply["success"], reply
-    return reply["nodes"]
+    return reply
+
+
+def flwr_nodes(port: int, ca: Path, home: Path) -> list[dict]:
+    return flwr_control(port, ca, home, "supernode", "ls")["nodes"]
 
 
 def test_superlink_speaks_only_tls_and_knows_only_the_release_clients(kube, release, ca_file, tmp_path):
@@ -339,12 +344,7 @@ def test_public_port_serves_the_fleet_api_alone(kube, release, image, ca_file):
 def test_control_api_answers_through_port_forward_only_with_the_rights(kube, release, ca_file, tmp_path):
     """The README's operator path: kubectl port-forward + flwr, guarded by RBAC (pods/portforward)."""
     with port_forward(APP_NS, f"deploy/{SUPERLINK}", CONTROL_PORT) as port:  # the admin here
-        home = tmp_path / "flwr"
-        flwr_nodes(port, ca_file, home)  # writes the connection
-        done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls", "e2e", "--format", "json"],
-                              capture_output=True, text=True, timeout=60,
-                              env={**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"})  # fmt: skip
-        runs = json.loads(done.stdout[done.stdout.index("{"):])["runs"]
+        runs = flwr_control(port, ca_file, tmp_path / "flwr", "ls")["runs"]
     assert "finished:completed" in [r["status"] for r in runs], runs  # the run Job's, through the same path
     run("kubectl", "-n", APP_NS, "create", "serviceaccount", "viewer")
     run("kubectl", "-n", APP_NS, "create", "rolebinding", "viewer", "--clusterrole=view", f"--serviceaccount={APP_NS}:viewer")

@@ -93,7 +93,7 @@ def test_connection_with_tls_is_verified_with_the_ca(tmp_path, monkeypatch):
 
 
 def test_without_a_pod_selector_the_control_api_is_the_superlink_address():
-    with control_api("svc:8000", None, None) as address:
+    with control_api("svc:8000", None, 9093) as address:
         assert address == "svc:8000"
 
 
