@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -19,7 +20,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedcifar.config import ConfigError, RunConfig, app_defaults, parse_overrides
+from fedcifar.config import (
+    SPLITS,
+    ConfigError,
+    RunConfig,
+    app_defaults,
+    check_site,
+    parse_overrides,
+)
+from fedcifar.metrics import DEFAULT_SITE, SITE_ENV
 
 console = Console(stderr=True)
 APP_DIR = Path(__file__).resolve().parent.parent  # the project holding [tool.flwr.app]
@@ -110,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub_.add_argument("--client-metrics", nargs="*", default=[], metavar="URL",
                       help="metrics URLs of every expected client; waits until each reports --num-partitions")  # fmt: skip
     sub_.add_argument("--num-partitions", type=int, default=None)
+    sub_.add_argument("--min-nodes", type=int, default=0,
+                      help="also wait until the SuperLink lists this many SuperNodes online (other sites')")  # fmt: skip
     sub_.add_argument("--timeout", type=float, default=600, help="seconds to wait for readiness")
     sub_.add_argument("--no-stream", action="store_true", help="return after submitting instead of streaming logs")
     sub_.set_defaults(handler=cmd_submit)
@@ -123,8 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
         node.add_argument("--metrics-dir", help="multiprocess metrics folder (default: a temporary one)")
         if role == "supernode":
             node.add_argument("--partition-id", default="auto",
-                              help="this node's partition, or 'auto' for the StatefulSet ordinal")  # fmt: skip
-            node.add_argument("--num-partitions", type=int, required=True)
+                              help="this node's ordinal in its site, or 'auto' for the StatefulSet ordinal")  # fmt: skip
+            node.add_argument("--partition-offset", type=int, default=0,
+                              help="the site's first slot: this node holds slot offset + ordinal")  # fmt: skip
+            node.add_argument("--num-partitions", type=int, required=True, help="node slots in the federation")
+            node.add_argument("--split", choices=SPLITS, default="global",
+                              help="global: train the slot's slice of the data; site: slice <ordinal> of "
+                                   "--site-partitions of this site's own data")  # fmt: skip
+            node.add_argument("--site-partitions", type=int, help="SuperNodes of this site (--split site)")
+            node.add_argument("--site", default=DEFAULT_SITE, help="this site's name (metrics label $FEDCIFAR_SITE)")
             node.add_argument("--data", help="CIFAR-10 folder on this node (node config data-path)")
         node.set_defaults(handler=cmd_node, role=role, flower=flower)
     return parser
@@ -137,11 +155,20 @@ def cmd_node(args: argparse.Namespace, extra: list[str]) -> int:
     if args.role == "supernode":
         if any(a.startswith("--node-config") for a in extra):
             raise ValueError("fedcifar supernode sets --node-config itself: use --partition-id/--num-partitions/--data")
-        partition = resolve_ordinal(args.partition_id)
+        check_site(args.site)
+        ordinal = resolve_ordinal(args.partition_id)
+        partition = args.partition_offset + ordinal
+        data_partition = None
+        if args.split == "site":
+            if args.site_partitions is None:
+                raise ValueError("--split site needs --site-partitions: the number of this site's SuperNodes")
+            data_partition = (ordinal, args.site_partitions)
+        config = node_config(partition, args.num_partitions, args.data, data_partition)
+        os.environ[SITE_ENV] = args.site  # the site label of every metric this node and its children write
         # stock flower-supernode, with its idle polling shortened (see flower_tuning.py)
-        command = [sys.executable, "-m", "fedcifar.flower_tuning", "supernode", *extra,
-                   "--node-config", node_config(partition, args.num_partitions, args.data)]  # fmt: skip
-        print(f"fedcifar: partition {partition} of {args.num_partitions}", flush=True)
+        command = [sys.executable, "-m", "fedcifar.flower_tuning", "supernode", *extra, "--node-config", config]
+        trains = f", training slice {ordinal} of {args.site_partitions} of its data" if data_partition else ""
+        print(f"fedcifar: site {args.site}, slot {partition} of {args.num_partitions}{trains}", flush=True)
         trainer = [sys.executable, "-m", "fedcifar.trainer", "--partition-id", str(partition),
                    "--num-partitions", str(args.num_partitions)]  # fmt: skip
     return run_node(command, args.metrics_port, args.metrics_host, args.metrics_dir, trainer)
@@ -186,7 +213,7 @@ def cmd_submit(args: argparse.Namespace, _extra: list[str]) -> int:
         return submit(app=args.app, superlink=args.superlink, run_config=args.run_config,
                       client_metrics=args.client_metrics, num_partitions=args.num_partitions,
                       timeout=args.timeout, stream=not args.no_stream, control_pod_selector=args.control_pod_selector,
-                      control_port=args.control_port)  # fmt: skip
+                      control_port=args.control_port, min_nodes=args.min_nodes)  # fmt: skip
     except (NotReady, PortForwardError) as err:
         console.print(f"[bold red]error:[/] {err}")
         return 1
@@ -330,7 +357,13 @@ def follow_with_progress(fed, run_id: int, out_dir: Path, rounds: int) -> dict:
     """Follow the run: a progress bar and the round table, live on a terminal, line by line otherwise."""
     from rich.console import Group
     from rich.live import Live
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     rows: list[dict] = []
     progress = Progress(TextColumn(f"run {run_id}"), BarColumn(), MofNCompleteColumn(),

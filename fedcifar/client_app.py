@@ -1,10 +1,11 @@
 """fedcifar ClientApp: trains and evaluates the global model on this node's CIFAR-10 partition.
 
-The partition comes from the SuperNode's node config (``partition-id``, ``num-partitions``,
-optionally ``data-path``); the hyper-parameters from the run config. This module imports no
-torch: it turns the message into a ``trainer.Task`` and hands it to the node's long-lived
-trainer over a local socket (``$FEDCIFAR_TRAINER``, set by ``fedcifar supernode``), or, on a
-plain SuperNode, to a ``Trainer`` in this process. Transport figures (messages, bytes) are
+The slot comes from the SuperNode's node config (``partition-id`` of ``num-partitions``; optionally
+``data-partition-id`` of ``data-num-partitions``, the slice of a site's own data it trains, and
+``data-path``), the hyper-parameters from the run config. This module imports no torch: it
+turns the message into a ``trainer.Task`` and hands it to the node's long-lived trainer over a
+local socket (``$FEDCIFAR_TRAINER``, set by ``fedcifar supernode``), or, on a plain SuperNode,
+to a ``Trainer`` in this process. Transport figures (messages, bytes) are
 recorded here, training figures by the trainer; both end up on the node's ``/metrics``.
 """
 
@@ -32,10 +33,11 @@ class TrainerError(RuntimeError):
 class NodeSetup:
     """What a message needs from the node and run configs."""
 
-    partition_id: int
+    partition_id: int  # the node's slot in the federation
     num_partitions: int
     config: RunConfig
     data_path: str | None
+    data_partition: tuple[int, int] | None  # the slice of the node's own data (split=site)
 
     @classmethod
     def from_context(cls, context: Context) -> NodeSetup:
@@ -56,7 +58,11 @@ class NodeSetup:
                 f"{config.num_partitions}"
             )
         data_path = str(node["data-path"]) if node.get("data-path") else None
-        return cls(partition_id, num_partitions, config, data_path)
+        data_partition = None
+        if "data-partition-id" in node:
+            data_partition = (node["data-partition-id"], node.get("data-num-partitions"))
+            check_partition(*data_partition)
+        return cls(partition_id, num_partitions, config, data_path, data_partition)
 
 
 def run_task(task: Task) -> Reply:
@@ -88,15 +94,16 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
         num_partitions=setup.num_partitions,
         run_config=dict(context.run_config),
         data_path=setup.data_path,
+        data_partition=setup.data_partition,
     )
     reply = run_task(task)
     content = RecordDict({"metrics": MetricRecord(reply.metrics)})
     part, metrics = str(setup.partition_id), client_metrics()
-    metrics.messages.labels(part, kind).inc()
-    metrics.received_bytes.labels(part).inc(record_bytes(received))
+    metrics.messages.labels(metrics.site, part, kind).inc()
+    metrics.received_bytes.labels(metrics.site, part).inc(record_bytes(received))
     if reply.arrays is not None:
         content["arrays"] = ArrayRecord({name: Array(a) for name, a in reply.arrays.items()})
-        metrics.sent_bytes.labels(part).inc(record_bytes(content["arrays"]))
+        metrics.sent_bytes.labels(metrics.site, part).inc(record_bytes(content["arrays"]))
     return Message(content=content, reply_to=msg)
 
 

@@ -8,6 +8,7 @@ a dataclass and refuses values of the wrong type or range with a message naming 
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 DEVICES = ("auto", "cpu", "cuda")
 PARTITIONERS = ("iid", "dirichlet")
+SPLITS = ("global", "site")  # what a node slot trains: its slice of the whole data, or of its site's
+SITE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS label, like a Helm release name
 
 
 class ConfigError(ValueError):
@@ -95,6 +98,15 @@ def check_partition(partition_id: int, num_partitions: int) -> None:
             f"partition-id must be an integer in [0, {num_partitions - 1}] for "
             f"num-partitions={num_partitions}, got {partition_id!r}: give every SuperNode "
             "a distinct id below num-partitions (e.g. its StatefulSet ordinal)."
+        )
+
+
+def check_site(site: str) -> None:
+    """A site name becomes a Prometheus label and a Flower node name: keep it a DNS label."""
+    if not SITE_NAME.fullmatch(site):
+        raise ConfigError(
+            f"site must be a DNS label (lowercase letters, digits and '-', at most 63 characters), "
+            f"got {site!r}: e.g. --site hospital-a"
         )
 
 

@@ -123,7 +123,7 @@ def pulls_bounded_by(seconds: float, retry_cap: float = BOUNDED_PULL_RETRY_CAP) 
 
 
 def report_activation() -> None:
-    """Publish ``fedcifar_client_node{node_id}`` once the SuperLink has activated this node.
+    """Publish ``fedcifar_client_node{site, node_id}`` once the SuperLink has activated this node.
 
     Not a change in behaviour: the SuperNode sets its node id when activation succeeded, and
     this also writes it to the node's metrics. ``fedcifar submit`` waits for it, because a node
@@ -139,7 +139,8 @@ def report_activation() -> None:
     def set_and_report(self, node_id):
         set_node_id(self, node_id)
         if node_id is not None:
-            client_metrics().node.labels(str(node_id)).set(1)
+            metrics = client_metrics()
+            metrics.node.labels(metrics.site, str(node_id)).set(1)
 
     InMemoryNodeState.set_node_id = set_and_report
 

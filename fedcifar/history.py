@@ -27,7 +27,7 @@ class RoundRecord:
     eval_accuracy: float
     round_seconds: float
     participating_clients: int
-    partitions: list[int]
+    partitions: list[int]  # the slots aggregated, in order
     examples_trained: int
     sent_bytes: int
     received_bytes: int
@@ -37,6 +37,7 @@ class RoundRecord:
     client_train_seconds: list[float] = field(default_factory=list)  # per reply, partition order
     client_eval_loss: float | None = None
     client_eval_accuracy: float | None = None
+    sites: list[str] = field(default_factory=list)  # the site of each slot in ``partitions``
     finished_at: float = field(default_factory=time.time)
 
 

@@ -10,7 +10,9 @@ value, so the last round's loss stays visible between rounds and between runs.
 
 Names follow Prometheus conventions: one ``fedcifar_`` prefix, base units, ``_total`` on
 counters. Server-side series have no role infix; node-side series are ``fedcifar_client_*``
-and carry a ``partition`` label.
+and carry ``site`` and ``partition`` labels. A node's site is ``$FEDCIFAR_SITE`` (set by ``fedcifar
+supernode --site``, inherited by its trainer and ClientApps); the server's per-node series name the
+site the SuperNode's key was registered under (see ``server_app.node_sites``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client import multiprocess
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+SITE_ENV = "FEDCIFAR_SITE"
+DEFAULT_SITE = "local"
+UNKNOWN_SITE = "unknown"  # a SuperNode registered without a site name (or not registered: no auth)
 FAILURE_REASONS = ("error", "timeout")  # an error reply; no reply before the round's deadline
 REJECT_REASONS = ("non_finite", "wrong_shape", "bad_metrics", "duplicate_partition")
 ROUND_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
@@ -79,11 +84,11 @@ class ServerMetrics:
         )
         self.failures = Counter(
             "fedcifar_client_failures", "Expected client replies that carried an error or missed the round's deadline.",
-            ["partition", "reason"], **kw,
+            ["partition", "site", "reason"], **kw,
         )  # fmt: skip
         self.rejected_updates = Counter(
             "fedcifar_rejected_updates", "Client updates refused before aggregation (NaN/Inf, wrong shapes, ...).",
-            ["partition", "reason"], **kw,
+            ["partition", "site", "reason"], **kw,
         )  # fmt: skip
         self.failed_round_attempts = Counter(
             "fedcifar_failed_round_attempts", "Round attempts that aggregated no client update (then retried).", **kw
@@ -91,18 +96,19 @@ class ServerMetrics:
 
 
 class ClientMetrics:
-    """Series written by the ClientApp on each SuperNode, labelled by partition."""
+    """Series written on each SuperNode, labelled by its site (``self.site``) and partition (slot)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         kw = {"registry": registry} if registry is not None else {}
-        part = ["partition"]
+        self.site = node_site()
+        part = ["site", "partition"]
         self.info = Gauge(
-            "fedcifar_client_info", "Always 1; labels: this node's partition, the partition count, its device.",
-            ["partition", "num_partitions", "device"], multiprocess_mode="mostrecent", **kw,
+            "fedcifar_client_info", "Always 1; labels: this node's site, partition (slot), the slot count, its device.",
+            ["site", "partition", "num_partitions", "device"], multiprocess_mode="mostrecent", **kw,
         )  # fmt: skip
         self.node = Gauge(
-            "fedcifar_client_node", "1 once the SuperLink has activated this SuperNode; label: its Flower node id.",
-            ["node_id"], multiprocess_mode="mostrecent", **kw,
+            "fedcifar_client_node", "1 once the SuperLink has activated this SuperNode; labels: its site, Flower node id.",
+            ["site", "node_id"], multiprocess_mode="mostrecent", **kw,
         )  # fmt: skip
         self.train_loss = Gauge(
             "fedcifar_client_train_loss", "Training loss of this node's last training round.",
@@ -129,7 +135,7 @@ class ClientMetrics:
         )  # fmt: skip
         self.messages = Counter(
             "fedcifar_client_messages", "Messages handled by this node's ClientApp.",
-            ["partition", "kind"], **kw,
+            ["site", "partition", "kind"], **kw,
         )  # fmt: skip
         self.received_bytes = Counter(
             "fedcifar_client_received_bytes", "Model bytes received from the server.", part, **kw
@@ -141,6 +147,10 @@ class ClientMetrics:
             "fedcifar_client_app_peak_rss_bytes", "Peak resident memory of a ClientApp process.",
             part, multiprocess_mode="max", **kw,
         )  # fmt: skip
+
+
+def node_site() -> str:
+    return os.environ.get(SITE_ENV) or DEFAULT_SITE
 
 
 def record_bytes(record) -> int:

@@ -69,10 +69,20 @@ def resolve_ordinal(value: str) -> int:
     return int(match.group(1))
 
 
-def node_config(partition_id: int, num_partitions: int, data_path: str | None) -> str:
-    """The ``--node-config`` string a SuperNode passes to its ClientApps."""
+def node_config(
+    partition_id: int, num_partitions: int, data_path: str | None, data_partition: tuple[int, int] | None = None
+) -> str:
+    """The ``--node-config`` string a SuperNode passes to its ClientApps.
+
+    ``partition-id`` of ``num-partitions`` is the node's slot in the federation (unique across
+    sites: the server accounts by it); ``data_partition`` (id, count), when given, is the slice of
+    this node's own data it trains instead of the slot's slice (``--split site``).
+    """
     check_partition(partition_id, num_partitions)
     pairs = [f"partition-id={partition_id}", f"num-partitions={num_partitions}"]
+    if data_partition:
+        check_partition(*data_partition)
+        pairs += [f"data-partition-id={data_partition[0]}", f"data-num-partitions={data_partition[1]}"]
     if data_path:
         pairs.append(f'data-path="{Path(data_path).expanduser().resolve()}"')
     return " ".join(pairs)

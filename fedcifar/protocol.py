@@ -22,10 +22,11 @@ class Task:
     arrays: dict[str, np.ndarray]
     server_round: int
     lr: float | None
-    partition_id: int
+    partition_id: int  # the node's slot: seeds, metric labels, what the reply reports
     num_partitions: int
     run_config: dict[str, Any]
     data_path: str | None = None
+    data_partition: tuple[int, int] | None = None  # (id, count) of the data it trains; None: the slot's
 
 
 @dataclass

@@ -11,13 +11,17 @@ This module adds what Kubernetes needs on top, nothing more:
   (``genPrivateKey "ecdsa"`` in Helm); it is converted to the OpenSSH format Flower reads;
   public keys may be OpenSSH lines, PEM public keys or PEM certificates;
 - ``register_public_keys``: registers every key of a folder, idempotently (a key already
-  registered counts as done), with the ``flwr`` CLI;
+  registered counts as done), with the ``flwr`` CLI, under the node name ``<site>/<key name>``:
+  the ServerApp reads the site from it (``site_of_node``), so a site is what the operator
+  registered, never what a SuperNode claims;
 - ``KeyRegistrar``: the ``fedcifar superlink`` side: once the SuperLink answers ``/health``,
-  register the folder's keys, write a ready file (the pod's readiness probe), and keep
-  registering keys that appear later (``helm upgrade --set clients.replicas=N``).
+  register the folders' keys, write a ready file (the pod's readiness probe), and keep
+  registering keys that appear later (``helm upgrade --set clients.replicas=N``, or another
+  site's keys added to the sites' Secret: no restart, no new run).
 
 Environment (set by the chart): ``FEDCIFAR_ROOT_CERTIFICATES`` (the CA), ``FEDCIFAR_SUPERNODE_PUBLIC_KEYS``
-(a folder of public keys to register), ``FEDCIFAR_READY_FILE``.
+(this release's public keys, registered for the site ``$FEDCIFAR_SITE``), ``FEDCIFAR_SITE_PUBLIC_KEYS``
+(other sites' keys, each file named ``<site>.<key name>.pub``), ``FEDCIFAR_READY_FILE``.
 """
 
 from __future__ import annotations
@@ -29,14 +33,19 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedcifar.config import SITE_NAME
+from fedcifar.metrics import DEFAULT_SITE, SITE_ENV, UNKNOWN_SITE
+
 ROOT_CERTIFICATES_ENV = "FEDCIFAR_ROOT_CERTIFICATES"
 PUBLIC_KEYS_ENV = "FEDCIFAR_SUPERNODE_PUBLIC_KEYS"
+SITE_KEYS_ENV = "FEDCIFAR_SITE_PUBLIC_KEYS"
 READY_FILE_ENV = "FEDCIFAR_READY_FILE"
 CONNECTION = "fedcifar"
 ALREADY_REGISTERED = "Public key already in use"
@@ -152,8 +161,9 @@ def flwr_cli() -> str:
     return str(beside) if beside.exists() else "flwr"
 
 
-def register_public_key(path: Path, flwr_home: Path, connection: str = CONNECTION) -> str:
-    """Register one public key with ``flwr supernode register``: "registered" or "already registered".
+def register_public_key(path: Path, flwr_home: Path, name: str, connection: str = CONNECTION) -> str:
+    """Register one public key under the node ``name`` with ``flwr supernode register``: "registered"
+    or "already registered" (under the name it was first registered with).
 
     Flower reads OpenSSH public keys only, so other formats are converted next to the connection.
     """
@@ -164,7 +174,7 @@ def register_public_key(path: Path, flwr_home: Path, connection: str = CONNECTIO
         key_file.parent.mkdir(parents=True, exist_ok=True)
         key_file.write_bytes(openssh_public_key(data))
     done = subprocess.run(
-        [flwr_cli(), "supernode", "register", str(key_file), connection, "--format", "json"],
+        [flwr_cli(), "supernode", "register", str(key_file), connection, "--name", name, "--format", "json"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "FLWR_HOME": str(flwr_home)},
     )  # fmt: skip
     try:
@@ -192,40 +202,88 @@ def registered_node_count(flwr_home: Path, connection: str = CONNECTION) -> int 
     return sum(1 for node in reply.get("nodes", []) if node.get("status") != "unregistered")
 
 
-def register_missing_public_keys(folder: Path, flwr_home: Path) -> list[str]:
+@dataclass(frozen=True)
+class KeyFolder:
+    """A folder of SuperNode public keys and the site they belong to; ``site=None``: every file is
+    named ``<site>.<key name>.pub`` (the sites' Secret on the SuperLink side)."""
+
+    path: Path
+    site: str | None = None
+
+    def keys(self) -> list[tuple[Path, str]]:
+        """(file, node name) pairs; a file whose name does not say its site is skipped, with a line."""
+        named = []
+        for path in public_key_files(self.path):
+            site, key = (self.site, path.stem) if self.site else path.stem.partition(".")[::2]
+            if not SITE_NAME.fullmatch(site) or not key:
+                print(f"fedcifar: SuperNode key {path.name} not registered: name it <site>.<key name>.pub, "
+                      "the site a DNS label (e.g. hospital-a.supernode-0.pub)", flush=True)  # fmt: skip
+                continue
+            named.append((path, f"{site}/{key}"))
+        return named
+
+
+def site_of_node(name: str) -> str:
+    """The site of a node registered as ``<site>/<key name>``; ``unknown`` for other names."""
+    site = name.partition("/")[0]
+    return site if SITE_NAME.fullmatch(site) else UNKNOWN_SITE
+
+
+def own_key_folder(path: Path) -> KeyFolder:
+    """This release's keys, registered for its site (``$FEDCIFAR_SITE``)."""
+    return KeyFolder(path, os.environ.get(SITE_ENV) or DEFAULT_SITE)
+
+
+def control_nodes(connection: str = CONNECTION) -> list:
+    """Every SuperNode the SuperLink knows (Flower's ``NodeInfo``: id, name, status, ...), asked
+    through the Control API of the ``$FLWR_HOME`` connection with Flower's own client, as ``flwr
+    supernode ls`` does (whose output leaves the names out)."""
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.proto.control_pb2 import ListNodesRequest
+
+    client = init_http_client_from_connection(read_superlink_connection(connection))
+    try:
+        return list(client.ListNodes(ListNodesRequest()).nodes_info)
+    finally:
+        client.close()
+
+
+def register_missing_public_keys(folder: KeyFolder, flwr_home: Path) -> list[str]:
     """``register_public_keys`` unless the SuperLink already has as many nodes as the folder has keys
     (the usual case: its own registrar was first), which keeps "already in use" errors out of its log."""
-    files = public_key_files(folder)
+    files = folder.keys()
     count = registered_node_count(flwr_home)
     if count is not None and count >= len(files):
         print(f"fedcifar: {count} SuperNodes registered for {len(files)} keys", flush=True)
         return []
-    return register_public_keys(folder, flwr_home)
+    return register_public_keys([folder], flwr_home)
 
 
-def register_public_keys(folder: Path, flwr_home: Path, done: set[str] | None = None) -> list[str]:
-    """Register every key in ``folder`` not in ``done`` (key contents); returns the new file names."""
+def register_public_keys(folders: list[KeyFolder], flwr_home: Path, done: set[str] | None = None) -> list[str]:
+    """Register every key of ``folders`` not in ``done`` (key contents); returns the new file names."""
     done = set() if done is None else done
     new = []
-    for path in public_key_files(folder):
-        fingerprint = openssh_public_key(path.read_bytes()).decode()
-        if fingerprint in done:
-            continue
-        outcome = register_public_key(path, flwr_home)
-        print(f"fedcifar: SuperNode key {path.name}: {outcome}", flush=True)
-        done.add(fingerprint)
-        new.append(path.name)
+    for folder in folders:
+        for path, name in folder.keys():
+            fingerprint = openssh_public_key(path.read_bytes()).decode()
+            if fingerprint in done:
+                continue
+            outcome = register_public_key(path, flwr_home, name)
+            print(f"fedcifar: SuperNode key {path.name} ({name}): {outcome}", flush=True)
+            done.add(fingerprint)
+            new.append(path.name)
     return new
 
 
 class KeyRegistrar(threading.Thread):
-    """Registers a folder's SuperNode public keys with the local SuperLink, then keeps watching.
+    """Registers folders of SuperNode public keys with the local SuperLink, then keeps watching.
 
     Writes ``ready_file`` once every key present at start is registered (removed first, since a
     restarted container keeps the pod's emptyDir); a key that fails is retried on the next scan.
     """
 
-    def __init__(self, *, port: int, root_certificates: str, keys: Path, flwr_home: Path,
+    def __init__(self, *, port: int, root_certificates: str, keys: list[KeyFolder], flwr_home: Path,
                  ready_file: Path | None, interval: float = 5.0) -> None:  # fmt: skip
         super().__init__(name="supernode-key-registrar", daemon=True)
         self.address = f"127.0.0.1:{port}"
@@ -249,7 +307,7 @@ class KeyRegistrar(threading.Thread):
                     self.ready_file.write_text(f"{len(self.registered)} SuperNode keys registered\n")
                     print(f"fedcifar: {len(self.registered)} SuperNode keys registered; ready", flush=True)
                 ready = True
-            except (OSError, RuntimeError, ValueError) as err:
+            except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as err:  # e.g. a hung flwr
                 print(f"fedcifar: registering SuperNode keys failed (retrying): {err}", flush=True)
             self.stopped.wait(self.interval)
 
@@ -269,13 +327,15 @@ def flag_value(command: list[str], flag: str) -> str | None:
 
 def superlink_registrar(command: list[str], run_dir: Path) -> KeyRegistrar | None:
     """A ``KeyRegistrar`` for a ``flower-superlink`` command with ``--enable-supernode-auth``, when
-    ``$FEDCIFAR_SUPERNODE_PUBLIC_KEYS`` names the keys to register (else None: register by hand)."""
-    keys = os.environ.get(PUBLIC_KEYS_ENV)
+    ``$FEDCIFAR_SUPERNODE_PUBLIC_KEYS`` or ``$FEDCIFAR_SITE_PUBLIC_KEYS`` name keys to register
+    (else None: register by hand)."""
+    own, sites = os.environ.get(PUBLIC_KEYS_ENV), os.environ.get(SITE_KEYS_ENV)
+    keys = ([own_key_folder(Path(own))] if own else []) + ([KeyFolder(Path(sites))] if sites else [])
     if "--enable-supernode-auth" not in command or not keys:
         return None
     ca = flag_value(command, "--ssl-ca-certfile")
     if not ca:
         raise ValueError("--enable-supernode-auth needs TLS: pass --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile")
     ready = os.environ.get(READY_FILE_ENV)
-    return KeyRegistrar(port=int(flag_value(command, "--port") or 8000), root_certificates=ca, keys=Path(keys),
+    return KeyRegistrar(port=int(flag_value(command, "--port") or 8000), root_certificates=ca, keys=keys,
                         flwr_home=run_dir / "registrar-flwr", ready_file=Path(ready) if ready else None)  # fmt: skip

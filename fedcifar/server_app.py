@@ -9,7 +9,8 @@ Faults a round survives (see ``ResilientFedAvg``): a client that dies or errors 
 missing or an error, counted by partition), a slow client (replies are awaited at most
 ``round-timeout`` seconds), and a bad update (NaN/Inf, wrong shapes, a partition twice):
 refused before aggregation and counted. A round that aggregates nothing is tried again, up to
-``round-retries`` times. With ``resume = true`` the run continues from the checkpoint in
+``round-retries`` times. Failures and refusals are counted by slot (``partition``) and by site: the
+site a SuperNode's key was registered under (``grid.get_nodes()``; a node cannot claim one). With ``resume = true`` the run continues from the checkpoint in
 ``out-dir`` (``checkpoint.py``), after the last completed round.
 """
 
@@ -34,7 +35,8 @@ from fedcifar.config import RunConfig
 from fedcifar.data import load_full, resolve_source
 from fedcifar.flower_tuning import pulls_bounded_by, shorten_object_pull_backoff
 from fedcifar.history import PLOT_FILE, History, RoundRecord, plot_history
-from fedcifar.metrics import FAILURE_REASONS, REJECT_REASONS, ServerMetrics, record_bytes, server_metrics
+from fedcifar.metrics import FAILURE_REASONS, REJECT_REASONS, UNKNOWN_SITE, ServerMetrics, record_bytes, server_metrics
+from fedcifar.security import site_of_node
 from fedcifar.task import MODEL_KEY, Net, evaluate, flat_weights, initial_model, load_flat_weights, pick_device
 
 log = logging.getLogger("flwr.fedcifar")
@@ -225,6 +227,7 @@ class ResilientFedAvg(FedAvg):
         self.node_wait = config.round_timeout
         self.num_partitions = config.num_partitions
         self.partition_of: dict[int, int] = {}  # node id -> partition, from its replies
+        self.site_of: dict[int, str] = {}  # node id -> site, from the name its key was registered under
         self._last_reply: dict[int, int] = {}  # node id -> when it last replied (a count of pulls)
         self._failed: set[int] = set()  # nodes whose latest message went unanswered or failed
         self._skipped: set[int] = set()  # superseded nodes, once logged
@@ -233,11 +236,6 @@ class ResilientFedAvg(FedAvg):
         self._reference: dict[str, tuple[tuple[int, ...], str]] = {}
         self._round: dict[str, object] = {}
         metrics.num_rounds.set(config.num_server_rounds)
-        for partition in [str(p) for p in range(config.num_partitions)]:  # zeros, so dashboards show them
-            for reason in FAILURE_REASONS:
-                metrics.failures.labels(partition, reason)
-            for reason in REJECT_REASONS:
-                metrics.rejected_updates.labels(partition, reason)
 
     def begin_round(self, server_round: int) -> None:
         self._round = {"started": time.perf_counter(), "sent": 0, "received": 0, "failures": 0, "rejected": 0}
@@ -259,7 +257,9 @@ class ResilientFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._wait_for_nodes(grid)
-        self.metrics.connected_clients.set(len(list(grid.get_node_ids())))
+        nodes = list(grid.get_nodes())
+        self.site_of.update((node.node_id, site_of_node(node.name)) for node in nodes)
+        self.metrics.connected_clients.set(len(nodes))
         self._reference = {name: (tuple(a.shape), a.dtype) for name, a in arrays.items()}
         messages = super().configure_train(server_round, arrays, config, grid)
         return self._sending(arrays, self._skip_superseded(messages))
@@ -276,10 +276,11 @@ class ResilientFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted = self._accept_updates(self._received(list(replies)))
-        contents = sorted((m.content for m in accepted), key=lambda c: int(c["metrics"]["partition-id"]))
+        accepted = sorted(self._accept_updates(self._received(list(replies))), key=reply_partition)
+        contents = [m.content for m in accepted]
         self._round.update(
             partitions=[int(c["metrics"]["partition-id"]) for c in contents],
+            sites=[self._site(m.metadata.src_node_id) for m in accepted],
             examples=sum(int(c["metrics"]["examples-trained"]) for c in contents),
             train_seconds=[float(c["metrics"]["train-seconds"]) for c in contents],
         )
@@ -324,6 +325,7 @@ class ResilientFedAvg(FedAvg):
             client_train_seconds=r.get("train_seconds", []),
             client_eval_loss=r.get("client_eval_loss"),
             client_eval_accuracy=r.get("client_eval_accuracy"),
+            sites=r.get("sites", []),
         )
         self.history.rounds.append(record)
         # the checkpoint first: a crash between the two files leaves history.json a round behind, never ahead
@@ -342,8 +344,9 @@ class ResilientFedAvg(FedAvg):
         m.round_duration.observe(record.round_seconds)
         m.rounds_completed.inc()
         log.info(
-            "round %d: train_loss=%.4f eval_loss=%.4f eval_accuracy=%.4f %.1fs",
+            "round %d: train_loss=%.4f eval_loss=%.4f eval_accuracy=%.4f %.1fs; slots (site): %s",
             server_round, record.train_loss, loss, accuracy, record.round_seconds,
+            ", ".join(f"{p} ({site})" for p, site in zip(record.partitions, record.sites)) or "none",
         )  # fmt: skip
 
     # -- faults ------------------------------------------------------------------------------
@@ -367,8 +370,8 @@ class ResilientFedAvg(FedAvg):
                 kept.append(m)
             elif node_id not in self._skipped:
                 self._skipped.add(node_id)
-                log.info("node %d no longer gets messages: partition %s answers from a newer node",
-                         node_id, self._partition_label(node_id))  # fmt: skip
+                log.info("node %d no longer gets messages: partition %s (site %s) answers from a newer node",
+                         node_id, self._partition_label(node_id), self._site(node_id))  # fmt: skip
         return kept
 
     def _superseded(self, node_id: int) -> bool:
@@ -394,12 +397,23 @@ class ResilientFedAvg(FedAvg):
     def _partition_label(self, node_id: int) -> str:
         return str(self.partition_of.get(node_id, "unknown"))
 
+    def _site(self, node_id: int) -> str:
+        return self.site_of.get(node_id, UNKNOWN_SITE)
+
+    def _learn_partition(self, node_id: int, partition: int) -> None:
+        if self.partition_of.get(node_id) != partition:  # zero series, so dashboards show the slot
+            for reason in FAILURE_REASONS:
+                self.metrics.failures.labels(str(partition), self._site(node_id), reason)
+            for reason in REJECT_REASONS:
+                self.metrics.rejected_updates.labels(str(partition), self._site(node_id), reason)
+        self.partition_of[node_id] = partition
+
     def _received(self, replies: list[Message]) -> list[Message]:
         """Count bytes, error replies and missing replies (by partition); learn node partitions."""
         self._pulls += 1
         for m in replies:
             if (partition := reply_partition(m)) is not None:
-                self.partition_of[m.metadata.src_node_id] = partition
+                self._learn_partition(m.metadata.src_node_id, partition)
                 self._last_reply[m.metadata.src_node_id] = self._pulls
                 self._failed.discard(m.metadata.src_node_id)
         # an error the SuperLink made up (e.g. node unavailable) does not come from the node: use the request
@@ -423,11 +437,11 @@ class ResilientFedAvg(FedAvg):
         return replies
 
     def _failure(self, node_id: int, reason: str, detail: str) -> None:
-        partition = self._partition_label(node_id)
+        partition, site = self._partition_label(node_id), self._site(node_id)
         self._failed.add(node_id)
         self._round["failures"] += 1
-        self.metrics.failures.labels(partition, reason).inc()
-        log.warning("client failure (%s): node %d, partition %s: %s", reason, node_id, partition, detail)
+        self.metrics.failures.labels(partition, site, reason).inc()
+        log.warning("client failure (%s): node %d, partition %s, site %s: %s", reason, node_id, partition, site, detail)
 
     def _accept_updates(self, replies: list[Message]) -> list[Message]:
         """Sound training replies, at most one per partition; the others are counted and dropped."""
@@ -440,10 +454,12 @@ class ResilientFedAvg(FedAvg):
             if problem is None and partition in partitions:
                 problem = "duplicate_partition"
             if problem:
-                label = str(partition) if isinstance(partition, int) else self._partition_label(m.metadata.src_node_id)
+                node_id = m.metadata.src_node_id
+                label = str(partition) if isinstance(partition, int) else self._partition_label(node_id)
                 self._round["rejected"] += 1
-                self.metrics.rejected_updates.labels(label, problem).inc()
-                log.warning("update refused (%s): node %d, partition %s", problem, m.metadata.src_node_id, label)
+                self.metrics.rejected_updates.labels(label, self._site(node_id), problem).inc()
+                log.warning("update refused (%s): node %d, partition %s, site %s", problem, node_id, label,
+                            self._site(node_id))  # fmt: skip
                 continue
             partitions.add(partition)
             accepted.append(m)

@@ -5,7 +5,9 @@
 endpoint reports the expected partition count — after ``helm upgrade`` the old pods must be
 replaced first, or the run would mix two splits — then stops any run still going (one run at
 a time per federation), submits the run with ``flwr run``, streams its logs and exits 0 only if
-it completed: a Job retry then resumes a failed run from its checkpoint.
+it completed: a Job retry then resumes a failed run from its checkpoint. A server release, whose
+SuperNodes run at other sites, waits with ``--min-nodes`` for that many SuperNodes online in
+Flower's own node list instead (the Control API's ``ListNodes``).
 
 In the chart the Control API is not on the SuperLink's public port (a proxy refuses it there):
 with ``--control-pod-selector`` and ``--control-port`` the ``flwr`` commands reach Flower on the
@@ -92,6 +94,7 @@ def clients_ready(urls: list[str], num_partitions: int) -> Callable[[], bool]:
 
 
 ACTIVE = ("pending", "starting", "running")
+ONLINE = "online"  # Flower's NodeStatus of an activated SuperNode that keeps its heartbeats
 
 
 def flwr_json(flwr: str, *args: str) -> dict:
@@ -120,6 +123,26 @@ def stop_active_runs(flwr: str, timeout: float = 120) -> None:
     wait_until("earlier runs to stop", lambda: not active_runs(flwr), timeout)
 
 
+def online_nodes() -> list[str]:
+    """The names (``<site>/<key name>``, else ids) of the SuperNodes the SuperLink lists as online."""
+    return sorted(node.name or str(node.node_id) for node in security.control_nodes() if node.status == ONLINE)
+
+
+def nodes_online(count: int) -> Callable[[], bool]:
+    def ready() -> bool:
+        try:
+            online = online_nodes()
+        except Exception as err:  # noqa: BLE001 - Flower's client raises its own and httpx errors; retried
+            print(f"fedcifar: listing SuperNodes failed (retrying): {err}", flush=True)
+            return False
+        if len(online) < count:
+            print(f"fedcifar: waiting for {count} SuperNodes online, {len(online)} so far: "
+                  + (", ".join(online) or "none"), flush=True)  # fmt: skip
+        return len(online) >= count
+
+    return ready
+
+
 def run_status(flwr: str, run_id: int) -> str:
     runs = flwr_json(flwr, "ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
     return str(runs[0]["status"]) if runs else "unknown (SuperLink unreachable)"
@@ -144,6 +167,7 @@ def control_api(superlink: str, pod_selector: str | None, port: int) -> Iterator
 def submit(
     *, app: str, superlink: str, run_config: str, client_metrics: list[str], num_partitions: int | None,
     timeout: float, stream: bool = True, control_pod_selector: str | None = None, control_port: int = 9093,
+    min_nodes: int = 0,
 ) -> int:
     """Wait for the federation, stop runs still going, start the run and stream its logs.
 
@@ -159,11 +183,14 @@ def submit(
         write_connection(flwr_home, CONNECTION, control, ca)
         keys = os.environ.get(security.PUBLIC_KEYS_ENV)
         if keys:
-            security.register_missing_public_keys(Path(keys), flwr_home)
+            security.register_missing_public_keys(security.own_key_folder(Path(keys)), flwr_home)
+        flwr = str(Path(sys.executable).parent / "flwr")
         if client_metrics:
             wait_until("clients", clients_ready(client_metrics, num_partitions or len(client_metrics)), timeout)
             print(f"fedcifar: {len(client_metrics)} clients ready", flush=True)
-        flwr = str(Path(sys.executable).parent / "flwr")
+        if min_nodes:  # SuperNodes of other sites, whose metrics this Job cannot reach: ask Flower
+            wait_until(f"{min_nodes} SuperNodes", nodes_online(min_nodes), timeout)
+            print(f"fedcifar: {min_nodes} SuperNodes online", flush=True)
         stop_active_runs(flwr)
         command = ["run", app, CONNECTION, "--run-config", run_config]
         print("fedcifar: " + shlex.join(["flwr", *command]), flush=True)

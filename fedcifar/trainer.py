@@ -45,8 +45,9 @@ class Trainer:
             raise ValueError(f"unknown task kind {task.kind!r}")
 
     def _data(self, task: Task, config: RunConfig, split: str, device: torch.device) -> ImageTensors:
+        partition = task.data_partition or (task.partition_id, task.num_partitions)
         return resident_partition(
-            device, resolve_source(task.data_path), split, task.partition_id, task.num_partitions,
+            device, resolve_source(task.data_path), split, *partition,
             config.partitioner, config.dirichlet_alpha, config.seed,
         )  # fmt: skip
 
@@ -73,10 +74,10 @@ class Trainer:
         )  # fmt: skip
         arrays = {MODEL_KEY: flat_weights(net)}
         part, m = str(task.partition_id), client_metrics()
-        m.last_round.labels(part).set(task.server_round)
-        m.train_loss.labels(part).set(result.loss)
-        m.examples_trained.labels(part).inc(result.examples)
-        m.train_duration.labels(part).observe(result.seconds)
+        m.last_round.labels(m.site, part).set(task.server_round)
+        m.train_loss.labels(m.site, part).set(result.loss)
+        m.examples_trained.labels(m.site, part).inc(result.examples)
+        m.train_duration.labels(m.site, part).observe(result.seconds)
         self._record_memory(task)
         log.info(
             "partition %d/%d round %d: %d examples on %s, loss %.4f, %.2fs",
@@ -97,8 +98,8 @@ class Trainer:
         data = self._data(task, config, "test", device)
         loss, accuracy = evaluate(self._model(task), data, device)
         part, m = str(task.partition_id), client_metrics()
-        m.eval_loss.labels(part).set(loss)
-        m.eval_accuracy.labels(part).set(accuracy)
+        m.eval_loss.labels(m.site, part).set(loss)
+        m.eval_accuracy.labels(m.site, part).set(accuracy)
         self._record_memory(task)
         metrics = {"eval_loss": loss, "eval_accuracy": accuracy, "num-examples": len(data),
                    "partition-id": task.partition_id}  # fmt: skip
@@ -108,7 +109,8 @@ class Trainer:
     def _record_memory(task: Task) -> None:
         # ru_maxrss is in KiB on Linux
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        client_metrics().peak_rss.labels(str(task.partition_id)).set(peak)
+        m = client_metrics()
+        m.peak_rss.labels(m.site, str(task.partition_id)).set(peak)
 
 
 def serve(trainer: Trainer, listener: Listener) -> None:
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     listener = Listener(args.socket, family="AF_UNIX", authkey=bytes.fromhex(os.environ[TRAINER_KEY_ENV]))
     device = pick_device("auto").type
     note = " (no CUDA device visible: training falls back to the CPU)" if device == "cpu" else ""
-    client_metrics().info.labels(str(args.partition_id), str(args.num_partitions), device).set(1)
+    m = client_metrics()
+    m.info.labels(m.site, str(args.partition_id), str(args.num_partitions), device).set(1)
     print(f"fedcifar: trainer for partition {args.partition_id} of {args.num_partitions} on {device}{note}",
           flush=True)  # fmt: skip
     serve(Trainer(), listener)

@@ -11,6 +11,7 @@ The whole module is skipped when helm is neither on PATH nor at /var/cache/local
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import re
 import shutil
@@ -202,6 +203,26 @@ def existing_secrets_docs() -> list[dict]:
     return render(*EXISTING_SECRETS_ARGS)
 
 
+SERVER_ARGS = ("--set", "clients.enabled=false", "--set", "run.numPartitions=4", "--set", "superlink.service.type=NodePort",
+               "--set", "superlink.service.nodePort=30800", "--set", "tls.extraIpAddresses[0]=10.0.0.5",
+               "--set", "superlink.ingress.enabled=true", "--set", "superlink.ingress.host=fl.example.org",
+               "--set", "superlink.ingress.className=nginx")  # fmt: skip
+SITE_ARGS = ("--set", "superlink.enabled=false", "--set", "clients.superlink.address=10.0.0.5:30800",
+             "--set", "clients.superlink.caSecret=federation-ca", "--set", "clients.site=hospital-a",
+             "--set", "clients.partitions.offset=2", "--set", "clients.partitions.total=4",
+             "--set", "clients.partitions.split=site", *HOSTPATH_DATA_ARGS)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server_docs() -> list[dict]:
+    return render(*SERVER_ARGS)
+
+
+@pytest.fixture(scope="module")
+def site_docs() -> list[dict]:
+    return render(*SITE_ARGS)
+
+
 @pytest.fixture(scope="module")
 def values() -> dict:
     return yaml.safe_load((CHART / "values.yaml").read_text())
@@ -237,6 +258,7 @@ def test_default_objects(default_docs: list[dict]) -> None:
         ("Job", f"{FULLNAME}-run-1"),
         ("Pod", f"{FULLNAME}-test"),
         ("Secret", f"{FULLNAME}-superlink-tls"),
+        ("Secret", f"{FULLNAME}-superlink-ca"),
         ("Secret", f"{FULLNAME}-supernode-keys"),
         ("Secret", f"{FULLNAME}-supernode-public-keys"),
         ("NetworkPolicy", f"{FULLNAME}-superlink"),
@@ -688,7 +710,8 @@ def test_helm_test_pod(default_docs: list[dict]) -> None:
     assert "ssl.create_default_context(cafile=ca)" in c["command"][-1]
     mount, volume = mounts_of(pod, c)["/etc/fedcifar/tls"]
     assert volume["secret"] == {"secretName": f"{FULLNAME}-superlink-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
-    assert env["CLIENT_METRICS_URL"] == f"http://{FULLNAME}-clients-0.{FULLNAME}-clients:9400/metrics"
+    assert env["CLIENT_METRICS_URLS"] == " ".join(
+        f"http://{FULLNAME}-clients-{i}.{FULLNAME}-clients:9400/metrics" for i in (0, 1))
 
 
 def test_notes_render(tmp_path: Path) -> None:
@@ -721,7 +744,9 @@ def test_notes_render(tmp_path: Path) -> None:
 
 DASHBOARD_FILES = sorted((CHART / "dashboards").glob("*.json"))
 # Labels a Prometheus with the standard kubernetes pod relabeling adds, plus the series' own labels.
-ALLOWED_LABELS = {"namespace", "pod", "partition", "num_partitions", "device", "kind", "le", "reason"}
+ALLOWED_LABELS = {"namespace", "pod", "site", "partition", "num_partitions", "device", "kind", "le", "reason"}
+# series that carry the site (client metrics; the server's per-node failures and refused updates)
+SITE_SERIES = ("fedcifar_client_", "fedcifar_rejected_updates")
 KNOWN_METRICS = {
     "fedcifar_round", "fedcifar_run_rounds", "fedcifar_rounds_completed_total",
     "fedcifar_round_duration_seconds_bucket", "fedcifar_round_duration_seconds_sum",
@@ -780,6 +805,8 @@ def test_dashboard_json(path: Path) -> None:
     assert variables["datasource"]["query"] == "prometheus"
     ns = variables["namespace"]
     assert ns["type"] == "query" and "label_values(" in json.dumps(ns["query"]) and "namespace" in ns["definition"]
+    site = variables["site"]  # one Grafana shows the whole federation, site by site
+    assert site["multi"] and site["includeAll"] and site["definition"].endswith(", site)")
     exprs = []
     for panel in all_panels(dashboard):
         if panel["type"] == "row":
@@ -796,7 +823,8 @@ def test_dashboard_json(path: Path) -> None:
         assert selectors, (title, expr)
         for metric, selector in selectors:
             assert metric in KNOWN_METRICS, (title, metric)
-            assert selector == '{namespace=~"$namespace"}', (title, expr)  # every series filtered
+            expected = '{namespace=~"$namespace", site=~"$site"}' if metric.startswith(SITE_SERIES) else '{namespace=~"$namespace"}'
+            assert selector == expected, (title, expr)  # every series filtered
         for group in re.findall(r"\bby \(([^)]*)\)", expr):
             labels = {label.strip() for label in group.split(",")}
             assert labels <= ALLOWED_LABELS, (title, labels)
@@ -812,6 +840,8 @@ def test_dashboard_json(path: Path) -> None:
         assert "fedcifar_connected_clients" in joined and "fedcifar_participating_clients" in joined
         assert "rate(fedcifar_client_examples_trained_total" in joined
         assert "throughput" in titles
+    bysite = [e for _, e in exprs if re.search(r"\bby \(site(, reason)?\)", e)]
+    assert bysite, "no per-site panel"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1016,6 +1046,99 @@ def test_network_policies(default_docs: list[dict], existing_secrets_docs: list[
     assert not [d for d in render("--set", "networkPolicy.enabled=false") if d["kind"] == "NetworkPolicy"]
 
 # ---------------------------------------------------------------------------------------------
+# cross-silo shapes: a server release and site releases
+
+
+def test_server_release_holds_the_superlink_and_the_run(server_docs: list[dict]) -> None:
+    names = {(d["kind"], d["metadata"]["name"]) for d in server_docs}
+    assert ("Deployment", f"{FULLNAME}-superlink") in names and ("Job", f"{FULLNAME}-run-1") in names
+    assert ("Ingress", f"{FULLNAME}-superlink") in names
+    assert {k for k, _ in names} >= {"ConfigMap", "Secret", "Role", "RoleBinding", "NetworkPolicy", "Pod"}
+    assert "StatefulSet" not in kinds(server_docs) and not [n for _, n in names if "supernode" in n]
+    assert len([n for _, n in names if "-dashboard-" in n]) == 2  # one set of dashboards, for the whole federation
+    # the run states the federation and waits for its SuperNodes in Flower's node list
+    args = container(find(server_docs, "Job"))["args"]
+    assert "--client-metrics" not in args
+    assert job_arg(server_docs, "--min-nodes") == "4" and job_arg(server_docs, "--num-partitions") == "4"
+    assert run_config_of(server_docs)["num-partitions"] == "4" and run_config_of(server_docs)["min-nodes"] == "4"
+    assert "FEDCIFAR_SUPERNODE_PUBLIC_KEYS" not in env_of(container(find(server_docs, "Job")))
+    # the SuperLink keeps registering other sites' keys from an optional Secret, mounted whole
+    deploy = find(server_docs, "Deployment")
+    env = env_of(container(deploy, "superlink"))
+    assert env["FEDCIFAR_SITE_PUBLIC_KEYS"] == "/etc/fedcifar/site-public-keys"
+    assert "FEDCIFAR_SUPERNODE_PUBLIC_KEYS" not in env
+    mount, volume = mounts_of(deploy, container(deploy, "superlink"))["/etc/fedcifar/site-public-keys"]
+    assert volume["secret"] == {"secretName": f"{FULLNAME}-site-keys", "optional": True} and "subPath" not in mount
+    # sites reach the public face from anywhere, on the node port or through the Ingress (TLS passed through)
+    service = find(server_docs, "Service", f"{FULLNAME}-superlink")["spec"]
+    assert service["type"] == "NodePort" and service["ports"][0]["nodePort"] == 30800
+    public = find(server_docs, "NetworkPolicy", f"{FULLNAME}-superlink")["spec"]["ingress"][0]
+    assert "from" not in public and public["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    ingress = find(server_docs, "Ingress")
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/ssl-passthrough"] == "true"
+    paths = ingress["spec"]["rules"][0]["http"]["paths"]
+    assert [(p["path"], p["pathType"]) for p in paths] == [("/v1/fleet/", "Prefix"), ("/health", "Exact")]
+    assert ingress["spec"]["ingressClassName"] == "nginx" and ingress["spec"]["rules"][0]["host"] == "fl.example.org"
+    tls = find(server_docs, "Secret", f"{FULLNAME}-superlink-tls")
+    cert = x509.load_pem_x509_certificate(secret_data(tls)["tls.crt"])
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "fl.example.org" in sans.get_values_for_type(x509.DNSName)
+    assert ipaddress.ip_address("10.0.0.5") in sans.get_values_for_type(x509.IPAddress)
+
+
+def test_the_helm_ca_is_kept_apart_and_new_names_roll_the_superlink(default_docs, server_docs) -> None:
+    ca = find(default_docs, "Secret", f"{FULLNAME}-superlink-ca")
+    assert ca["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert set(secret_data(ca)) == {"ca.crt", "ca.key"}
+    tls = find(default_docs, "Secret", f"{FULLNAME}-superlink-tls")
+    assert secret_data(tls)["ca.crt"] == secret_data(ca)["ca.crt"] and "ca.key" not in tls["data"]
+    names = json.loads(tls["metadata"]["annotations"]["fedcifar/certificate-names"])
+    assert "127.0.0.1" in names and f"{FULLNAME}-superlink" in names
+    for docs in (default_docs, server_docs):  # no pod mounts the CA key
+        for workload in workloads(docs):
+            assert f"{FULLNAME}-superlink-ca" not in json.dumps(pod_spec(workload))
+
+    def rollout(docs):
+        return find(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/tls-names"]
+
+    assert rollout(default_docs) != rollout(server_docs)  # the names changed: the SuperLink restarts with them
+
+
+def test_site_release_holds_its_supernodes_and_their_keys(site_docs: list[dict]) -> None:
+    names = {(d["kind"], d["metadata"]["name"]) for d in site_docs}
+    assert not {"Deployment", "Job", "Role", "Ingress"} & set(kinds(site_docs))
+    assert not [n for _, n in names if "-dashboard-" in n or "superlink" in n]
+    assert {("Secret", f"{FULLNAME}-supernode-keys"), ("Secret", f"{FULLNAME}-supernode-public-keys"),
+            ("StatefulSet", f"{FULLNAME}-clients"), ("Pod", f"{FULLNAME}-test")} <= names  # fmt: skip
+    sts = find(site_docs, "StatefulSet")
+    c = container(sts)
+    args = dict(zip(c["args"][::2], c["args"][1::2]))
+    assert args["--superlink"] == "10.0.0.5:30800" and args["--root-certificates"] == "/etc/fedcifar/tls/ca.crt"
+    assert (args["--partition-offset"], args["--num-partitions"], args["--split"], args["--site-partitions"],
+            args["--site"]) == ("2", "4", "site", "2", "hospital-a")  # fmt: skip
+    _, volume = mounts_of(sts, c)["/etc/fedcifar/tls"]
+    assert volume["secret"]["secretName"] == "federation-ca"  # the remote SuperLink's CA, created by the operator
+    assert mounts_of(sts, c)["/data/cifar10"][1]["hostPath"]["path"] == "/srv/cifar10"  # the site's own data
+    test = container(find(site_docs, "Pod", f"{FULLNAME}-test"))
+    env = env_of(test)
+    assert env["SUPERLINK_HEALTH_URL"] == "https://10.0.0.5:30800/health"
+    assert env["CLIENT_METRICS_URLS"].split() == [
+        f"http://{FULLNAME}-clients-{i}.{FULLNAME}-clients:9400/metrics" for i in (0, 1)]
+    assert "activated" in test["command"][-1]
+    assert [d["metadata"]["name"] for d in site_docs if d["kind"] == "NetworkPolicy"] == [
+        f"{FULLNAME}-clients", f"{FULLNAME}-run"]
+
+
+def test_the_default_release_is_one_site_holding_every_slot(default_docs: list[dict]) -> None:
+    args = container(find(default_docs, "StatefulSet"))["args"]
+    pairs = dict(zip(args[::2], args[1::2]))
+    assert (pairs["--partition-offset"], pairs["--num-partitions"], pairs["--split"], pairs["--site"]) == (
+        "0", "2", "global", RELEASE)
+    assert "--min-nodes" not in container(find(default_docs, "Job"))["args"]
+    assert env_of(container(find(default_docs, "Deployment"), "superlink"))["FEDCIFAR_SITE"] == RELEASE
+
+
+# ---------------------------------------------------------------------------------------------
 # kubernetes-validate
 
 
@@ -1027,10 +1150,10 @@ def kubernetes_validate():
 @pytest.mark.parametrize("version", VALIDATE_VERSIONS)
 def test_manifests_validate_strict(kubernetes_validate, version: str, default_docs, gpu_docs, monitoring_docs,
                                    pvc_data_docs, hostpath_data_docs, persistence_docs, run_docs, insecure_docs,
-                                   cert_manager_docs, existing_secrets_docs) -> None:  # fmt: skip
+                                   cert_manager_docs, existing_secrets_docs, server_docs, site_docs) -> None:  # fmt: skip
     checked = 0
     for docs in (default_docs, gpu_docs, monitoring_docs, pvc_data_docs, hostpath_data_docs, persistence_docs,
-                 run_docs, insecure_docs, cert_manager_docs, existing_secrets_docs):  # fmt: skip
+                 run_docs, insecure_docs, cert_manager_docs, existing_secrets_docs, server_docs, site_docs):  # fmt: skip
         for doc in docs:
             if doc["apiVersion"] in (MONITORING_API, CERT_MANAGER_API):
                 # kubernetes-validate knows only built-in kinds, not the Prometheus Operator's or
@@ -1095,7 +1218,7 @@ PASS_THROUGH = {
     "superlink.proxy.resources",
     "superlink.service.annotations", "superlink.persistence.annotations", "serviceAccount.annotations",
     "run.extraConfig", "metrics.serviceMonitor.additionalLabels", "metrics.podMonitor.additionalLabels",
-    "dashboards.annotations", "tests.resources", "tls.certManager.issuerRef",
+    "dashboards.annotations", "tests.resources", "tls.certManager.issuerRef", "superlink.ingress.annotations",
 }  # fmt: skip
 
 
@@ -1120,6 +1243,11 @@ PASS_THROUGH = {
         (("--set", "tls.extraDnsNames[0]=Not A Name"), r"tls\.extraDnsNames\.0: Does not match pattern"),
         (("--set", "networkPolicy.ingress=1"), r"networkPolicy: Additional property ingress is not allowed"),
         (("--set", "supernodeAuth.keys=1"), r"supernodeAuth: Additional property keys is not allowed"),
+        (("--set", "clients.site=Hospital_A"), r"clients\.site: Does not match pattern"),
+        (("--set", "clients.superlink.address=https://link"), r"clients\.superlink\.address: Does not match pattern"),
+        (("--set", "clients.partitions.split=random"), r'clients\.partitions\.split must be one of the following: "global", "site"'),
+        (("--set", "clients.partitions.offset=-1"), r"clients\.partitions\.offset: Must be greater than or equal to 0"),
+        (("--set", "run.numPartitions=0"), r"run\.numPartitions: Must be greater than or equal to 1"),
     ],
 )
 def test_schema_rejects(args: tuple[str, ...], expected: str) -> None:
@@ -1134,7 +1262,7 @@ def test_schema_rejects(args: tuple[str, ...], expected: str) -> None:
         (("--set", "data.source=volume"), "neither data.volume.existingClaim nor data.volume.hostPath is set"),
         (("--set", "data.source=volume", "--set", "data.volume.existingClaim=a", "--set", "data.volume.hostPath=/b"),
          "data.volume.existingClaim and data.volume.hostPath are both set"),
-        (("--set", "run.minNodes=3"), "run.minNodes (3) is larger than clients.replicas (2)"),
+        (("--set", "run.minNodes=3"), "run.minNodes (3) is larger than the federation's node slots (2)"),
         (("--set", "run.extraConfig.seed=1"), "run.extraConfig.seed repeats a run-config key"),
         (("--set", "superlink.persistence.existingClaim=x"), "superlink.persistence.enabled is false"),
         (("--set", "image.tag=latest"), 'image.tag and clients.gpu.image.tag must be fixed versions, not "latest"'),
@@ -1145,6 +1273,19 @@ def test_schema_rejects(args: tuple[str, ...], expected: str) -> None:
          "supernodeAuth.existingSecret and supernodeAuth.existingPublicKeysSecret go together"),
         (("--set", "metrics.port=9093"), "metrics.port and superlink.controlPort are both 9093"),
         (("--set", "superlink.controlPort=8000"), "superlink.controlPort and superlink.port are both 8000"),
+        # the cross-silo shapes
+        (("--set", "superlink.enabled=false", "--set", "clients.enabled=false"),
+         "superlink.enabled and clients.enabled are both false: this release would hold nothing"),
+        (("--set", "superlink.enabled=false"), "a site release dials a remote SuperLink; set clients.superlink.address"),
+        (("--set", "superlink.enabled=false", "--set", "clients.superlink.address=link:30800"),
+         "clients.superlink.caSecret is empty: create a Secret holding the remote SuperLink's ca.crt"),
+        (("--set", "clients.superlink.address=link:30800"), "set superlink.enabled=false for a site release"),
+        (("--set", "clients.enabled=false"), "a server release states the federation's node slots"),
+        (("--set", "clients.partitions.offset=1"),
+         "clients.partitions.offset (1) + clients.replicas (2) is beyond clients.partitions.total (2)"),
+        (("--set", "clients.partitions.total=4", "--set", "run.numPartitions=3"),
+         "run.numPartitions (3) differs from clients.partitions.total (4)"),
+        (("--set", "superlink.ingress.enabled=true"), "superlink.ingress.enabled needs superlink.ingress.host"),
     ],
 )  # fmt: skip
 def test_contradictory_values_fail(args: tuple[str, ...], expected: str) -> None:

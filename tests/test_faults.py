@@ -16,6 +16,7 @@ from fedcifar.checkpoint import Checkpoint, CheckpointError, check_same_training
 from fedcifar.config import RunConfig
 from fedcifar.history import History, RoundRecord
 from fedcifar.metrics import ServerMetrics
+from fedcifar.security import site_of_node
 from fedcifar.server_app import ResilientFedAvg, update_problem
 from fedcifar.task import MODEL_KEY, Net, flat_weights, initial_model
 
@@ -77,8 +78,12 @@ def strategy(tmp_path):
 
 
 def counter(strategy, name: str, **labels) -> float:
-    metric = getattr(strategy.metrics, name)
-    return metric.labels(**labels)._value.get()
+    """The value of a series that exists (KeyError if it was never created)."""
+    for family in getattr(strategy.metrics, name).collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels == labels:
+                return sample.value
+    raise KeyError(f"{name}{labels}")
 
 
 @pytest.mark.parametrize(
@@ -113,8 +118,8 @@ def test_bad_updates_never_reach_the_average(strategy, global_arrays):
     expected = {name: a.numpy() * 2.0 for name, a in global_arrays.items()}
     for name, a in arrays.items():
         np.testing.assert_allclose(a.numpy(), expected[name], rtol=1e-6)
-    assert counter(strategy, "rejected_updates", partition="1", reason="non_finite") == 1
-    assert counter(strategy, "rejected_updates", partition="0", reason="duplicate_partition") == 1
+    assert counter(strategy, "rejected_updates", partition="1", site="unknown", reason="non_finite") == 1
+    assert counter(strategy, "rejected_updates", partition="0", site="unknown", reason="duplicate_partition") == 1
     assert strategy._round["partitions"] == [0] and strategy._round["rejected"] == 2
 
 
@@ -124,8 +129,8 @@ def test_missing_and_failed_replies_are_counted_by_partition(strategy, global_ar
         11: update(global_arrays, 0), 12: None, 13: "ClientApp crashed", 14: "Node Unavailable",
     })  # fmt: skip
     assert arrays is not None and strategy._round["partitions"] == [0]
-    assert counter(strategy, "failures", partition="1", reason="timeout") == 1  # node 12 was partition 1
-    assert counter(strategy, "failures", partition="unknown", reason="error") == 2  # 13 and 14 never answered before
+    assert counter(strategy, "failures", partition="1", site="unknown", reason="timeout") == 1  # node 12 was partition 1
+    assert counter(strategy, "failures", partition="unknown", site="unknown", reason="error") == 2  # 13 and 14 never answered before
     assert strategy._round["failures"] == 3  # each missing reply once
 
 
@@ -133,7 +138,7 @@ def test_a_dead_node_replaced_by_a_newer_one_gets_no_more_messages(strategy, glo
     """Node 12 (partition 1) dies; it restarts as node 13. Flower lists 12 for a minute more."""
     round_trip(strategy, global_arrays, {11: update(global_arrays, 0), 12: update(global_arrays, 1)})
     round_trip(strategy, global_arrays, {11: update(global_arrays, 0), 12: None, 13: update(global_arrays, 1)})
-    assert counter(strategy, "failures", partition="1", reason="timeout") == 1
+    assert counter(strategy, "failures", partition="1", site="unknown", reason="timeout") == 1
 
     def to(*nodes):
         return [Message(RecordDict({"arrays": global_arrays}), dst_node_id=n, message_type="train") for n in nodes]
@@ -149,9 +154,24 @@ def test_a_round_without_any_sound_update_aggregates_nothing(strategy, global_ar
     assert arrays is None
 
 
-def test_zero_series_exist_for_every_partition_before_any_fault(strategy):
-    assert counter(strategy, "failures", partition="2", reason="timeout") == 0
-    assert counter(strategy, "rejected_updates", partition="2", reason="non_finite") == 0
+def test_zero_series_exist_for_every_slot_once_it_answered(strategy, global_arrays):
+    strategy.site_of.update({11: "site-a", 12: "site-b"})
+    with pytest.raises(KeyError):
+        counter(strategy, "failures", partition="1", site="site-b", reason="timeout")
+    round_trip(strategy, global_arrays, {11: update(global_arrays, 0), 12: update(global_arrays, 1)})
+    assert counter(strategy, "failures", partition="1", site="site-b", reason="timeout") == 0
+    assert counter(strategy, "rejected_updates", partition="0", site="site-a", reason="non_finite") == 0
+
+
+def test_sites_come_from_the_registered_node_names_not_from_replies(strategy, global_arrays):
+    """The site is the one the operator registered the node's key under (grid.get_nodes() names)."""
+    strategy.site_of.update({11: site_of_node("site-a/supernode-0"), 12: site_of_node("site-b/supernode-0"),
+                             13: site_of_node("")})  # fmt: skip
+    round_trip(strategy, global_arrays, {12: update(global_arrays, 2), 11: update(global_arrays, 0), 13: None})
+    assert strategy._round["partitions"] == [0, 2] and strategy._round["sites"] == ["site-a", "site-b"]
+    round_trip(strategy, global_arrays, {11: update(global_arrays, 0), 12: "ClientApp crashed", 13: None})
+    assert counter(strategy, "failures", partition="2", site="site-b", reason="error") == 1
+    assert counter(strategy, "failures", partition="unknown", site="unknown", reason="timeout") == 2
 
 
 # -- checkpoints --------------------------------------------------------------------------------

@@ -95,6 +95,7 @@ def test_history_has_every_round(federation):
     assert [r["round"] for r in history["rounds"]] == [1, 2]
     for r in history["rounds"]:
         assert r["participating_clients"] == CLIENTS and r["partitions"] == [0, 1]
+        assert r["sites"] == ["unknown", "unknown"]  # no SuperNode authentication locally: no registered names
         assert r["examples_trained"] == 500  # 250 images per partition, 1 local epoch
         assert r["round_seconds"] > 0 and r["failures"] == 0
         assert 0 <= r["eval_accuracy"] <= 1 and r["train_loss"] > 0
@@ -143,20 +144,20 @@ def test_client_metrics_match_history(federation):
     finals = [snapshots[port][-1] for port in ports[1:]]
     for partition, final in enumerate(finals):
         p = str(partition)
-        assert value(final, "fedcifar_client_info", device="cpu", num_partitions=str(CLIENTS), partition=p) == 1
+        assert value(final, "fedcifar_client_info", device="cpu", num_partitions=str(CLIENTS), partition=p, site="local") == 1
         activated = [k for k, v in final.items() if k[0] == "fedcifar_client_node" and v == 1]
         assert len(activated) == 1 and int(dict(activated[0][1])["node_id"]) > 0  # the SuperNode's Flower id
-        assert value(final, "fedcifar_client_examples_trained_total", partition=p) == 250 * ROUNDS
-        assert value(final, "fedcifar_client_messages_total", kind="train", partition=p) == ROUNDS
-        assert value(final, "fedcifar_client_messages_total", kind="evaluate", partition=p) == ROUNDS
-        assert value(final, "fedcifar_client_round", partition=p) == ROUNDS
-        assert value(final, "fedcifar_client_app_peak_rss_bytes", partition=p) > 50 * 2**20
+        assert value(final, "fedcifar_client_examples_trained_total", partition=p, site="local") == 250 * ROUNDS
+        assert value(final, "fedcifar_client_messages_total", kind="train", partition=p, site="local") == ROUNDS
+        assert value(final, "fedcifar_client_messages_total", kind="evaluate", partition=p, site="local") == ROUNDS
+        assert value(final, "fedcifar_client_round", partition=p, site="local") == ROUNDS
+        assert value(final, "fedcifar_client_app_peak_rss_bytes", partition=p, site="local") > 50 * 2**20
     # the server's aggregated loss is the example-weighted mean of the clients' last losses
-    losses = [value(f, "fedcifar_client_train_loss", partition=str(i)) for i, f in enumerate(finals)]
+    losses = [value(f, "fedcifar_client_train_loss", partition=str(i), site="local") for i, f in enumerate(finals)]
     assert rounds[-1]["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-9)
-    accuracies = [value(f, "fedcifar_client_eval_accuracy", partition=str(i)) for i, f in enumerate(finals)]
+    accuracies = [value(f, "fedcifar_client_eval_accuracy", partition=str(i), site="local") for i, f in enumerate(finals)]
     assert rounds[-1]["client_eval_accuracy"] == pytest.approx(sum(accuracies) / len(accuracies), rel=1e-9)
-    sent = sum(value(f, "fedcifar_client_sent_bytes_total", partition=str(i)) for i, f in enumerate(finals))
+    sent = sum(value(f, "fedcifar_client_sent_bytes_total", partition=str(i), site="local") for i, f in enumerate(finals))
     assert sent == sum(r["received_bytes"] for r in rounds)
 
 

@@ -34,13 +34,13 @@ def exposition() -> dict:
     server.round_duration.observe(3.0)
     server.rounds_completed.inc()
     server.sent_bytes.inc(100)
-    client.train_loss.labels("1").set(0.75)
-    client.examples_trained.labels("1").inc(250)
-    client.messages.labels("1", "train").inc()
-    client.train_duration.labels("1").observe(0.5)
-    client.info.labels("1", "2", "cpu").set(1)
-    client.sent_bytes.labels("1").inc(10)
-    client.received_bytes.labels("1").inc(20)
+    client.train_loss.labels("site-a", "1").set(0.75)
+    client.examples_trained.labels("site-a", "1").inc(250)
+    client.messages.labels("site-a", "1", "train").inc()
+    client.train_duration.labels("site-a", "1").observe(0.5)
+    client.info.labels("site-a", "1", "2", "cpu").set(1)
+    client.sent_bytes.labels("site-a", "1").inc(10)
+    client.received_bytes.labels("site-a", "1").inc(20)
     return families(generate_latest(registry).decode())
 
 
@@ -69,9 +69,9 @@ def test_required_series_are_exposed_with_values():
     assert sample(fams, "fedcifar_round_duration_seconds_sum") == 3.0
     assert sample(fams, "fedcifar_round_duration_seconds_bucket", le="5.0") == 1
     assert sample(fams, "fedcifar_sent_bytes_total") == 100
-    assert sample(fams, "fedcifar_client_train_loss", partition="1") == 0.75
-    assert sample(fams, "fedcifar_client_examples_trained_total", partition="1") == 250
-    assert sample(fams, "fedcifar_client_info", partition="1", num_partitions="2", device="cpu") == 1
+    assert sample(fams, "fedcifar_client_train_loss", site="site-a", partition="1") == 0.75
+    assert sample(fams, "fedcifar_client_examples_trained_total", site="site-a", partition="1") == 250
+    assert sample(fams, "fedcifar_client_info", site="site-a", partition="1", num_partitions="2", device="cpu") == 1
     for name in ("fedcifar_round", "fedcifar_eval_loss", "fedcifar_eval_accuracy",
                  "fedcifar_participating_clients", "fedcifar_examples_trained_total",
                  "fedcifar_received_bytes_total", "fedcifar_client_sent_bytes_total",
@@ -83,10 +83,10 @@ WRITER = """
 from fedcifar.metrics import client_metrics
 import sys
 m = client_metrics()
-m.info.labels("0", "2", "cpu").set(1)
-m.train_loss.labels("0").set(float(sys.argv[1]))
-m.examples_trained.labels("0").inc(100)
-m.train_duration.labels("0").observe(0.2)
+m.info.labels(m.site, "0", "2", "cpu").set(1)
+m.train_loss.labels(m.site, "0").set(float(sys.argv[1]))
+m.examples_trained.labels(m.site, "0").inc(100)
+m.train_duration.labels(m.site, "0").observe(0.2)
 """
 
 
@@ -94,7 +94,7 @@ def test_values_survive_the_processes_that_wrote_them(tmp_path, monkeypatch):
     """Two ClientApp-like processes come and go; the node's endpoint keeps serving their sum/last value."""
     metrics_dir = tmp_path / "mp"
     prepare_multiprocess_dir(metrics_dir)
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "FEDCIFAR_SITE": "hospital-a"}
     for loss in ("2.0", "1.25"):  # sequential, like two training messages
         subprocess.run([sys.executable, "-c", WRITER, loss], env=env, check=True)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
@@ -105,9 +105,10 @@ def test_values_survive_the_processes_that_wrote_them(tmp_path, monkeypatch):
     finally:
         server.shutdown()
     fams = families(text)
-    assert sample(fams, "fedcifar_client_examples_trained_total", partition="0") == 200
-    assert sample(fams, "fedcifar_client_train_loss", partition="0") == 1.25  # most recent
-    assert sample(fams, "fedcifar_client_train_duration_seconds_count", partition="0") == 2
+    site = {"site": "hospital-a", "partition": "0"}  # the site from the node's $FEDCIFAR_SITE
+    assert sample(fams, "fedcifar_client_examples_trained_total", **site) == 200
+    assert sample(fams, "fedcifar_client_train_loss", **site) == 1.25  # most recent
+    assert sample(fams, "fedcifar_client_train_duration_seconds_count", **site) == 2
     assert sample(fams, "fedcifar_client_info", partition="0", num_partitions="2", device="cpu") == 1
 
 

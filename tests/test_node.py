@@ -38,6 +38,11 @@ def test_node_config(tmp_path):
     assert node_config(0, 1, str(tmp_path)) == f'partition-id=0 num-partitions=1 data-path="{tmp_path}"'
     with pytest.raises(ConfigError, match="partition-id must be an integer in"):
         node_config(3, 3, None)
+    # slot 5 of the federation's 6, training slice 1 of 2 of the site's own data (split=site)
+    assert node_config(5, 6, None, (1, 2)) == (
+        "partition-id=5 num-partitions=6 data-partition-id=1 data-num-partitions=2")
+    with pytest.raises(ConfigError, match="partition-id must be an integer in"):
+        node_config(5, 6, None, (2, 2))
 
 
 def test_a_stale_trainer_socket_does_not_stop_a_restarted_node(tmp_path):

@@ -93,10 +93,10 @@ def test_killed_and_frozen_clients_cost_no_round(tmp_path, mini_dir):
     # machine may be busy; under CI load with 16 pods beside it one round took over 13 s)
     assert all(r["round_seconds"] < 60 for r in rounds)
     # the dead node's reply is missing (timeout), or the SuperLink answers for it (error)
-    assert sum(value(server, "fedcifar_client_failures_total", partition="1", reason=r) for r in ("timeout", "error")) >= 1
-    assert value(server, "fedcifar_client_failures_total", partition="0", reason="timeout") >= 1
+    assert sum(value(server, "fedcifar_client_failures_total", partition="1", site="unknown", reason=r) for r in ("timeout", "error")) >= 1
+    assert value(server, "fedcifar_client_failures_total", partition="0", site="unknown", reason="timeout") >= 1
     log = client_1.log_path.read_text()
-    assert log.count("fedcifar: partition 1 of 2") == 2  # the restarted node took its partition again
+    assert log.count("fedcifar: site local, slot 1 of 2") == 2  # the restarted node took its partition again
     print(f"\nrecovery: partition 1 trained again {faults['recovered'] - faults['killed']:.1f}s after its node was killed")
 
 

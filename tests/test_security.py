@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from support import BIN, FLOWER_ENV, certificate, pem_private, wait, write_pki
 
-from fedcifar import security
+from fedcifar import security, submit
 from fedcifar.local import free_port
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +88,11 @@ def nodes(flwr_home: Path) -> list[dict]:
     return reply["nodes"]
 
 
+def registered_names(flwr_home: Path, monkeypatch) -> set[str]:
+    monkeypatch.setenv("FLWR_HOME", str(flwr_home))
+    return {node.name for node in security.control_nodes()}
+
+
 @pytest.fixture(scope="module")
 def superlink(pki, tmp_path_factory):
     """``fedcifar superlink`` with TLS and SuperNode auth; keys 0 and 1 in its folder, 2 not."""
@@ -98,6 +103,7 @@ def superlink(pki, tmp_path_factory):
         (keys / f"supernode-{i}.pub").write_bytes((pki / f"supernode-{i}.pub").read_bytes())
     port, ready = free_port(), work / "run" / "ready"
     env = {**FLOWER_ENV, security.PUBLIC_KEYS_ENV: str(keys), security.READY_FILE_ENV: str(ready),
+           security.SITE_KEYS_ENV: str(work / "sites"), "FEDCIFAR_SITE": "site-a",
            "FLWR_HOME": str(work / "flwr")}  # fmt: skip
     proc = subprocess.Popen(
         [str(BIN / "fedcifar"), "superlink", "--metrics-port", str(free_port()), "--metrics-host", "127.0.0.1",
@@ -110,7 +116,7 @@ def superlink(pki, tmp_path_factory):
     security.write_connection(admin, security.CONNECTION, f"127.0.0.1:{port}", str(pki / "ca.crt"))
     try:
         wait("the ready file (keys registered)", ready.exists, 90)
-        yield {"port": port, "admin": admin, "work": work, "keys": keys}
+        yield {"port": port, "admin": admin, "work": work, "keys": keys, "sites": work / "sites"}
     finally:
         proc.terminate()
         proc.wait(30)
@@ -134,7 +140,7 @@ def test_superlink_serves_https_only_and_registered_the_keys(pki, superlink):
     assert len(registered) == 2 and {n["status"] for n in registered} == {"registered"}
 
 
-def test_registered_node_gets_in_unregistered_and_plaintext_do_not(pki, superlink, tmp_path):
+def test_registered_node_gets_in_unregistered_and_plaintext_do_not(pki, superlink, tmp_path, monkeypatch):
     ca = str(pki / "ca.crt")
     key0 = security.rewrite_private_key_arg(["--auth-supernode-private-key", str(pki / "supernode-0.key")], tmp_path)
     good = supernode(pki, superlink, "--root-certificates", ca, *key0)
@@ -146,6 +152,9 @@ def test_registered_node_gets_in_unregistered_and_plaintext_do_not(pki, superlin
         online = wait("the registered node online",
                       lambda: [n for n in nodes(superlink["admin"]) if n["status"] == "online"], 60)  # fmt: skip
         assert len(online) == 1
+        monkeypatch.setenv("FLWR_HOME", str(superlink["admin"]))  # what the run Job of a server release waits on
+        assert submit.online_nodes() == ["site-a/supernode-0"]  # the name it was registered under
+        assert submit.nodes_online(1)() and not submit.nodes_online(2)()
         assert unregistered.wait(60) != 0
         assert "[code: 2004] Failed to activate SuperNode." in unregistered.log.read_text()  # not registered
         assert anonymous.wait(60) != 0  # self-registration is off with --enable-supernode-auth
@@ -167,9 +176,9 @@ def test_submit_registers_only_what_is_missing(pki, superlink, tmp_path):
     for i in (0, 1):
         (keys / f"supernode-{i}.pub").write_bytes((pki / f"supernode-{i}.pub").read_bytes())
     assert security.registered_node_count(superlink["admin"]) == 2
-    assert security.register_missing_public_keys(keys, superlink["admin"]) == []  # nothing asked
+    assert security.register_missing_public_keys(security.KeyFolder(keys, "site-a"), superlink["admin"]) == []  # nothing asked
     (keys / "supernode-2.pub").write_bytes((pki / "supernode-2.pub").read_bytes())  # helm upgrade: a new client
-    assert security.register_missing_public_keys(keys, superlink["admin"]) == [
+    assert security.register_missing_public_keys(security.KeyFolder(keys, "site-a"), superlink["admin"]) == [
         "supernode-0.pub", "supernode-1.pub", "supernode-2.pub"]  # 0 and 1: "already registered"
     assert security.registered_node_count(superlink["admin"]) == 3
 
@@ -179,3 +188,20 @@ def test_a_key_added_later_is_registered_by_the_superlink(pki, superlink):
     (superlink["keys"] / "supernode-3.pub").write_bytes(
         key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
     wait("the fourth key registered", lambda: len(nodes(superlink["admin"])) == 4, 30)
+
+
+def test_other_sites_keys_are_registered_under_their_site_while_the_superlink_runs(superlink, monkeypatch):
+    """The operator adds a site's keys to the sites' folder (a Secret volume): registered, no restart."""
+    before = len(nodes(superlink["admin"]))
+    superlink["sites"].mkdir(exist_ok=True)
+    for name in ("hospital-b.supernode-0.pub", "nosite.pub", "Bad_Site.supernode-0.pub"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        (superlink["sites"] / name).write_bytes(certificate("n", key).public_bytes(serialization.Encoding.PEM))
+    wait("the site's key registered", lambda: len(nodes(superlink["admin"])) == before + 1, 30)
+    assert "hospital-b/supernode-0" in registered_names(superlink["admin"], monkeypatch)
+    assert {"site-a/supernode-0", "site-a/supernode-1"} <= registered_names(superlink["admin"], monkeypatch)
+    assert security.site_of_node("hospital-b/supernode-0") == "hospital-b"
+    assert security.site_of_node("") == security.site_of_node("Bad_Site/x") == "unknown"
+    log = (superlink["work"] / "superlink.log").read_text()
+    assert "SuperNode key nosite.pub not registered: name it <site>.<key name>.pub" in log
+    assert "SuperNode key Bad_Site.supernode-0.pub not registered" in log

@@ -33,7 +33,7 @@ def node_endpoint(tmp_path, monkeypatch):
     """A real node metrics endpoint; a trainer-like process reported partition 1 of 3."""
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "mp"))
     prepare_multiprocess_dir(tmp_path / "mp")
-    writer = "from fedcifar.metrics import client_metrics; client_metrics().info.labels('1', '3', 'cpu').set(1)"
+    writer = "from fedcifar.metrics import client_metrics; m = client_metrics(); m.info.labels(m.site, '1', '3', 'cpu').set(1)"
     subprocess.run([sys.executable, "-c", writer], check=True)
     port = free_port()
     server = serve_multiprocess(port, "127.0.0.1")
@@ -43,7 +43,7 @@ def node_endpoint(tmp_path, monkeypatch):
 
 def activate(node_id: str) -> None:
     """What the SuperNode process writes once the SuperLink activated it (flower_tuning.report_activation)."""
-    writer = f"from fedcifar.metrics import client_metrics; client_metrics().node.labels('{node_id}').set(1)"
+    writer = f"from fedcifar.metrics import client_metrics; m = client_metrics(); m.node.labels(m.site, '{node_id}').set(1)"
     subprocess.run([sys.executable, "-c", writer], check=True)
 
 

@@ -128,7 +128,67 @@ The SuperLink address (in-namespace Service name and port) and its health URL.
 {{- end }}
 
 {{- define "fedcifar.superlink.healthURL" -}}
-{{- printf "%s://%s/health" (ternary "https" "http" .Values.tls.enabled) (include "fedcifar.superlink.address" .) }}
+{{- printf "%s://%s/health" (ternary "https" "http" .Values.tls.enabled) (include "fedcifar.clients.superlinkAddress" .) }}
+{{- end }}
+
+{{/*
+Cross-silo shapes: the SuperLink the clients dial (this release's, or a remote one), the Secret
+with the CA they verify it with, the site they belong to, and the federation's node slots.
+*/}}
+{{- define "fedcifar.clients.superlinkAddress" -}}
+{{- if .Values.superlink.enabled }}
+{{- include "fedcifar.superlink.address" . }}
+{{- else }}
+{{- .Values.clients.superlink.address }}
+{{- end }}
+{{- end }}
+
+{{- define "fedcifar.caSecretName" -}}
+{{- if .Values.superlink.enabled }}
+{{- include "fedcifar.tls.secretName" . }}
+{{- else }}
+{{- .Values.clients.superlink.caSecret }}
+{{- end }}
+{{- end }}
+
+{{/* The metrics URLs of this release's SuperNodes (StatefulSet pod DNS names), space-separated. */}}
+{{- define "fedcifar.clients.metricsURLs" -}}
+{{- $name := include "fedcifar.clients.fullname" . }}
+{{- $urls := list }}
+{{- range $i := until (int .Values.clients.replicas) }}
+{{- $urls = append $urls (printf "http://%s-%d.%s:%d/metrics" $name $i $name (int $.Values.metrics.port)) }}
+{{- end }}
+{{- join " " $urls }}
+{{- end }}
+
+{{- define "fedcifar.site" -}}
+{{- default .Release.Name .Values.clients.site }}
+{{- end }}
+
+{{/* Node slots of this site's view of the federation (clients.partitions.total, else its replicas). */}}
+{{- define "fedcifar.clients.totalPartitions" -}}
+{{- if kindIs "invalid" .Values.clients.partitions.total }}
+{{- .Values.clients.replicas | int }}
+{{- else }}
+{{- .Values.clients.partitions.total | int }}
+{{- end }}
+{{- end }}
+
+{{/* The run's node slots: run.numPartitions, else the clients' total. */}}
+{{- define "fedcifar.run.numPartitions" -}}
+{{- if kindIs "invalid" .Values.run.numPartitions }}
+{{- include "fedcifar.clients.totalPartitions" . }}
+{{- else }}
+{{- .Values.run.numPartitions | int }}
+{{- end }}
+{{- end }}
+
+{{- define "fedcifar.run.minNodes" -}}
+{{- if kindIs "invalid" .Values.run.minNodes }}
+{{- include "fedcifar.run.numPartitions" . }}
+{{- else }}
+{{- .Values.run.minNodes | int }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -143,8 +203,13 @@ where pods mount it, and the names the SuperLink certificate covers.
 {{- end }}
 {{- end }}
 
+{{/* The Helm-generated CA (ca.crt, ca.key), kept apart from the TLS Secret that pods mount. */}}
+{{- define "fedcifar.tls.caKeySecretName" -}}
+{{- printf "%s-ca" (include "fedcifar.superlink.fullname" . | trunc 60 | trimSuffix "-") }}
+{{- end }}
+
 {{- define "fedcifar.tls.useCertManager" -}}
-{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) .Values.tls.certManager.enabled (.Capabilities.APIVersions.Has "cert-manager.io/v1") -}}
+{{- if and .Values.superlink.enabled .Values.tls.enabled (not .Values.tls.existingSecret) .Values.tls.certManager.enabled (.Capabilities.APIVersions.Has "cert-manager.io/v1") -}}
 true
 {{- end -}}
 {{- end }}
@@ -156,6 +221,7 @@ true
 {{- $svc := include "fedcifar.superlink.fullname" . -}}
 {{- $ns := .Release.Namespace -}}
 {{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.tls.clusterDomain) "localhost" -}}
+{{- if and .Values.superlink.ingress.enabled .Values.superlink.ingress.host }}{{ $names = append $names .Values.superlink.ingress.host }}{{ end -}}
 {{- concat $names .Values.tls.extraDnsNames | uniq | toJson -}}
 {{- end }}
 
@@ -184,7 +250,16 @@ mounted by the client pods, each container seeing only its own through subPathEx
 {{- end }}
 {{- end }}
 
+{{- define "fedcifar.auth.siteKeysSecretName" -}}
+{{- if .Values.supernodeAuth.siteKeysSecret }}
+{{- .Values.supernodeAuth.siteKeysSecret }}
+{{- else }}
+{{- printf "%s-site-keys" (include "fedcifar.fullname" . | trunc 53 | trimSuffix "-") }}
+{{- end }}
+{{- end }}
+
 {{- define "fedcifar.auth.keyDir" -}}/etc/fedcifar/supernode{{- end }}
+{{- define "fedcifar.auth.siteKeyDir" -}}/etc/fedcifar/site-public-keys{{- end }}
 {{- define "fedcifar.auth.publicKeyDir" -}}/etc/fedcifar/supernode-public-keys{{- end }}
 {{- define "fedcifar.readyFile" -}}/var/run/fedcifar/superlink-ready{{- end }}
 
@@ -192,7 +267,7 @@ mounted by the client pods, each container seeing only its own through subPathEx
 {{- define "fedcifar.tls.caVolume" -}}
 - name: tls-ca
   secret:
-    secretName: {{ include "fedcifar.tls.secretName" . }}
+    secretName: {{ include "fedcifar.caSecretName" . }}
     items:
       - key: ca.crt
         path: ca.crt
@@ -294,8 +369,6 @@ The Flower run config passed to `flwr run --run-config`.
 */}}
 {{- define "fedcifar.runConfig" -}}
 {{- $run := .Values.run -}}
-{{- $minNodes := .Values.clients.replicas -}}
-{{- if not (kindIs "invalid" $run.minNodes) }}{{ $minNodes = $run.minNodes }}{{ end -}}
 {{- $pairs := list
   (printf "num-server-rounds=%d" (int $run.rounds))
   (printf "local-epochs=%d" (int $run.localEpochs))
@@ -306,8 +379,8 @@ The Flower run config passed to `flwr run --run-config`.
   (printf "dirichlet-alpha=%s" (include "fedcifar.tomlFloat" $run.dirichletAlpha))
   (printf "fraction-train=%s" (include "fedcifar.tomlFloat" $run.fractionTrain))
   (printf "fraction-evaluate=%s" (include "fedcifar.tomlFloat" $run.fractionEvaluate))
-  (printf "min-nodes=%d" (int $minNodes))
-  (printf "num-partitions=%d" (int .Values.clients.replicas))
+  (printf "min-nodes=%d" (include "fedcifar.run.minNodes" . | int))
+  (printf "num-partitions=%d" (include "fedcifar.run.numPartitions" . | int))
   (printf "round-timeout=%s" (include "fedcifar.tomlFloat" $run.roundTimeout))
   (printf "seed=%d" (int $run.seed))
   (printf "device=%s" (toJson $run.device))
@@ -329,8 +402,42 @@ Checks on values that the schema cannot express. Included by the SuperLink Deplo
 every release renders.
 */}}
 {{- define "fedcifar.validate" -}}
-{{- if lt (int .Values.clients.replicas) 1 }}
-{{- fail (printf "clients.replicas must be at least 1, got %v." .Values.clients.replicas) }}
+{{- $clients := .Values.clients }}
+{{- if not (or .Values.superlink.enabled $clients.enabled) }}
+{{- fail "superlink.enabled and clients.enabled are both false: this release would hold nothing. A server release keeps superlink.enabled, a site release keeps clients.enabled." }}
+{{- end }}
+{{- if lt (int $clients.replicas) 1 }}
+{{- fail (printf "clients.replicas must be at least 1, got %v." $clients.replicas) }}
+{{- end }}
+{{- if and $clients.enabled (not .Values.superlink.enabled) }}
+{{- if not $clients.superlink.address }}
+{{- fail "superlink.enabled is false but clients.superlink.address is empty: a site release dials a remote SuperLink; set clients.superlink.address to its host:port (e.g. its NodePort on a node address)." }}
+{{- end }}
+{{- if and .Values.tls.enabled (not $clients.superlink.caSecret) }}
+{{- fail "superlink.enabled is false but clients.superlink.caSecret is empty: create a Secret holding the remote SuperLink's ca.crt in this namespace (kubectl create secret generic NAME --from-file=ca.crt) and set clients.superlink.caSecret to its name." }}
+{{- end }}
+{{- end }}
+{{- if and $clients.superlink.address .Values.superlink.enabled }}
+{{- fail "clients.superlink.address is set but superlink.enabled is true: the clients of a release with its own SuperLink dial that one; set superlink.enabled=false for a site release." }}
+{{- end }}
+{{- if and $clients.enabled (not (regexMatch "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$" (include "fedcifar.site" .))) }}
+{{- fail (printf "the site name %q is not a DNS label (lowercase letters, digits and '-', at most 63 characters): set clients.site." (include "fedcifar.site" .)) }}
+{{- end }}
+{{- $total := include "fedcifar.clients.totalPartitions" . | int }}
+{{- if lt (int $clients.partitions.offset) 0 }}
+{{- fail (printf "clients.partitions.offset must not be negative, got %v." $clients.partitions.offset) }}
+{{- end }}
+{{- if gt (add $clients.partitions.offset $clients.replicas) $total }}
+{{- fail (printf "clients.partitions.offset (%v) + clients.replicas (%v) is beyond clients.partitions.total (%d): this site's slots must lie within the federation's; raise clients.partitions.total or lower the offset." $clients.partitions.offset $clients.replicas $total) }}
+{{- end }}
+{{- if and .Values.superlink.enabled .Values.run.enabled (not $clients.enabled) (kindIs "invalid" .Values.run.numPartitions) }}
+{{- fail "clients.enabled is false but run.numPartitions is not set: a server release states the federation's node slots (the sum of the sites' clients.replicas)." }}
+{{- end }}
+{{- if and $clients.enabled .Values.superlink.enabled (ne (include "fedcifar.run.numPartitions" . | int) $total) }}
+{{- fail (printf "run.numPartitions (%s) differs from clients.partitions.total (%d): the run and its SuperNodes must agree on the node slots." (include "fedcifar.run.numPartitions" .) $total) }}
+{{- end }}
+{{- if and .Values.superlink.ingress.enabled (not .Values.superlink.ingress.host) }}
+{{- fail "superlink.ingress.enabled needs superlink.ingress.host: the name SuperNodes dial (it is added to the SuperLink certificate)." }}
 {{- end }}
 {{- if eq .Values.data.source "volume" }}
 {{- if and (not .Values.data.volume.existingClaim) (not .Values.data.volume.hostPath) }}
@@ -343,10 +450,8 @@ every release renders.
 {{- if and .Values.superlink.persistence.existingClaim (not .Values.superlink.persistence.enabled) }}
 {{- fail "superlink.persistence.existingClaim is set but superlink.persistence.enabled is false: enable persistence to use the claim." }}
 {{- end }}
-{{- if not (kindIs "invalid" .Values.run.minNodes) }}
-{{- if gt (int .Values.run.minNodes) (int .Values.clients.replicas) }}
-{{- fail (printf "run.minNodes (%v) is larger than clients.replicas (%v): the run would wait forever for clients that do not exist." .Values.run.minNodes .Values.clients.replicas) }}
-{{- end }}
+{{- if gt (include "fedcifar.run.minNodes" . | int) (include "fedcifar.run.numPartitions" . | int) }}
+{{- fail (printf "run.minNodes (%v) is larger than the federation's node slots (%s): the run would wait forever for clients that do not exist." .Values.run.minNodes (include "fedcifar.run.numPartitions" .)) }}
 {{- end }}
 {{- $builtin := list "num-server-rounds" "local-epochs" "batch-size" "learning-rate" "momentum" "partitioner" "dirichlet-alpha" "fraction-train" "fraction-evaluate" "min-nodes" "num-partitions" "round-timeout" "seed" "device" }}
 {{- range $key, $_ := .Values.run.extraConfig }}
