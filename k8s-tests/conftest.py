@@ -18,6 +18,8 @@ from kube import ROOT, dump_namespace, port_forward, run, wait_for
 
 APP_NS = "fedcifar-e2e"
 MON_NS = "fedcifar-e2e-monitoring"
+# a cross-silo federation (test_cross_silo.py): a server release and two site releases
+SERVER_NS, SITE_NAMESPACES = "fedcifar-e2e-server", ("fedcifar-e2e-site-a", "fedcifar-e2e-site-b")
 SHARED_K8S = ROOT.parent / "shared" / "k8s"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 IMAGE_REPO, IMAGE_TAG = "local/fedcifar", f"{VERSION}-cpu"
@@ -80,12 +82,14 @@ def namespaces(kube):
 
 @pytest.fixture(scope="session")
 def prometheus(kube, namespaces) -> str:
-    """A real Prometheus scraping the app namespace by pod annotations; yields its URL on localhost."""
+    """A real Prometheus in its own namespace, scraping the app namespace and the cross-silo ones by pod
+    annotations; yields its URL on localhost."""
     built = subprocess.run(["bash", str(SHARED_K8S / "prometheus-image")], capture_output=True, text=True, timeout=900)
     assert built.returncode == 0, built.stderr
     prom_image = built.stdout.strip().splitlines()[-1]
     manifest = string.Template((ROOT / "k8s-tests" / "manifests" / "prometheus.yaml").read_text()).safe_substitute(
-        MONITORING_NS=MON_NS, APP_NS=APP_NS, PROMETHEUS_IMAGE=prom_image
+        MONITORING_NS=MON_NS, SCRAPED_NAMESPACES=",".join((APP_NS, SERVER_NS, *SITE_NAMESPACES)),
+        PROMETHEUS_IMAGE=prom_image
     )
     run("kubectl", "apply", "-f", "-", input=manifest)
     run("kubectl", "-n", MON_NS, "rollout", "status", "deploy/prometheus", "--timeout=180s", timeout=200)

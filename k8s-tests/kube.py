@@ -106,9 +106,10 @@ def pods(core: client.CoreV1Api, namespace: str, selector: str = "") -> list[cli
     return core.list_namespaced_pod(namespace, label_selector=selector).items
 
 
-def pod_logs(core: client.CoreV1Api, namespace: str, name: str, container: str | None = None) -> str:
+def pod_logs(core: client.CoreV1Api, namespace: str, name: str, container: str | None = None,
+             previous: bool = False) -> str:  # fmt: skip
     try:
-        return core.read_namespaced_pod_log(name, namespace, container=container)
+        return core.read_namespaced_pod_log(name, namespace, container=container, previous=previous)
     except client.ApiException as err:
         return f"(no log: {err.reason})"
 
@@ -124,3 +125,43 @@ def dump_namespace(namespace: str) -> str:
         done = run("kubectl", "-n", namespace, "logs", name, "--all-containers", "--tail", "80", check=False)
         parts.append(f"----- logs {name}\n{done.stdout}{done.stderr}")
     return "\n".join(parts)
+
+
+# Run inside a pod (python3 -c): what the SuperLink's public face answers to anyone holding its CA
+# ($SUPERLINK host:port, $SUPERLINK_CA) but no registered key; prints "RESULT <json>".
+PUBLIC_FACE_PROBE = r"""
+import json, os, ssl, subprocess, urllib.error, urllib.request
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+base, out = os.environ["SUPERLINK"], {}
+for method, path in [("GET", "/health"), ("POST", "/v1/control/list-runs"), ("POST", "/v1/control/list-nodes"),
+                     ("POST", "/v1/runtime/acquire-task"), ("GET", "/docs"), ("GET", "/openapi.json")]:
+    request = urllib.request.Request(f"https://{base}{path}", data=b"" if method == "POST" else None, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=ssl._create_unverified_context()) as reply:
+            out[path] = [reply.status, reply.read().decode()[:300]]
+    except urllib.error.HTTPError as err:
+        out[path] = [err.code, err.read().decode()[:300]]
+home = "/tmp/flwr"
+os.makedirs(home, exist_ok=True)
+ca = os.environ["SUPERLINK_CA"]
+open(f"{home}/config.toml", "w").write(f'[superlink.site]\naddress = "{base}"\nroot-certificates = "{ca}"\n')
+key = ec.generate_private_key(ec.SECP256R1()).public_key()
+open("/tmp/probe.pub", "wb").write(key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+for name, args in [("flwr ls", ["ls", "site"]), ("flwr supernode register", ["supernode", "register", "/tmp/probe.pub", "site"]),
+                   ("flwr run", ["run", "/app", "site"])]:
+    done = subprocess.run(["flwr", *args, "--format", "json"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "FLWR_HOME": home})
+    out[name] = done.stdout[done.stdout.find("{"):] or done.stderr[-500:]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def assert_fleet_api_alone(out: dict) -> None:
+    """PUBLIC_FACE_PROBE's result: /health answers, everything but the Fleet API gets 403 with a sentence."""
+    assert out["/health"][0] == 200, out
+    for path in ("/v1/control/list-runs", "/v1/control/list-nodes", "/v1/runtime/acquire-task", "/docs", "/openapi.json"):
+        status, body = out[path]
+        assert status == 403 and body.startswith("fedcifar: this port serves only Flower's Fleet API"), (path, out[path])
+    for command in ("flwr ls", "flwr supernode register", "flwr run"):
+        assert '"success": false' in out[command] and "403" in out[command], (command, out[command])

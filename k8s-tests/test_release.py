@@ -26,7 +26,10 @@ from pathlib import Path
 import pytest
 
 from conftest import APP_NS, MON_NS, SHARED_K8S
-from kube import CHART, ROOT, free_port, helm, pod_logs, port_forward, pods, prom_query, run, wait_for
+from kube import (
+    CHART, PUBLIC_FACE_PROBE, ROOT, assert_fleet_api_alone, free_port, helm, pod_logs, port_forward, pods, prom_query,
+    run, wait_for,
+)
 
 RELEASE = "e2e"
 GPU_NS, GPU_RELEASE = "fedcifar-e2e-gpu", "gpu"
@@ -134,7 +137,7 @@ def test_every_dashboard_query_returns_data(release, prometheus):
     queries = dashboard_queries()
     assert len(queries) >= 8
     substitutions = {"$__rate_interval": "5m", "$__interval": "30s", "$__range": "1h",
-                     "${namespace}": APP_NS, "$namespace": APP_NS}  # fmt: skip
+                     "${namespace}": APP_NS, "$namespace": APP_NS, "$site": RELEASE}  # the site: the release name
     empty = []
     for board, title, expr in queries:
         query = expr
@@ -273,33 +276,6 @@ def test_unregistered_and_plaintext_supernodes_are_refused(kube, release, image,
 
 # What anyone who reaches the public port gets, run from a pod in another namespace: the CA (it is
 # public) and no key. Raw requests verify nothing; the flwr CLI verifies the SuperLink with the CA.
-OUTSIDER_SCRIPT = r"""
-import json, os, ssl, subprocess, urllib.error, urllib.request
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-base, out = os.environ["SUPERLINK"], {}
-for method, path in [("GET", "/health"), ("POST", "/v1/control/list-runs"), ("POST", "/v1/control/list-nodes"),
-                     ("POST", "/v1/runtime/acquire-task"), ("GET", "/docs"), ("GET", "/openapi.json")]:
-    request = urllib.request.Request(f"https://{base}{path}", data=b"" if method == "POST" else None, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=10, context=ssl._create_unverified_context()) as reply:
-            out[path] = [reply.status, reply.read().decode()[:300]]
-    except urllib.error.HTTPError as err:
-        out[path] = [err.code, err.read().decode()[:300]]
-home = "/tmp/flwr"
-os.makedirs(home)
-open(f"{home}/config.toml", "w").write(f'[superlink.site]\naddress = "{base}"\nroot-certificates = "/etc/ca/ca.crt"\n')
-key = ec.generate_private_key(ec.SECP256R1()).public_key()
-open("/tmp/site.pub", "wb").write(key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
-for name, args in [("flwr ls", ["ls", "site"]), ("flwr supernode register", ["supernode", "register", "/tmp/site.pub", "site"]),
-                   ("flwr run", ["run", "/app", "site"])]:
-    done = subprocess.run(["flwr", *args, "--format", "json"], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "FLWR_HOME": home})
-    out[name] = done.stdout[done.stdout.find("{"):] or done.stderr[-500:]
-print("RESULT " + json.dumps(out))
-"""
-
-
 def test_public_port_serves_the_fleet_api_alone(kube, release, image, ca_file):
     """From another namespace, through the SuperLink's Service: the Control and runtime APIs and the docs
     get 403 with a sentence, whoever asks; flwr run, flwr ls and key registration fail."""
@@ -312,8 +288,9 @@ def test_public_port_serves_the_fleet_api_alone(kube, release, image, ca_file):
             "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [{
                 "name": "outsider", "image": f"{repo}:{tag}", "imagePullPolicy": "IfNotPresent",
-                "command": ["python3", "-c", OUTSIDER_SCRIPT],
+                "command": ["python3", "-c", PUBLIC_FACE_PROBE],
                 "env": [{"name": "SUPERLINK", "value": f"{SUPERLINK}.{APP_NS}:8000"},
+                        {"name": "SUPERLINK_CA", "value": "/etc/ca/ca.crt"},
                         {"name": "FLWR_TELEMETRY_ENABLED", "value": "0"}],
                 "resources": {"requests": {"cpu": "10m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
                 "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
@@ -333,12 +310,7 @@ def test_public_port_serves_the_fleet_api_alone(kube, release, image, ca_file):
         out = json.loads(log.split("RESULT ", 1)[1])
     finally:
         run("kubectl", "-n", MON_NS, "delete", "pod/outsider", "configmap/superlink-ca", "--wait=false", check=False)
-    assert out["/health"][0] == 200, out
-    for path in ("/v1/control/list-runs", "/v1/control/list-nodes", "/v1/runtime/acquire-task", "/docs", "/openapi.json"):
-        status, body = out[path]
-        assert status == 403 and body.startswith("fedcifar: this port serves only Flower's Fleet API"), (path, out[path])
-    for command in ("flwr ls", "flwr supernode register", "flwr run"):
-        assert '"success": false' in out[command] and "403" in out[command], (command, out[command])
+    assert_fleet_api_alone(out)
 
 
 def test_control_api_answers_through_port_forward_only_with_the_rights(kube, release, ca_file, tmp_path):

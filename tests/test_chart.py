@@ -252,6 +252,7 @@ def test_default_objects(default_docs: list[dict]) -> None:
         ("ConfigMap", f"{FULLNAME}-dashboard-training"),
         ("ConfigMap", f"{FULLNAME}-dashboard-clients"),
         ("Service", f"{FULLNAME}-superlink"),
+        ("Service", f"{FULLNAME}-superlink-metrics"),
         ("Service", f"{FULLNAME}-clients"),
         ("Deployment", f"{FULLNAME}-superlink"),
         ("StatefulSet", f"{FULLNAME}-clients"),
@@ -325,7 +326,10 @@ def test_superlink(default_docs: list[dict]) -> None:
     assert "FEDCIFAR_DATA" not in env_of(c)  # hub by default
     svc = find(default_docs, "Service", f"{FULLNAME}-superlink")
     assert svc["spec"]["type"] == "ClusterIP"
-    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"http": 8000, "metrics": 9400}
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"http": 8000}  # the public face alone
+    metrics = find(default_docs, "Service", f"{FULLNAME}-superlink-metrics")["spec"]
+    assert metrics["type"] == "ClusterIP" and metrics["selector"] == svc["spec"]["selector"]
+    assert {p["name"]: p["port"] for p in metrics["ports"]} == {"metrics": 9400}
     assert svc["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
     assert svc["spec"]["selector"]["app.kubernetes.io/component"] == "superlink"
 
@@ -614,7 +618,7 @@ def test_node_port_for_supernodes_outside_the_cluster() -> None:
     ports = {p["name"]: p for p in svc["spec"]["ports"]}
     assert svc["spec"]["type"] == "NodePort" and ports["http"]["nodePort"] == 30800
     assert ports["http"]["targetPort"] == "http"  # the proxy container: Fleet API and /health only
-    assert "nodePort" not in ports["metrics"]
+    assert set(ports) == {"http"}  # metrics stay on their own ClusterIP Service
 
 
 def test_run_job_values(run_docs: list[dict]) -> None:
@@ -1071,7 +1075,8 @@ def test_server_release_holds_the_superlink_and_the_run(server_docs: list[dict])
     assert volume["secret"] == {"secretName": f"{FULLNAME}-site-keys", "optional": True} and "subPath" not in mount
     # sites reach the public face from anywhere, on the node port or through the Ingress (TLS passed through)
     service = find(server_docs, "Service", f"{FULLNAME}-superlink")["spec"]
-    assert service["type"] == "NodePort" and service["ports"][0]["nodePort"] == 30800
+    assert service["type"] == "NodePort" and [(p["name"], p["nodePort"]) for p in service["ports"]] == [("http", 30800)]
+    assert find(server_docs, "Service", f"{FULLNAME}-superlink-metrics")["spec"]["type"] == "ClusterIP"
     public = find(server_docs, "NetworkPolicy", f"{FULLNAME}-superlink")["spec"]["ingress"][0]
     assert "from" not in public and public["ports"] == [{"port": 8000, "protocol": "TCP"}]
     ingress = find(server_docs, "Ingress")
@@ -1334,7 +1339,8 @@ def test_skaffold_structure(skaffold: dict) -> None:
         assert templates["image.tag"] == "{{.IMAGE_TAG_local_fedcifar}}", where
     forwards = {(f["resourceType"], f["resourceName"], f["port"]) for f in skaffold["portForward"]}
     superlink = f"{skaffold['deploy']['helm']['releases'][0]['name']}-superlink"  # release "fedcifar"
-    assert {("service", superlink, 8000), ("service", superlink, 9400), ("deployment", superlink, 9093)} <= forwards
+    assert {("service", superlink, 8000), ("service", f"{superlink}-metrics", 9400),
+            ("deployment", superlink, 9093)} <= forwards  # fmt: skip
     profiles = {p["name"]: p for p in skaffold["profiles"]}
     assert {"kind", "minikube", "gpu"} <= set(profiles)
     for name in ("kind", "minikube"):

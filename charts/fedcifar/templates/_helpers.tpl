@@ -72,6 +72,10 @@ Object names. The StatefulSet name stays within 52 characters, because the contr
 {{- printf "%s-superlink" (include "fedcifar.fullname" . | trunc 53 | trimSuffix "-") }}
 {{- end }}
 
+{{- define "fedcifar.superlink.metricsName" -}}
+{{- printf "%s-superlink-metrics" (include "fedcifar.fullname" . | trunc 45 | trimSuffix "-") }}
+{{- end }}
+
 {{- define "fedcifar.proxy.fullname" -}}
 {{- printf "%s-superlink-proxy" (include "fedcifar.fullname" . | trunc 47 | trimSuffix "-") }}
 {{- end }}
