@@ -26,6 +26,7 @@ Environment (set by the chart): ``FEDCIFAR_ROOT_CERTIFICATES`` (the CA), ``FEDCI
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import ssl
@@ -210,16 +211,13 @@ class KeyFolder:
     path: Path
     site: str | None = None
 
-    def keys(self) -> list[tuple[Path, str]]:
-        """(file, node name) pairs; a file whose name does not say its site is skipped, with a line."""
+    def keys(self) -> list[tuple[Path, str | None]]:
+        """(file, node name ``<site>/<key name>``) pairs; the name is None where the file's name does
+        not say its site."""
         named = []
         for path in public_key_files(self.path):
             site, key = (self.site, path.stem) if self.site else path.stem.partition(".")[::2]
-            if not SITE_NAME.fullmatch(site) or not key:
-                print(f"fedcifar: SuperNode key {path.name} not registered: name it <site>.<key name>.pub, "
-                      "the site a DNS label (e.g. hospital-a.supernode-0.pub)", flush=True)  # fmt: skip
-                continue
-            named.append((path, f"{site}/{key}"))
+            named.append((path, f"{site}/{key}" if SITE_NAME.fullmatch(site) and key else None))
         return named
 
 
@@ -252,7 +250,7 @@ def control_nodes(connection: str = CONNECTION) -> list:
 def register_missing_public_keys(folder: KeyFolder, flwr_home: Path) -> list[str]:
     """``register_public_keys`` unless the SuperLink already has as many nodes as the folder has keys
     (the usual case: its own registrar was first), which keeps "already in use" errors out of its log."""
-    files = folder.keys()
+    files = public_key_files(folder.path)
     count = registered_node_count(flwr_home)
     if count is not None and count >= len(files):
         print(f"fedcifar: {count} SuperNodes registered for {len(files)} keys", flush=True)
@@ -261,18 +259,38 @@ def register_missing_public_keys(folder: KeyFolder, flwr_home: Path) -> list[str
 
 
 def register_public_keys(folders: list[KeyFolder], flwr_home: Path, done: set[str] | None = None) -> list[str]:
-    """Register every key of ``folders`` not in ``done`` (key contents); returns the new file names."""
+    """Register every key of ``folders`` not in ``done`` (key contents, and files refused once);
+    returns the new file names. A file that is no usable key is refused with a line, once; a key
+    the SuperLink did not take is tried again on the next call: every other key is tried first,
+    then a RuntimeError names the ones that failed."""
     done = set() if done is None else done
-    new = []
+    new, failed = [], []
     for folder in folders:
         for path, name in folder.keys():
-            fingerprint = openssh_public_key(path.read_bytes()).decode()
+            data = path.read_bytes()
+            seen = f"{path.name}:{hashlib.sha256(data).hexdigest()}"
+            if seen in done:
+                continue
+            try:
+                if name is None:
+                    raise ValueError("name it <site>.<key name>.pub, the site a DNS label (e.g. hospital-a.supernode-0.pub)")
+                fingerprint = openssh_public_key(data).decode()
+            except ValueError as err:
+                print(f"fedcifar: SuperNode key {path.name} not registered: {err}", flush=True)
+                done.add(seen)
+                continue
             if fingerprint in done:
                 continue
-            outcome = register_public_key(path, flwr_home, name)
+            try:
+                outcome = register_public_key(path, flwr_home, name)
+            except (RuntimeError, subprocess.SubprocessError) as err:
+                failed.append(f"{path.name}: {err}")
+                continue
             print(f"fedcifar: SuperNode key {path.name} ({name}): {outcome}", flush=True)
             done.add(fingerprint)
             new.append(path.name)
+    if failed:
+        raise RuntimeError("; ".join(failed))
     return new
 
 

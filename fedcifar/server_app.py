@@ -10,8 +10,9 @@ missing or an error, counted by partition), a slow client (replies are awaited a
 ``round-timeout`` seconds), and a bad update (NaN/Inf, wrong shapes, a partition twice):
 refused before aggregation and counted. A round that aggregates nothing is tried again, up to
 ``round-retries`` times. Failures and refusals are counted by slot (``partition``) and by site: the
-site a SuperNode's key was registered under (``grid.get_nodes()``; a node cannot claim one). With ``resume = true`` the run continues from the checkpoint in
-``out-dir`` (``checkpoint.py``), after the last completed round.
+site a SuperNode's key was registered under (``grid.get_nodes()``; a node cannot claim one). With
+``resume = true`` the run continues from the checkpoint in ``out-dir`` (``checkpoint.py``), after
+the last completed round.
 """
 
 from __future__ import annotations

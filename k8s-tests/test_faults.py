@@ -76,8 +76,8 @@ def test_a_killed_client_pod_and_a_killed_superlink_lose_no_round(kube, faults_r
         # the lost reply is a "timeout" at the round's deadline, or an "error" when Flower's SuperLink
         # sees the node's heartbeats stop first: which one comes first is the cluster's timing
         failures = lambda: sum(  # noqa: E731
-            server_metrics(port).get(("fedcifar_client_failures_total", (("partition", "1"), ("reason", r))), 0)
-            for r in FAILURE_REASONS)
+            server_metrics(port).get(("fedcifar_client_failures_total", (("partition", "1"), ("reason", r), ("site", RELEASE))), 0)
+            for r in FAILURE_REASONS)  # the site: the name the release registered its keys under
         wait_for("the lost reply of partition 1 to be counted", lambda: failures() >= 1, ROUND_TIMEOUT + 60, 1)
         done_before_crash = completed()
     assert done_before_crash < ROUNDS, "the run ended before the SuperLink could be killed"

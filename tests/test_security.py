@@ -194,10 +194,12 @@ def test_other_sites_keys_are_registered_under_their_site_while_the_superlink_ru
     """The operator adds a site's keys to the sites' folder (a Secret volume): registered, no restart."""
     before = len(nodes(superlink["admin"]))
     superlink["sites"].mkdir(exist_ok=True)
+    (superlink["sites"] / "a-garbage.key.pub").write_bytes(b"not a key")  # sorts first: must not block the rest
     for name in ("hospital-b.supernode-0.pub", "nosite.pub", "Bad_Site.supernode-0.pub"):
         key = ec.generate_private_key(ec.SECP256R1())
         (superlink["sites"] / name).write_bytes(certificate("n", key).public_bytes(serialization.Encoding.PEM))
     wait("the site's key registered", lambda: len(nodes(superlink["admin"])) == before + 1, 30)
+    time.sleep(6)  # one more scan of the registrar: refusals are said once
     assert "hospital-b/supernode-0" in registered_names(superlink["admin"], monkeypatch)
     assert {"site-a/supernode-0", "site-a/supernode-1"} <= registered_names(superlink["admin"], monkeypatch)
     assert security.site_of_node("hospital-b/supernode-0") == "hospital-b"
@@ -205,3 +207,4 @@ def test_other_sites_keys_are_registered_under_their_site_while_the_superlink_ru
     log = (superlink["work"] / "superlink.log").read_text()
     assert "SuperNode key nosite.pub not registered: name it <site>.<key name>.pub" in log
     assert "SuperNode key Bad_Site.supernode-0.pub not registered" in log
+    assert log.count("SuperNode key a-garbage.key.pub not registered: not an OpenSSH public key") == 1
