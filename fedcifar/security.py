@@ -211,7 +211,7 @@ class KeyFolder:
     path: Path
     site: str | None = None
 
-    def keys(self) -> list[tuple[Path, str | None]]:
+    def named_files(self) -> list[tuple[Path, str | None]]:
         """(file, node name ``<site>/<key name>``) pairs; the name is None where the file's name does
         not say its site."""
         named = []
@@ -266,7 +266,7 @@ def register_public_keys(folders: list[KeyFolder], flwr_home: Path, done: set[st
     done = set() if done is None else done
     new, failed = [], []
     for folder in folders:
-        for path, name in folder.keys():
+        for path, name in folder.named_files():
             data = path.read_bytes()
             seen = f"{path.name}:{hashlib.sha256(data).hexdigest()}"
             if seen in done:
