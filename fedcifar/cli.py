@@ -262,10 +262,14 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
         raise ConfigError(f"unknown run config key(s) {unknown}; known: {', '.join(sorted(defaults))}")
     if args.rounds is not None:
         overrides["num-server-rounds"] = args.rounds
+    data_arg = args.data
     if args.resume:
         out_dir = args.resume.resolve()
-        overrides = {**resume_overrides(out_dir, overrides), **overrides}
+        history = resumed_history(out_dir)
+        overrides = {**history["config"], "resume": True, **overrides}
         clients = args.clients if args.clients is not None else overrides.get("num-partitions") or 2
+        if not data_arg and (data_arg := recorded_data(history)):
+            console.print(f"data: {data_arg}, as recorded in {out_dir / 'history.json'} (--data PATH overrides it)")
     else:
         out_dir = (args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
         if (out_dir / "model.pt").exists():
@@ -278,7 +282,7 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
     config = RunConfig.from_flower({**defaults, **overrides})
     if args.resume:
         check_resumable(out_dir, config)
-    source = resolve_source(args.data)  # refuse a bad path before starting anything
+    source = resolve_source(data_arg)  # refuse a bad path before starting anything
     load_split(source, "test")  # ... and data that is not CIFAR-10, or a Hub out of reach
     data = source.location if source.kind != "hub" else None
 
@@ -307,14 +311,21 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
     return 0
 
 
-def resume_overrides(out_dir: Path, overrides: dict) -> dict:
-    """The run config of the run in ``out_dir``, to resume it."""
+def resumed_history(out_dir: Path) -> dict:
+    """The history of the run in ``out_dir``, to resume it (its run config, its data source)."""
     from fedcifar.history import load_history
 
     history = load_history(out_dir) if out_dir.is_dir() else None
     if history is None:
         raise FileNotFoundError(f"{out_dir} holds no history.json: nothing to resume; start a run with --out {out_dir}")
-    return {**history["config"], "resume": True}
+    return history
+
+
+def recorded_data(history: dict) -> str | None:
+    """The data folder a run was started with (``history.json``'s ``data``: ``parquet:PATH``,
+    ``cifar-python:PATH`` or ``hub:...``); None for the Hub."""
+    kind, _, location = str(history.get("data", "")).partition(":")
+    return location if kind in ("parquet", "cifar-python") and location else None
 
 
 def check_resumable(out_dir: Path, config: RunConfig) -> None:

@@ -134,17 +134,36 @@ def load_split(source: DataSource, split: str) -> datasets.Dataset:
     return dataset
 
 
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 python batch holds — a dict of bytes, ints, lists and numpy arrays —
+    and nothing else: a pickle names any callable to run while loading, so a file in a data volume
+    could otherwise run code on every node."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # how Python 3 pickles bytes at protocol 2
+    }  # fmt: skip
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks to load {module}.{name}, which a CIFAR-10 batch never holds")
+        return super().find_class(module, name)
+
+
 def _load_cifar_python(folder: Path, split: str) -> datasets.Dataset:
-    """Read torchvision's pickled ``cifar-10-batches-py`` batches without torchvision."""
+    """Read torchvision's pickled ``cifar-10-batches-py`` batches without torchvision (nor arbitrary code)."""
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     images, labels = [], []
     for name in names:
         try:
             with open(folder / name, "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
+                batch = BatchUnpickler(fh, encoding="bytes").load()
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(int(x) for x in batch[b"labels"])
-        except (OSError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as err:
+        except (OSError, KeyError, TypeError, ValueError, pickle.UnpicklingError, EOFError) as err:
             raise DataError(
                 f"{folder / name} is not a CIFAR-10 python batch ({err}). {_HOW_TO_FIX}"
             ) from err

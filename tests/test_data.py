@@ -67,10 +67,42 @@ def test_torchvision_python_batches_match_the_parquet_pixels(tmp_path, mini_dir)
     assert torch.equal(again.images, train.images) and torch.equal(again.labels, train.labels)
 
 
-def _write_batch(path, images, labels):
-    batch = {b"data": images.reshape(len(images), -1).numpy(), b"labels": labels.tolist()}
+def _write_batch(path, images, labels, protocol=pickle.DEFAULT_PROTOCOL):
+    batch = {b"batch_label": b"training batch 1 of 5", b"data": images.reshape(len(images), -1).numpy(),
+             b"labels": labels.tolist(), b"filenames": [b"x.png"] * len(labels)}  # as in the real batches
     with open(path, "wb") as fh:
-        pickle.dump(batch, fh)
+        pickle.dump(batch, fh, protocol=protocol)
+
+
+class RunsCode:
+    """A pickle payload: loading it calls a function of the file's choosing (here: creates a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL, pickle.HIGHEST_PROTOCOL])
+def test_python_batches_load_with_every_pickle_protocol(tmp_path, mini_dir, protocol):
+    test = load_full(resolve_source(mini_dir), "test")
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _write_batch(tmp_path / name, test.images, test.labels, protocol)
+    assert torch.equal(load_full(resolve_source(tmp_path), "test").images, test.images)
+
+
+def test_a_python_batch_that_would_run_code_is_refused(tmp_path, mini_dir):
+    test = load_full(resolve_source(mini_dir), "test")
+    for name in [f"data_batch_{i}" for i in range(1, 6)]:
+        _write_batch(tmp_path / name, test.images, test.labels)
+    with open(tmp_path / "test_batch", "wb") as fh:
+        pickle.dump({b"data": RunsCode(tmp_path / "pwned"), b"labels": [0]}, fh)
+    with pytest.raises(DataError, match=r"test_batch is not a CIFAR-10 python batch \(it asks to load posix.system"):
+        load_full(resolve_source(tmp_path), "test")
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_missing_path_says_what_to_do(tmp_path):

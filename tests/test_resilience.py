@@ -136,12 +136,13 @@ def test_a_killed_server_resumes_after_its_last_completed_round(tmp_path, mini_d
     done = torch.load(out / "model.pt", weights_only=True)["round"]
     assert before["status"] == "running" and 1 <= done <= len(before["rounds"]) <= 2
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "fedcifar", "run", "--resume", str(out), "--data", str(mini_dir)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+    offline = {k: v for k, v in os.environ.items() if k != "FEDCIFAR_DATA"}  # no --data: the run's own data
+    resumed = subprocess.run([sys.executable, "-m", "fedcifar", "run", "--resume", str(out)],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path, env=offline)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming {out} after round {done} of 3" in " ".join(resumed.stderr.split())
+    said = " ".join(resumed.stderr.split())
+    assert f"resuming {out} after round {done} of 3" in said
+    assert f"data: {mini_dir.resolve()}, as recorded in {out / 'history.json'}" in said
     after = load_history(out)
     assert after["status"] == "completed" and [r["round"] for r in after["rounds"]] == [1, 2, 3]
     assert after["rounds"][:done] == before["rounds"][:done]  # no completed round lost or redone
