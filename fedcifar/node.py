@@ -97,8 +97,10 @@ def run_node(
     With ``trainer`` (a SuperNode), that long-lived trainer process is started first, and the
     Flower node, whose ClientApps reach it over ``$FEDCIFAR_TRAINER``, only once it listens.
     """
+    # the metrics folder's parent also holds the converted key, the registrar's flwr home and the
+    # trainer's socket: without --metrics-dir, a private folder of this process (0700), removed at the end
     owned = metrics_dir is None
-    directory = Path(metrics_dir or tempfile.mkdtemp(prefix="fedcifar-metrics-"))
+    directory = Path(tempfile.mkdtemp(prefix="fedcifar-node-")) / "metrics" if owned else Path(metrics_dir)
     prepare_multiprocess_dir(directory)
     os.environ[MULTIPROC_ENV] = str(directory)  # inherited by Flower and the apps it spawns
     os.environ.setdefault(SUPEREXEC_POLL_ENV, str(SUPEREXEC_POLL_SECONDS))
@@ -146,7 +148,7 @@ def run_node(
                     child.kill()
         server.shutdown()
         if owned:
-            shutil.rmtree(directory, ignore_errors=True)
+            shutil.rmtree(directory.parent, ignore_errors=True)
 
 
 def wait_for_socket(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:

@@ -100,3 +100,33 @@ def test_supernode_pem_key_is_handed_to_flower_as_openssh(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "BEGIN OPENSSH PRIVATE KEY" in done.stdout
     assert (tmp_path / "run" / "supernode-auth.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_without_a_metrics_dir_keys_and_state_live_in_a_private_folder_removed_at_the_end(tmp_path):
+    """Local mode: two nodes never share a converted key path, and another user cannot create it first."""
+    import os
+    import subprocess
+    import sys
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "supernode.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+    show = ("import os, sys; p = sys.argv[sys.argv.index('--auth-supernode-private-key') + 1]; "
+            "print(p, oct(os.stat(os.path.dirname(p)).st_mode & 0o777))")  # fmt: skip
+    code = (
+        "import sys; from fedcifar.node import run_node; "
+        f"sys.exit(run_node([sys.executable, '-c', {show!r}, '--auth-supernode-private-key', "
+        f"{str(tmp_path / 'supernode.key')!r}], 0, '127.0.0.1', None))"
+    )
+    paths = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        path, mode = done.stdout.split()[-2:]
+        assert mode == "0o700" and os.path.basename(os.path.dirname(path)).startswith("fedcifar-node-")
+        assert not os.path.exists(os.path.dirname(path))  # removed at the end
+        paths.append(path)
+    assert paths[0] != paths[1]

@@ -457,7 +457,7 @@ every release renders.
 {{- if gt (include "fedcifar.run.minNodes" . | int) (include "fedcifar.run.numPartitions" . | int) }}
 {{- fail (printf "run.minNodes (%v) is larger than the federation's node slots (%s): the run would wait forever for clients that do not exist." .Values.run.minNodes (include "fedcifar.run.numPartitions" .)) }}
 {{- end }}
-{{- $builtin := list "num-server-rounds" "local-epochs" "batch-size" "learning-rate" "momentum" "partitioner" "dirichlet-alpha" "fraction-train" "fraction-evaluate" "min-nodes" "num-partitions" "round-timeout" "seed" "device" }}
+{{- $builtin := list "num-server-rounds" "local-epochs" "batch-size" "learning-rate" "momentum" "partitioner" "dirichlet-alpha" "fraction-train" "fraction-evaluate" "min-nodes" "num-partitions" "round-timeout" "seed" "device" "round-retries" "resume" }}
 {{- range $key, $_ := .Values.run.extraConfig }}
 {{- if has $key $builtin }}
 {{- fail (printf "run.extraConfig.%s repeats a run-config key that the chart sets from run.*: set the matching camelCase value under run instead." $key) }}
@@ -487,6 +487,9 @@ every release renders.
 {{- fail (printf "%s and %s are both %v: the SuperLink pod listens on each, so they must differ." $a $b (get $ports $a)) }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- if eq (int .Values.clients.port) (int .Values.metrics.port) }}
+{{- fail (printf "clients.port and metrics.port are both %v: a SuperNode pod listens on each, so they must differ." .Values.metrics.port) }}
 {{- end }}
 {{- if and .Values.supernodeAuth.enabled (not .Values.tls.enabled) }}
 {{- fail "supernodeAuth.enabled needs tls.enabled: Flower refuses SuperNode authentication over plaintext (--enable-supernode-auth with --insecure)." }}
