@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub_.add_argument("--min-nodes", type=int, default=0,
                       help="also wait until the SuperLink lists this many SuperNodes online (other sites')")  # fmt: skip
     sub_.add_argument("--timeout", type=float, default=600, help="seconds to wait for readiness")
+    sub_.add_argument("--run-timeout", type=float, default=None,
+                      help="seconds to follow the run's logs before giving up (default: until it ends)")  # fmt: skip
     sub_.add_argument("--no-stream", action="store_true", help="return after submitting instead of streaming logs")
     sub_.set_defaults(handler=cmd_submit)
 
@@ -213,7 +215,7 @@ def cmd_submit(args: argparse.Namespace, _extra: list[str]) -> int:
         return submit(app=args.app, superlink=args.superlink, run_config=args.run_config,
                       client_metrics=args.client_metrics, num_partitions=args.num_partitions,
                       timeout=args.timeout, stream=not args.no_stream, control_pod_selector=args.control_pod_selector,
-                      control_port=args.control_port, min_nodes=args.min_nodes)  # fmt: skip
+                      control_port=args.control_port, min_nodes=args.min_nodes, run_timeout=args.run_timeout)  # fmt: skip
     except (NotReady, PortForwardError) as err:
         console.print(f"[bold red]error:[/] {err}")
         return 1

@@ -148,6 +148,18 @@ def run_status(flwr: str, run_id: int) -> str:
     return str(runs[0]["status"]) if runs else "unknown (SuperLink unreachable)"
 
 
+def follow_logs(flwr: str, run_id: int, timeout: float | None) -> bool:
+    """Stream the run's logs until it ends or the link drops (True), or give up after ``timeout``
+    seconds, the longest the run may take, and say so (False)."""
+    try:
+        subprocess.run([flwr, "log", str(run_id), CONNECTION, "--stream"], timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"fedcifar: gave up following run {run_id} after {timeout:.0f}s (--run-timeout: rounds x round-timeout "
+              "x (round-retries + 3)); it may still be going on the SuperLink", flush=True)  # fmt: skip
+        return False
+    return True
+
+
 @contextmanager
 def control_api(superlink: str, pod_selector: str | None, port: int) -> Iterator[str]:
     """The address ``flwr`` uses for the Control API: ``superlink`` itself, or a local port-forward
@@ -167,7 +179,7 @@ def control_api(superlink: str, pod_selector: str | None, port: int) -> Iterator
 def submit(
     *, app: str, superlink: str, run_config: str, client_metrics: list[str], num_partitions: int | None,
     timeout: float, stream: bool = True, control_pod_selector: str | None = None, control_port: int = 9093,
-    min_nodes: int = 0,
+    min_nodes: int = 0, run_timeout: float | None = None,
 ) -> int:
     """Wait for the federation, stop runs still going, start the run and stream its logs.
 
@@ -202,7 +214,8 @@ def submit(
         print(f"fedcifar: submitted run {run_id}", flush=True)
         if not stream:
             return 0
-        subprocess.run([flwr, "log", str(run_id), CONNECTION, "--stream"])  # until the run ends or the link drops
+        if not follow_logs(flwr, run_id, run_timeout):
+            return 1
         status = run_status(flwr, run_id)
         print(f"fedcifar: run {run_id} {status}", flush=True)
         return 0 if status == "finished:completed" else 1

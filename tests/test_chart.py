@@ -655,6 +655,13 @@ def test_run_min_nodes_and_disable() -> None:
     assert "Job" not in kinds(render("--set", "run.enabled=false"))
 
 
+
+def test_the_run_job_is_bounded_by_default(default_docs: list[dict]) -> None:
+    """3 rounds x 3600 s x (2 retries + 3) per attempt; 4 attempts of 600 s wait + that."""
+    assert find(default_docs, "Job")["spec"]["activeDeadlineSeconds"] == 4 * (600 + 3 * 3600 * 5)
+    assert job_arg(default_docs, "--run-timeout") == str(3 * 3600 * 5)
+
+
 # ---------------------------------------------------------------------------------------------
 # security
 

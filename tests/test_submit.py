@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 
 import pytest
@@ -17,8 +18,8 @@ from fedcifar.local import free_port
 from fedcifar.metrics import serve_multiprocess
 from fedcifar.node import prepare_multiprocess_dir
 from fedcifar.portforward import splice
-from fedcifar.submit import (NotReady, client_partitions, clients_ready, control_api, superlink_healthy, wait_until,
-                             write_connection)
+from fedcifar.submit import (NotReady, client_partitions, clients_ready, control_api, follow_logs, superlink_healthy,
+                             wait_until, write_connection)
 
 
 def test_connection_file_is_what_flwr_reads(tmp_path):
@@ -115,3 +116,14 @@ def test_splice_copies_both_ways_and_closes_both_ends():
     relay.join(5)
     assert not relay.is_alive() and local.recv(16) == b""
     local.close()
+
+
+def test_following_the_run_is_bounded(tmp_path, capsys):
+    hung = tmp_path / "flwr"
+    hung.write_text("#!/bin/sh\nsleep 30\n")  # a `flwr log --stream` whose run never ends
+    hung.chmod(0o755)
+    started = time.monotonic()
+    assert not follow_logs(str(hung), 7, timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert "gave up following run 7 after 0s" in capsys.readouterr().out
+    assert follow_logs("/bin/true", 7, timeout=5)  # the stream ended: the run's status decides

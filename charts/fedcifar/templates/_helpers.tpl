@@ -187,6 +187,21 @@ with the CA they verify it with, the site they belong to, and the federation's n
 {{- end }}
 {{- end }}
 
+{{/* The longest one run attempt may take: every round's training attempts, its evaluation and its
+wait for SuperNodes, each bounded by round-timeout. */}}
+{{- define "fedcifar.run.attemptSeconds" -}}
+{{- mul (int .Values.run.rounds) (int .Values.run.roundTimeout) (add (int .Values.run.roundRetries) 3) }}
+{{- end }}
+
+{{/* run.activeDeadlineSeconds, else every attempt of the Job (backoffLimit + 1) waiting its longest. */}}
+{{- define "fedcifar.run.activeDeadlineSeconds" -}}
+{{- if kindIs "invalid" .Values.run.activeDeadlineSeconds }}
+{{- mul (add (int .Values.run.backoffLimit) 1) (add (int .Values.run.waitTimeoutSeconds) (include "fedcifar.run.attemptSeconds" . | int)) }}
+{{- else }}
+{{- .Values.run.activeDeadlineSeconds | int }}
+{{- end }}
+{{- end }}
+
 {{- define "fedcifar.run.minNodes" -}}
 {{- if kindIs "invalid" .Values.run.minNodes }}
 {{- include "fedcifar.run.numPartitions" . }}
