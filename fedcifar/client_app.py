@@ -65,12 +65,15 @@ class NodeSetup:
         return cls(partition_id, num_partitions, config, data_path, data_partition)
 
 
-def run_task(task: Task) -> Reply:
-    """Hand the task to the node's trainer (socket) or, without one, to a trainer in this process."""
+def run_task(task: Task, timeout: float | None = None) -> Reply:
+    """Hand the task to the node's trainer (socket) or, without one, to a trainer in this process;
+    wait for the trainer's reply at most ``timeout`` seconds (None: as long as it takes)."""
     address = os.environ.get(TRAINER_ENV)
     if address:
         with Client(address, family="AF_UNIX", authkey=bytes.fromhex(os.environ[TRAINER_KEY_ENV])) as conn:
             conn.send(task)
+            if not conn.poll(timeout):
+                raise TrainerError(f"the node's trainer gave no reply within {timeout:.0f}s (the run's round-timeout)")
             reply = conn.recv()
     else:
         from fedcifar.trainer import Trainer  # imports torch: only on this cold path
@@ -96,7 +99,7 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
         data_path=setup.data_path,
         data_partition=setup.data_partition,
     )
-    reply = run_task(task)
+    reply = run_task(task, timeout=setup.config.round_timeout)  # the round is over by then: its reply is dropped
     content = RecordDict({"metrics": MetricRecord(reply.metrics)})
     part, metrics = str(setup.partition_id), client_metrics()
     metrics.messages.labels(metrics.site, part, kind).inc()

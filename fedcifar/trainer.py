@@ -16,6 +16,7 @@ import os
 import resource
 import threading
 from dataclasses import dataclass, field
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Listener
 
 import torch
@@ -114,16 +115,27 @@ class Trainer:
 
 
 def serve(trainer: Trainer, listener: Listener) -> None:
-    """Answer tasks on a local socket, one connection per message, until the process is stopped."""
+    """Answer tasks on a local socket, one connection per message, until the process is stopped.
+
+    A ClientApp that vanishes mid-task (`flwr stop`, an OOM kill) or a peer without the key costs
+    that one connection, never the trainer (and with it the SuperNode)."""
     while True:
-        with listener.accept() as conn:
-            task = conn.recv()
+        try:
+            conn = listener.accept()
+        except (OSError, EOFError, AuthenticationError) as err:
+            log.warning("refused a connection: %s", err)
+            continue
+        with conn:
             try:
-                reply = trainer.run(task)
-            except Exception as err:  # the ClientApp turns it into a Flower error reply
-                log.exception("task failed")
-                reply = Reply({}, error=f"{type(err).__name__}: {err}")
-            conn.send(reply)
+                task = conn.recv()
+                try:
+                    reply = trainer.run(task)
+                except Exception as err:  # the ClientApp turns it into a Flower error reply
+                    log.exception("task failed")
+                    reply = Reply({}, error=f"{type(err).__name__}: {err}")
+                conn.send(reply)
+            except (OSError, EOFError) as err:
+                log.warning("the ClientApp went away before its reply: %s", err)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -64,3 +64,18 @@ def test_the_shim_imports_no_torch():
     code = "import sys, fedcifar.client_app; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_the_trainer_survives_a_clientapp_that_goes_away(mini_dir, node_trainer):
+    """A ClientApp killed mid-task (flwr stop, OOM) or a peer without the key costs one connection."""
+    from multiprocessing.connection import Client
+
+    address, key = os.environ[TRAINER_ENV], bytes.fromhex(os.environ[TRAINER_KEY_ENV])
+    with Client(address, family="AF_UNIX", authkey=key) as conn:
+        conn.send(task(mini_dir, **{"local-epochs": 3}))  # and gone before the reply
+    with pytest.raises(Exception):
+        Client(address, family="AF_UNIX", authkey=b"wrong key").close()
+    with pytest.raises(TrainerError, match="gave no reply within 0s"):
+        run_task(task(mini_dir, **{"local-epochs": 3}), timeout=0.01)  # the ClientApp's wait is bounded
+    reply = run_task(task(mini_dir))
+    assert node_trainer.poll() is None and reply.metrics["num-examples"] == 250
