@@ -19,7 +19,6 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedcifar.config import ConfigError, RunConfig, check_partition
-from fedcifar.metrics import client_metrics, record_bytes
 from fedcifar.protocol import TRAINER_ENV, TRAINER_KEY_ENV, Reply, Task
 
 app = ClientApp()
@@ -101,12 +100,8 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
     )
     reply = run_task(task, timeout=setup.config.round_timeout)  # the round is over by then: its reply is dropped
     content = RecordDict({"metrics": MetricRecord(reply.metrics)})
-    part, metrics = str(setup.partition_id), client_metrics()
-    metrics.messages.labels(metrics.site, part, kind).inc()
-    metrics.received_bytes.labels(metrics.site, part).inc(record_bytes(received))
     if reply.arrays is not None:
         content["arrays"] = ArrayRecord({name: Array(a) for name, a in reply.arrays.items()})
-        metrics.sent_bytes.labels(metrics.site, part).inc(record_bytes(content["arrays"]))
     return Message(content=content, reply_to=msg)
 
 

@@ -149,6 +149,13 @@ class ClientMetrics:
         )  # fmt: skip
 
 
+def message_bytes(arrays: dict) -> int:
+    """What ``record_bytes`` counts for these numpy arrays once the ClientApp sends them as Flower Arrays."""
+    from flwr.app import Array
+
+    return sum(len(Array(a).data) for a in arrays.values())
+
+
 def node_site() -> str:
     return os.environ.get(SITE_ENV) or DEFAULT_SITE
 

@@ -23,7 +23,7 @@ import torch
 
 from fedcifar.config import RunConfig
 from fedcifar.data import ImageTensors, resident_partition, resolve_source
-from fedcifar.metrics import client_metrics
+from fedcifar.metrics import client_metrics, message_bytes
 from fedcifar.protocol import TRAINER_KEY_ENV, Reply, Task
 from fedcifar.task import MODEL_KEY, Net, evaluate, flat_weights, load_flat_weights, pick_device, train
 
@@ -40,10 +40,17 @@ class Trainer:
         with self.lock:  # one task at a time per node
             config = RunConfig.from_flower(task.run_config)
             if task.kind == "train":
-                return self._train(task, config)
-            if task.kind == "evaluate":
-                return self._evaluate(task, config)
-            raise ValueError(f"unknown task kind {task.kind!r}")
+                reply = self._train(task, config)
+            elif task.kind == "evaluate":
+                reply = self._evaluate(task, config)
+            else:
+                raise ValueError(f"unknown task kind {task.kind!r}")
+            m, part = client_metrics(), str(task.partition_id)
+            m.messages.labels(m.site, part, task.kind).inc()
+            m.received_bytes.labels(m.site, part).inc(message_bytes(task.arrays))
+            if reply.arrays is not None:
+                m.sent_bytes.labels(m.site, part).inc(message_bytes(reply.arrays))
+            return reply
 
     def _data(self, task: Task, config: RunConfig, split: str, device: torch.device) -> ImageTensors:
         partition = task.data_partition or (task.partition_id, task.num_partitions)

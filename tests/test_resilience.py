@@ -180,3 +180,35 @@ def test_resume_refuses_a_damaged_checkpoint_and_keeps_it(damage, message, tmp_p
     )  # fmt: skip
     assert done.returncode == 2 and message in " ".join(done.stderr.split()) and "left as it is" in " ".join(done.stderr.split())
     assert path.read_bytes() == kept and not (tmp_path / "logs").exists()
+
+
+def multiprocess_dir(fed: LocalFederation) -> Path:
+    """The metrics folder of the federation's SuperNode (its trainer inherits it)."""
+    for pid in processes_with_token(fed.token):
+        if "fedcifar.trainer" in cmdline(pid):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            return Path(next(e for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1].decode())
+    raise AssertionError("no trainer")
+
+
+def test_a_nodes_metrics_folder_does_not_grow_with_its_messages(tmp_path, mini_dir):
+    """Flower starts a ClientApp process per message; none of them leaves a metrics file behind."""
+    out, rounds = tmp_path / "out", 10
+    with LocalFederation(clients=1, app_dir=ROOT, work_dir=tmp_path, data=str(mini_dir)) as fed:
+        fed.submit({"num-server-rounds": rounds, "min-nodes": 1, "num-partitions": 1, "fraction-evaluate": 1.0,
+                    "out-dir": str(out)})  # fmt: skip
+        folder = multiprocess_dir(fed)
+
+        def rounds_done() -> int:
+            return len((load_history(out) or {}).get("rounds", []))
+
+        deadline = time.monotonic() + 300
+        while rounds_done() < 2:
+            assert time.monotonic() < deadline, "round 2 never completed"
+            time.sleep(0.1)
+        early = sorted(p.name for p in folder.iterdir())
+        while (load_history(out) or {}).get("status") != "completed":
+            assert time.monotonic() < deadline, "the run never completed"
+            time.sleep(0.1)
+        late = sorted(p.name for p in folder.iterdir())
+    assert late == early, f"{len(early)} files after 2 rounds, {len(late)} after {rounds} (2 messages a round)"
