@@ -5,8 +5,9 @@ The slot comes from the SuperNode's node config (``partition-id`` of ``num-parti
 ``data-path``), the hyper-parameters from the run config. This module imports no torch: it
 turns the message into a ``trainer.Task`` and hands it to the node's long-lived trainer over a
 local socket (``$FEDCIFAR_TRAINER``, set by ``fedcifar supernode``), or, on a plain SuperNode,
-to a ``Trainer`` in this process. Transport figures (messages, bytes) are
-recorded here, training figures by the trainer; both end up on the node's ``/metrics``.
+to a ``Trainer`` in this process. The trainer records every figure (messages, bytes, training):
+a ClientApp process (one per message) writes no metrics file of its own, so the node's metrics
+folder does not grow with the messages.
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ class ClientMetrics:
             part, buckets=TRAIN_BUCKETS, **kw,
         )  # fmt: skip
         self.messages = Counter(
-            "fedcifar_client_messages", "Messages handled by this node's ClientApp.",
+            "fedcifar_client_messages", "Messages handled by this node (train, evaluate).",
             ["site", "partition", "kind"], **kw,
         )  # fmt: skip
         self.received_bytes = Counter(

@@ -190,19 +190,6 @@ def register_public_key(path: Path, flwr_home: Path, name: str, connection: str 
     raise RuntimeError(f"flwr supernode register {path.name} failed: {message[-500:]}")
 
 
-def registered_node_count(flwr_home: Path, connection: str = CONNECTION) -> int | None:
-    """How many SuperNodes the SuperLink has registered (``flwr supernode ls``); None if unknown."""
-    done = subprocess.run([flwr_cli(), "supernode", "ls", connection, "--format", "json"], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "FLWR_HOME": str(flwr_home)})  # fmt: skip
-    try:
-        reply = json.loads(done.stdout[done.stdout.index("{"):])
-    except ValueError:
-        return None
-    if not reply.get("success"):
-        return None
-    return sum(1 for node in reply.get("nodes", []) if node.get("status") != "unregistered")
-
-
 @dataclass(frozen=True)
 class KeyFolder:
     """A folder of SuperNode public keys and the site they belong to; ``site=None``: every file is
@@ -217,12 +204,14 @@ class KeyFolder:
         named = []
         for path in public_key_files(self.path):
             site, key = (self.site, path.stem) if self.site else path.stem.partition(".")[::2]
-            named.append((path, f"{site}/{key}" if SITE_NAME.fullmatch(site) and key else None))
+            sound = SITE_NAME.fullmatch(site) and key and (self.site or path.suffix == ".pub")
+            named.append((path, f"{site}/{key}" if sound else None))
         return named
 
 
 def site_of_node(name: str) -> str:
-    """The site of a node registered as ``<site>/<key name>``; ``unknown`` for other names."""
+    """The site of a node registered as ``<site>/<key name>`` (the part before the first ``/``, when
+    it is a DNS label); ``unknown`` for other names, and for nodes registered without one."""
     site = name.partition("/")[0]
     return site if SITE_NAME.fullmatch(site) else UNKNOWN_SITE
 
@@ -248,36 +237,42 @@ def control_nodes(connection: str = CONNECTION) -> list:
 
 
 def register_missing_public_keys(folder: KeyFolder, flwr_home: Path) -> list[str]:
-    """``register_public_keys`` unless the SuperLink already has as many nodes as the folder has keys
-    (the usual case: its own registrar was first), which keeps "already in use" errors out of its log."""
-    files = public_key_files(folder.path)
-    count = registered_node_count(flwr_home)
-    if count is not None and count >= len(files):
-        print(f"fedcifar: {count} SuperNodes registered for {len(files)} keys", flush=True)
+    """``register_public_keys`` unless the SuperLink lists every node name of the folder already (the
+    usual case: its own registrar was first), which keeps "already in use" errors out of its log."""
+    try:
+        listed = {node.name for node in control_nodes()}
+    except Exception:  # noqa: BLE001 - unreachable or refused: registering says why
+        listed = set()
+    names = [name for _, name in folder.named_files()]
+    if set(names) <= listed:
+        print(f"fedcifar: the SuperLink lists all {len(names)} SuperNode keys of {folder.path}", flush=True)
         return []
     return register_public_keys([folder], flwr_home)
 
 
-def register_public_keys(folders: list[KeyFolder], flwr_home: Path, done: set[str] | None = None) -> list[str]:
-    """Register every key of ``folders`` not in ``done`` (key contents, and files refused once);
-    returns the new file names. A file that is no usable key is refused with a line, once; a key
-    the SuperLink did not take is tried again on the next call: every other key is tried first,
-    then a RuntimeError names the ones that failed."""
+def register_public_keys(
+    folders: list[KeyFolder], flwr_home: Path, done: set[str] | None = None, refused: set[str] | None = None
+) -> list[str]:
+    """Register every key of ``folders`` not in ``done`` (key contents); returns the new file names.
+    A file that is no usable key is refused with a line, once (``refused``); a key the SuperLink did
+    not take is tried again on the next call: every other key is tried first, then a RuntimeError
+    names the ones that failed."""
     done = set() if done is None else done
+    refused = set() if refused is None else refused
     new, failed = [], []
     for folder in folders:
         for path, name in folder.named_files():
             data = path.read_bytes()
             seen = f"{path.name}:{hashlib.sha256(data).hexdigest()}"
-            if seen in done:
+            if seen in refused:
                 continue
             try:
                 if name is None:
-                    raise ValueError("name it <site>.<key name>.pub, the site a DNS label (e.g. hospital-a.supernode-0.pub)")
+                    raise ValueError("name it <site>.<key name>.pub, the site a DNS label (hospital-a.supernode-0.pub)")
                 fingerprint = openssh_public_key(data).decode()
             except ValueError as err:
                 print(f"fedcifar: SuperNode key {path.name} not registered: {err}", flush=True)
-                done.add(seen)
+                refused.add(seen)
                 continue
             if fingerprint in done:
                 continue
@@ -308,6 +303,7 @@ class KeyRegistrar(threading.Thread):
         self.root_certificates, self.keys, self.flwr_home = root_certificates, keys, flwr_home
         self.ready_file, self.interval = ready_file, interval
         self.registered: set[str] = set()
+        self.refused: set[str] = set()  # files that hold no usable key, said once
         self.stopped = threading.Event()
         if ready_file:
             ready_file.unlink(missing_ok=True)
@@ -319,7 +315,7 @@ class KeyRegistrar(threading.Thread):
         ready = False
         while not self.stopped.is_set():
             try:
-                register_public_keys(self.keys, self.flwr_home, self.registered)
+                register_public_keys(self.keys, self.flwr_home, self.registered, self.refused)
                 if not ready and self.ready_file:
                     self.ready_file.parent.mkdir(parents=True, exist_ok=True)
                     self.ready_file.write_text(f"{len(self.registered)} SuperNode keys registered\n")

@@ -402,7 +402,8 @@ class ResilientFedAvg(FedAvg):
         return self.site_of.get(node_id, UNKNOWN_SITE)
 
     def _learn_partition(self, node_id: int, partition: int) -> None:
-        if self.partition_of.get(node_id) != partition:  # zero series, so dashboards show the slot
+        known = 0 <= partition < self.num_partitions if self.num_partitions else False
+        if known and self.partition_of.get(node_id) != partition:  # zero series, so dashboards show the slot
             for reason in FAILURE_REASONS:
                 self.metrics.failures.labels(str(partition), self._site(node_id), reason)
             for reason in REJECT_REASONS:

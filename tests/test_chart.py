@@ -660,6 +660,16 @@ def test_the_run_job_is_bounded_by_default(default_docs: list[dict]) -> None:
     """3 rounds x 3600 s x (2 retries + 3) per attempt; 4 attempts of 600 s wait + that."""
     assert find(default_docs, "Job")["spec"]["activeDeadlineSeconds"] == 4 * (600 + 3 * 3600 * 5)
     assert job_arg(default_docs, "--run-timeout") == str(3 * 3600 * 5)
+    fractional = render("--set", "run.roundTimeout=90.5")  # 3 x 90.5 x 5 = 1357.5, rounded up
+    assert job_arg(fractional, "--run-timeout") == "1358"
+    assert find(fractional, "Job")["spec"]["activeDeadlineSeconds"] == 4 * (600 + 1358)
+
+
+def test_a_site_name_that_yaml_would_read_as_a_number_stays_a_string() -> None:
+    docs = render("--set", "superlink.enabled=false", "--set", "clients.superlink.address=link:30800",
+                  "--set", "clients.superlink.caSecret=ca", "--set-string", "clients.site=123")  # fmt: skip
+    args = container(find(docs, "StatefulSet"))["args"]
+    assert args[args.index("--site") + 1] == "123"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1301,6 +1311,8 @@ def test_schema_rejects(args: tuple[str, ...], expected: str) -> None:
         (("--set", "clients.partitions.total=4", "--set", "run.numPartitions=3"),
          "run.numPartitions (3) differs from clients.partitions.total (4)"),
         (("--set", "superlink.ingress.enabled=true"), "superlink.ingress.enabled needs superlink.ingress.host"),
+        (("--set", "superlink.ingress.enabled=true", "--set", "superlink.ingress.host=fl.example.org",
+          "--set", "tls.enabled=false", "--set", "supernodeAuth.enabled=false"), "superlink.ingress.enabled needs tls.enabled"),
     ],
 )  # fmt: skip
 def test_contradictory_values_fail(args: tuple[str, ...], expected: str) -> None:

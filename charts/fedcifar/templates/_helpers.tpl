@@ -190,7 +190,7 @@ with the CA they verify it with, the site they belong to, and the federation's n
 {{/* The longest one run attempt may take: every round's training attempts, its evaluation and its
 wait for SuperNodes, each bounded by round-timeout. */}}
 {{- define "fedcifar.run.attemptSeconds" -}}
-{{- mul (int .Values.run.rounds) (int .Values.run.roundTimeout) (add (int .Values.run.roundRetries) 3) }}
+{{- mulf (float64 .Values.run.rounds) (float64 .Values.run.roundTimeout) (float64 (add (int .Values.run.roundRetries) 3)) | ceil | int }}
 {{- end }}
 
 {{/* run.activeDeadlineSeconds, else every attempt of the Job (backoffLimit + 1) waiting its longest. */}}
@@ -454,6 +454,9 @@ every release renders.
 {{- end }}
 {{- if and $clients.enabled .Values.superlink.enabled (ne (include "fedcifar.run.numPartitions" . | int) $total) }}
 {{- fail (printf "run.numPartitions (%s) differs from clients.partitions.total (%d): the run and its SuperNodes must agree on the node slots." (include "fedcifar.run.numPartitions" .) $total) }}
+{{- end }}
+{{- if and .Values.superlink.ingress.enabled (not .Values.tls.enabled) }}
+{{- fail "superlink.ingress.enabled needs tls.enabled: the Ingress passes TLS through to the SuperLink, which sites verify with its CA." }}
 {{- end }}
 {{- if and .Values.superlink.ingress.enabled (not .Values.superlink.ingress.host) }}
 {{- fail "superlink.ingress.enabled needs superlink.ingress.host: the name SuperNodes dial (it is added to the SuperLink certificate)." }}
