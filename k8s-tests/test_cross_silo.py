@@ -39,7 +39,7 @@ SITES = {
     "site-b": (SITE_NAMESPACES[1], 1, 2, (slice(300, 500), slice(100, 200))),
 }
 SLOTS = sum(replicas for _, replicas, _, _ in SITES.values())
-ROUNDS, LOCAL_EPOCHS = 16, 5  # rounds of a few seconds: site B is registered and joins while the run goes on
+ROUNDS, LOCAL_EPOCHS = 30, 5  # rounds of a few seconds: site B is registered and joins while the run goes on
 pytestmark = pytest.mark.e2e
 
 
@@ -154,11 +154,14 @@ def federation(kube, image, prometheus, batch):
                       "clients.partitions.offset": offset, "clients.partitions.total": SLOTS,
                       "clients.partitions.split": "site", "data.volume.hostPath": str(data[site])}  # fmt: skip
             helm("install", site, str(CHART), "-n", namespace, *sets(values))
-        register_sites(kube, ["site-a"], keys)
-        wait_for("round 1 with site A", lambda: prom_query(
-            prometheus, f'fedcifar_rounds_completed_total{{namespace="{SERVER_NS}"}} >= 1'), 600, 2)  # fmt: skip
+        # both sites are refused before their keys are registered; then site A's go in, the run starts
         facts["refused"] = wait_for("site B refused", lambda: re.search(r"Failed to activate SuperNode", "".join(
             pod_logs(kube, SITES["site-b"][0], "site-b-fedcifar-clients-0", previous=p) for p in (False, True))), 180, 2)
+        register_sites(kube, ["site-a"], keys)
+        wait_for("site A's keys registered", lambda: "(site-a/supernode-1): registered" in superlink_log(kube), 120, 1)
+        restart_refused_pods(kube, "site-a")
+        wait_for("round 1 with site A", lambda: prom_query(
+            prometheus, f'fedcifar_rounds_completed_total{{namespace="{SERVER_NS}"}} >= 1'), 600, 1)  # fmt: skip
         facts["trained_before_b"] = trained(prometheus, "site-b")
         facts["round_b_registered"] = float(prom_query(
             prometheus, f'max(fedcifar_rounds_completed_total{{namespace="{SERVER_NS}"}})')[0]["value"][1])
