@@ -28,7 +28,7 @@ SITE_ENV = "FEDCIFAR_SITE"
 DEFAULT_SITE = "local"
 UNKNOWN_SITE = "unknown"  # a SuperNode registered without a site name (or not registered: no auth)
 FAILURE_REASONS = ("error", "timeout")  # an error reply; no reply before the round's deadline
-REJECT_REASONS = ("non_finite", "wrong_shape", "bad_metrics", "duplicate_partition")
+REJECT_REASONS = ("non_finite", "wrong_shape", "bad_metrics", "duplicate_partition", "wrong_slot")
 ROUND_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 TRAIN_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 

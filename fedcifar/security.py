@@ -11,9 +11,10 @@ This module adds what Kubernetes needs on top, nothing more:
   (``genPrivateKey "ecdsa"`` in Helm); it is converted to the OpenSSH format Flower reads;
   public keys may be OpenSSH lines, PEM public keys or PEM certificates;
 - ``register_public_keys``: registers every key of a folder, idempotently (a key already
-  registered counts as done), with the ``flwr`` CLI, under the node name ``<site>/<key name>``:
-  the ServerApp reads the site from it (``site_of_node``), so a site is what the operator
-  registered, never what a SuperNode claims;
+  registered counts as done), with the ``flwr`` CLI, under the node name ``<site>/<key name>``
+  (``<site>/slot-<k>`` for a key bound to node slot k): the ServerApp reads the site and the slot
+  from it (``site_of_node``, ``slot_of_node``), so they are what the operator registered, never what
+  a SuperNode claims;
 - ``KeyRegistrar``: the ``fedcifar superlink`` side: once the SuperLink answers ``/health``,
   register the folders' keys, write a ready file (the pod's readiness probe), and keep
   registering keys that appear later (``helm upgrade --set clients.replicas=N``, or another
@@ -29,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -47,6 +49,7 @@ from fedcifar.metrics import DEFAULT_SITE, SITE_ENV, UNKNOWN_SITE
 ROOT_CERTIFICATES_ENV = "FEDCIFAR_ROOT_CERTIFICATES"
 PUBLIC_KEYS_ENV = "FEDCIFAR_SUPERNODE_PUBLIC_KEYS"
 SITE_KEYS_ENV = "FEDCIFAR_SITE_PUBLIC_KEYS"
+OFFSET_ENV = "FEDCIFAR_PARTITION_OFFSET"  # this release's first node slot
 READY_FILE_ENV = "FEDCIFAR_READY_FILE"
 CONNECTION = "fedcifar"
 ALREADY_REGISTERED = "Public key already in use"
@@ -193,10 +196,13 @@ def register_public_key(path: Path, flwr_home: Path, name: str, connection: str 
 @dataclass(frozen=True)
 class KeyFolder:
     """A folder of SuperNode public keys and the site they belong to; ``site=None``: every file is
-    named ``<site>.<key name>.pub`` (the sites' Secret on the SuperLink side)."""
+    named ``<site>.<key name>.pub`` (the sites' Secret on the SuperLink side). With ``offset``, this
+    release's ``supernode-<i>.pub`` is registered as ``<site>/slot-<offset + i>``: the key of pod i
+    holds that node slot and no other (``slot_of_node``)."""
 
     path: Path
     site: str | None = None
+    offset: int | None = None
 
     def named_files(self) -> list[tuple[Path, str | None]]:
         """(file, node name ``<site>/<key name>``) pairs; the name is None where the file's name does
@@ -204,6 +210,8 @@ class KeyFolder:
         named = []
         for path in public_key_files(self.path):
             site, key = (self.site, path.stem) if self.site else path.stem.partition(".")[::2]
+            if self.offset is not None and (ordinal := re.fullmatch(r"supernode-(\d+)", key)):
+                key = f"slot-{self.offset + int(ordinal.group(1))}"
             sound = SITE_NAME.fullmatch(site) and key and (self.site or path.suffix == ".pub")
             named.append((path, f"{site}/{key}" if sound else None))
         return named
@@ -216,9 +224,16 @@ def site_of_node(name: str) -> str:
     return site if SITE_NAME.fullmatch(site) else UNKNOWN_SITE
 
 
+def slot_of_node(name: str) -> int | None:
+    """The node slot a key registered as ``<site>/slot-<k>`` holds; None for other names."""
+    bound = re.fullmatch(r"[^/]+/slot-(\d+)", name)
+    return int(bound.group(1)) if bound else None
+
+
 def own_key_folder(path: Path) -> KeyFolder:
-    """This release's keys, registered for its site (``$FEDCIFAR_SITE``)."""
-    return KeyFolder(path, os.environ.get(SITE_ENV) or DEFAULT_SITE)
+    """This release's keys, registered for its site (``$FEDCIFAR_SITE``), each bound to its pod's slot
+    (``$FEDCIFAR_PARTITION_OFFSET`` + ordinal)."""
+    return KeyFolder(path, os.environ.get(SITE_ENV) or DEFAULT_SITE, int(os.environ.get(OFFSET_ENV) or 0))
 
 
 def control_nodes(connection: str = CONNECTION) -> list:

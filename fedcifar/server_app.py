@@ -8,11 +8,12 @@ is drawn at the end.
 Faults a round survives (see ``ResilientFedAvg``): a client that dies or errors (its reply is
 missing or an error, counted by partition), a slow client (replies are awaited at most
 ``round-timeout`` seconds), and a bad update (NaN/Inf, wrong shapes, a partition twice):
-refused before aggregation and counted. A round that aggregates nothing is tried again, up to
-``round-retries`` times. Failures and refusals are counted by slot (``partition``) and by site: the
-site a SuperNode's key was registered under (``grid.get_nodes()``; a node cannot claim one). With
-``resume = true`` the run continues from the checkpoint in ``out-dir`` (``checkpoint.py``), after
-the last completed round.
+refused before aggregation and counted, as is a reply claiming a slot that its key is not bound
+to. A round that aggregates nothing is tried again, up to ``round-retries`` times. Failures and
+refusals are counted by slot (``partition``) and by site: the site (and slot) a SuperNode's key
+was registered under (``grid.get_nodes()``; a node cannot claim them). With ``resume = true`` the
+run continues from the checkpoint in ``out-dir`` (``checkpoint.py``), after the last completed
+round.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from fedcifar.data import load_full, resolve_source
 from fedcifar.flower_tuning import pulls_bounded_by, shorten_object_pull_backoff
 from fedcifar.history import PLOT_FILE, History, RoundRecord, plot_history
 from fedcifar.metrics import FAILURE_REASONS, REJECT_REASONS, UNKNOWN_SITE, ServerMetrics, record_bytes, server_metrics
-from fedcifar.security import site_of_node
+from fedcifar.security import site_of_node, slot_of_node
 from fedcifar.task import MODEL_KEY, Net, evaluate, flat_weights, initial_model, load_flat_weights, pick_device
 
 log = logging.getLogger("flwr.fedcifar")
@@ -229,6 +230,7 @@ class ResilientFedAvg(FedAvg):
         self.num_partitions = config.num_partitions
         self.partition_of: dict[int, int] = {}  # node id -> partition, from its replies
         self.site_of: dict[int, str] = {}  # node id -> site, from the name its key was registered under
+        self.slot_of: dict[int, int] = {}  # node id -> the slot its key is bound to (name <site>/slot-<k>)
         self._last_reply: dict[int, int] = {}  # node id -> when it last replied (a count of pulls)
         self._failed: set[int] = set()  # nodes whose latest message went unanswered or failed
         self._skipped: set[int] = set()  # superseded nodes, once logged
@@ -252,7 +254,7 @@ class ResilientFedAvg(FedAvg):
         """Whether sound-looking replies from every partition are in (so stale node ids need no wait)."""
         if not self.num_partitions or self.fraction_train < 1:
             return False
-        return {reply_partition(m) for m in replies} >= set(range(self.num_partitions))
+        return {self._slot(m) for m in replies} >= set(range(self.num_partitions))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -260,6 +262,7 @@ class ResilientFedAvg(FedAvg):
         self._wait_for_nodes(grid)
         nodes = list(grid.get_nodes())
         self.site_of.update((node.node_id, site_of_node(node.name)) for node in nodes)
+        self.slot_of.update((node.node_id, slot) for node in nodes if (slot := slot_of_node(node.name)) is not None)
         self.metrics.connected_clients.set(len(nodes))
         self._reference = {name: (tuple(a.shape), a.dtype) for name, a in arrays.items()}
         messages = super().configure_train(server_round, arrays, config, grid)
@@ -398,6 +401,11 @@ class ResilientFedAvg(FedAvg):
     def _partition_label(self, node_id: int) -> str:
         return str(self.partition_of.get(node_id, "unknown"))
 
+    def _slot(self, reply: Message) -> int | None:
+        """The slot a sound-looking reply answers for: its key's, where the key is bound to one."""
+        claimed = reply_partition(reply)
+        return None if claimed is None else self.slot_of.get(reply.metadata.src_node_id, claimed)
+
     def _site(self, node_id: int) -> str:
         return self.site_of.get(node_id, UNKNOWN_SITE)
 
@@ -414,7 +422,7 @@ class ResilientFedAvg(FedAvg):
         """Count bytes, error replies and missing replies (by partition); learn node partitions."""
         self._pulls += 1
         for m in replies:
-            if (partition := reply_partition(m)) is not None:
+            if (partition := self._slot(m)) is not None:
                 self._learn_partition(m.metadata.src_node_id, partition)
                 self._last_reply[m.metadata.src_node_id] = self._pulls
                 self._failed.discard(m.metadata.src_node_id)
@@ -453,6 +461,9 @@ class ResilientFedAvg(FedAvg):
                 continue
             problem = update_problem(m.content, self._reference, self.num_partitions)
             partition = reply_partition(m)
+            bound = self.slot_of.get(m.metadata.src_node_id)
+            if problem is None and bound is not None and partition != bound:
+                problem, partition = "wrong_slot", bound  # another key's slot: the honest node keeps it
             if problem is None and partition in partitions:
                 problem = "duplicate_partition"
             if problem:

@@ -78,12 +78,14 @@ def site_data(root: Path) -> dict[str, Path]:
 
 
 def register_sites(kube, sites: list[str], folder: Path) -> None:
-    """The README's operator steps: each site's public keys, named <site>.supernode-<i>.pub, into the
-    server's sites Secret (kubectl apply keeps it one object), which the SuperLink keeps registering."""
+    """The README's operator steps: each site's public keys, named <site>.slot-<k>.pub after the site
+    and the slot the server's operator gave them, into the server's sites Secret (kubectl apply keeps
+    it one object), which the SuperLink keeps registering."""
     for site in sites:
-        namespace = SITES[site][0]
-        for key, value in secret(kube, namespace, f"{site}-fedcifar-supernode-public-keys").items():
-            (folder / f"{site}.{key}").write_bytes(value)
+        namespace, replicas, offset, _ = SITES[site]
+        keys = secret(kube, namespace, f"{site}-fedcifar-supernode-public-keys")
+        for i in range(replicas):
+            (folder / f"{site}.slot-{offset + i}.pub").write_bytes(keys[f"supernode-{i}.pub"])
     manifest = run("kubectl", "-n", SERVER_NS, "create", "secret", "generic", f"{SERVER}-fedcifar-site-keys",
                    f"--from-file={folder}", "--dry-run=client", "-o", "yaml").stdout  # fmt: skip
     run("kubectl", "apply", "-f", "-", input=manifest)
@@ -158,7 +160,7 @@ def federation(kube, image, prometheus, batch):
         facts["refused"] = wait_for("site B refused", lambda: re.search(r"Failed to activate SuperNode", "".join(
             pod_logs(kube, SITES["site-b"][0], "site-b-fedcifar-clients-0", previous=p) for p in (False, True))), 180, 2)
         register_sites(kube, ["site-a"], keys)
-        wait_for("site A's keys registered", lambda: "(site-a/supernode-1): registered" in superlink_log(kube), 120, 1)
+        wait_for("site A's keys registered", lambda: "(site-a/slot-1): registered" in superlink_log(kube), 120, 1)
         restart_refused_pods(kube, "site-a")
         wait_for("round 1 with site A", lambda: prom_query(
             prometheus, f'fedcifar_rounds_completed_total{{namespace="{SERVER_NS}"}} >= 1'), 600, 1)  # fmt: skip
@@ -167,7 +169,7 @@ def federation(kube, image, prometheus, batch):
             prometheus, f'max(fedcifar_rounds_completed_total{{namespace="{SERVER_NS}"}})')[0]["value"][1])
         register_sites(kube, ["site-a", "site-b"], keys)
         applied_at = time.monotonic()
-        wait_for("site B's key registered", lambda: "(site-b/supernode-0): registered" in superlink_log(kube), 120, 1)
+        wait_for("site B's key registered", lambda: "(site-b/slot-2): registered" in superlink_log(kube), 120, 1)
         registered_at = time.monotonic()
         restart_refused_pods(kube, "site-b")
         wait_for("site B to train (or the run to end)", lambda: trained(prometheus, "site-b") > 0 or job_done(batch), 300, 1)

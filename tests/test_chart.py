@@ -1157,7 +1157,8 @@ def test_the_default_release_is_one_site_holding_every_slot(default_docs: list[d
     assert (pairs["--partition-offset"], pairs["--num-partitions"], pairs["--split"], pairs["--site"]) == (
         "0", "2", "global", RELEASE)
     assert "--min-nodes" not in container(find(default_docs, "Job"))["args"]
-    assert env_of(container(find(default_docs, "Deployment"), "superlink"))["FEDCIFAR_SITE"] == RELEASE
+    env = env_of(container(find(default_docs, "Deployment"), "superlink"))
+    assert (env["FEDCIFAR_SITE"], env["FEDCIFAR_PARTITION_OFFSET"]) == (RELEASE, "0")  # keys named <site>/slot-<k>
 
 
 # ---------------------------------------------------------------------------------------------

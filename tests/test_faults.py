@@ -16,7 +16,7 @@ from fedcifar.checkpoint import Checkpoint, CheckpointError, check_same_training
 from fedcifar.config import RunConfig
 from fedcifar.history import History, RoundRecord
 from fedcifar.metrics import ServerMetrics
-from fedcifar.security import site_of_node
+from fedcifar.security import site_of_node, slot_of_node
 from fedcifar.server_app import ResilientFedAvg, update_problem
 from fedcifar.task import MODEL_KEY, Net, flat_weights, initial_model
 
@@ -152,6 +152,22 @@ def test_a_dead_node_replaced_by_a_newer_one_gets_no_more_messages(strategy, glo
 def test_a_round_without_any_sound_update_aggregates_nothing(strategy, global_arrays):
     arrays, _ = round_trip(strategy, global_arrays, {11: None, 12: update(global_arrays, 1, **{MODEL_KEY: np.zeros(3)})})
     assert arrays is None
+
+
+def test_a_node_cannot_answer_for_a_slot_its_key_is_not_bound_to(strategy, global_arrays):
+    """Keys registered as <site>/slot-<k>: node 13 (site-b's slot 2) claims slot 0 and answers first."""
+    strategy.site_of.update({11: "site-a", 13: "site-b"})
+    strategy.slot_of.update({11: slot_of_node("site-a/slot-0"), 13: slot_of_node("site-b/slot-2")})
+    arrays, _ = round_trip(strategy, global_arrays, {
+        13: update(global_arrays, 0, scale=100.0),  # the impostor, first
+        11: update(global_arrays, 0, scale=2.0),    # the honest holder of slot 0
+    })  # fmt: skip
+    for a in arrays.values():
+        np.testing.assert_allclose(a.numpy(), global_arrays[MODEL_KEY].numpy() * 2.0, rtol=1e-6)  # the honest one
+    assert counter(strategy, "rejected_updates", partition="2", site="site-b", reason="wrong_slot") == 1
+    assert strategy._round["partitions"] == [0] and strategy._round["sites"] == ["site-a"]
+    assert strategy.partition_of[13] == 2  # the impostor's claim never becomes its slot: 11 is not superseded
+    assert slot_of_node("site-a/supernode-0") is None and slot_of_node("site-a/slot-x") is None
 
 
 def test_zero_series_exist_for_every_slot_once_it_answered(strategy, global_arrays):

@@ -153,7 +153,7 @@ def test_registered_node_gets_in_unregistered_and_plaintext_do_not(pki, superlin
                       lambda: [n for n in nodes(superlink["admin"]) if n["status"] == "online"], 60)  # fmt: skip
         assert len(online) == 1
         monkeypatch.setenv("FLWR_HOME", str(superlink["admin"]))  # what the run Job of a server release waits on
-        assert submit.online_nodes() == ["site-a/supernode-0"]  # the name it was registered under
+        assert submit.online_nodes() == ["site-a/slot-0"]  # the name it was registered under: its site and slot
         assert submit.nodes_online(1)() and not submit.nodes_online(2)()
         assert unregistered.wait(60) != 0
         assert "[code: 2004] Failed to activate SuperNode." in unregistered.log.read_text()  # not registered
@@ -176,12 +176,12 @@ def test_submit_registers_only_what_is_missing(pki, superlink, tmp_path, monkeyp
     for i in (0, 1):
         (keys / f"supernode-{i}.pub").write_bytes((pki / f"supernode-{i}.pub").read_bytes())
     monkeypatch.setenv("FLWR_HOME", str(superlink["admin"]))  # as in the run Job
-    own = security.KeyFolder(keys, "site-a")
+    own = security.KeyFolder(keys, "site-a", offset=0)
     assert security.register_missing_public_keys(own, superlink["admin"]) == []  # listed by name already
     (keys / "supernode-2.pub").write_bytes((pki / "supernode-2.pub").read_bytes())  # helm upgrade: a new client
     assert security.register_missing_public_keys(own, superlink["admin"]) == [
         "supernode-0.pub", "supernode-1.pub", "supernode-2.pub"]  # 0 and 1: "already registered"
-    assert "site-a/supernode-2" in {node.name for node in security.control_nodes()}
+    assert "site-a/slot-2" in {node.name for node in security.control_nodes()}
 
 
 def test_a_key_added_later_is_registered_by_the_superlink(pki, superlink):
@@ -202,7 +202,7 @@ def test_other_sites_keys_are_registered_under_their_site_while_the_superlink_ru
     wait("the site's key registered", lambda: len(nodes(superlink["admin"])) == before + 1, 30)
     time.sleep(6)  # one more scan of the registrar: refusals are said once
     assert "hospital-b/supernode-0" in registered_names(superlink["admin"], monkeypatch)
-    assert {"site-a/supernode-0", "site-a/supernode-1"} <= registered_names(superlink["admin"], monkeypatch)
+    assert {"site-a/slot-0", "site-a/slot-1"} <= registered_names(superlink["admin"], monkeypatch)
     assert security.site_of_node("hospital-b/supernode-0") == "hospital-b"
     assert security.site_of_node("") == security.site_of_node("Bad_Site/x") == "unknown"
     log = (superlink["work"] / "superlink.log").read_text()
