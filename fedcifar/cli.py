@@ -20,14 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedcifar.config import (
-    SPLITS,
-    ConfigError,
-    RunConfig,
-    app_defaults,
-    check_site,
-    parse_overrides,
-)
+from fedcifar.config import SPLITS, ConfigError, RunConfig, app_defaults, check_site, parse_overrides
 from fedcifar.metrics import DEFAULT_SITE, SITE_ENV
 
 console = Console(stderr=True)
@@ -370,13 +363,7 @@ def follow_with_progress(fed, run_id: int, out_dir: Path, rounds: int) -> dict:
     """Follow the run: a progress bar and the round table, live on a terminal, line by line otherwise."""
     from rich.console import Group
     from rich.live import Live
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     rows: list[dict] = []
     progress = Progress(TextColumn(f"run {run_id}"), BarColumn(), MofNCompleteColumn(),

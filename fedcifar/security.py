@@ -165,18 +165,12 @@ def flwr_cli() -> str:
     return str(beside) if beside.exists() else "flwr"
 
 
-def register_public_key(path: Path, flwr_home: Path, name: str, connection: str = CONNECTION) -> str:
-    """Register one public key under the node ``name`` with ``flwr supernode register``: "registered"
-    or "already registered" (under the name it was first registered with).
-
-    Flower reads OpenSSH public keys only, so other formats are converted next to the connection.
-    """
-    data = path.read_bytes()
-    key_file = path
-    if not data.strip().startswith(b"ecdsa-sha2-"):
-        key_file = flwr_home / "keys" / f"{path.name}.pub"
-        key_file.parent.mkdir(parents=True, exist_ok=True)
-        key_file.write_bytes(openssh_public_key(data))
+def register_public_key(openssh: bytes, flwr_home: Path, name: str, connection: str = CONNECTION) -> str:
+    """Register one OpenSSH public key (the only format Flower reads) under the node ``name`` with
+    ``flwr supernode register``: "registered" or "already registered" (under its first name)."""
+    key_file = flwr_home / "keys" / f"{name.replace('/', '.')}.pub"
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_bytes(openssh)
     done = subprocess.run(
         [flwr_cli(), "supernode", "register", str(key_file), connection, "--name", name, "--format", "json"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "FLWR_HOME": str(flwr_home)},
@@ -190,7 +184,7 @@ def register_public_key(path: Path, flwr_home: Path, name: str, connection: str 
     message = reply.get("error-message") or (done.stdout + done.stderr).strip()
     if ALREADY_REGISTERED in message:
         return "already registered"
-    raise RuntimeError(f"flwr supernode register {path.name} failed: {message[-500:]}")
+    raise RuntimeError(f"flwr supernode register {name} failed: {message[-500:]}")
 
 
 @dataclass(frozen=True)
@@ -282,17 +276,20 @@ def register_public_keys(
             if seen in refused:
                 continue
             try:
-                if name is None:
-                    raise ValueError("name it <site>.<key name>.pub, the site a DNS label (hospital-a.supernode-0.pub)")
-                fingerprint = openssh_public_key(data).decode()
+                openssh = openssh_public_key(data)
             except ValueError as err:
-                print(f"fedcifar: SuperNode key {path.name} not registered: {err}", flush=True)
+                problem = str(err)
+            else:
+                problem = None if name else "name it <site>.<key name>.pub, the site a DNS label (hospital-a.slot-0.pub)"
+            if problem:
+                print(f"fedcifar: SuperNode key {path.name} not registered: {problem}", flush=True)
                 refused.add(seen)
                 continue
+            fingerprint = openssh.decode()
             if fingerprint in done:
                 continue
             try:
-                outcome = register_public_key(path, flwr_home, name)
+                outcome = register_public_key(openssh, flwr_home, name)
             except (RuntimeError, subprocess.SubprocessError) as err:
                 failed.append(f"{path.name}: {err}")
                 continue

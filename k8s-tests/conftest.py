@@ -53,6 +53,11 @@ def image(kube) -> tuple[str, str]:
     return IMAGE_REPO, IMAGE_TAG
 
 
+@pytest.fixture(scope="session")
+def batch(kube) -> client.BatchV1Api:
+    return client.BatchV1Api()
+
+
 def recreate_namespace(core: client.CoreV1Api, name: str) -> None:
     try:
         core.delete_namespace(name)

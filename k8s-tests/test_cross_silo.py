@@ -123,13 +123,6 @@ def restart_refused_pods(kube, site: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def batch():
-    from kubernetes import client
-
-    return client.BatchV1Api()
-
-
-@pytest.fixture(scope="module")
 def federation(kube, image, prometheus, batch):
     for namespace in EXTRA_NAMESPACES:
         recreate_namespace(kube, namespace)

@@ -85,13 +85,6 @@ def check_partitions(kube, prometheus: str, clients: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def batch():
-    from kubernetes import client
-
-    return client.BatchV1Api()
-
-
-@pytest.fixture(scope="module")
 def release(kube, image, prometheus, batch):
     helm("install", RELEASE, str(CHART), "-n", APP_NS, *chart_values(image, 3), "--wait", "--timeout", "5m")
     wait_for("the run job of revision 1 to succeed", lambda: job_succeeded(batch, 1), 900, 3)
