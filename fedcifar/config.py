@@ -17,6 +17,7 @@ from typing import Any
 DEVICES = ("auto", "cpu", "cuda")
 PARTITIONERS = ("iid", "dirichlet")
 SPLITS = ("global", "site")  # what a node slot trains: its slice of the whole data, or of its site's
+STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")  # flwr.serverapp.strategy
 SITE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS label, like a Helm release name
 
 
@@ -44,6 +45,11 @@ class RunConfig:
     device: str = "auto"
     out_dir: str = ""
     resume: bool = False
+    strategy: str = "fedavg"
+    trim_beta: float = 0.2  # fedtrimmedavg: the fraction cut at each end
+    num_malicious_nodes: int = 0  # krum, multikrum, bulyan: the f they tolerate
+    num_nodes_to_select: int = 1  # multikrum: the replies averaged
+    max_examples: int = 0  # the most examples a reply may weigh; 0: its slot's size in the server's split
 
     @classmethod
     def from_flower(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -75,15 +81,55 @@ class RunConfig:
             raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
         _one_of("partitioner", self.partitioner, PARTITIONERS)
         _one_of("device", self.device, DEVICES)
+        _one_of("strategy", self.strategy, STRATEGIES)
+        _at_least("num-malicious-nodes", self.num_malicious_nodes, 0)
+        _at_least("num-nodes-to-select", self.num_nodes_to_select, 1)
+        _at_least("max-examples", self.max_examples, 0)
+        if not 0 <= self.trim_beta < 0.5:
+            raise ConfigError(f"trim-beta must be in [0, 0.5), got {self.trim_beta}: e.g. -c trim-beta=0.2")
+        if self.num_partitions:
+            check_strategy_fits(self)
+
+    @property
+    def replies_per_round(self) -> int:
+        """The training replies a round asks for: every slot, times ``fraction-train`` (as Flower samples)."""
+        return max(1, int(self.num_partitions * self.fraction_train))
 
     def training_fingerprint(self) -> dict[str, Any]:
         """The keys that shape the model's training: a resumed run must keep them."""
-        loose = {"num_server_rounds", "round_timeout", "round_retries", "min_nodes", "device", "out_dir", "resume"}
+        loose = {"num_server_rounds", "round_timeout", "round_retries", "min_nodes", "device", "out_dir", "resume",
+                 "max_examples"}
         return {k: v for k, v in self.to_flower().items() if k.replace("-", "_") not in loose}
 
     def to_flower(self) -> dict[str, Any]:
         """The kebab-case dict Flower uses (``-c`` keys)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def check_strategy_fits(config: RunConfig) -> None:
+    """Refuse a robust strategy that the run's replies per round cannot carry out."""
+    n, f = config.replies_per_round, config.num_malicious_nodes
+    where = f"the run asks {n} node(s) per round (num-partitions={config.num_partitions} x fraction-train={config.fraction_train})"
+    need = {
+        "fedmedian": (3, "a median of fewer than 3 replies is their mean"),
+        "krum": (2 * f + 3, f"Krum tolerates num-malicious-nodes={f} only among at least 2f + 3 = {2 * f + 3} replies"),
+        "multikrum": (
+            max(2 * f + 3, config.num_nodes_to_select + f),
+            (
+                f"MultiKrum needs at least 2f + 3 = {2 * f + 3} replies and num-nodes-to-select "
+                f"({config.num_nodes_to_select}) + num-malicious-nodes ({f})"
+            ),
+        ),
+        "bulyan": (4 * f + 3, f"Bulyan needs at least 4f + 3 = {4 * f + 3} replies for num-malicious-nodes={f}"),
+    }.get(config.strategy)
+    if need and n < need[0]:
+        raise ConfigError(f"strategy={config.strategy} cannot run: {need[1]}, and {where}. Add nodes, "
+                          "lower num-malicious-nodes, or choose another strategy (fedavg, fedmedian, ...).")
+    if config.strategy == "fedtrimmedavg" and int(config.trim_beta * n) < 1:
+        raise ConfigError(
+            f"strategy=fedtrimmedavg with trim-beta={config.trim_beta} trims nothing from {n} replies "
+            f"({where}): raise trim-beta to at least {1 / n:.3g} (below 0.5), or add nodes."
+        )
 
 
 def check_partition(partition_id: int, num_partitions: int) -> None:

@@ -235,6 +235,20 @@ def load_partition(
     return to_tensors(part)
 
 
+def partition_sizes(
+    source: DataSource, split: str, num_partitions: int, partitioner: str = "iid", alpha: float = 0.5, seed: int = 42
+) -> tuple[int, ...]:
+    """How many examples each partition of a split holds, as ``load_partition`` cuts them: from the
+    labels alone (a Dirichlet split draws by label), so no image is decoded."""
+    check_partition(0, num_partitions)
+    labels = load_split(source, split).select_columns(["label"])
+    if num_partitions == 1:
+        return (len(labels),)
+    splitter = make_partitioner(partitioner, num_partitions, alpha, seed)
+    splitter.dataset = labels
+    return tuple(len(splitter.load_partition(i)) for i in range(num_partitions))
+
+
 @lru_cache(maxsize=8)
 def resident_partition(device: torch.device, *partition: Any) -> ImageTensors:
     """``load_partition(*partition)`` kept on ``device``: a GPU gets it once, not once per message."""

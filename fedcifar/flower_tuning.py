@@ -23,7 +23,7 @@
    sender pushed the message, before its content; if the sender dies in between (a pod lost
    mid-upload), the ServerApp's pull of that content retries until Flower's object-push session
    expires (about 3 minutes here; ``PULL_MAX_TIME`` is 2 hours), holding the whole round past its
-   ``round-timeout``. ``server_app.PollingGrid`` pulls within ``pulls_bounded_by(seconds left)``:
+   ``round-timeout``. ``server.polling.PollingGrid`` pulls within ``pulls_bounded_by(seconds left)``:
    a content still missing at the deadline becomes Flower's own "objects unavailable" error
    reply, counted as that client's failure.
 
@@ -32,7 +32,7 @@ up by ``python -m fedcifar.flower_tuning supernode ARGS`` (what ``fedcifar super
 ``tests/test_flower_tuning.py`` fails if the pinned Flower stops calling what they replace.
 The other waits have knobs of their own: SuperExec's task polling
 (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, set by ``fedcifar superlink/supernode``) and the
-ServerApp's reply polling (``server_app.PollingGrid``).
+ServerApp's reply polling (``server.polling.PollingGrid``).
 """
 
 from __future__ import annotations

@@ -32,12 +32,13 @@ class RoundRecord:
     sent_bytes: int
     received_bytes: int
     failures: int = 0  # replies missing by the deadline or carrying an error
-    rejected_updates: int = 0  # replies refused before aggregation (NaN/Inf, shapes, duplicates)
+    rejected_updates: int = 0  # replies refused (train and evaluate): see ``refusals``
     attempts: int = 1  # training attempts; more than 1 when an attempt aggregated nothing
     client_train_seconds: list[float] = field(default_factory=list)  # per reply, partition order
     client_eval_loss: float | None = None
     client_eval_accuracy: float | None = None
     sites: list[str] = field(default_factory=list)  # the site of each slot in ``partitions``
+    refusals: list[dict[str, str]] = field(default_factory=list)  # slot, site and reason of each refused reply
     finished_at: float = field(default_factory=time.time)
 
 

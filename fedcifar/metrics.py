@@ -12,7 +12,7 @@ Names follow Prometheus conventions: one ``fedcifar_`` prefix, base units, ``_to
 counters. Server-side series have no role infix; node-side series are ``fedcifar_client_*``
 and carry ``site`` and ``partition`` labels. A node's site is ``$FEDCIFAR_SITE`` (set by ``fedcifar
 supernode --site``, inherited by its trainer and ClientApps); the server's per-node series name the
-site the SuperNode's key was registered under (see ``server_app.node_sites``).
+site the SuperNode's key was registered under (see ``server/ledger.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ SITE_ENV = "FEDCIFAR_SITE"
 DEFAULT_SITE = "local"
 UNKNOWN_SITE = "unknown"  # a SuperNode registered without a site name (or not registered: no auth)
 FAILURE_REASONS = ("error", "timeout")  # an error reply; no reply before the round's deadline
-REJECT_REASONS = ("non_finite", "wrong_shape", "bad_metrics", "duplicate_partition", "wrong_slot")
+# why a reply was refused (server/replies.py): its records, its arrays' layout or bytes, NaN/Inf, its
+# metrics, a weight above its slot's size, a slot answered twice or not its key's, an error checking it
+REJECT_REASONS = ("bad_records", "wrong_shape", "non_finite", "bad_metrics", "too_many_examples",
+                  "duplicate_partition", "wrong_slot", "unreadable")  # fmt: skip
 ROUND_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 TRAIN_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -87,7 +90,7 @@ class ServerMetrics:
             ["partition", "site", "reason"], **kw,
         )  # fmt: skip
         self.rejected_updates = Counter(
-            "fedcifar_rejected_updates", "Client updates refused before aggregation (NaN/Inf, wrong shapes, ...).",
+            "fedcifar_rejected_updates", "Client replies (train and evaluate) refused before use (REJECT_REASONS).",
             ["partition", "site", "reason"], **kw,
         )  # fmt: skip
         self.failed_round_attempts = Counter(

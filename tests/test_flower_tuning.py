@@ -19,7 +19,7 @@ from fedcifar.flower_tuning import (
     shorten_supernode_polling, start_warm_superexec,
 )
 from fedcifar.local import process_memory, tree_rss
-from fedcifar.server_app import PollingGrid
+from fedcifar.server.polling import PollingGrid
 
 
 def test_the_patched_sleeps_are_still_in_the_pinned_flower():

@@ -110,7 +110,7 @@ def test_diverged_updates_are_refused_and_the_run_stops_with_a_clear_error(tmp_p
     )  # fmt: skip
     said = " ".join(done.stderr.split())
     assert done.returncode == 1, said[-3000:]
-    assert said.count("update refused (non_finite)") == 4  # 2 clients x 2 attempts
+    assert said.count("reply refused (non_finite)") == 4  # 2 clients x 2 attempts
     assert "round 1 aggregated no client update in 2 attempts" in said
     assert "no round was completed" in said
     history = load_history(out)

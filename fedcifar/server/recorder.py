@@ -1,0 +1,105 @@
+"""A round's figures, and where they go once the round is over: the checkpoint, ``history.json``
+and Prometheus, in that order (a crash between the files leaves the history a round behind,
+never ahead; a scrape never sees one round's accuracy beside another round's count)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcifar.checkpoint import Checkpoint
+from fedcifar.history import History, RoundRecord
+from fedcifar.metrics import ServerMetrics
+
+log = logging.getLogger("flwr.fedcifar")
+
+
+@dataclass
+class Accepted:
+    """A training reply that was aggregated."""
+
+    slot: int
+    site: str
+    examples_trained: int
+    train_seconds: float
+
+
+@dataclass
+class RoundTally:
+    """What one round has seen so far, attempts included."""
+
+    started: float = field(default_factory=time.perf_counter)
+    sent_bytes: int = 0
+    received_bytes: int = 0
+    failures: int = 0
+    refusals: list[dict[str, str]] = field(default_factory=list)  # slot, site, reason of each refused reply
+    attempts: int = 0
+    accepted: list[Accepted] = field(default_factory=list)  # the last attempt's, by slot
+    train_loss: float = float("nan")
+    client_eval_loss: float | None = None
+    client_eval_accuracy: float | None = None
+
+    def record(self, server_round: int, eval_loss: float, eval_accuracy: float) -> RoundRecord:
+        return RoundRecord(
+            round=server_round,
+            train_loss=self.train_loss,
+            eval_loss=eval_loss,
+            eval_accuracy=eval_accuracy,
+            round_seconds=time.perf_counter() - self.started,
+            participating_clients=len(self.accepted),
+            partitions=[a.slot for a in self.accepted],
+            examples_trained=sum(a.examples_trained for a in self.accepted),
+            sent_bytes=self.sent_bytes,
+            received_bytes=self.received_bytes,
+            failures=self.failures,
+            rejected_updates=len(self.refusals),
+            attempts=self.attempts,
+            client_train_seconds=[a.train_seconds for a in self.accepted],
+            client_eval_loss=self.client_eval_loss,
+            client_eval_accuracy=self.client_eval_accuracy,
+            sites=[a.site for a in self.accepted],
+            refusals=self.refusals,
+        )
+
+
+@dataclass
+class Recorder:
+    history: History
+    out_dir: Path
+    metrics: ServerMetrics
+    fingerprint: dict[str, Any]
+
+    def initial(self, loss: float, accuracy: float) -> None:
+        """The global model's figures before any round."""
+        self.metrics.eval_loss.set(loss)
+        self.metrics.eval_accuracy.set(accuracy)
+        self.history.initial_eval_loss, self.history.initial_eval_accuracy = loss, accuracy
+        self.history.save(self.out_dir)
+
+    def round(self, server_round: int, tally: RoundTally, loss: float, accuracy: float, model: dict) -> RoundRecord:
+        record = tally.record(server_round, loss, accuracy)
+        self.history.rounds.append(record)
+        Checkpoint(
+            model=model, round=server_round, history=asdict(self.history), fingerprint=self.fingerprint,
+            rng_state=random.getstate(),
+        ).save(self.out_dir)  # fmt: skip
+        self.history.save(self.out_dir)
+        m = self.metrics
+        m.eval_loss.set(loss)
+        m.eval_accuracy.set(accuracy)
+        m.train_loss.set(record.train_loss)
+        m.participating_clients.set(record.participating_clients)
+        m.examples_trained.inc(record.examples_trained)
+        m.round_duration.observe(record.round_seconds)
+        m.rounds_completed.inc()
+        log.info(
+            "round %d: train_loss=%.4f eval_loss=%.4f eval_accuracy=%.4f %.1fs; slots (site): %s%s",
+            server_round, record.train_loss, loss, accuracy, record.round_seconds,
+            ", ".join(f"{p} ({site})" for p, site in zip(record.partitions, record.sites)) or "none",
+            f"; {len(record.refusals)} replies refused" if record.refusals else "",
+        )  # fmt: skip
+        return record

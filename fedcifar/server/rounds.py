@@ -1,0 +1,241 @@
+"""The resilient round loop: Flower's strategy decides whom to ask and how to aggregate; this loop
+bounds every wait, checks every reply before the strategy sees it, and records each round.
+
+One round: wait (at most ``round-timeout``) for ``min-nodes`` SuperNodes; send the training
+messages the strategy configures, skipping dead nodes whose slot a newer node answers for;
+collect replies until the deadline or until every slot has answered; count each error or
+missing reply as a failure (``ledger.py``) and refuse each reply that fails a check
+(``replies.py``) or answers a slot twice; aggregate the rest with the strategy. A training
+attempt that aggregates nothing is tried again, up to ``round-retries`` times. Then the
+strategy's evaluate messages, if any, the server-side evaluation, and the record
+(``recorder.py``: checkpoint, history, metrics). Nothing one reply holds, and no exception
+while handling one, ends the run: it is one refused reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+from fedcifar.config import RunConfig
+from fedcifar.metrics import ServerMetrics, record_bytes
+from fedcifar.server.ledger import NodeLedger
+from fedcifar.server.polling import PollingGrid
+from fedcifar.server.recorder import Accepted, Recorder, RoundTally
+from fedcifar.server.replies import (
+    EvaluateReply,
+    Expected,
+    Refused,
+    TrainReply,
+    check_evaluate_reply,
+    check_train_reply,
+    claimed_slot,
+)  # fmt: skip
+
+log = logging.getLogger("flwr.fedcifar")
+NODE_POLL_SECONDS = 1.0
+CHECKS = {"train": check_train_reply, "evaluate": check_evaluate_reply}
+
+
+class RoundFailed(RuntimeError):
+    """A round could not be completed; the last completed one is checkpointed."""
+
+
+class GlobalModel(Protocol):
+    def evaluate(self, arrays: ArrayRecord) -> tuple[float, float]: ...  # loss, accuracy on the test split
+
+    def state_dict(self) -> dict: ...  # what the checkpoint keeps
+
+
+@dataclass
+class Answer:
+    """A reply that passed its checks."""
+
+    node_id: int
+    message: Message
+    reply: TrainReply | EvaluateReply
+
+
+@dataclass
+class RoundLoop:
+    strategy: FedAvg
+    grid: PollingGrid
+    ledger: NodeLedger
+    recorder: Recorder
+    model: GlobalModel
+    expected: Expected
+    config: RunConfig
+    metrics: ServerMetrics
+    _verdicts: dict[int, TrainReply | EvaluateReply | Refused] = field(default_factory=dict)  # by id(reply)
+    _sent_to: dict[str, int] = field(default_factory=dict)  # message id -> the node it went to
+
+    def run(self, arrays: ArrayRecord, first: int) -> ArrayRecord:
+        """Rounds ``first`` .. ``num-server-rounds`` from the global model ``arrays``."""
+        self.metrics.num_rounds.set(self.config.num_server_rounds)
+        if first == 1:
+            self.recorder.initial(*self.model.evaluate(arrays))
+        for server_round in range(first, self.config.num_server_rounds + 1):
+            log.info("[ROUND %d/%d]", server_round, self.config.num_server_rounds)
+            self.metrics.round.set(server_round)
+            tally = RoundTally()
+            arrays = self.train(server_round, arrays, tally)
+            self.evaluate(server_round, arrays, tally)
+            loss, accuracy = self.model.evaluate(arrays)
+            self.recorder.round(server_round, tally, loss, accuracy, self.model.state_dict())
+        return arrays
+
+    def train(self, server_round: int, arrays: ArrayRecord, tally: RoundTally) -> ArrayRecord:
+        for attempt in range(1, self.config.round_retries + 2):
+            tally.attempts = attempt
+            config = ConfigRecord({"lr": self.config.learning_rate})
+            messages = self._configure(self.strategy.configure_train, server_round, arrays, config)
+            every_slot = self._every_slot_in if self.config.fraction_train == 1 else None
+            answers = self._accept(self._exchange(messages, tally, every_slot), "train", tally)
+            tally.accepted = [Accepted(a.reply.slot, self.ledger.site(a.node_id), a.reply.examples_trained,
+                                       a.reply.train_seconds) for a in answers]  # fmt: skip
+            aggregated = self._aggregate(server_round, answers, tally)
+            if aggregated is not None:
+                return aggregated
+            self.metrics.failed_round_attempts.inc()
+            log.warning("round %d, attempt %d: no client update was accepted", server_round, attempt)
+        where = (
+            f"round {server_round - 1} is the last checkpointed one: fix the clients, then resume the run "
+            "(fedcifar run --resume OUT_DIR, or -c resume=true)" if server_round > 1
+            else "no round was completed: fix the clients (or the hyper-parameters), then start again"
+        )  # fmt: skip
+        raise RoundFailed(
+            f"round {server_round} aggregated no client update in {self.config.round_retries + 1} attempts "
+            f"(see the failures and refused replies above); {where}"
+        )
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord, tally: RoundTally) -> None:
+        """Federated evaluation, when ``fraction-evaluate`` asks for it."""
+        if self.config.fraction_evaluate == 0:
+            return
+        messages = self._configure(self.strategy.configure_evaluate, server_round, arrays, ConfigRecord())
+        answers = self._accept(self._exchange(messages, tally), "evaluate", tally)
+        metrics = self.strategy.aggregate_evaluate(server_round, [a.message for a in answers]) if answers else None
+        if metrics:
+            tally.client_eval_loss = float(metrics["eval_loss"])
+            tally.client_eval_accuracy = float(metrics["eval_accuracy"])
+
+    # -- the steps ------------------------------------------------------------------------------
+
+    def _configure(
+        self, configure: Callable, server_round: int, arrays: ArrayRecord, config: ConfigRecord
+    ) -> list[Message]:
+        self._wait_for_nodes()
+        nodes = list(self.grid.get_nodes())
+        self.ledger.learn_nodes(nodes)
+        self.metrics.connected_clients.set(len(nodes))
+        return self.ledger.skip_superseded(configure(server_round, arrays, config, self.grid))
+
+    def _wait_for_nodes(self) -> None:
+        """FedAvg's wait for ``min-nodes`` connected SuperNodes, but bounded by ``round-timeout``."""
+        deadline = time.monotonic() + self.config.round_timeout
+        while (connected := len(list(self.grid.get_node_ids()))) < self.config.min_nodes:
+            if time.monotonic() >= deadline:
+                raise RoundFailed(
+                    f"only {connected} of min-nodes={self.config.min_nodes} SuperNodes connected after "
+                    f"{self.config.round_timeout:.0f}s: start the missing ones (or lower -c min-nodes), then resume"
+                )
+            time.sleep(NODE_POLL_SECONDS)
+
+    def _exchange(
+        self, messages: list[Message], tally: RoundTally, done: Callable[[list[Message]], bool] | None = None
+    ) -> list[Message]:
+        """Send, collect until the deadline (or ``done``), and count bytes, errors and missing replies."""
+        self.ledger.new_exchange()
+        self._verdicts.clear()
+        self._sent_to = {}  # set once the Grid has pushed them; until then a reply's sender is its source
+        sent = sum(_payload_bytes(m) for m in messages)
+        tally.sent_bytes += sent
+        self.metrics.sent_bytes.inc(sent)
+        replies = self.grid.send_and_receive(messages, timeout=self.config.round_timeout, done=done)
+        # the Grid set the message ids when it pushed them; an error the SuperLink made up (e.g. node
+        # unavailable) does not come from the node, so the node is the one the request went to
+        self._sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        answered = set()
+        for m in replies:
+            answered.add(node_id := self._node_of(m))
+            if m.has_error():
+                self._failure(tally, node_id, "error", m.error.reason)
+        for node_id in self._sent_to.values():
+            if node_id not in answered:
+                self._failure(tally, node_id, "timeout", "no reply before the round's deadline")
+        received = sum(_payload_bytes(m) for m in replies if not m.has_error())
+        tally.received_bytes += received
+        self.metrics.received_bytes.inc(received)
+        return replies
+
+    def _node_of(self, reply: Message) -> int:
+        return self._sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def _failure(self, tally: RoundTally, node_id: int, reason: str, detail: str) -> None:
+        tally.failures += 1
+        self.ledger.failure(node_id, reason, detail)
+
+    def _verdict(self, message: Message, kind: str) -> TrainReply | EvaluateReply | Refused:
+        """The checks' answer for one reply, computed once per exchange."""
+        key = id(message)  # alive for the exchange; a reply's own message id is the sender's to shape
+        if key not in self._verdicts:
+            node_id = self._node_of(message)
+            try:
+                self._verdicts[key] = CHECKS[kind](message.content, self.expected, self.ledger.bound_slot.get(node_id))
+            except Refused as refused:
+                self._verdicts[key] = refused
+            except Exception as err:  # a defect no check foresaw: this reply is refused, the run goes on
+                log.exception("checking a %s reply from node %d failed", kind, node_id)
+                self._verdicts[key] = Refused("unreadable", f"{type(err).__name__}: {err}")
+        return self._verdicts[key]
+
+    def _every_slot_in(self, replies: list[Message]) -> bool:
+        """Whether every slot has a reply that passes its checks (so stale node ids need no wait)."""
+        slots = set()
+        for m in replies:
+            if not m.has_error() and not isinstance(verdict := self._verdict(m, "train"), Refused):
+                slots.add(verdict.slot)
+        return len(slots) == self.expected.num_partitions
+
+    def _accept(self, replies: Iterable[Message], kind: str, tally: RoundTally) -> list[Answer]:
+        """The replies that pass their checks, one per slot (the first in), by slot; the others refused."""
+        answers: dict[int, Answer] = {}
+        for m in replies:
+            if m.has_error():
+                continue
+            node_id, verdict = self._node_of(m), self._verdict(m, kind)
+            if not isinstance(verdict, Refused) and verdict.slot in answers:
+                verdict = Refused("duplicate_partition", f"slot {verdict.slot} has answered already")
+            if isinstance(verdict, Refused):
+                refusal = self.ledger.refusal(
+                    node_id, claimed_slot(m.content), verdict.reason, f"{kind}: {verdict.detail}"
+                )
+                tally.refusals.append({**refusal, "kind": kind})
+                continue
+            answers[verdict.slot] = Answer(node_id, m, verdict)
+            self.ledger.answered(node_id, verdict.slot)
+        return [answers[slot] for slot in sorted(answers)]
+
+    def _aggregate(self, server_round: int, answers: list[Answer], tally: RoundTally) -> ArrayRecord | None:
+        if not answers:
+            return None
+        try:
+            arrays, metrics = self.strategy.aggregate_train(server_round, [a.message for a in answers])
+        except Exception:  # checked replies, so a fault of the strategy: this attempt aggregated nothing
+            log.exception("round %d: %s could not aggregate the accepted replies", server_round,
+                          type(self.strategy).__name__)  # fmt: skip
+            return None
+        if isinstance(metrics, MetricRecord) and "train_loss" in metrics:
+            tally.train_loss = float(metrics["train_loss"])
+        return arrays
+
+
+def _payload_bytes(message: Message) -> int:
+    """The arrays a message carries, in bytes as sent (every ArrayRecord, whatever its key)."""
+    return sum(record_bytes(record) for record in message.content.array_records.values())

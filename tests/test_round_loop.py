@@ -1,0 +1,294 @@
+"""The resilient round loop (fedcifar/server/rounds.py) with real Flower messages, over a Grid whose
+nodes answer from a script: bad replies never reach the aggregate, failures and refusals are
+counted by slot and site, dead nodes are skipped, slots are bound to keys, and robust strategies
+aggregate what passed the checks."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.common import Error
+from flwr.supercore.task_identity import TaskIdentity
+from prometheus_client import CollectorRegistry
+
+from fedcifar.config import ConfigError, RunConfig
+from fedcifar.history import History
+from fedcifar.metrics import ServerMetrics
+from fedcifar.server import rounds
+from fedcifar.server.ledger import NodeLedger
+from fedcifar.server.polling import PollingGrid
+from fedcifar.server.recorder import Recorder, RoundTally
+from fedcifar.server.replies import Expected
+from fedcifar.server.rounds import RoundFailed, RoundLoop
+from fedcifar.server.strategies import build_strategy
+from fedcifar.task import MODEL_KEY, flat_weights, initial_model
+from tests.hostile import EVALUATE_REPLIES, TRAIN_REPLIES, evaluate_reply, train_reply
+
+SILENT = None  # a node that never answers
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Messages take their run id from the process's task identity, as inside a ServerApp."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+class ScriptedGrid:
+    """A Grid whose nodes answer from a script: node id -> f(message) -> content, an error reason
+    (str), or ``SILENT``; names as ``grid.get_nodes()`` gives them (the key's registered name)."""
+
+    def __init__(self, script: dict, names: dict[int, str] | None = None) -> None:
+        self.script, self.names, self.inbox = script, names or {}, {}
+
+    def get_node_ids(self):
+        return list(self.script)
+
+    def get_nodes(self):
+        return [SimpleNamespace(node_id=n, name=self.names.get(n, "")) for n in self.script]
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id  # what the SuperLink does
+            answer = self.script[m.metadata.dst_node_id](m)
+            if isinstance(answer, RecordDict):
+                self.inbox[m.object_id] = Message(answer, reply_to=m)
+            elif isinstance(answer, str):
+                self.inbox[m.object_id] = Message(Error(code=0, reason=answer), reply_to=m)
+                if answer.startswith("Node Unavailable"):  # made up by the SuperLink: not from the node
+                    self.inbox[m.object_id].metadata.__dict__["_src_node_id"] = 1
+            ids.append(m.object_id)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.inbox.pop(i) for i in list(self.inbox) if i in ids]  # in the order they were answered
+
+
+def trained(slot: int, scale: float = 2.0, examples: int = 100, **bad):
+    """A node that trains: the global model times ``scale``."""
+    return lambda m: train_reply(m.content["arrays"][MODEL_KEY].numpy() * scale, slot, examples=examples, **bad)
+
+
+def sends(name: str, slot: int):
+    """A node answering with a bad reply of the hostile catalogue."""
+    catalogue = TRAIN_REPLIES if name in TRAIN_REPLIES else EVALUATE_REPLIES
+    return lambda m: catalogue[name][0](m.content["arrays"][MODEL_KEY].numpy(), slot)
+
+
+def by_kind(train, evaluate):
+    return lambda m: (train if m.metadata.message_type == "train" else evaluate)(m)
+
+
+class FixedModel:
+    """The server-side evaluation, without the test split: each round's model is kept."""
+
+    def __init__(self) -> None:
+        self.seen: list[np.ndarray] = []
+
+    def evaluate(self, arrays: ArrayRecord) -> tuple[float, float]:
+        self.seen.append(arrays[MODEL_KEY].numpy())
+        return 1.0, 0.5
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+@pytest.fixture
+def model() -> np.ndarray:
+    return flat_weights(initial_model(0))
+
+
+def loop_for(tmp_path, script, names=None, **config) -> RoundLoop:
+    config = RunConfig(**{"num_partitions": 3, "min_nodes": 1, "round_timeout": 0.5, "round_retries": 0, **config})
+    metrics = ServerMetrics(CollectorRegistry())
+    history = History(run_id=1, config=config.to_flower(), data="test", device="cpu")
+    arrays = ArrayRecord({MODEL_KEY: Array(flat_weights(initial_model(0)))})
+    return RoundLoop(
+        strategy=build_strategy(config), grid=PollingGrid(ScriptedGrid(script, names), 0.01),
+        ledger=NodeLedger(config.num_partitions, metrics),
+        recorder=Recorder(history, tmp_path, metrics, config.training_fingerprint()), model=FixedModel(),
+        expected=Expected(Expected.layout_of(arrays), (200,) * config.num_partitions, (50,) * config.num_partitions,
+                          config.local_epochs, 60.0),
+        config=config, metrics=metrics,
+    )  # fmt: skip
+
+
+def train_round(loop: RoundLoop, model: np.ndarray) -> tuple[np.ndarray, RoundTally]:
+    tally = RoundTally()
+    arrays = loop.train(1, ArrayRecord({MODEL_KEY: Array(model)}), tally)
+    return arrays[MODEL_KEY].numpy(), tally
+
+
+def counter(loop: RoundLoop, name: str, **labels) -> float:
+    """The value of a series that exists (KeyError if it was never created)."""
+    for family in getattr(loop.metrics, name).collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels == labels:
+                return sample.value
+    raise KeyError(f"{name}{labels}")
+
+
+def test_bad_replies_never_reach_the_average(tmp_path, model):
+    loop = loop_for(tmp_path, {
+        11: trained(0, scale=2.0),
+        12: sends("NaN", 1),
+        13: trained(0, scale=3.0),  # slot 0 a second time
+        14: sends("a count of 1e18", 2),
+    })  # fmt: skip
+    aggregate, tally = train_round(loop, model)
+    first = 2.0 if loop.ledger.slot_of.get(11) == 0 else 3.0  # Flower samples nodes in random order: first in wins
+    np.testing.assert_allclose(aggregate, model * first, rtol=1e-6)
+    assert counter(loop, "rejected_updates", partition="1", site="unknown", reason="non_finite") == 1
+    assert counter(loop, "rejected_updates", partition="0", site="unknown", reason="duplicate_partition") == 1
+    assert counter(loop, "rejected_updates", partition="2", site="unknown", reason="too_many_examples") == 1
+    assert [a.slot for a in tally.accepted] == [0]
+    assert sorted(r["reason"] for r in tally.refusals) == ["duplicate_partition", "non_finite", "too_many_examples"]
+
+
+def test_a_claim_outside_the_run_becomes_no_label(tmp_path, model):
+    loop = loop_for(tmp_path, {11: trained(0), 12: sends("a slot out of range", 0)})
+    train_round(loop, model)
+    assert counter(loop, "rejected_updates", partition="unknown", site="unknown", reason="bad_metrics") == 1
+
+
+def test_an_unforeseen_error_while_checking_a_reply_refuses_that_reply_only(tmp_path, model, monkeypatch):
+    check = rounds.CHECKS["train"]
+
+    def fragile(content, expected, bound_slot):
+        if content["metrics"]["partition-id"] == 1:
+            raise RuntimeError("a defect of the check")
+        return check(content, expected, bound_slot)
+
+    monkeypatch.setitem(rounds.CHECKS, "train", fragile)
+    loop = loop_for(tmp_path, {11: trained(0), 12: trained(1)})
+    aggregate, tally = train_round(loop, model)
+    assert [a.slot for a in tally.accepted] == [0] and [r["reason"] for r in tally.refusals] == ["unreadable"]
+    np.testing.assert_allclose(aggregate, model * 2.0, rtol=1e-6)
+
+
+def test_missing_and_failed_replies_are_counted_by_slot(tmp_path, model):
+    script = {11: trained(0), 12: trained(1)}
+    loop = loop_for(tmp_path, script)
+    train_round(loop, model)
+    script.update({12: lambda m: SILENT, 13: lambda m: "ClientApp crashed", 14: lambda m: "Node Unavailable"})
+    _, tally = train_round(loop, model)
+    assert [a.slot for a in tally.accepted] == [0] and tally.failures == 3  # each missing reply once
+    assert counter(loop, "failures", partition="1", site="unknown", reason="timeout") == 1  # node 12 was slot 1
+    assert counter(loop, "failures", partition="unknown", site="unknown", reason="error") == 2  # 13, 14 never answered
+
+
+def test_a_dead_node_replaced_by_a_newer_one_gets_no_more_messages(tmp_path, model):
+    """Node 12 (slot 1) dies; it restarts as node 13. Flower lists 12 for a minute more."""
+    script = {11: trained(0), 12: trained(1)}
+    loop = loop_for(tmp_path, script)
+    train_round(loop, model)
+    sent: list[int] = []
+    script.update({12: lambda m: sent.append(12), 13: trained(1)})
+    train_round(loop, model)
+    assert counter(loop, "failures", partition="1", site="unknown", reason="timeout") == 1
+    sent.clear()
+    train_round(loop, model)
+    assert sent == []  # 12 was skipped: slot 1 answers from 13
+    # a node that failed without a successor for its slot is still tried
+    script.update({11: lambda m: sent.append(11)})
+    train_round(loop, model)
+    train_round(loop, model)
+    assert sent == [11, 11]
+
+
+def test_a_round_without_any_sound_update_is_retried_then_fails(tmp_path, model):
+    calls = []
+    loop = loop_for(tmp_path, {11: lambda m: calls.append(1), 12: sends("one value declared as the model", 1)},
+                    round_retries=1)  # fmt: skip
+    with pytest.raises(RoundFailed, match="round 1 aggregated no client update in 2 attempts"):
+        train_round(loop, model)
+    assert len(calls) == 2 and counter(loop, "failed_round_attempts") == 2
+
+
+def test_a_node_cannot_answer_for_a_slot_its_key_is_not_bound_to(tmp_path, model):
+    """Keys registered as <site>/slot-<k>: node 13 (site-b's slot 2) claims slot 0 and answers first."""
+    loop = loop_for(tmp_path, {13: trained(0, scale=100.0), 11: trained(0, scale=2.0)},
+                    names={11: "site-a/slot-0", 13: "site-b/slot-2"})  # fmt: skip
+    aggregate, tally = train_round(loop, model)
+    np.testing.assert_allclose(aggregate, model * 2.0, rtol=1e-6)  # the honest one
+    assert counter(loop, "rejected_updates", partition="2", site="site-b", reason="wrong_slot") == 1
+    assert [(a.slot, a.site) for a in tally.accepted] == [(0, "site-a")]
+    assert 13 not in loop.ledger.slot_of  # the impostor's claim never becomes its slot: 11 is not superseded
+
+
+def test_zero_series_exist_for_every_slot_once_it_answered(tmp_path, model):
+    loop = loop_for(tmp_path, {11: trained(0), 12: trained(1)}, names={11: "site-a/slot-0", 12: "site-b/slot-1"})
+    with pytest.raises(KeyError):
+        counter(loop, "failures", partition="1", site="site-b", reason="timeout")
+    train_round(loop, model)
+    assert counter(loop, "failures", partition="1", site="site-b", reason="timeout") == 0
+    assert counter(loop, "rejected_updates", partition="0", site="site-a", reason="non_finite") == 0
+
+
+def test_evaluate_replies_are_checked_too(tmp_path, model):
+    loop = loop_for(tmp_path, {
+        11: by_kind(trained(0), lambda m: evaluate_reply(0, eval_accuracy=0.4)),
+        12: by_kind(trained(1), lambda m: evaluate_reply(1, eval_accuracy=0.8)),
+        13: by_kind(trained(2), sends("no examples", 2)),
+    }, fraction_evaluate=1.0, num_server_rounds=1)  # fmt: skip
+    loop.run(ArrayRecord({MODEL_KEY: Array(model)}), 1)
+    record = loop.recorder.history.rounds[0]
+    assert record.client_eval_accuracy == pytest.approx(0.6)  # 0 and 1 (20 examples each), not 2
+    assert record.refusals == [{"slot": "2", "site": "unknown", "reason": "bad_metrics", "kind": "evaluate"}]
+    assert record.partitions == [0, 1, 2] and record.rejected_updates == 1
+
+
+def test_the_run_records_every_round_from_the_aggregate(tmp_path, model):
+    loop = loop_for(tmp_path, {11: trained(0, examples=100), 12: trained(1, scale=4.0, examples=50)},
+                    num_server_rounds=2)  # fmt: skip
+    final = loop.run(ArrayRecord({MODEL_KEY: Array(model)}), 1)[MODEL_KEY].numpy()
+    after_one = model * (100 * 2.0 + 50 * 4.0) / 150
+    np.testing.assert_allclose(loop.model.seen[1], after_one, rtol=1e-5)  # seen[0]: before any round
+    np.testing.assert_allclose(final, after_one * (100 * 2.0 + 50 * 4.0) / 150, rtol=1e-5)
+    assert [r.round for r in loop.recorder.history.rounds] == [1, 2]
+    assert (tmp_path / "model.pt").exists() and (tmp_path / "history.json").exists()
+
+
+@pytest.mark.parametrize("strategy, kept", [("fedavg", (2.0 + 2.1 + 2.3 + 0.0) / 4), ("fedmedian", (2.0 + 2.1) / 2),
+                                             ("krum", 2.1)])  # fmt: skip
+def test_a_robust_strategy_leaves_a_well_formed_zero_update_out(tmp_path, model, strategy, kept):
+    """Zeros with a plausible count pass every check: FedAvg averages them in, FedMedian takes the
+    middle values, Krum the update closest to its neighbours (the 2.1 one)."""
+    script = {
+        11: trained(0, scale=2.0),
+        12: trained(1, scale=2.1),
+        13: trained(2, scale=2.3),
+        14: trained(3, scale=0.0),
+    }
+    loop = loop_for(tmp_path, script, strategy=strategy, num_partitions=4)
+    aggregate, tally = train_round(loop, model)
+    assert len(tally.accepted) == 4 and not tally.refusals
+    np.testing.assert_allclose(aggregate, model * kept, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"strategy": "bulyan", "num_partitions": 6, "num_malicious_nodes": 1}, "Bulyan needs at least 4f \\+ 3 = 7"),
+        ({"strategy": "krum", "num_partitions": 4, "num_malicious_nodes": 1}, "at least 2f \\+ 3 = 5"),
+        ({"strategy": "fedtrimmedavg", "num_partitions": 2}, "trims nothing from 2 replies"),
+        ({"strategy": "fedmedian", "num_partitions": 2}, "a median of fewer than 3 replies is their mean"),
+        ({"strategy": "fedmedian", "num_partitions": 4, "fraction_train": 0.5}, "asks 2 node"),
+        (
+            {"strategy": "multikrum", "num_partitions": 5, "num_nodes_to_select": 5, "num_malicious_nodes": 1},
+            "num-nodes-to-select \\(5\\) \\+ num-malicious-nodes \\(1\\)",
+        ),
+        ({"strategy": "fedsgd"}, "strategy' must be one of fedavg, fedmedian"),
+        ({"trim_beta": 0.5}, "trim-beta must be in \\[0, 0.5\\)"),
+    ],
+)
+def test_a_strategy_the_run_cannot_carry_out_is_refused_at_start(config, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**config).check()
+    RunConfig(strategy="bulyan", num_partitions=7, num_malicious_nodes=1).check()
+    RunConfig(strategy="fedtrimmedavg", num_partitions=5, trim_beta=0.2).check()
