@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     so = sub.add_parser("soak", help="many rounds locally: failed rounds and node memory growth (JSON last line)")
     so.add_argument("--clients", type=int, default=2)
-    so.add_argument("--rounds", type=int, default=50)
+    so.add_argument("--rounds", type=int, default=250, help="two messages per node and round")
     so.add_argument("--examples-per-client", type=int, default=2500)
     so.add_argument("--test-examples", type=int, default=2000)
     so.add_argument("--baseline-round", type=int, default=5, help="memory growth is measured against this round")

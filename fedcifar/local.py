@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -132,6 +133,8 @@ class LocalFederation:
 
     def start(self, timeout: float = 60) -> None:
         write_connection(self.flwr_home, CONNECTION, f"127.0.0.1:{self.superlink_port}")
+        for i in range(self.clients):
+            self.metrics_dir(i).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         link = ["--insecure", "--host", "127.0.0.1", "--port", str(self.superlink_port),
                 "--disable-runtime-dependency-installation"]  # fmt: skip
         if self.stock:
@@ -151,7 +154,7 @@ class LocalFederation:
                 self._spawn(f"supernode-{i}", [flower_binary("flower-supernode"), *node, "--node-config", config], None)
                 continue
             args = [*FEDCIFAR, "supernode", "--metrics-port", str(self.metrics_ports[i + 1]),
-                    "--metrics-host", "127.0.0.1", "--partition-id", str(i),
+                    "--metrics-host", "127.0.0.1", "--metrics-dir", str(self.metrics_dir(i)), "--partition-id", str(i),
                     "--num-partitions", str(self.clients), *node]  # fmt: skip
             if self.data:
                 args += ["--data", str(self.data)]
@@ -159,6 +162,11 @@ class LocalFederation:
         for node in self.nodes:
             if node.metrics_port is not None:
                 wait_for_port(node.metrics_port, deadline, node)
+
+    def metrics_dir(self, client: int) -> Path:
+        """Client ``client``'s metrics folder; its parent, private to this user (0700), also holds the
+        node's converted key and trainer socket, and is removed with the federation."""
+        return self.work_dir / "nodes" / f"supernode-{client}" / "metrics"
 
     def _spawn(self, name: str, command: list[str], metrics_port: int | None) -> NodeProcess:
         log_path = self.work_dir / "logs" / f"{name}.log"
@@ -218,6 +226,7 @@ class LocalFederation:
                     pass
             while sig == signal.SIGTERM and time.monotonic() < deadline and processes_with_token(self.token):
                 time.sleep(0.1)
+        shutil.rmtree(self.work_dir / "nodes", ignore_errors=True)
 
     # -- runs --------------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedcifar import security
+from fedcifar.config import RunConfig, app_defaults, parse_overrides
 
 CONNECTION = "fedcifar"
 
@@ -187,6 +188,8 @@ def submit(
     its SuperLink, is retried; with ``resume = true`` in the run config the retry continues from
     the last checkpointed round.
     """
+    # a wrong run config (or a strategy its nodes cannot carry out) fails here, before any wait
+    RunConfig.from_flower({**app_defaults(Path(app)), **parse_overrides([run_config])})
     ca = os.environ.get(security.ROOT_CERTIFICATES_ENV) or None
     wait_until(f"SuperLink {superlink}", lambda: superlink_healthy(superlink, ca), timeout)
     print(f"fedcifar: SuperLink {superlink} is healthy{' (TLS)' if ca else ''}", flush=True)

@@ -135,6 +135,7 @@ def federation(kube, image, prometheus, batch):
         # the server, first without the node's address in its certificate
         server = {**common(image), "clients.enabled": "false", "run.enabled": "false", "run.numPartitions": SLOTS,
                   "run.minNodes": 2, "run.rounds": ROUNDS, "run.localEpochs": LOCAL_EPOCHS, "data.volume.hostPath": str(DATA),
+                  "run.maxExamples": 200,  # the sites train their own data (split: site): site B's one slot holds 200
                   "superlink.service.type": "NodePort", "superlink.service.nodePort": NODE_PORT}  # fmt: skip
         helm("install", SERVER, str(CHART), "-n", SERVER_NS, *sets(server), "--wait", "--timeout", "5m")
         facts["ca_before"] = secret(kube, SERVER_NS, f"{SUPERLINK}-tls")["ca.crt"]

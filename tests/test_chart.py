@@ -136,6 +136,7 @@ RUN_ARGS = (
     "--set", "run.partitioner=dirichlet", "--set", "run.dirichletAlpha=0.1",
     "--set", "run.fractionEvaluate=0.5", "--set", "run.roundTimeout=120", "--set", "run.seed=7",
     "--set", "run.device=cpu", "--set-string", "run.extraConfig.out-dir=/var/lib/fedcifar/out",
+    "--set", "run.strategy=fedtrimmedavg", "--set", "run.trimBeta=0.25", "--set", "run.maxExamples=12000",
 )  # fmt: skip
 
 
@@ -574,7 +575,8 @@ def test_run_job_defaults(default_docs: list[dict]) -> None:
         "num-server-rounds": "3", "local-epochs": "1", "batch-size": "32", "learning-rate": "0.01",
         "momentum": "0.9", "partitioner": '"iid"', "dirichlet-alpha": "0.5", "fraction-train": "1.0",
         "fraction-evaluate": "0.0", "min-nodes": "2", "num-partitions": "2", "round-timeout": "3600.0", "seed": "42",
-        "device": '"auto"', "round-retries": "2", "resume": "true",
+        "device": '"auto"', "round-retries": "2", "resume": "true", "strategy": '"fedavg"', "trim-beta": "0.2",
+        "num-malicious-nodes": "0", "num-nodes-to-select": "1", "max-examples": "0",
         "out-dir": '"/var/lib/fedcifar/runs/revision-1"',  # per revision: a Job retry resumes the run
     }  # fmt: skip
     assert job["spec"]["backoffLimit"] == 3
@@ -636,6 +638,7 @@ def test_run_job_values(run_docs: list[dict]) -> None:
     assert config["device"] == '"cpu"'
     assert config["min-nodes"] == "4"
     assert config["out-dir"] == '"/var/lib/fedcifar/out"'
+    assert (config["strategy"], config["trim-beta"], config["max-examples"]) == ('"fedtrimmedavg"', "0.25", "12000")
 
 
 def test_run_config_is_valid_toml(run_docs: list[dict]) -> None:
@@ -1271,6 +1274,10 @@ PASS_THROUGH = {
         (("--set", "clients.partitions.split=random"), r'clients\.partitions\.split must be one of the following: "global", "site"'),
         (("--set", "clients.partitions.offset=-1"), r"clients\.partitions\.offset: Must be greater than or equal to 0"),
         (("--set", "run.numPartitions=0"), r"run\.numPartitions: Must be greater than or equal to 1"),
+        (("--set", "run.strategy=fedsgd"), r'run\.strategy must be one of the following: "fedavg", "fedmedian"'),
+        (("--set", "run.trimBeta=0.5"), r"run\.trimBeta"),
+        (("--set", "run.numMaliciousNodes=-1"), r"run\.numMaliciousNodes: Must be greater than or equal to 0"),
+        (("--set", "run.maxExamples=-1"), r"run\.maxExamples: Must be greater than or equal to 0"),
     ],
 )
 def test_schema_rejects(args: tuple[str, ...], expected: str) -> None:
@@ -1289,6 +1296,7 @@ def test_schema_rejects(args: tuple[str, ...], expected: str) -> None:
         (("--set", "run.extraConfig.seed=1"), "run.extraConfig.seed repeats a run-config key"),
         (("--set", "run.extraConfig.resume=false"), "run.extraConfig.resume repeats a run-config key"),
         (("--set", "run.extraConfig.round-retries=5"), "run.extraConfig.round-retries repeats a run-config key"),
+        (("--set", "run.extraConfig.strategy=krum"), "run.extraConfig.strategy repeats a run-config key"),
         (("--set", "metrics.port=9094"), "clients.port and metrics.port are both 9094"),
         (("--set", "superlink.persistence.existingClaim=x"), "superlink.persistence.enabled is false"),
         (("--set", "image.tag=latest"), 'image.tag and clients.gpu.image.tag must be fixed versions, not "latest"'),

@@ -18,8 +18,9 @@ from fedcifar.local import free_port
 from fedcifar.metrics import serve_multiprocess
 from fedcifar.node import prepare_multiprocess_dir
 from fedcifar.portforward import splice
-from fedcifar.submit import (NotReady, client_partitions, clients_ready, control_api, follow_logs, superlink_healthy,
-                             wait_until, write_connection)
+from fedcifar.submit import (NotReady, client_partitions, clients_ready, control_api, follow_logs, submit,
+                             superlink_healthy, wait_until, write_connection)
+from tests.conftest import ROOT
 
 
 def test_connection_file_is_what_flwr_reads(tmp_path):
@@ -127,3 +128,10 @@ def test_following_the_run_is_bounded(tmp_path, capsys):
     assert time.monotonic() - started < 5
     assert "gave up following run 7 after 0s" in capsys.readouterr().out
     assert follow_logs("/bin/true", 7, timeout=5)  # the stream ended: the run's status decides
+
+
+def test_a_run_config_the_run_cannot_carry_out_is_refused_before_any_wait():
+    """The run Job's first act: Bulyan with f=1 needs 7 replies per round, the release has 4 slots."""
+    with pytest.raises(ConfigError, match="Bulyan needs at least 4f \\+ 3 = 7 replies"):
+        submit(app=str(ROOT), superlink="127.0.0.1:9", client_metrics=[], num_partitions=4, timeout=1,
+               run_config="num-partitions=4 strategy='bulyan' num-malicious-nodes=1")  # fmt: skip

@@ -405,6 +405,11 @@ The Flower run config passed to `flwr run --run-config`.
   (printf "device=%s" (toJson $run.device))
   (printf "round-retries=%d" (int $run.roundRetries))
   (printf "resume=%t" $run.resume)
+  (printf "strategy=%s" (toJson $run.strategy))
+  (printf "trim-beta=%s" (include "fedcifar.tomlFloat" $run.trimBeta))
+  (printf "num-malicious-nodes=%d" (int $run.numMaliciousNodes))
+  (printf "num-nodes-to-select=%d" (int $run.numNodesToSelect))
+  (printf "max-examples=%d" (int $run.maxExamples))
 -}}
 {{- if not (hasKey $run.extraConfig "out-dir") }}
 {{- /* per revision, on the SuperLink's state volume: a Job retry resumes from its checkpoint */}}
@@ -475,7 +480,7 @@ every release renders.
 {{- if gt (include "fedcifar.run.minNodes" . | int) (include "fedcifar.run.numPartitions" . | int) }}
 {{- fail (printf "run.minNodes (%v) is larger than the federation's node slots (%s): the run would wait forever for clients that do not exist." .Values.run.minNodes (include "fedcifar.run.numPartitions" .)) }}
 {{- end }}
-{{- $builtin := list "num-server-rounds" "local-epochs" "batch-size" "learning-rate" "momentum" "partitioner" "dirichlet-alpha" "fraction-train" "fraction-evaluate" "min-nodes" "num-partitions" "round-timeout" "seed" "device" "round-retries" "resume" }}
+{{- $builtin := list "num-server-rounds" "local-epochs" "batch-size" "learning-rate" "momentum" "partitioner" "dirichlet-alpha" "fraction-train" "fraction-evaluate" "min-nodes" "num-partitions" "round-timeout" "seed" "device" "round-retries" "resume" "strategy" "trim-beta" "num-malicious-nodes" "num-nodes-to-select" "max-examples" }}
 {{- range $key, $_ := .Values.run.extraConfig }}
 {{- if has $key $builtin }}
 {{- fail (printf "run.extraConfig.%s repeats a run-config key that the chart sets from run.*: set the matching camelCase value under run instead." $key) }}
