@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -102,6 +103,7 @@ class LocalFederation:
         self.flwr_home = self.work_dir / "flwr-home"
         self.superlink_port = self.superlink_port or free_port()
         self.metrics_ports = self.metrics_ports or [free_port() for _ in range(self.clients + 1)]
+        self.nodes_dir = Path(tempfile.mkdtemp(prefix="fedcifar-nodes-"))  # 0700
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -134,7 +136,7 @@ class LocalFederation:
     def start(self, timeout: float = 60) -> None:
         write_connection(self.flwr_home, CONNECTION, f"127.0.0.1:{self.superlink_port}")
         for i in range(self.clients):
-            self.metrics_dir(i).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.metrics_dir(i).parent.mkdir(exist_ok=True)
         link = ["--insecure", "--host", "127.0.0.1", "--port", str(self.superlink_port),
                 "--disable-runtime-dependency-installation"]  # fmt: skip
         if self.stock:
@@ -164,9 +166,10 @@ class LocalFederation:
                 wait_for_port(node.metrics_port, deadline, node)
 
     def metrics_dir(self, client: int) -> Path:
-        """Client ``client``'s metrics folder; its parent, private to this user (0700), also holds the
-        node's converted key and trainer socket, and is removed with the federation."""
-        return self.work_dir / "nodes" / f"supernode-{client}" / "metrics"
+        """Client ``client``'s metrics folder; its parent also holds the node's converted key and
+        trainer socket, in a folder private to this user (0700, short enough for a socket path)
+        that is removed with the federation."""
+        return self.nodes_dir / f"supernode-{client}" / "metrics"
 
     def _spawn(self, name: str, command: list[str], metrics_port: int | None) -> NodeProcess:
         log_path = self.work_dir / "logs" / f"{name}.log"
@@ -226,7 +229,7 @@ class LocalFederation:
                     pass
             while sig == signal.SIGTERM and time.monotonic() < deadline and processes_with_token(self.token):
                 time.sleep(0.1)
-        shutil.rmtree(self.work_dir / "nodes", ignore_errors=True)
+        shutil.rmtree(self.nodes_dir, ignore_errors=True)
 
     # -- runs --------------------------------------------------------------------------------
 

@@ -486,6 +486,10 @@ every release renders.
 {{- fail (printf "run.extraConfig.%s repeats a run-config key that the chart sets from run.*: set the matching camelCase value under run instead." $key) }}
 {{- end }}
 {{- end }}
+{{- $beta := float64 .Values.run.trimBeta }}
+{{- if or (lt $beta 0.0) (ge $beta 0.5) }}
+{{- fail (printf "run.trimBeta is the fraction strategy fedtrimmedavg cuts at each end and must lie in [0, 0.5), got %v." .Values.run.trimBeta) }}
+{{- end }}
 {{- range $key := list "learningRate" "dirichletAlpha" "roundTimeout" "fractionTrain" }}
 {{- if le (float64 (get $.Values.run $key)) 0.0 }}
 {{- fail (printf "run.%s must be greater than 0, got %v." $key (get $.Values.run $key)) }}
