@@ -294,7 +294,7 @@ class LocalFederation:
                 next_status = time.monotonic() + status_every
             time.sleep(poll)
 
-    def run_log_tail(self, run_id: int, lines: int = 30) -> str:
+    def run_log_tail(self, run_id: int, lines: int = 40) -> str:
         """The end of the run's log (the ServerApp's output lives in the SuperLink's log store)."""
         done = self.flwr("log", str(run_id), CONNECTION, "--show")
         return "\n".join((done.stdout + done.stderr).strip().splitlines()[-lines:])

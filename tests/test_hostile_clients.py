@@ -12,6 +12,7 @@ FedAvg, FedMedian and Krum.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -121,8 +122,9 @@ def run(federation, name: str, plan: dict, **config) -> tuple[dict, int]:
     run_id, peak, deadline = json.loads(done.stdout)["run-id"], 0, time.monotonic() + 600
     while time.monotonic() < deadline:
         for pid in processes_with_token(federation["token"]):
-            if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                peak = max(peak, process_memory(pid, "VmHWM"))
+            with contextlib.suppress(OSError):  # it may have ended since it was listed
+                if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    peak = max(peak, process_memory(pid, "VmHWM"))
         history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else {}
         if history.get("status") == "completed":
             return history, peak

@@ -164,7 +164,7 @@ def test_a_killed_server_resumes_after_its_last_completed_round(tmp_path, mini_d
     ],
 )
 def test_resume_refuses_a_damaged_checkpoint_and_keeps_it(damage, message, tmp_path, mini_dir):
-    from tests.test_faults import checkpoint_of
+    from tests.test_checkpoint import checkpoint_of
     from fedcifar.config import RunConfig
     from fedcifar.history import HISTORY_FILE
 
