@@ -28,6 +28,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fedcifar import procfs
 from fedcifar.data import DataError, load_split, resolve_source
 from fedcifar.local import LocalFederation
 
@@ -175,18 +176,11 @@ def machine() -> str:
     """Where the figures come from: the same code runs ~3x slower on some 2-core CPUs than on others."""
     import torch
 
-    model = next((line.split(":", 1)[1].strip() for line in cpu_info() if line.startswith("model name")), "")
+    model = next((line.split(":", 1)[1].strip() for line in procfs.cpu_info() if line.startswith("model name")), "")
     cpu = f"{model}, " if model else ""
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{platform.machine()}, {cpu}{os.cpu_count()} CPUs ({torch.backends.cpu.get_cpu_capability()}), "
             f"Python {platform.python_version()}{gpu}")  # fmt: skip
-
-
-def cpu_info() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:  # not Linux
-        return []
 
 
 def print_report(result: dict[str, Any]) -> None:

@@ -11,7 +11,6 @@ hyper-parameters is refused with ``CheckpointError``, and left untouched.
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fedcifar import atomic
 from fedcifar.history import CHECKPOINT_FILE
 
 FORMAT = 1
@@ -39,15 +39,12 @@ class Checkpoint:
 
     def save(self, out_dir: Path) -> Path:
         path = out_dir / CHECKPOINT_FILE
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         payload = {
             "format": FORMAT, "model_class": MODEL_CLASS, "model": self.model, "round": self.round,
             "history": self.history, "fingerprint": self.fingerprint, "rng_state": self.rng_state,
         }  # fmt: skip
-        torch.save(payload, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with atomic.replacing(path) as tmp:
+            torch.save(payload, tmp)
         return path
 
     def restore_rng(self) -> None:

@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_node(args: argparse.Namespace, extra: list[str]) -> int:
-    from fedcifar.node import flower_binary, node_config, resolve_ordinal, run_node
+    from fedcifar.flwr_cli import flower_binary
+    from fedcifar.node import node_config, resolve_ordinal, run_node
 
     command, trainer = [flower_binary(args.flower), *extra], None
     if args.role == "supernode":

@@ -27,8 +27,11 @@
    a content still missing at the deadline becomes Flower's own "objects unavailable" error
    reply, counted as that client's failure.
 
-The first two are module-local stand-ins (``time`` and ``subprocess`` as seen by one Flower module), set
-up by ``python -m fedcifar.flower_tuning supernode ARGS`` (what ``fedcifar supernode`` runs);
+All of them are applied through one entry point, ``tune(role)``, which first checks that the installed
+flwr is the release they were verified on (``VERIFIED_FLWR``) and stops with a message otherwise,
+unless ``$FEDCIFAR_ALLOW_UNVERIFIED_FLWR=1``. The first two are module-local stand-ins (``time`` and
+``subprocess`` as seen by one Flower module), set up by ``python -m fedcifar.flower_tuning supernode ARGS``
+(what ``fedcifar supernode`` runs);
 ``tests/test_flower_tuning.py`` fails if the pinned Flower stops calling what they replace.
 The other waits have knobs of their own: SuperExec's task polling
 (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, set by ``fedcifar superlink/supernode``) and the
@@ -38,6 +41,7 @@ ServerApp's reply polling (``server.polling.PollingGrid``).
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import multiprocessing
 import os
 import subprocess
@@ -46,6 +50,8 @@ import time
 import types
 from collections.abc import Iterator
 
+VERIFIED_FLWR = "1.42"  # the Flower release these changes were read against and tested on
+ALLOW_UNVERIFIED_ENV = "FEDCIFAR_ALLOW_UNVERIFIED_FLWR"
 POLL_ENV = "FEDCIFAR_POLL_INTERVAL"
 DEFAULT_POLL_SECONDS = 0.25
 LOCAL_CHECK_SECONDS = 0.02
@@ -76,6 +82,10 @@ flwr_clientapp()
 # Started with -c, not -m: multiprocessing would import a -m main module (and with it the
 # installed fedcifar package) into every forked child.
 SUPEREXEC_MAIN = "import sys; from fedcifar.flower_tuning import main; main(sys.argv[1:])"
+
+
+class UnverifiedFlower(RuntimeError):
+    """The installed flwr is not the release ``VERIFIED_FLWR`` these changes were verified on."""
 
 
 def capped_time(idle: float, local: float = LOCAL_CHECK_SECONDS) -> types.SimpleNamespace:
@@ -182,20 +192,53 @@ def start_forked_clientapps() -> None:
     subprocess_executor.subprocess = rerouted_subprocess(ClientAppForkServer().popen)
 
 
-def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("supernode", "superexec"):
-        sys.exit("usage: python -m fedcifar.flower_tuning supernode|superexec [Flower's options]")
-    if argv[0] == "supernode":
+def check_flower_version(installed: str | None = None) -> None:
+    """Stop unless the installed flwr is the release these changes were verified on (or the user
+    said to go on without): on another release they could silently do nothing, or break Flower."""
+    installed = installed or importlib.metadata.version("flwr")
+    if installed.split(".")[:2] == VERIFIED_FLWR.split("."):
+        return
+    if os.environ.get(ALLOW_UNVERIFIED_ENV) == "1":
+        print(f"fedcifar: flwr {installed} is not {VERIFIED_FLWR}.*, on which flower_tuning.py was verified; "
+              f"going on as {ALLOW_UNVERIFIED_ENV}=1 says", file=sys.stderr, flush=True)  # fmt: skip
+        return
+    raise UnverifiedFlower(
+        f"fedcifar changes some of Flower's behaviour (fedcifar/flower_tuning.py; the round deadlines depend on "
+        f"it), verified on flwr {VERIFIED_FLWR}.*, but flwr {installed} is installed: install flwr=={VERIFIED_FLWR}.* "
+        f"(pip install -e .), or set {ALLOW_UNVERIFIED_ENV}=1 to run the changes unverified"
+    )
+
+
+def tune(role: str) -> None:
+    """The one entry point: check the flwr release, then change what ``role`` (``supernode``,
+    ``superexec`` or ``serverapp``) runs with in this process."""
+    check_flower_version()
+    if role == "supernode":
         shorten_supernode_polling(float(os.environ.get(POLL_ENV, DEFAULT_POLL_SECONDS)))
         shorten_object_pull_backoff()
         start_warm_superexec()
         report_activation()
+    elif role == "superexec":
+        start_forked_clientapps()
+    elif role == "serverapp":
+        shorten_object_pull_backoff()  # its reply pulls are bounded by pulls_bounded_by, under the same check
+    else:
+        raise ValueError(f"no Flower tuning for {role!r}: one of supernode, superexec, serverapp")
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in ("supernode", "superexec"):
+        sys.exit("usage: python -m fedcifar.flower_tuning supernode|superexec [Flower's options]")
+    try:
+        tune(argv[0])
+    except UnverifiedFlower as err:
+        sys.exit(f"fedcifar: {err}")
+    if argv[0] == "supernode":
         from flwr.supernode.cli import flower_supernode
 
         sys.argv = ["flower-supernode", *argv[1:]]
         flower_supernode()
     else:
-        start_forked_clientapps()
         from flwr.supercore.cli import flower_superexec
 
         sys.argv = [SUPEREXEC, *argv[1:]]

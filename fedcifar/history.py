@@ -1,18 +1,18 @@
 """A run's outputs: ``history.json`` (per-round figures), the model checkpoint and ``history.png``.
 
-Files are replaced atomically (write a temporary file, then ``os.replace``), so a crash never
-leaves a half-written file behind, and they are rewritten after every round.
+Files are replaced whole (``atomic.py``), so a crash never leaves a half-written file behind, and
+they are rewritten after every round.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fedcifar import atomic
 
 HISTORY_FILE = "history.json"
 CHECKPOINT_FILE = "model.pt"
@@ -68,22 +68,7 @@ class History:
         self.rounds = self.rounds[:after_round]
 
     def save(self, out_dir: Path) -> Path:
-        return write_atomic(out_dir / HISTORY_FILE, json.dumps(asdict(self), indent=2).encode())
-
-
-def write_atomic(path: Path, payload: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        return atomic.write_bytes(out_dir / HISTORY_FILE, json.dumps(asdict(self), indent=2).encode())
 
 
 def load_history(out_dir: Path) -> dict[str, Any] | None:
@@ -114,9 +99,7 @@ def plot_history(history: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.set_xticks(xs)
     fig.suptitle(f"fedcifar run {history['run_id']}: {len(rounds)} rounds")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic.replacing(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

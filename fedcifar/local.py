@@ -22,19 +22,19 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcifar.history import load_history
 from fedcifar.flower_tuning import DEFAULT_POLL_SECONDS, POLL_ENV
-from fedcifar.node import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS, flower_binary, node_config
-from fedcifar.submit import write_connection
+from fedcifar.flwr_cli import CONNECTION, flower_binary, flwr, flwr_json, write_connection
+from fedcifar.history import load_history
+from fedcifar.node import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS, node_config
+from fedcifar.procfs import process_kind, process_memory, processes_with_env
 
 TOKEN_ENV = "FEDCIFAR_LOCAL_TOKEN"
 FEDCIFAR = [sys.executable, "-m", "fedcifar"]
-CONNECTION = "fedcifar-local"
 
 
 class FederationError(RuntimeError):
@@ -233,32 +233,17 @@ class LocalFederation:
 
     # -- runs --------------------------------------------------------------------------------
 
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        flwr_cli = Path(sys.executable).parent / "flwr"
-        return subprocess.run(
-            [str(flwr_cli), *args], env=self.env(), capture_output=True, text=True,
-            timeout=timeout, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-
     def submit(self, run_config: dict[str, Any]) -> int:
         """``flwr run`` the app with the given run config; returns the run id."""
         pairs = " ".join(f"{key}={toml_value(value)}" for key, value in run_config.items())
-        done = self.flwr("run", str(self.app_dir), CONNECTION, "--format", "json", "--run-config", pairs)
-        try:
-            reply = json.loads(done.stdout)
-        except json.JSONDecodeError:
-            reply = {}
-        if done.returncode != 0 or not reply.get("success", False):
-            raise FederationError(f"flwr run failed:\n{done.stdout}\n{done.stderr}")
+        reply = flwr_json("run", str(self.app_dir), CONNECTION, "--run-config", pairs, env=self.env())
+        if not reply.get("success", False):
+            raise FederationError(f"flwr run failed: {reply.get('error-message', reply)}")
         return int(reply["run-id"])
 
     def run_status(self, run_id: int) -> str:
         """Flower's status of a run, e.g. 'running' or 'finished:completed'."""
-        done = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
-        try:
-            runs = json.loads(done.stdout)["runs"]
-        except (json.JSONDecodeError, KeyError):
-            return "unknown"
+        runs = flwr_json("ls", CONNECTION, "--run-id", str(run_id), env=self.env()).get("runs") or []
         return str(runs[0]["status"]) if runs else "unknown"
 
     def follow(
@@ -296,13 +281,13 @@ class LocalFederation:
 
     def run_log_tail(self, run_id: int, lines: int = 40) -> str:
         """The end of the run's log (the ServerApp's output lives in the SuperLink's log store)."""
-        done = self.flwr("log", str(run_id), CONNECTION, "--show")
+        done = flwr("log", str(run_id), CONNECTION, "--show", env=self.env())
         return "\n".join((done.stdout + done.stderr).strip().splitlines()[-lines:])
 
     def sample_memory(self) -> None:
         """Fold the peak resident memory of every running process into ``peak_rss``."""
         for pid in processes_with_token(self.token):
-            kind, hwm = _process_kind(pid), process_memory(pid, "VmHWM")
+            kind, hwm = process_kind(pid), process_memory(pid, "VmHWM")
             if kind and hwm:
                 self.peak_rss[kind] = max(self.peak_rss.get(kind, 0), hwm)
 
@@ -323,92 +308,6 @@ def toml_value(value: Any) -> str:
     return json.dumps(str(value))  # a TOML basic string
 
 
-def _proc_pids() -> Iterator[int]:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            yield int(entry)
-
-
 def processes_with_token(token: str) -> list[int]:
     """Processes whose environment carries ``token`` (all descendants of a federation)."""
-    needle = f"{TOKEN_ENV}={token}".encode()
-    found = []
-    for pid in _proc_pids():
-        if pid == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                if needle in fh.read().split(b"\0"):
-                    found.append(pid)
-        except OSError:
-            continue
-    return found
-
-
-def _process_kind(pid: int) -> str | None:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    try:
-        if Path(f"/proc/{pid}/comm").read_text().strip() == "flwr-clientapp":
-            return "flwr-clientapp"  # forked by fedcifar's SuperExec (flower_tuning.py)
-    except OSError:
-        return None
-    text = b" ".join(cmdline).decode(errors="replace")
-    if "multiprocessing.forkserver" in text:
-        return "clientapp forkserver"
-    if "fedcifar.flower_tuning" in text and "superexec" in text:
-        return "flower-superexec"
-    words = [Path(w.decode(errors="replace")).name for w in cmdline[:5]]
-    flower = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
-    for kind in flower:
-        if kind in words:
-            return kind
-    if "fedcifar.flower_tuning" in words:
-        return "flower-supernode"
-    if "fedcifar.trainer" in words:
-        return "fedcifar trainer"
-    if "fedcifar" in words and words.index("fedcifar") + 1 < len(words):
-        return "fedcifar " + words[words.index("fedcifar") + 1]  # the metrics wrapper
-    return None
-
-
-def process_memory(pid: int, field: str = "VmRSS") -> int:
-    """Bytes of a memory figure of /proc/PID/status: VmRSS (resident now) or VmHWM (peak); 0 if gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def tree_rss(root: int, skip: str = "flwr-clientapp") -> int:
-    """Resident bytes of ``root`` and its descendants, but not the per-message ClientApp processes
-    (Flower starts one per message; whether one is alive when sampled is chance)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        except OSError:
-            continue
-        # The ClientApp fork server's children are ClientApps, also in the instant before one
-        # renames itself: counted, it once added 89 MiB to a node for one round of a soak.
-        if "multiprocessing.forkserver" not in cmdline:
-            todo.extend(children.get(pid, []))
-        if skip in cmdline or comm == skip:  # cold ClientApps, and forked ones once renamed
-            continue
-        total += process_memory(pid)
-    return total
+    return processes_with_env(TOKEN_ENV, token)

@@ -40,15 +40,6 @@ SUPEREXEC_POLL_SECONDS = 0.1  # Flower's default: 1 s per app launch
 STOP_GRACE_SECONDS = 15
 
 
-def flower_binary(name: str) -> str:
-    """The Flower console script installed beside this interpreter (else from PATH)."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if not found:
-        raise FileNotFoundError(f"{name} not found: install fedcifar's dependencies (pip install -e .)")
-    return found
-
-
 def resolve_ordinal(value: str) -> int:
     """An explicit integer, or 'auto': the pod-index label, then the hostname's ordinal suffix."""
     if value != "auto":

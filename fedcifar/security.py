@@ -28,12 +28,10 @@ Environment (set by the chart): ``FEDCIFAR_ROOT_CERTIFICATES`` (the CA), ``FEDCI
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import ssl
 import subprocess
-import sys
 import threading
 import urllib.request
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedcifar.config import SITE_NAME
+from fedcifar.flwr_cli import CONNECTION, flwr_json, write_connection
 from fedcifar.metrics import DEFAULT_SITE, SITE_ENV, UNKNOWN_SITE
 
 ROOT_CERTIFICATES_ENV = "FEDCIFAR_ROOT_CERTIFICATES"
@@ -51,7 +50,6 @@ PUBLIC_KEYS_ENV = "FEDCIFAR_SUPERNODE_PUBLIC_KEYS"
 SITE_KEYS_ENV = "FEDCIFAR_SITE_PUBLIC_KEYS"
 OFFSET_ENV = "FEDCIFAR_PARTITION_OFFSET"  # this release's first node slot
 READY_FILE_ENV = "FEDCIFAR_READY_FILE"
-CONNECTION = "fedcifar"
 ALREADY_REGISTERED = "Public key already in use"
 
 
@@ -136,16 +134,6 @@ def rewrite_private_key_arg(command: list[str], workdir: Path) -> list[str]:
 # connections
 
 
-def write_connection(flwr_home: Path, name: str, address: str, root_certificates: str | None = None) -> Path:
-    """The ``[superlink.<name>]`` entry of the flwr CLI, as the default connection: TLS verified
-    with ``root_certificates`` when given, plaintext (``insecure = true``) otherwise."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    path = flwr_home / "config.toml"
-    tls = f"root-certificates = {json.dumps(str(root_certificates))}\n" if root_certificates else "insecure = true\n"
-    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{tls}')
-    return path
-
-
 def health_url(address: str, root_certificates: str | None) -> str:
     return f"{'https' if root_certificates else 'http'}://{address}/health"
 
@@ -160,28 +148,16 @@ def superlink_healthy(address: str, root_certificates: str | None = None) -> boo
         return False
 
 
-def flwr_cli() -> str:
-    beside = Path(sys.executable).parent / "flwr"
-    return str(beside) if beside.exists() else "flwr"
-
-
 def register_public_key(openssh: bytes, flwr_home: Path, name: str, connection: str = CONNECTION) -> str:
     """Register one OpenSSH public key (the only format Flower reads) under the node ``name`` with
     ``flwr supernode register``: "registered" or "already registered" (under its first name)."""
     key_file = flwr_home / "keys" / f"{name.replace('/', '.')}.pub"
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.write_bytes(openssh)
-    done = subprocess.run(
-        [flwr_cli(), "supernode", "register", str(key_file), connection, "--name", name, "--format", "json"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "FLWR_HOME": str(flwr_home)},
-    )  # fmt: skip
-    try:
-        reply = json.loads(done.stdout[done.stdout.index("{"):])
-    except ValueError:
-        reply = {}
+    reply = flwr_json("supernode", "register", str(key_file), connection, "--name", name, flwr_home=flwr_home)
     if reply.get("success"):
         return "registered"
-    message = reply.get("error-message") or (done.stdout + done.stderr).strip()
+    message = str(reply.get("error-message", reply))
     if ALREADY_REGISTERED in message:
         return "already registered"
     raise RuntimeError(f"flwr supernode register {name} failed: {message[-500:]}")

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedcifar.checkpoint import check_same_training, load_checkpoint
 from fedcifar.config import ConfigError, RunConfig
 from fedcifar.data import DataSource, ImageTensors, load_full, partition_sizes, resolve_source
-from fedcifar.flower_tuning import shorten_object_pull_backoff
+from fedcifar.flower_tuning import tune
 from fedcifar.history import PLOT_FILE, History, plot_history
 from fedcifar.metrics import server_metrics
 from fedcifar.server.ledger import NodeLedger
@@ -59,7 +59,7 @@ class ServerModel:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    shorten_object_pull_backoff()  # replies are pulled as soon as they are listed (flower_tuning.py)
+    tune("serverapp")  # replies are pulled as soon as they are listed (flower_tuning.py)
     config = RunConfig.from_flower(context.run_config)
     if not config.num_partitions:
         raise ConfigError(

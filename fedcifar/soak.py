@@ -29,7 +29,8 @@ from typing import Any
 from rich.console import Console
 
 from fedcifar.bench import PROJECT, machine, make_subset
-from fedcifar.local import LocalFederation, tree_rss
+from fedcifar.local import LocalFederation
+from fedcifar.procfs import tree_rss
 
 console = Console(stderr=True)
 SCRAPES = 10

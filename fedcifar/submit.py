@@ -23,11 +23,9 @@ clients of a ``helm upgrade`` get in at once.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -38,18 +36,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fedcifar import security
 from fedcifar.config import RunConfig, app_defaults, parse_overrides
-
-CONNECTION = "fedcifar"
+from fedcifar.flwr_cli import CONNECTION, flwr, flwr_json, write_connection
 
 
 class NotReady(RuntimeError):
     """The federation did not become ready before the deadline."""
-
-
-def write_connection(flwr_home: Path, name: str, address: str, root_certificates: str | None = None) -> Path:
-    """The ``[superlink.<name>]`` entry of the flwr CLI, as the default connection (TLS verified
-    with ``root_certificates`` when given, else ``insecure = true``)."""
-    return security.write_connection(flwr_home, name, address, root_certificates)
 
 
 def wait_until(what: str, ready: Callable[[], bool], timeout: float, interval: float = 2.0) -> None:
@@ -58,10 +49,6 @@ def wait_until(what: str, ready: Callable[[], bool], timeout: float, interval: f
         if time.monotonic() >= deadline:
             raise NotReady(f"{what} not ready after {timeout:.0f}s")
         time.sleep(interval)
-
-
-def superlink_healthy(address: str, root_certificates: str | None = None) -> bool:
-    return security.superlink_healthy(address, root_certificates)
 
 
 def client_partitions(url: str) -> int | None:
@@ -98,30 +85,21 @@ ACTIVE = ("pending", "starting", "running")
 ONLINE = "online"  # Flower's NodeStatus of an activated SuperNode that keeps its heartbeats
 
 
-def flwr_json(flwr: str, *args: str) -> dict:
-    """A ``flwr`` CLI command's JSON reply ({} when it printed none, e.g. the SuperLink is gone)."""
-    done = subprocess.run([flwr, *args, "--format", "json"], capture_output=True, text=True, timeout=120)
-    try:
-        return json.loads(done.stdout)
-    except json.JSONDecodeError:
-        return {}
-
-
-def active_runs(flwr: str) -> list[int]:
+def active_runs() -> list[int]:
     """Runs of this SuperLink that have not finished."""
-    runs = flwr_json(flwr, "ls", CONNECTION).get("runs", [])
+    runs = flwr_json("ls", CONNECTION).get("runs") or []
     return [int(run["run-id"]) for run in runs if str(run.get("status", "")).split(":")[0] in ACTIVE]
 
 
-def stop_active_runs(flwr: str, timeout: float = 120) -> None:
+def stop_active_runs(timeout: float = 120) -> None:
     """One run at a time per federation: stop what an earlier Job attempt or revision left going.
 
     A stopped run keeps its checkpoint; the new run (``resume = true``) continues from it.
     """
-    for run_id in active_runs(flwr):
+    for run_id in active_runs():
         print(f"fedcifar: stopping run {run_id}, still going from an earlier attempt or revision", flush=True)
-        subprocess.run([flwr, "stop", str(run_id), CONNECTION], capture_output=True, timeout=120)
-    wait_until("earlier runs to stop", lambda: not active_runs(flwr), timeout)
+        flwr("stop", str(run_id), CONNECTION)
+    wait_until("earlier runs to stop", lambda: not active_runs(), timeout)
 
 
 def online_nodes() -> list[str]:
@@ -144,16 +122,16 @@ def nodes_online(count: int) -> Callable[[], bool]:
     return ready
 
 
-def run_status(flwr: str, run_id: int) -> str:
-    runs = flwr_json(flwr, "ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
+def run_status(run_id: int) -> str:
+    runs = flwr_json("ls", CONNECTION, "--run-id", str(run_id)).get("runs") or []
     return str(runs[0]["status"]) if runs else "unknown (SuperLink unreachable)"
 
 
-def follow_logs(flwr: str, run_id: int, timeout: float | None) -> bool:
+def follow_logs(run_id: int, timeout: float | None) -> bool:
     """Stream the run's logs until it ends or the link drops (True), or give up after ``timeout``
     seconds, the longest the run may take, and say so (False)."""
     try:
-        subprocess.run([flwr, "log", str(run_id), CONNECTION, "--stream"], timeout=timeout)
+        flwr("log", str(run_id), CONNECTION, "--stream", timeout=timeout, capture=False)
     except subprocess.TimeoutExpired:
         print(f"fedcifar: gave up following run {run_id} after {timeout:.0f}s (--run-timeout: rounds x round-timeout "
               "x (round-retries + 3)); it may still be going on the SuperLink", flush=True)  # fmt: skip
@@ -191,7 +169,7 @@ def submit(
     # a wrong run config (or a strategy its nodes cannot carry out) fails here, before any wait
     RunConfig.from_flower({**app_defaults(Path(app)), **parse_overrides([run_config])})
     ca = os.environ.get(security.ROOT_CERTIFICATES_ENV) or None
-    wait_until(f"SuperLink {superlink}", lambda: superlink_healthy(superlink, ca), timeout)
+    wait_until(f"SuperLink {superlink}", lambda: security.superlink_healthy(superlink, ca), timeout)
     print(f"fedcifar: SuperLink {superlink} is healthy{' (TLS)' if ca else ''}", flush=True)
     with control_api(superlink, control_pod_selector, control_port) as control:
         flwr_home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
@@ -199,17 +177,16 @@ def submit(
         keys = os.environ.get(security.PUBLIC_KEYS_ENV)
         if keys:
             security.register_missing_public_keys(security.own_key_folder(Path(keys)), flwr_home)
-        flwr = str(Path(sys.executable).parent / "flwr")
         if client_metrics:
             wait_until("clients", clients_ready(client_metrics, num_partitions or len(client_metrics)), timeout)
             print(f"fedcifar: {len(client_metrics)} clients ready", flush=True)
         if min_nodes:  # SuperNodes of other sites, whose metrics this Job cannot reach: ask Flower
             wait_until(f"{min_nodes} SuperNodes", nodes_online(min_nodes), timeout)
             print(f"fedcifar: {min_nodes} SuperNodes online", flush=True)
-        stop_active_runs(flwr)
+        stop_active_runs()
         command = ["run", app, CONNECTION, "--run-config", run_config]
         print("fedcifar: " + shlex.join(["flwr", *command]), flush=True)
-        reply = flwr_json(flwr, *command)
+        reply = flwr_json(*command)
         if not reply.get("success"):
             print(f"fedcifar: flwr run failed: {reply or 'no reply'}", flush=True)
             return 1
@@ -217,8 +194,8 @@ def submit(
         print(f"fedcifar: submitted run {run_id}", flush=True)
         if not stream:
             return 0
-        if not follow_logs(flwr, run_id, run_timeout):
+        if not follow_logs(run_id, run_timeout):
             return 1
-        status = run_status(flwr, run_id)
+        status = run_status(run_id)
         print(f"fedcifar: run {run_id} {status}", flush=True)
         return 0 if status == "finished:completed" else 1

@@ -1,6 +1,6 @@
 """Load on a real cluster: 16 client pods train 10 rounds; no round may fail, no client may grow.
 
-Each client pod's memory is the resident memory of its long-lived processes (``local.tree_rss``:
+Each client pod's memory is the resident memory of its long-lived processes (``procfs.tree_rss``:
 the node wrapper, Flower's SuperNode and SuperExec, the fork server, the trainer; not the
 per-message ClientApp processes, whose presence at sampling time is chance), read once the run has passed round 5 and again at the
 end: growth must stay within 10%.
@@ -23,7 +23,7 @@ CLIENTS, ROUNDS, BASELINE_ROUND, MAX_GROWTH = 16, 10, 5, 0.10
 DATA = ROOT / "tests" / "data" / "cifar10-mini"
 pytestmark = pytest.mark.e2e
 # the pod's process tree under PID 1 (`fedcifar supernode`), measured as `fedcifar soak` measures nodes
-POD_RSS = "from fedcifar.local import tree_rss; print(tree_rss(1))"
+POD_RSS = "from fedcifar.procfs import tree_rss; print(tree_rss(1))"
 
 
 def client_memory() -> dict[str, int]:

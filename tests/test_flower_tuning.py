@@ -14,11 +14,22 @@ import flwr.supernode.start_client_internal as supernode_loop
 import pytest
 
 from fedcifar.flower_tuning import (
-    CLIENTAPP, CLIENTAPP_MAIN, PULL_RETRY_SECONDS, ClientAppForkServer, capped_time, pulls_bounded_by,
+    ALLOW_UNVERIFIED_ENV,
+    CLIENTAPP,
+    CLIENTAPP_MAIN,
+    PULL_RETRY_SECONDS,
+    VERIFIED_FLWR,
+    ClientAppForkServer,
+    UnverifiedFlower,
+    capped_time,
+    check_flower_version,
+    pulls_bounded_by,
     shorten_object_pull_backoff,
-    shorten_supernode_polling, start_warm_superexec,
+    shorten_supernode_polling,
+    start_warm_superexec,
+    tune,
 )
-from fedcifar.local import process_memory, tree_rss
+from fedcifar.procfs import process_memory, tree_rss
 from fedcifar.server.polling import PollingGrid
 
 
@@ -150,9 +161,8 @@ class ObjectsNeverArrive:
 
 
 def test_a_reply_whose_content_never_arrives_ends_at_the_rounds_deadline():
-    from flwr.supercore.inflatable import inflatable_utils
-
     import flwr.superlink.grid.http_grid as http_grid
+    from flwr.supercore.inflatable import inflatable_utils
 
     source = inspect.getsource(http_grid.HttpGrid.pull_messages)
     assert "pull_objects(" in source and "max_time" not in source  # it pulls with the defaults we bound
@@ -185,3 +195,15 @@ def test_local_supernodes_poll_less_once_they_outnumber_the_cores():
     defaults = {POLL_ENV: "0.25", SUPEREXEC_POLL_ENV: "0.1"}
     assert idle_polling(2, 2) == idle_polling(4, 2) == idle_polling(16, 16) == defaults
     assert idle_polling(16, 2) == {POLL_ENV: "1", SUPEREXEC_POLL_ENV: "0.4"}  # the same idle requests per core as 4
+
+
+def test_the_changes_run_only_on_the_flower_release_they_were_verified_on(monkeypatch, capsys):
+    check_flower_version()  # the installed one
+    check_flower_version(f"{VERIFIED_FLWR}.9")
+    with pytest.raises(UnverifiedFlower, match=rf"verified on flwr {VERIFIED_FLWR}\.\*, but flwr 1\.43\.0 is installed"):
+        check_flower_version("1.43.0")
+    monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")
+    check_flower_version("1.43.0")  # the user's explicit override
+    assert "going on as FEDCIFAR_ALLOW_UNVERIFIED_FLWR=1 says" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no Flower tuning for 'clientapp'"):
+        tune("clientapp")

@@ -25,9 +25,10 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedcifar import security
+from fedcifar import flwr_cli, security
 from fedcifar.checkpoint import load_checkpoint
-from fedcifar.local import TOKEN_ENV, free_port, process_memory, processes_with_token
+from fedcifar.local import TOKEN_ENV, free_port, processes_with_token
+from fedcifar.procfs import process_memory
 from fedcifar.protocol import Task
 from fedcifar.task import MODEL_KEY, Net, flat_weights
 from fedcifar.trainer import Trainer
@@ -71,7 +72,7 @@ def federation(tmp_path_factory):
              "FLWR_HOME": str(work / "superlink" / "flwr")})  # fmt: skip
     link = ["--superlink", f"127.0.0.1:{port}", "--root-certificates", str(pki / "ca.crt")]
     admin = work / "admin"
-    security.write_connection(admin, security.CONNECTION, f"127.0.0.1:{port}", str(pki / "ca.crt"))
+    flwr_cli.write_connection(admin, flwr_cli.CONNECTION, f"127.0.0.1:{port}", str(pki / "ca.crt"))
     hostile_bin = work / "hostile-bin"
     hostile_bin.mkdir()
     (hostile_bin / "flwr-clientapp").write_text(
@@ -106,10 +107,6 @@ def federation(tmp_path_factory):
                 proc.kill()
 
 
-def flwr(federation, *args: str) -> subprocess.CompletedProcess:
-    """The ``flwr`` CLI as the federation's operator."""
-    env = {**FLOWER_ENV, "FLWR_HOME": str(federation["admin"])}
-    return subprocess.run([str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
 def run(federation, name: str, plan: dict, **config) -> tuple[dict, int]:
@@ -117,9 +114,10 @@ def run(federation, name: str, plan: dict, **config) -> tuple[dict, int]:
     federation["plan"].write_text(json.dumps(plan))
     out = federation["work"] / "runs" / name
     pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in {**RUN_CONFIG, **config, "out-dir": str(out)}.items())
-    done = flwr(federation, "run", str(ROOT), security.CONNECTION, "--format", "json", "--run-config", pairs)
-    assert done.returncode == 0 and "run-id" in done.stdout, done.stdout + done.stderr
-    run_id, peak, deadline = json.loads(done.stdout)["run-id"], 0, time.monotonic() + 600
+    admin = {"env": FLOWER_ENV, "flwr_home": federation["admin"]}
+    reply = flwr_cli.flwr_json("run", str(ROOT), flwr_cli.CONNECTION, "--run-config", pairs, **admin)
+    assert reply.get("success"), reply
+    run_id, peak, deadline = reply["run-id"], 0, time.monotonic() + 600
     while time.monotonic() < deadline:
         for pid in processes_with_token(federation["token"]):
             with contextlib.suppress(OSError):  # it may have ended since it was listed
@@ -129,7 +127,7 @@ def run(federation, name: str, plan: dict, **config) -> tuple[dict, int]:
         if history.get("status") == "completed":
             return history, peak
         time.sleep(0.2)
-    logs = flwr(federation, "log", str(run_id), security.CONNECTION, "--show")
+    logs = flwr_cli.flwr("log", str(run_id), flwr_cli.CONNECTION, "--show", **admin)
     raise AssertionError(f"run {name} did not complete:\n{logs.stdout[-4000:]}")
 
 

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from support import BIN, FLOWER_ENV, wait, write_pki
 
-from fedcifar import security
+from fedcifar import flwr_cli, security
 from fedcifar.local import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ def face(tmp_path_factory):
     nginx = subprocess.Popen([NGINX, "-e", "stderr", "-c", str(work / "nginx.conf"), "-g", "daemon off;"],
                              stdout=open(work / "nginx.log", "w"), stderr=subprocess.STDOUT)  # fmt: skip
     admin = work / "admin"  # an operator on the pod's loopback (what kubectl port-forward gives)
-    security.write_connection(admin, security.CONNECTION, f"127.0.0.1:{control}", str(pki / "ca.crt"))
+    flwr_cli.write_connection(admin, flwr_cli.CONNECTION, f"127.0.0.1:{control}", str(pki / "ca.crt"))
     try:
         wait("the SuperLink's keys registered", ready.exists, 90)
         assert nginx.poll() is None, (work / "nginx.log").read_text()
@@ -101,9 +101,7 @@ def request(face: dict, method: str, path: str, body: bytes = b"") -> tuple[int,
 
 
 def flwr(home: Path, *args: str) -> dict:
-    done = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], capture_output=True, text=True, timeout=120,
-                          env={**FLOWER_ENV, "FLWR_HOME": str(home)})  # fmt: skip
-    return json.loads(done.stdout[done.stdout.index("{"):]) if "{" in done.stdout else {"stdout": done.stdout}
+    return flwr_cli.flwr_json(*args, env=FLOWER_ENV, flwr_home=home)
 
 
 def test_only_the_fleet_api_and_health_pass(face):
@@ -123,12 +121,12 @@ def test_only_the_fleet_api_and_health_pass(face):
 
 def test_the_flwr_cli_is_refused_on_the_public_port(face, tmp_path):
     outsider = tmp_path / "outsider"  # holds the CA (it is public), as a site would
-    security.write_connection(outsider, security.CONNECTION, f"127.0.0.1:{face['public']}", str(face["pki"] / "ca.crt"))
-    for args in (("ls", security.CONNECTION), ("supernode", "ls", security.CONNECTION)):
+    flwr_cli.write_connection(outsider, flwr_cli.CONNECTION, f"127.0.0.1:{face['public']}", str(face["pki"] / "ca.crt"))
+    for args in (("ls", flwr_cli.CONNECTION), ("supernode", "ls", flwr_cli.CONNECTION)):
         reply = flwr(outsider, *args)
         assert not reply.get("success"), reply
         assert "403" in json.dumps(reply), reply
-    assert flwr(face["admin"], "ls", security.CONNECTION)["success"]  # the loopback (operator) path works
+    assert flwr(face["admin"], "ls", flwr_cli.CONNECTION)["success"]  # the loopback (operator) path works
 
 
 def test_a_registered_supernode_moves_3_mib_through_the_proxy(face, tmp_path):
@@ -141,12 +139,12 @@ def test_a_registered_supernode_moves_3_mib_through_the_proxy(face, tmp_path):
         stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        reply = flwr(face["admin"], "run", str(ECHO_APP), security.CONNECTION, "--run-config", "size-mib=3")
+        reply = flwr(face["admin"], "run", str(ECHO_APP), flwr_cli.CONNECTION, "--run-config", "size-mib=3")
         assert reply.get("success"), reply
         run_id = str(reply["run-id"])
 
         def finished() -> str | None:
-            runs = flwr(face["admin"], "ls", security.CONNECTION, "--run-id", run_id).get("runs", [])
+            runs = flwr(face["admin"], "ls", flwr_cli.CONNECTION, "--run-id", run_id).get("runs", [])
             status = runs[0]["status"] if runs else ""
             return status if status.startswith("finished") else None
 

@@ -7,7 +7,6 @@ one with an unregistered key is refused, and one speaking plaintext never gets i
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 import tomllib
@@ -18,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from support import BIN, FLOWER_ENV, certificate, pem_private, wait, write_pki
 
-from fedcifar import security, submit
+from fedcifar import flwr_cli, security, submit
 from fedcifar.local import free_port
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +69,7 @@ def test_private_key_argument_is_rewritten_only_for_pem(pki, tmp_path):
 
 
 def test_connection_with_root_certificates(tmp_path):
-    path = security.write_connection(tmp_path, "fedcifar", "svc:8000", "/etc/fedcifar/tls/ca.crt")
+    path = flwr_cli.write_connection(tmp_path, "fedcifar", "svc:8000", "/etc/fedcifar/tls/ca.crt")
     assert tomllib.loads(path.read_text())["superlink"]["fedcifar"] == {
         "address": "svc:8000", "root-certificates": "/etc/fedcifar/tls/ca.crt"}
     assert security.health_url("svc:8000", "/ca.crt") == "https://svc:8000/health"
@@ -81,9 +80,7 @@ def test_connection_with_root_certificates(tmp_path):
 
 
 def nodes(flwr_home: Path) -> list[dict]:
-    done = subprocess.run([str(BIN / "flwr"), "supernode", "ls", security.CONNECTION, "--format", "json"],
-                          capture_output=True, text=True, timeout=60, env={**FLOWER_ENV, "FLWR_HOME": str(flwr_home)})  # fmt: skip
-    reply = json.loads(done.stdout[done.stdout.index("{"):])
+    reply = flwr_cli.flwr_json("supernode", "ls", flwr_cli.CONNECTION, env=FLOWER_ENV, flwr_home=flwr_home)
     assert reply["success"], reply
     return reply["nodes"]
 
@@ -113,7 +110,7 @@ def superlink(pki, tmp_path_factory):
         cwd=work, env=env, stdout=open(work / "superlink.log", "w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     admin = work / "admin"
-    security.write_connection(admin, security.CONNECTION, f"127.0.0.1:{port}", str(pki / "ca.crt"))
+    flwr_cli.write_connection(admin, flwr_cli.CONNECTION, f"127.0.0.1:{port}", str(pki / "ca.crt"))
     try:
         wait("the ready file (keys registered)", ready.exists, 90)
         yield {"port": port, "admin": admin, "work": work, "keys": keys, "sites": work / "sites"}

@@ -12,14 +12,15 @@ import tomllib
 import pytest
 from flwr.app import Context, RecordDict
 
+from fedcifar import flwr_cli, security
 from fedcifar.client_app import NodeSetup
 from fedcifar.config import ConfigError
+from fedcifar.flwr_cli import write_connection
 from fedcifar.local import free_port
 from fedcifar.metrics import serve_multiprocess
 from fedcifar.node import prepare_multiprocess_dir
 from fedcifar.portforward import splice
-from fedcifar.submit import (NotReady, client_partitions, clients_ready, control_api, follow_logs, submit,
-                             superlink_healthy, wait_until, write_connection)
+from fedcifar.submit import NotReady, client_partitions, clients_ready, control_api, follow_logs, submit, wait_until
 from tests.conftest import ROOT
 
 
@@ -64,7 +65,7 @@ def test_clients_ready_only_once_activated_with_the_expected_partition_count(nod
 def test_wait_until_is_bounded():
     with pytest.raises(NotReady, match="SuperLink x not ready after 0s"):
         wait_until("SuperLink x", lambda: False, timeout=0.2, interval=0.05)
-    assert not superlink_healthy(f"127.0.0.1:{free_port()}")
+    assert not security.superlink_healthy(f"127.0.0.1:{free_port()}")
 
 
 def context(node_config: dict, run_config: dict) -> Context:
@@ -119,15 +120,17 @@ def test_splice_copies_both_ways_and_closes_both_ends():
     local.close()
 
 
-def test_following_the_run_is_bounded(tmp_path, capsys):
+def test_following_the_run_is_bounded(tmp_path, capsys, monkeypatch):
     hung = tmp_path / "flwr"
     hung.write_text("#!/bin/sh\nsleep 30\n")  # a `flwr log --stream` whose run never ends
     hung.chmod(0o755)
+    monkeypatch.setattr(flwr_cli, "flower_binary", lambda name: str(hung))
     started = time.monotonic()
-    assert not follow_logs(str(hung), 7, timeout=0.5)
+    assert not follow_logs(7, timeout=0.5)
     assert time.monotonic() - started < 5
     assert "gave up following run 7 after 0s" in capsys.readouterr().out
-    assert follow_logs("/bin/true", 7, timeout=5)  # the stream ended: the run's status decides
+    monkeypatch.setattr(flwr_cli, "flower_binary", lambda name: "/bin/true")
+    assert follow_logs(7, timeout=5)  # the stream ended: the run's status decides
 
 
 def test_a_run_config_the_run_cannot_carry_out_is_refused_before_any_wait():
