@@ -35,8 +35,14 @@ from fedcifar.local import LocalFederation
 console = Console(stderr=True)
 PROJECT = Path(__file__).resolve().parent.parent
 STOCK_APP = PROJECT / "benchmarks" / "stock_app"
-NODE_KINDS = ("fedcifar supernode", "fedcifar trainer", "flower-supernode", "flower-superexec", "clientapp forkserver",
-              "flwr-clientapp")  # fmt: skip
+NODE_KINDS = (
+    "fedcifar supernode",
+    "fedcifar trainer",
+    "flower-supernode",
+    "flower-superexec",
+    "clientapp forkserver",
+    "flwr-clientapp",
+)
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,9 @@ def make_subset(data: str | None, train: int, test: int, dest: Path) -> Path:
     """The first ``train``/``test`` images of each split, as a parquet folder both apps read."""
     source = resolve_source(data)
     if source.kind == "cifar-python":
-        raise DataError("fedcifar bench needs parquet data (uoft-cs/cifar10 schema) or the hub, not cifar-10-batches-py")
+        raise DataError(
+            "fedcifar bench needs parquet data (uoft-cs/cifar10 schema) or the hub, not cifar-10-batches-py"
+        )
     dest.mkdir(parents=True, exist_ok=True)
     for split, count in (("train", train), ("test", test)):
         full = load_split(source, split)
@@ -75,9 +83,14 @@ def run_federation(stock: bool, clients: int, data: Path, out: Path, run_config:
     label = "stock" if stock else "fedcifar"
     with LocalFederation(clients=clients, app_dir=app, work_dir=out, data=str(data), stock=stock) as fed:
         run_id = fed.submit({**run_config, "out-dir": str(out)})
-        history = fed.follow(run_id, out, lambda r: console.print(
-            f"  {label} round {r['round']}: {r['round_seconds']:.2f}s, eval accuracy {100 * r['eval_accuracy']:.2f}%"
-        ))  # fmt: skip
+        history = fed.follow(
+            run_id,
+            out,
+            lambda r: console.print(
+                f"  {label} round {r['round']}: {r['round_seconds']:.2f}s, "
+                f"eval accuracy {100 * r['eval_accuracy']:.2f}%"
+            ),
+        )
         fed.sample_memory()
         return history, dict(fed.peak_rss)
 
@@ -93,7 +106,7 @@ def summarize(rounds: list[dict]) -> dict[str, float]:
         "round1_seconds": rounds[0]["round_seconds"],
         "round_seconds": statistics.mean(r["round_seconds"] for r in rest),
         "slowest_client_train_seconds": statistics.mean(slowest),
-        "fixed_overhead_seconds": statistics.mean(r["round_seconds"] - s for r, s in zip(rest, slowest)),
+        "fixed_overhead_seconds": statistics.mean(r["round_seconds"] - s for r, s in zip(rest, slowest, strict=True)),
         "accuracy": rounds[-1]["eval_accuracy"],
     }
 
@@ -109,23 +122,31 @@ def bench(config: BenchConfig, data: str | None, out: Path) -> dict[str, Any]:
 
     subset = make_subset(data, config.examples_per_client * config.clients, config.test_examples, out / "data")
     run_config = {
-        "num-server-rounds": config.rounds, "local-epochs": config.local_epochs,
-        "batch-size": config.batch_size, "learning-rate": config.learning_rate,
-        "momentum": config.momentum, "min-nodes": config.clients,
-    }  # fmt: skip
-    result: dict[str, Any] = {"machine": machine(), "clients": config.clients, "rounds": config.rounds,
-                              "examples_per_client": config.examples_per_client}  # fmt: skip
+        "num-server-rounds": config.rounds,
+        "local-epochs": config.local_epochs,
+        "batch-size": config.batch_size,
+        "learning-rate": config.learning_rate,
+        "momentum": config.momentum,
+        "min-nodes": config.clients,
+    }
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "clients": config.clients,
+        "rounds": config.rounds,
+        "examples_per_client": config.examples_per_client,
+    }
 
     if config.stock:
         console.print("[bold](a) stock Flower[/] (quickstart-style app, Flower defaults)")
-        stock_history, _ = run_federation(True, config.clients, subset, out / "stock", {**run_config, "data-path": str(subset)})
+        stock_history, _ = run_federation(
+            True, config.clients, subset, out / "stock", {**run_config, "data-path": str(subset)}
+        )
         stock = summarize(stock_history["rounds"])
         result.update({f"stock_{k}": v for k, v in stock.items()})
         result["stock_client_images_per_second"] = client_images_per_second(stock_history["rounds"], config)
 
     console.print("[bold](b) fedcifar[/]")
-    fed_config = {**run_config, "num-partitions": config.clients, "device": config.device,
-                  "augment": config.augment}  # fmt: skip
+    fed_config = {**run_config, "num-partitions": config.clients, "device": config.device, "augment": config.augment}
     history, peaks = run_federation(False, config.clients, subset, out / "fedcifar", fed_config)
     fed = summarize(history["rounds"])
     result.update({f"fedcifar_{k}": v for k, v in fed.items()})
@@ -144,9 +165,15 @@ def bench(config: BenchConfig, data: str | None, out: Path) -> dict[str, Any]:
     console.print("[bold](c) centralized[/]")
     epochs = config.rounds * config.local_epochs
     central = run_centralized(
-        resolve_source(str(subset)), epochs=epochs, batch_size=config.batch_size, lr=config.learning_rate,
-        momentum=config.momentum, seed=42, device=config.device, augmented=config.augment,
-    )  # fmt: skip
+        resolve_source(str(subset)),
+        epochs=epochs,
+        batch_size=config.batch_size,
+        lr=config.learning_rate,
+        momentum=config.momentum,
+        seed=42,
+        device=config.device,
+        augmented=config.augment,
+    )
     result["centralized_images_per_second"] = central.steady_images_per_second
     result["centralized_accuracy"] = central.test_accuracy
     result["throughput_ratio"] = result["client_images_per_second"] / result["centralized_images_per_second"]
@@ -165,8 +192,14 @@ def scale_table(config: BenchConfig, data: str | None, out: Path) -> dict[int, f
     for n in config.scale:
         subset = make_subset(data, config.scale_examples * n, config.test_examples, out / f"data-{n}")
         console.print(f"[bold]scale: {n} SuperNodes[/] x {config.scale_examples} images")
-        run_config = {"num-server-rounds": 3, "local-epochs": config.local_epochs, "batch-size": config.batch_size,
-                      "learning-rate": config.learning_rate, "min-nodes": n, "num-partitions": n}  # fmt: skip
+        run_config = {
+            "num-server-rounds": 3,
+            "local-epochs": config.local_epochs,
+            "batch-size": config.batch_size,
+            "learning-rate": config.learning_rate,
+            "min-nodes": n,
+            "num-partitions": n,
+        }
         history, _ = run_federation(False, n, subset, out / f"nodes-{n}", run_config)
         table[n] = statistics.mean(r["round_seconds"] for r in steady(history["rounds"]))
     return table
@@ -179,8 +212,10 @@ def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in procfs.cpu_info() if line.startswith("model name")), "")
     cpu = f"{model}, " if model else ""
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{platform.machine()}, {cpu}{os.cpu_count()} CPUs ({torch.backends.cpu.get_cpu_capability()}), "
-            f"Python {platform.python_version()}{gpu}")  # fmt: skip
+    return (
+        f"{platform.machine()}, {cpu}{os.cpu_count()} CPUs ({torch.backends.cpu.get_cpu_capability()}), "
+        f"Python {platform.python_version()}{gpu}"
+    )
 
 
 def print_report(result: dict[str, Any]) -> None:

@@ -55,17 +55,31 @@ def run_centralized(
             on_epoch(epoch, loss)
 
     result = train(
-        net, train_data, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-        device=torch_device, seed=seed, augmented=augmented, on_epoch=epoch_done,
-    )  # fmt: skip
+        net,
+        train_data,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=momentum,
+        device=torch_device,
+        seed=seed,
+        augmented=augmented,
+        on_epoch=epoch_done,
+    )
     if len(epoch_ends) > 1:
         steady = len(train_data) * (len(epoch_ends) - 1) / (epoch_ends[-1] - epoch_ends[0])
     else:
         steady = result.examples / result.seconds
     test_loss, test_accuracy = evaluate(net, test_data, torch_device)
     return CentralizedResult(
-        epochs=epochs, train_loss=result.loss, test_loss=test_loss, test_accuracy=test_accuracy,
-        seconds=time.perf_counter() - started, train_seconds=result.seconds,
-        examples=result.examples, steady_images_per_second=steady, device=torch_device.type,
+        epochs=epochs,
+        train_loss=result.loss,
+        test_loss=test_loss,
+        test_accuracy=test_accuracy,
+        seconds=time.perf_counter() - started,
+        train_seconds=result.seconds,
+        examples=result.examples,
+        steady_images_per_second=steady,
+        device=torch_device.type,
         data=source.describe(),
-    )  # fmt: skip
+    )

@@ -40,9 +40,14 @@ class Checkpoint:
     def save(self, out_dir: Path) -> Path:
         path = out_dir / CHECKPOINT_FILE
         payload = {
-            "format": FORMAT, "model_class": MODEL_CLASS, "model": self.model, "round": self.round,
-            "history": self.history, "fingerprint": self.fingerprint, "rng_state": self.rng_state,
-        }  # fmt: skip
+            "format": FORMAT,
+            "model_class": MODEL_CLASS,
+            "model": self.model,
+            "round": self.round,
+            "history": self.history,
+            "fingerprint": self.fingerprint,
+            "rng_state": self.rng_state,
+        }
         with atomic.replacing(path) as tmp:
             torch.save(payload, tmp)
         return path
@@ -71,9 +76,12 @@ def load_checkpoint(out_dir: Path, reference: dict[str, torch.Tensor]) -> Checkp
     if problems:
         raise CheckpointError(f"checkpoint {path} holds an incompatible model ({problems}); {advice}")
     return Checkpoint(
-        model=model, round=int(payload["round"]), history=payload["history"],
-        fingerprint=payload["fingerprint"], rng_state=payload["rng_state"],
-    )  # fmt: skip
+        model=model,
+        round=int(payload["round"]),
+        history=payload["history"],
+        fingerprint=payload["fingerprint"],
+        rng_state=payload["rng_state"],
+    )
 
 
 def check_same_training(checkpoint: Checkpoint, fingerprint: dict[str, Any], path: Path) -> None:

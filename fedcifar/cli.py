@@ -1,9 +1,9 @@
 """The ``fedcifar`` command line.
 
-    fedcifar run --clients 2 --rounds 3              # local federation: SuperLink + 2 SuperNodes
-    fedcifar centralized --epochs 2 --json           # the centralized baseline
-    fedcifar superlink --metrics-port 9400 --insecure --host 0.0.0.0   # a node, e.g. in a pod
-    fedcifar supernode --partition-id auto --num-partitions 3 --superlink HOST:8000 --insecure
+fedcifar run --clients 2 --rounds 3              # local federation: SuperLink + 2 SuperNodes
+fedcifar centralized --epochs 2 --json           # the centralized baseline
+fedcifar superlink --metrics-port 9400 --insecure --host 0.0.0.0   # a node, e.g. in a pod
+fedcifar supernode --partition-id auto --num-partitions 3 --superlink HOST:8000 --insecure
 """
 
 from __future__ import annotations
@@ -49,17 +49,37 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a local federation (SuperLink + SuperNodes as processes)")
     run.add_argument("--clients", type=int, default=None, help="number of SuperNodes (default 2)")
     run.add_argument("--rounds", type=int, default=None, help="rounds (default: num-server-rounds)")
-    run.add_argument("--data", help="CIFAR-10 folder (parquet or cifar-10-batches-py); default $FEDCIFAR_DATA or the hub")
+    run.add_argument(
+        "--data", help="CIFAR-10 folder (parquet or cifar-10-batches-py); default $FEDCIFAR_DATA or the hub"
+    )
     where = run.add_mutually_exclusive_group()
     where.add_argument("--out", type=Path, help="output folder (default: a new folder under runs/)")
-    where.add_argument("--resume", type=Path, metavar="DIR",
-                       help="continue the run whose outputs are in DIR after its last completed round")  # fmt: skip
-    run.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a [tool.flwr.app.config] value, e.g. -c learning-rate=0.05")  # fmt: skip
-    run.add_argument("--metrics-port", type=int, default=None,
-                     help="server metrics port; client i uses PORT+1+i (default: free ports)")  # fmt: skip
-    run.add_argument("--linger", type=float, default=0.0,
-                     help="keep the federation and its metrics endpoints up this many seconds after the run")  # fmt: skip
+    where.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue the run whose outputs are in DIR after its last completed round",
+    )
+    run.add_argument(
+        "-c",
+        "--run-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a [tool.flwr.app.config] value, e.g. -c learning-rate=0.05",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="server metrics port; client i uses PORT+1+i (default: free ports)",
+    )
+    run.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        help="keep the federation and its metrics endpoints up this many seconds after the run",
+    )
     run.add_argument("--app", type=Path, default=APP_DIR, help="Flower app folder (default: this project)")
     run.set_defaults(handler=cmd_run)
 
@@ -104,38 +124,63 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub_ = sub.add_parser("submit", help="wait for a SuperLink and its clients, then flwr run (the chart's run Job)")
     sub_.add_argument("--superlink", required=True, help="SuperLink address HOST:PORT (/health; also Control)")
-    sub_.add_argument("--control-pod-selector", metavar="LABELS",
-                      help="reach the Control API through a port-forward to the pod these labels pick (in-cluster)")
+    sub_.add_argument(
+        "--control-pod-selector",
+        metavar="LABELS",
+        help="reach the Control API through a port-forward to the pod these labels pick (in-cluster)",
+    )
     sub_.add_argument("--control-port", type=int, default=9093, help="Flower's port on that pod's loopback")
     sub_.add_argument("--app", default=str(APP_DIR), help="Flower app folder (default: this project)")
     sub_.add_argument("--run-config", default="", help="'key=value ...' run config overrides (TOML values)")
-    sub_.add_argument("--client-metrics", nargs="*", default=[], metavar="URL",
-                      help="metrics URLs of every expected client; waits until each reports --num-partitions")  # fmt: skip
+    sub_.add_argument(
+        "--client-metrics",
+        nargs="*",
+        default=[],
+        metavar="URL",
+        help="metrics URLs of every expected client; waits until each reports --num-partitions",
+    )
     sub_.add_argument("--num-partitions", type=int, default=None)
-    sub_.add_argument("--min-nodes", type=int, default=0,
-                      help="also wait until the SuperLink lists this many SuperNodes online (other sites')")  # fmt: skip
+    sub_.add_argument(
+        "--min-nodes",
+        type=int,
+        default=0,
+        help="also wait until the SuperLink lists this many SuperNodes online (other sites')",
+    )
     sub_.add_argument("--timeout", type=float, default=600, help="seconds to wait for readiness")
-    sub_.add_argument("--run-timeout", type=float, default=None,
-                      help="seconds to follow the run's logs before giving up (default: until it ends)")  # fmt: skip
+    sub_.add_argument(
+        "--run-timeout",
+        type=float,
+        default=None,
+        help="seconds to follow the run's logs before giving up (default: until it ends)",
+    )
     sub_.add_argument("--no-stream", action="store_true", help="return after submitting instead of streaming logs")
     sub_.set_defaults(handler=cmd_submit)
 
     for role, flower in (("superlink", "flower-superlink"), ("supernode", "flower-supernode")):
-        node = sub.add_parser(
-            role, help=f"run {flower} with a Prometheus endpoint; other options go to {flower}"
-        )
+        node = sub.add_parser(role, help=f"run {flower} with a Prometheus endpoint; other options go to {flower}")
         node.add_argument("--metrics-port", type=int, default=9400)
         node.add_argument("--metrics-host", default="0.0.0.0")
         node.add_argument("--metrics-dir", help="multiprocess metrics folder (default: a temporary one)")
         if role == "supernode":
-            node.add_argument("--partition-id", default="auto",
-                              help="this node's ordinal in its site, or 'auto' for the StatefulSet ordinal")  # fmt: skip
-            node.add_argument("--partition-offset", type=int, default=0,
-                              help="the site's first slot: this node holds slot offset + ordinal")  # fmt: skip
+            node.add_argument(
+                "--partition-id",
+                default="auto",
+                help="this node's ordinal in its site, or 'auto' for the StatefulSet ordinal",
+            )
+            node.add_argument(
+                "--partition-offset",
+                type=int,
+                default=0,
+                help="the site's first slot: this node holds slot offset + ordinal",
+            )
             node.add_argument("--num-partitions", type=int, required=True, help="node slots in the federation")
-            node.add_argument("--split", choices=SPLITS, default="global",
-                              help="global: train the slot's slice of the data; site: slice <ordinal> of "
-                                   "--site-partitions of this site's own data")  # fmt: skip
+            node.add_argument(
+                "--split",
+                choices=SPLITS,
+                default="global",
+                help="global: train the slot's slice of the data; site: slice <ordinal> of "
+                "--site-partitions of this site's own data",
+            )
             node.add_argument("--site-partitions", type=int, help="SuperNodes of this site (--split site)")
             node.add_argument("--site", default=DEFAULT_SITE, help="this site's name (metrics label $FEDCIFAR_SITE)")
             node.add_argument("--data", help="CIFAR-10 folder on this node (node config data-path)")
@@ -165,8 +210,15 @@ def cmd_node(args: argparse.Namespace, extra: list[str]) -> int:
         command = [sys.executable, "-m", "fedcifar.flower_tuning", "supernode", *extra, "--node-config", config]
         trains = f", training slice {ordinal} of {args.site_partitions} of its data" if data_partition else ""
         print(f"fedcifar: site {args.site}, slot {partition} of {args.num_partitions}{trains}", flush=True)
-        trainer = [sys.executable, "-m", "fedcifar.trainer", "--partition-id", str(partition),
-                   "--num-partitions", str(args.num_partitions)]  # fmt: skip
+        trainer = [
+            sys.executable,
+            "-m",
+            "fedcifar.trainer",
+            "--partition-id",
+            str(partition),
+            "--num-partitions",
+            str(args.num_partitions),
+        ]
     return run_node(command, args.metrics_port, args.metrics_host, args.metrics_dir, trainer)
 
 
@@ -180,10 +232,17 @@ def cmd_bench(args: argparse.Namespace, _extra: list[str]) -> int:
     if args.clients < 1 or args.rounds < 2 or min(scale, default=1) < 1:
         raise ValueError("bench needs --clients >= 1, --rounds >= 2 (round 1 is warm-up) and positive --scale counts")
     config = BenchConfig(
-        clients=args.clients, rounds=args.rounds, examples_per_client=args.examples_per_client,
-        test_examples=args.test_examples, local_epochs=args.local_epochs, batch_size=args.batch_size,
-        device=args.device, augment=args.augment, stock=not args.no_stock, scale=scale,
-    )  # fmt: skip
+        clients=args.clients,
+        rounds=args.rounds,
+        examples_per_client=args.examples_per_client,
+        test_examples=args.test_examples,
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        device=args.device,
+        augment=args.augment,
+        stock=not args.no_stock,
+        scale=scale,
+    )
     print_report(bench(config, args.data, timestamped_out(args.out)))
     return 0
 
@@ -195,9 +254,14 @@ def cmd_soak(args: argparse.Namespace, _extra: list[str]) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     if args.clients < 1 or args.rounds <= args.baseline_round or args.baseline_round < 1:
         raise ValueError("soak needs --clients >= 1 and --rounds > --baseline-round >= 1")
-    config = SoakConfig(clients=args.clients, rounds=args.rounds, examples_per_client=args.examples_per_client,
-                        test_examples=args.test_examples, baseline_round=args.baseline_round,
-                        max_growth=args.max_growth)  # fmt: skip
+    config = SoakConfig(
+        clients=args.clients,
+        rounds=args.rounds,
+        examples_per_client=args.examples_per_client,
+        test_examples=args.test_examples,
+        baseline_round=args.baseline_round,
+        max_growth=args.max_growth,
+    )
     return report(soak(config, args.data, timestamped_out(args.out)))
 
 
@@ -206,10 +270,19 @@ def cmd_submit(args: argparse.Namespace, _extra: list[str]) -> int:
     from fedcifar.submit import NotReady, submit
 
     try:
-        return submit(app=args.app, superlink=args.superlink, run_config=args.run_config,
-                      client_metrics=args.client_metrics, num_partitions=args.num_partitions,
-                      timeout=args.timeout, stream=not args.no_stream, control_pod_selector=args.control_pod_selector,
-                      control_port=args.control_port, min_nodes=args.min_nodes, run_timeout=args.run_timeout)  # fmt: skip
+        return submit(
+            app=args.app,
+            superlink=args.superlink,
+            run_config=args.run_config,
+            client_metrics=args.client_metrics,
+            num_partitions=args.num_partitions,
+            timeout=args.timeout,
+            stream=not args.no_stream,
+            control_pod_selector=args.control_pod_selector,
+            control_port=args.control_port,
+            min_nodes=args.min_nodes,
+            run_timeout=args.run_timeout,
+        )
     except (NotReady, PortForwardError) as err:
         console.print(f"[bold red]error:[/] {err}")
         return 1
@@ -225,10 +298,16 @@ def cmd_centralized(args: argparse.Namespace, _extra: list[str]) -> int:
     source = resolve_source(args.data)
     console.print(f"centralized: {args.epochs} epochs on {source.describe()}")
     result = run_centralized(
-        source, epochs=args.epochs, batch_size=args.batch_size, lr=args.learning_rate,
-        momentum=args.momentum, seed=args.seed, device=args.device, augmented=args.augment,
+        source,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.learning_rate,
+        momentum=args.momentum,
+        seed=args.seed,
+        device=args.device,
+        augmented=args.augment,
         on_epoch=lambda e, loss: console.print(f"  epoch {e}: train loss {loss:.4f}"),
-    )  # fmt: skip
+    )
     console.print(
         f"test accuracy {100 * result.test_accuracy:.2f}%  test loss {result.test_loss:.4f}  "
         f"{result.seconds:.1f}s ({result.train_seconds:.1f}s training on {result.device})"
@@ -269,7 +348,9 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
     else:
         out_dir = (args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
         if (out_dir / "model.pt").exists():
-            raise ValueError(f"{out_dir} holds a run already: continue it with --resume {out_dir}, or pick another --out")
+            raise ValueError(
+                f"{out_dir} holds a run already: continue it with --resume {out_dir}, or pick another --out"
+            )
         clients = args.clients if args.clients is not None else 2
         overrides = {**federation_defaults(clients), **overrides}
     if clients < 1:
@@ -286,12 +367,19 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
         f"fedcifar: {clients} SuperNodes, {config.num_server_rounds} rounds, "
         f"{config.partitioner} partitions, data {source.describe()}, outputs in {out_dir}"
     )
-    fed = LocalFederation(clients=clients, app_dir=app_dir, work_dir=out_dir, data=data,
-                          metrics_ports=metrics_ports(args.metrics_port, clients))  # fmt: skip
+    fed = LocalFederation(
+        clients=clients,
+        app_dir=app_dir,
+        work_dir=out_dir,
+        data=data,
+        metrics_ports=metrics_ports(args.metrics_port, clients),
+    )
     try:
         with fed:
-            console.print(f"metrics: server http://127.0.0.1:{fed.metrics_ports[0]}/metrics, clients "
-                          + ", ".join(str(p) for p in fed.metrics_ports[1:]))  # fmt: skip
+            console.print(
+                f"metrics: server http://127.0.0.1:{fed.metrics_ports[0]}/metrics, clients "
+                + ", ".join(str(p) for p in fed.metrics_ports[1:])
+            )
             run_id = fed.submit(overrides)
             history = follow_with_progress(fed, run_id, out_dir, config.num_server_rounds)
             fed.sample_memory()
@@ -334,7 +422,9 @@ def check_resumable(out_dir: Path, config: RunConfig) -> None:
         check_same_training(checkpoint, config.training_fingerprint(), out_dir)
     done, rounds = (checkpoint.round if checkpoint else 0), config.num_server_rounds
     if done >= rounds:
-        raise ValueError(f"the run in {out_dir} completed {done} of {rounds} rounds: pass --rounds N (> {done}) to train further")
+        raise ValueError(
+            f"the run in {out_dir} completed {done} of {rounds} rounds: pass --rounds N (> {done}) to train further"
+        )
     console.print(f"resuming {out_dir} after round {done} of {rounds}")
 
 
@@ -353,10 +443,13 @@ def round_table(rows: list[dict]) -> Table:
         table.add_column(name, justify="right")
     for r in rows:
         table.add_row(
-            str(r["round"]), f"{r['train_loss']:.4f}", f"{r['eval_loss']:.4f}",
-            f"{100 * r['eval_accuracy']:.2f}%", f"{r['round_seconds']:.1f}",
+            str(r["round"]),
+            f"{r['train_loss']:.4f}",
+            f"{r['eval_loss']:.4f}",
+            f"{100 * r['eval_accuracy']:.2f}%",
+            f"{r['round_seconds']:.1f}",
             str(r["participating_clients"]),
-        )  # fmt: skip
+        )
     return table
 
 
@@ -367,11 +460,17 @@ def follow_with_progress(fed, run_id: int, out_dir: Path, rounds: int) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     rows: list[dict] = []
-    progress = Progress(TextColumn(f"run {run_id}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console)  # fmt: skip
+    progress = Progress(
+        TextColumn(f"run {run_id}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    )
     task = progress.add_task("rounds", total=rounds)
-    live = Live(Group(progress, round_table(rows)), console=console, refresh_per_second=4,
-                transient=False, auto_refresh=console.is_terminal)  # fmt: skip
+    live = Live(
+        Group(progress, round_table(rows)),
+        console=console,
+        refresh_per_second=4,
+        transient=False,
+        auto_refresh=console.is_terminal,
+    )
 
     def on_round(record: dict) -> None:
         rows.append(record)

@@ -97,8 +97,16 @@ class RunConfig:
 
     def training_fingerprint(self) -> dict[str, Any]:
         """The keys that shape the model's training: a resumed run must keep them."""
-        loose = {"num_server_rounds", "round_timeout", "round_retries", "min_nodes", "device", "out_dir", "resume",
-                 "max_examples"}
+        loose = {
+            "num_server_rounds",
+            "round_timeout",
+            "round_retries",
+            "min_nodes",
+            "device",
+            "out_dir",
+            "resume",
+            "max_examples",
+        }
         return {k: v for k, v in self.to_flower().items() if k.replace("-", "_") not in loose}
 
     def to_flower(self) -> dict[str, Any]:
@@ -109,7 +117,10 @@ class RunConfig:
 def check_strategy_fits(config: RunConfig) -> None:
     """Refuse a robust strategy that the run's replies per round cannot carry out."""
     n, f = config.replies_per_round, config.num_malicious_nodes
-    where = f"the run asks {n} node(s) per round (num-partitions={config.num_partitions} x fraction-train={config.fraction_train})"
+    where = (
+        f"the run asks {n} node(s) per round "
+        f"(num-partitions={config.num_partitions} x fraction-train={config.fraction_train})"
+    )
     need = {
         "fedmedian": (3, "a median of fewer than 3 replies is their mean"),
         "krum": (2 * f + 3, f"Krum tolerates num-malicious-nodes={f} only among at least 2f + 3 = {2 * f + 3} replies"),
@@ -123,8 +134,10 @@ def check_strategy_fits(config: RunConfig) -> None:
         "bulyan": (4 * f + 3, f"Bulyan needs at least 4f + 3 = {4 * f + 3} replies for num-malicious-nodes={f}"),
     }.get(config.strategy)
     if need and n < need[0]:
-        raise ConfigError(f"strategy={config.strategy} cannot run: {need[1]}, and {where}. Add nodes, "
-                          "lower num-malicious-nodes, or choose another strategy (fedavg, fedmedian, ...).")
+        raise ConfigError(
+            f"strategy={config.strategy} cannot run: {need[1]}, and {where}. Add nodes, "
+            "lower num-malicious-nodes, or choose another strategy (fedavg, fedmedian, ...)."
+        )
     if config.strategy == "fedtrimmedavg" and int(config.trim_beta * n) < 1:
         raise ConfigError(
             f"strategy=fedtrimmedavg with trim-beta={config.trim_beta} trims nothing from {n} replies "
@@ -167,7 +180,7 @@ def _coerce(key: str, value: Any, kind: str) -> Any:
         expected = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}[kind]
         raise ConfigError(
             f"run config {key!r} must be {expected}, got {value!r} ({type(value).__name__}): "
-            f'set it with -c {key}={_example(kind)}'
+            f"set it with -c {key}={_example(kind)}"
         )
     return float(value) if kind == "float" else value
 

@@ -34,9 +34,17 @@ from fedcifar.config import PARTITIONERS, check_partition
 HUB_DATASET = "uoft-cs/cifar10"
 DATA_ENV = "FEDCIFAR_DATA"
 CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 SPLITS = ("train", "test")
 _HOW_TO_FIX = (
     f"Pass --data PATH (or set {DATA_ENV}) to a folder holding train.parquet and "
@@ -84,9 +92,7 @@ def resolve_source(path: str | os.PathLike | None = None) -> DataSource:
     if not root.exists():
         raise DataError(f"Data path {root} does not exist. {_HOW_TO_FIX}")
     if root.is_file():
-        raise DataError(
-            f"Data path {root} is a file; pass the folder that holds it instead. {_HOW_TO_FIX}"
-        )
+        raise DataError(f"Data path {root} is a file; pass the folder that holds it instead. {_HOW_TO_FIX}")
     for folder in (root, root / "cifar-10-batches-py"):
         if (folder / "data_batch_1").is_file() and (folder / "test_batch").is_file():
             return DataSource("cifar-python", str(folder))
@@ -97,8 +103,7 @@ def resolve_source(path: str | os.PathLike | None = None) -> DataSource:
     missing = " and ".join(s for s, f in (("train", train), ("test", test)) if not f)
     raise DataError(
         f"Data path {root} does not look like CIFAR-10: no {missing} split found "
-        f"(looked for {missing}.parquet, {missing}-*.parquet and data_batch_1/test_batch). "
-        + _HOW_TO_FIX
+        f"(looked for {missing}.parquet, {missing}-*.parquet and data_batch_1/test_batch). " + _HOW_TO_FIX
     )
 
 
@@ -140,12 +145,16 @@ class BatchUnpickler(pickle.Unpickler):
     could otherwise run code on every node."""
 
     ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         ("_codecs", "encode"),  # how Python 3 pickles bytes at protocol 2
-    }  # fmt: skip
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:
@@ -164,9 +173,7 @@ def _load_cifar_python(folder: Path, split: str) -> datasets.Dataset:
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(int(x) for x in batch[b"labels"])
         except (OSError, KeyError, TypeError, ValueError, pickle.UnpicklingError, EOFError) as err:
-            raise DataError(
-                f"{folder / name} is not a CIFAR-10 python batch ({err}). {_HOW_TO_FIX}"
-            ) from err
+            raise DataError(f"{folder / name} is not a CIFAR-10 python batch ({err}). {_HOW_TO_FIX}") from err
     features = datasets.Features(
         {"img": datasets.Array3D((32, 32, 3), "uint8"), "label": datasets.ClassLabel(names=list(CLASSES))}
     )
@@ -178,10 +185,7 @@ def _check_is_cifar10(dataset: datasets.Dataset, source: DataSource, split: str)
     where = f"{source.describe()} ({split} split)"
     missing = {"img", "label"} - set(dataset.column_names)
     if missing:
-        raise DataError(
-            f"{where} has columns {dataset.column_names}, not CIFAR-10's 'img' and 'label'. "
-            + _HOW_TO_FIX
-        )
+        raise DataError(f"{where} has columns {dataset.column_names}, not CIFAR-10's 'img' and 'label'. " + _HOW_TO_FIX)
     label = dataset.features["label"]
     if isinstance(label, datasets.ClassLabel) and tuple(label.names) != CLASSES:
         raise DataError(f"{where} has classes {label.names}, not CIFAR-10's {list(CLASSES)}. {_HOW_TO_FIX}")
@@ -192,9 +196,7 @@ def _check_is_cifar10(dataset: datasets.Dataset, source: DataSource, split: str)
         raise DataError(f"{where} holds images of shape {first.shape}, not 32x32 RGB. {_HOW_TO_FIX}")
 
 
-def make_partitioner(
-    kind: str, num_partitions: int, alpha: float = 0.5, seed: int = 42
-) -> Partitioner:
+def make_partitioner(kind: str, num_partitions: int, alpha: float = 0.5, seed: int = 42) -> Partitioner:
     """An IID or Dirichlet-by-label partitioner from flwr-datasets."""
     check_partition(0, num_partitions)
     if kind == "iid":
@@ -202,9 +204,7 @@ def make_partitioner(
     if kind == "dirichlet":
         if not alpha > 0:
             raise DataError(f"dirichlet-alpha must be > 0, got {alpha}")
-        return DirichletPartitioner(
-            num_partitions=num_partitions, partition_by="label", alpha=alpha, seed=seed
-        )
+        return DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=alpha, seed=seed)
     raise DataError(f"partitioner must be one of {', '.join(PARTITIONERS)}, got {kind!r}")
 
 
@@ -262,9 +262,7 @@ def load_full(source: DataSource, split: str) -> ImageTensors:
 
 def to_tensors(dataset: datasets.Dataset) -> ImageTensors:
     if len(dataset) == 0:
-        return ImageTensors(
-            torch.empty((0, 3, 32, 32), dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
-        )
+        return ImageTensors(torch.empty((0, 3, 32, 32), dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
     columns = dataset.with_format("numpy")[:]
     images = torch.from_numpy(np.ascontiguousarray(columns["img"], dtype=np.uint8))
     labels = torch.from_numpy(np.asarray(columns["label"], dtype=np.int64))

@@ -7,9 +7,10 @@
    interval) and the local reply check at 0.02 s. Only that module's view of ``time`` changes.
 2. **A ClientApp process per message, forked warm.** The SuperNode's SuperExec starts
    ``flwr-clientapp`` as a new process for every message, which spends ~0.6 s of CPU importing
-   Python and Flower's runtime before it handles anything. Here the SuperExec
-   (this module's ``superexec``, started by the SuperNode instead of ``flower-superexec``) forks each ClientApp from a single-threaded fork server that imported
-   that runtime once (``multiprocessing``'s forkserver). Each message still gets its own
+   Python and Flower's runtime before it handles anything. Here the SuperExec (this module's
+   ``superexec``, started by the SuperNode instead of ``flower-superexec``) forks each ClientApp
+   from a single-threaded fork server that imported that runtime once (``multiprocessing``'s
+   forkserver). Each message still gets its own
    process, running Flower's own ``flwr-clientapp`` entry point with the same arguments; the
    app itself is still imported from the run's FAB, not preloaded.
 
@@ -59,8 +60,14 @@ PULL_RETRY_SECONDS = 0.02  # Flower's default: 1 s (flwr.supercore.constant.PULL
 BOUNDED_PULL_RETRY_CAP = 0.5  # Flower's default: 10 s (PULL_BACKOFF_CAP)
 SUPEREXEC, CLIENTAPP = "flower-superexec", "flwr-clientapp"
 # What a ClientApp process imports before it reads its message (not the app: that comes from the FAB)
-CLIENTAPP_PRELOAD = ["flwr.supernode.cli", "flwr.supernode.runtime.run_clientapp", "flwr.clientapp",
-                     "flwr.supercore.inflatable.inflatable_utils", "numpy", "prometheus_client"]  # fmt: skip
+CLIENTAPP_PRELOAD = [
+    "flwr.supernode.cli",
+    "flwr.supernode.runtime.run_clientapp",
+    "flwr.clientapp",
+    "flwr.supercore.inflatable.inflatable_utils",
+    "numpy",
+    "prometheus_client",
+]
 # Run in the forked child: Flower's flwr-clientapp entry point, named like it in /proc/<pid>/comm.
 # (exec of a string keeps fedcifar itself out of the child, so the FAB's fedcifar is the one imported.)
 CLIENTAPP_MAIN = """
@@ -98,7 +105,9 @@ def capped_time(idle: float, local: float = LOCAL_CHECK_SECONDS) -> types.Simple
 
 def rerouted_subprocess(reroute) -> types.SimpleNamespace:
     """The ``subprocess`` module, but ``Popen(args, ...)`` goes to ``reroute(args, **kwargs)``."""
-    proxy = types.SimpleNamespace(**{name: getattr(subprocess, name) for name in dir(subprocess) if not name.startswith("__")})
+    proxy = types.SimpleNamespace(
+        **{name: getattr(subprocess, name) for name in dir(subprocess) if not name.startswith("__")}
+    )
     proxy.Popen = reroute
     return proxy
 
@@ -125,7 +134,9 @@ def pulls_bounded_by(seconds: float, retry_cap: float = BOUNDED_PULL_RETRY_CAP) 
 
     defaults = inflatable_utils.pull_objects.__kwdefaults__
     saved = dict(defaults)
-    defaults.update(max_time=min(max(seconds, 0.0), saved["max_time"]), backoff_cap=min(retry_cap, saved["backoff_cap"]))
+    defaults.update(
+        max_time=min(max(seconds, 0.0), saved["max_time"]), backoff_cap=min(retry_cap, saved["backoff_cap"])
+    )
     try:
         yield
     finally:
@@ -199,8 +210,12 @@ def check_flower_version(installed: str | None = None) -> None:
     if installed.split(".")[:2] == VERIFIED_FLWR.split("."):
         return
     if os.environ.get(ALLOW_UNVERIFIED_ENV) == "1":
-        print(f"fedcifar: flwr {installed} is not {VERIFIED_FLWR}.*, on which flower_tuning.py was verified; "
-              f"going on as {ALLOW_UNVERIFIED_ENV}=1 says", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"fedcifar: flwr {installed} is not {VERIFIED_FLWR}.*, on which flower_tuning.py was verified; "
+            f"going on as {ALLOW_UNVERIFIED_ENV}=1 says",
+            file=sys.stderr,
+            flush=True,
+        )
         return
     raise UnverifiedFlower(
         f"fedcifar changes some of Flower's behaviour (fedcifar/flower_tuning.py; the round deadlines depend on "

@@ -23,18 +23,26 @@ def flower_binary(name: str) -> str:
 
 
 def flwr(
-    *args: str, env: dict[str, str] | None = None, flwr_home: Path | None = None, timeout: float | None = 120,
+    *args: str,
+    env: dict[str, str] | None = None,
+    flwr_home: Path | None = None,
+    timeout: float | None = 120,
     capture: bool = True,
-) -> subprocess.CompletedProcess:  # fmt: skip
+) -> subprocess.CompletedProcess:
     """``flwr ARGS`` to its end (``subprocess.TimeoutExpired`` after ``timeout`` seconds), in ``env``
     (default: this process's), with ``$FLWR_HOME`` set to ``flwr_home`` when given."""
     env = dict(os.environ if env is None else env)
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return subprocess.run(
-        [flower_binary("flwr"), *args], env=env, capture_output=capture, text=True, timeout=timeout,
-        stdin=subprocess.DEVNULL, check=False,
-    )  # fmt: skip
+        [flower_binary("flwr"), *args],
+        env=env,
+        capture_output=capture,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 def flwr_json(*args: str, **kwargs) -> dict:

@@ -137,16 +137,30 @@ class LocalFederation:
         write_connection(self.flwr_home, CONNECTION, f"127.0.0.1:{self.superlink_port}")
         for i in range(self.clients):
             self.metrics_dir(i).parent.mkdir(exist_ok=True)
-        link = ["--insecure", "--host", "127.0.0.1", "--port", str(self.superlink_port),
-                "--disable-runtime-dependency-installation"]  # fmt: skip
+        link = [
+            "--insecure",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.superlink_port),
+            "--disable-runtime-dependency-installation",
+        ]
         if self.stock:
             server = self._spawn("superlink", [flower_binary("flower-superlink"), *link], None)
         else:
             server = self._spawn(
-                "superlink", [*FEDCIFAR, "superlink", "--metrics-port", str(self.metrics_ports[0]),
-                              "--metrics-host", "127.0.0.1", *link],
+                "superlink",
+                [
+                    *FEDCIFAR,
+                    "superlink",
+                    "--metrics-port",
+                    str(self.metrics_ports[0]),
+                    "--metrics-host",
+                    "127.0.0.1",
+                    *link,
+                ],
                 self.metrics_ports[0],
-            )  # fmt: skip
+            )
         deadline = time.monotonic() + timeout
         wait_for_port(self.superlink_port, deadline, server)
         for i in range(self.clients):
@@ -155,9 +169,21 @@ class LocalFederation:
                 config = node_config(i, self.clients, self.data)
                 self._spawn(f"supernode-{i}", [flower_binary("flower-supernode"), *node, "--node-config", config], None)
                 continue
-            args = [*FEDCIFAR, "supernode", "--metrics-port", str(self.metrics_ports[i + 1]),
-                    "--metrics-host", "127.0.0.1", "--metrics-dir", str(self.metrics_dir(i)), "--partition-id", str(i),
-                    "--num-partitions", str(self.clients), *node]  # fmt: skip
+            args = [
+                *FEDCIFAR,
+                "supernode",
+                "--metrics-port",
+                str(self.metrics_ports[i + 1]),
+                "--metrics-host",
+                "127.0.0.1",
+                "--metrics-dir",
+                str(self.metrics_dir(i)),
+                "--partition-id",
+                str(i),
+                "--num-partitions",
+                str(self.clients),
+                *node,
+            ]
             if self.data:
                 args += ["--data", str(self.data)]
             self._spawn(f"supernode-{i}", args, self.metrics_ports[i + 1])
@@ -187,9 +213,14 @@ class LocalFederation:
     def _popen(self, command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
         with open(log_path, "ab") as log_file:
             return subprocess.Popen(
-                command, cwd=self.work_dir, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,  # Ctrl-C reaches us, not them
-            )  # fmt: skip
+                command,
+                cwd=self.work_dir,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches us, not them
+            )
 
     def restart_dead_supernodes(self) -> list[str]:
         """Start every SuperNode that exited again, with the same partition; say which."""
@@ -247,8 +278,13 @@ class LocalFederation:
         return str(runs[0]["status"]) if runs else "unknown"
 
     def follow(
-        self, run_id: int, out_dir: Path, on_round: Callable[[dict], None], poll: float = 0.5,
-        status_every: float = 5.0, on_notice: Callable[[str], None] = print,
+        self,
+        run_id: int,
+        out_dir: Path,
+        on_round: Callable[[dict], None],
+        poll: float = 0.5,
+        status_every: float = 5.0,
+        on_notice: Callable[[str], None] = print,
     ) -> dict[str, Any]:
         """Report each new round of ``out_dir/history.json`` until the run ends; return the history.
 
@@ -275,7 +311,9 @@ class LocalFederation:
             if time.monotonic() >= next_status:
                 status = self.run_status(run_id)
                 if status.startswith("finished") and not status.endswith("completed"):
-                    raise FederationError(f"run {run_id} ended as {status}. Its log ends with:\n{self.run_log_tail(run_id)}")
+                    raise FederationError(
+                        f"run {run_id} ended as {status}. Its log ends with:\n{self.run_log_tail(run_id)}"
+                    )
                 next_status = time.monotonic() + status_every
             time.sleep(poll)
 
@@ -297,7 +335,10 @@ def idle_polling(nodes: int, cpus: int) -> dict[str, str]:
     2 per core: idle, 16 nodes on 2 cores sent ~220 requests a second at the defaults, and
     rounds took 5.2 s instead of 3.5 s (benchmarks/RESULTS.md). A pod has cores of its own."""
     stretch = max(1.0, nodes / (2 * cpus))
-    return {POLL_ENV: f"{DEFAULT_POLL_SECONDS * stretch:g}", SUPEREXEC_POLL_ENV: f"{SUPEREXEC_POLL_SECONDS * stretch:g}"}
+    return {
+        POLL_ENV: f"{DEFAULT_POLL_SECONDS * stretch:g}",
+        SUPEREXEC_POLL_ENV: f"{SUPEREXEC_POLL_SECONDS * stretch:g}",
+    }
 
 
 def toml_value(value: Any) -> str:

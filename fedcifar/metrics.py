@@ -5,8 +5,9 @@ message, so an HTTP exporter inside them would come and go. Instead the long-liv
 process (``fedcifar superlink`` / ``fedcifar supernode``, see ``node.py``) owns the HTTP
 endpoint and serves prometheus_client's multiprocess collector over a directory that every
 process it spawns writes into (``PROMETHEUS_MULTIPROC_DIR``, inherited by the node's trainer and,
-through Flower's SuperExec, by the ServerApp and ClientApp processes). Counters and histograms add up across processes; gauges keep the most recent
-value, so the last round's loss stays visible between rounds and between runs.
+through Flower's SuperExec, by the ServerApp and ClientApp processes). Counters and histograms
+add up across processes; gauges keep the most recent value, so the last round's loss stays
+visible between rounds and between runs.
 
 Names follow Prometheus conventions: one ``fedcifar_`` prefix, base units, ``_total`` on
 counters. Server-side series have no role infix; node-side series are ``fedcifar_client_*``
@@ -20,8 +21,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client import multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SITE_ENV = "FEDCIFAR_SITE"
@@ -30,8 +30,16 @@ UNKNOWN_SITE = "unknown"  # a SuperNode registered without a site name (or not r
 FAILURE_REASONS = ("error", "timeout")  # an error reply; no reply before the round's deadline
 # why a reply was refused (server/replies.py): its records, its arrays' layout or bytes, NaN/Inf, its
 # metrics, a weight above its slot's size, a slot answered twice or not its key's, an error checking it
-REJECT_REASONS = ("bad_records", "wrong_shape", "non_finite", "bad_metrics", "too_many_examples",
-                  "duplicate_partition", "wrong_slot", "unreadable")  # fmt: skip
+REJECT_REASONS = (
+    "bad_records",
+    "wrong_shape",
+    "non_finite",
+    "bad_metrics",
+    "too_many_examples",
+    "duplicate_partition",
+    "wrong_slot",
+    "unreadable",
+)
 ROUND_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 TRAIN_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -42,60 +50,76 @@ class ServerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         kw = {"registry": registry} if registry is not None else {}
         self.round = Gauge(
-            "fedcifar_round", "Current (or last) federated round number.",
-            multiprocess_mode="mostrecent", **kw,
-        )  # fmt: skip
-        self.num_rounds = Gauge(
-            "fedcifar_run_rounds", "Rounds configured for the current run.",
-            multiprocess_mode="mostrecent", **kw,
-        )  # fmt: skip
-        self.rounds_completed = Counter(
-            "fedcifar_rounds_completed", "Federated rounds completed.", **kw
+            "fedcifar_round",
+            "Current (or last) federated round number.",
+            multiprocess_mode="mostrecent",
+            **kw,
         )
+        self.num_rounds = Gauge(
+            "fedcifar_run_rounds",
+            "Rounds configured for the current run.",
+            multiprocess_mode="mostrecent",
+            **kw,
+        )
+        self.rounds_completed = Counter("fedcifar_rounds_completed", "Federated rounds completed.", **kw)
         self.round_duration = Histogram(
-            "fedcifar_round_duration_seconds", "Wall time of a round: train, aggregate, evaluate.",
-            buckets=ROUND_BUCKETS, **kw,
-        )  # fmt: skip
+            "fedcifar_round_duration_seconds",
+            "Wall time of a round: train, aggregate, evaluate.",
+            buckets=ROUND_BUCKETS,
+            **kw,
+        )
         self.train_loss = Gauge(
-            "fedcifar_train_loss", "Training loss of the last round, averaged over clients by examples.",
-            multiprocess_mode="mostrecent", **kw,
-        )  # fmt: skip
+            "fedcifar_train_loss",
+            "Training loss of the last round, averaged over clients by examples.",
+            multiprocess_mode="mostrecent",
+            **kw,
+        )
         self.eval_loss = Gauge(
-            "fedcifar_eval_loss", "Server-side test loss of the global model after the last round.",
-            multiprocess_mode="mostrecent", **kw,
-        )  # fmt: skip
+            "fedcifar_eval_loss",
+            "Server-side test loss of the global model after the last round.",
+            multiprocess_mode="mostrecent",
+            **kw,
+        )
         self.eval_accuracy = Gauge(
-            "fedcifar_eval_accuracy", "Server-side test accuracy (0-1) of the global model after the last round.",
-            multiprocess_mode="mostrecent", **kw,
-        )  # fmt: skip
+            "fedcifar_eval_accuracy",
+            "Server-side test accuracy (0-1) of the global model after the last round.",
+            multiprocess_mode="mostrecent",
+            **kw,
+        )
         self.connected_clients = Gauge(
-            "fedcifar_connected_clients", "SuperNodes connected to the SuperLink when the last round started.",
-            multiprocess_mode="mostrecent", **kw,
-        )  # fmt: skip
+            "fedcifar_connected_clients",
+            "SuperNodes connected to the SuperLink when the last round started.",
+            multiprocess_mode="mostrecent",
+            **kw,
+        )
         self.participating_clients = Gauge(
-            "fedcifar_participating_clients", "Clients whose training reply was aggregated in the last round.",
-            multiprocess_mode="mostrecent", **kw,
-        )  # fmt: skip
+            "fedcifar_participating_clients",
+            "Clients whose training reply was aggregated in the last round.",
+            multiprocess_mode="mostrecent",
+            **kw,
+        )
         self.examples_trained = Counter(
             "fedcifar_examples_trained", "Training examples processed by all clients (epochs included).", **kw
-        )  # fmt: skip
-        self.sent_bytes = Counter(
-            "fedcifar_sent_bytes", "Model bytes sent by the server to clients.", **kw
         )
+        self.sent_bytes = Counter("fedcifar_sent_bytes", "Model bytes sent by the server to clients.", **kw)
         self.received_bytes = Counter(
             "fedcifar_received_bytes", "Model bytes received by the server from clients.", **kw
         )
         self.failures = Counter(
-            "fedcifar_client_failures", "Expected client replies that carried an error or missed the round's deadline.",
-            ["partition", "site", "reason"], **kw,
-        )  # fmt: skip
+            "fedcifar_client_failures",
+            "Expected client replies that carried an error or missed the round's deadline.",
+            ["partition", "site", "reason"],
+            **kw,
+        )
         self.rejected_updates = Counter(
-            "fedcifar_rejected_updates", "Client replies (train and evaluate) refused before use (REJECT_REASONS).",
-            ["partition", "site", "reason"], **kw,
-        )  # fmt: skip
+            "fedcifar_rejected_updates",
+            "Client replies (train and evaluate) refused before use (REJECT_REASONS).",
+            ["partition", "site", "reason"],
+            **kw,
+        )
         self.failed_round_attempts = Counter(
             "fedcifar_failed_round_attempts", "Round attempts that aggregated no client update (then retried).", **kw
-        )  # fmt: skip
+        )
 
 
 class ClientMetrics:
@@ -106,50 +130,74 @@ class ClientMetrics:
         self.site = node_site()
         part = ["site", "partition"]
         self.info = Gauge(
-            "fedcifar_client_info", "Always 1; labels: this node's site, partition (slot), the slot count, its device.",
-            ["site", "partition", "num_partitions", "device"], multiprocess_mode="mostrecent", **kw,
-        )  # fmt: skip
+            "fedcifar_client_info",
+            "Always 1; labels: this node's site, partition (slot), the slot count, its device.",
+            ["site", "partition", "num_partitions", "device"],
+            multiprocess_mode="mostrecent",
+            **kw,
+        )
         self.node = Gauge(
-            "fedcifar_client_node", "1 once the SuperLink has activated this SuperNode; labels: its site, Flower node id.",
-            ["site", "node_id"], multiprocess_mode="mostrecent", **kw,
-        )  # fmt: skip
+            "fedcifar_client_node",
+            "1 once the SuperLink has activated this SuperNode; labels: its site, Flower node id.",
+            ["site", "node_id"],
+            multiprocess_mode="mostrecent",
+            **kw,
+        )
         self.train_loss = Gauge(
-            "fedcifar_client_train_loss", "Training loss of this node's last training round.",
-            part, multiprocess_mode="mostrecent", **kw,
-        )  # fmt: skip
+            "fedcifar_client_train_loss",
+            "Training loss of this node's last training round.",
+            part,
+            multiprocess_mode="mostrecent",
+            **kw,
+        )
         self.eval_loss = Gauge(
-            "fedcifar_client_eval_loss", "Loss of the global model on this node's test partition.",
-            part, multiprocess_mode="mostrecent", **kw,
-        )  # fmt: skip
+            "fedcifar_client_eval_loss",
+            "Loss of the global model on this node's test partition.",
+            part,
+            multiprocess_mode="mostrecent",
+            **kw,
+        )
         self.eval_accuracy = Gauge(
-            "fedcifar_client_eval_accuracy", "Accuracy (0-1) of the global model on this node's test partition.",
-            part, multiprocess_mode="mostrecent", **kw,
-        )  # fmt: skip
+            "fedcifar_client_eval_accuracy",
+            "Accuracy (0-1) of the global model on this node's test partition.",
+            part,
+            multiprocess_mode="mostrecent",
+            **kw,
+        )
         self.last_round = Gauge(
-            "fedcifar_client_round", "Server round of this node's last training message.",
-            part, multiprocess_mode="mostrecent", **kw,
-        )  # fmt: skip
+            "fedcifar_client_round",
+            "Server round of this node's last training message.",
+            part,
+            multiprocess_mode="mostrecent",
+            **kw,
+        )
         self.examples_trained = Counter(
             "fedcifar_client_examples_trained", "Training examples processed on this node.", part, **kw
-        )  # fmt: skip
+        )
         self.train_duration = Histogram(
-            "fedcifar_client_train_duration_seconds", "Time spent in the training loop per message.",
-            part, buckets=TRAIN_BUCKETS, **kw,
-        )  # fmt: skip
+            "fedcifar_client_train_duration_seconds",
+            "Time spent in the training loop per message.",
+            part,
+            buckets=TRAIN_BUCKETS,
+            **kw,
+        )
         self.messages = Counter(
-            "fedcifar_client_messages", "Messages handled by this node (train, evaluate).",
-            ["site", "partition", "kind"], **kw,
-        )  # fmt: skip
+            "fedcifar_client_messages",
+            "Messages handled by this node (train, evaluate).",
+            ["site", "partition", "kind"],
+            **kw,
+        )
         self.received_bytes = Counter(
             "fedcifar_client_received_bytes", "Model bytes received from the server.", part, **kw
         )
-        self.sent_bytes = Counter(
-            "fedcifar_client_sent_bytes", "Model bytes sent to the server.", part, **kw
-        )
+        self.sent_bytes = Counter("fedcifar_client_sent_bytes", "Model bytes sent to the server.", part, **kw)
         self.peak_rss = Gauge(
-            "fedcifar_client_app_peak_rss_bytes", "Peak resident memory of a ClientApp process.",
-            part, multiprocess_mode="max", **kw,
-        )  # fmt: skip
+            "fedcifar_client_app_peak_rss_bytes",
+            "Peak resident memory of a ClientApp process.",
+            part,
+            multiprocess_mode="max",
+            **kw,
+        )
 
 
 def message_bytes(arrays: dict) -> int:

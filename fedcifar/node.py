@@ -80,7 +80,10 @@ def node_config(
 
 
 def run_node(
-    command: list[str], metrics_port: int, metrics_host: str, metrics_dir: str | None,
+    command: list[str],
+    metrics_port: int,
+    metrics_host: str,
+    metrics_dir: str | None,
     trainer: list[str] | None = None,
 ) -> int:
     """Serve metrics and run ``command`` to its end (forwarding SIGTERM/SIGINT); return its code.

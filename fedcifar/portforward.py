@@ -72,8 +72,9 @@ class PortForward:
         from kubernetes.stream import portforward
 
         try:
-            forward = portforward(self.core.connect_get_namespaced_pod_portforward, pod, self.namespace,
-                                  ports=str(self.port))  # fmt: skip
+            forward = portforward(
+                self.core.connect_get_namespaced_pod_portforward, pod, self.namespace, ports=str(self.port)
+            )
         except ApiException as err:
             raise PortForwardError(
                 f"the API server refused a port-forward to {self.namespace}/{pod}:{self.port} ({err.reason}): "
@@ -104,7 +105,7 @@ class PortForward:
 
     def __enter__(self) -> str:
         threading.Thread(target=self.serve, name="port-forward", daemon=True).start()
-        return "127.0.0.1:%d" % self.listener.getsockname()[1]
+        return f"127.0.0.1:{self.listener.getsockname()[1]}"
 
     def __exit__(self, *_exc: object) -> None:
         try:

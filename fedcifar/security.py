@@ -78,8 +78,11 @@ def openssh_private_key(source: Path, target: Path) -> Path:
     target.unlink(missing_ok=True)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
-        out.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                    serialization.NoEncryption()))  # fmt: skip
+        out.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            )
+        )
     return target
 
 
@@ -256,7 +259,9 @@ def register_public_keys(
             except ValueError as err:
                 problem = str(err)
             else:
-                problem = None if name else "name it <site>.<key name>.pub, the site a DNS label (hospital-a.slot-0.pub)"
+                problem = (
+                    None if name else "name it <site>.<key name>.pub, the site a DNS label (hospital-a.slot-0.pub)"
+                )
             if problem:
                 print(f"fedcifar: SuperNode key {path.name} not registered: {problem}", flush=True)
                 refused.add(seen)
@@ -284,8 +289,16 @@ class KeyRegistrar(threading.Thread):
     restarted container keeps the pod's emptyDir); a key that fails is retried on the next scan.
     """
 
-    def __init__(self, *, port: int, root_certificates: str, keys: list[KeyFolder], flwr_home: Path,
-                 ready_file: Path | None, interval: float = 5.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        port: int,
+        root_certificates: str,
+        keys: list[KeyFolder],
+        flwr_home: Path,
+        ready_file: Path | None,
+        interval: float = 5.0,
+    ) -> None:
         super().__init__(name="supernode-key-registrar", daemon=True)
         self.address = f"127.0.0.1:{port}"
         self.root_certificates, self.keys, self.flwr_home = root_certificates, keys, flwr_home
@@ -339,5 +352,10 @@ def superlink_registrar(command: list[str], run_dir: Path) -> KeyRegistrar | Non
     if not ca:
         raise ValueError("--enable-supernode-auth needs TLS: pass --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile")
     ready = os.environ.get(READY_FILE_ENV)
-    return KeyRegistrar(port=int(flag_value(command, "--port") or 8000), root_certificates=ca, keys=keys,
-                        flwr_home=run_dir / "registrar-flwr", ready_file=Path(ready) if ready else None)  # fmt: skip
+    return KeyRegistrar(
+        port=int(flag_value(command, "--port") or 8000),
+        root_certificates=ca,
+        keys=keys,
+        flwr_home=run_dir / "registrar-flwr",
+        ready_file=Path(ready) if ready else None,
+    )

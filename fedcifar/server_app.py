@@ -111,8 +111,7 @@ def expected_replies(config: RunConfig, source: DataSource, arrays: ArrayRecord)
     else:
         cut = (n, config.partitioner, config.dirichlet_alpha, config.seed)
         train, evaluate_ = partition_sizes(source, "train", *cut), partition_sizes(source, "test", *cut)
-        where = (f"the slots' sizes in {source.describe()} (set -c max-examples=N when sites train data "
-                 "of their own)")  # fmt: skip
+        where = f"the slots' sizes in {source.describe()} (set -c max-examples=N when sites train data of their own)"
     log.info("A training reply may weigh at most %s examples per slot: %s", list(train), where)
     return Expected(Expected.layout_of(arrays), train, evaluate_, config.local_epochs, config.round_timeout)
 

@@ -53,7 +53,6 @@ def soak(config: SoakConfig, data: str | None, out: Path) -> dict[str, Any]:
     run_dir = out / "run"
     rows: list[dict[str, Any]] = []
     with LocalFederation(clients=config.clients, app_dir=PROJECT, work_dir=out, data=str(subset)) as fed:
-
         folders: dict[str, list[dict[str, float]]] = {}
 
         def on_round(record: dict) -> None:
@@ -61,38 +60,58 @@ def soak(config: SoakConfig, data: str | None, out: Path) -> dict[str, Any]:
                 folders["start" if record["round"] == config.baseline_round else "end"] = metrics_folders(fed)
             rss = [tree_rss(node.popen.pid) for node in fed.nodes[1:]]
             failed = (
-                record["participating_clients"] < config.clients or record["failures"] > 0
-                or record.get("rejected_updates", 0) > 0 or record.get("attempts", 1) > 1
-            )  # fmt: skip
-            rows.append({"round": record["round"], "seconds": record["round_seconds"], "failed": failed,
-                         "clients": record["participating_clients"], "node_rss_bytes": rss})  # fmt: skip
+                record["participating_clients"] < config.clients
+                or record["failures"] > 0
+                or record.get("rejected_updates", 0) > 0
+                or record.get("attempts", 1) > 1
+            )
+            rows.append(
+                {
+                    "round": record["round"],
+                    "seconds": record["round_seconds"],
+                    "failed": failed,
+                    "clients": record["participating_clients"],
+                    "node_rss_bytes": rss,
+                }
+            )
             console.print(
                 f"round {record['round']:>3}: {record['round_seconds']:5.2f}s, {record['participating_clients']} "
-                f"clients{' FAILED' if failed else ''}, node RSS "
-                + ", ".join(f"{b / 2**20:.0f}" for b in rss) + " MiB"
+                f"clients{' FAILED' if failed else ''}, node RSS " + ", ".join(f"{b / 2**20:.0f}" for b in rss) + " MiB"
             )
 
-        run_id = fed.submit({"num-server-rounds": config.rounds, "min-nodes": config.clients,
-                             "num-partitions": config.clients, "fraction-evaluate": 1.0,
-                             "out-dir": str(run_dir)})  # fmt: skip
+        run_id = fed.submit(
+            {
+                "num-server-rounds": config.rounds,
+                "min-nodes": config.clients,
+                "num-partitions": config.clients,
+                "fraction-evaluate": 1.0,
+                "out-dir": str(run_dir),
+            }
+        )
         fed.follow(run_id, run_dir, on_round, on_notice=lambda text: console.print(f"[yellow]{text}[/]"))
         restarts = sum(node.restarts for node in fed.nodes[1:])
     baseline = next(r for r in rows if r["round"] == min(config.baseline_round, len(rows)))
     later = [r for r in rows if r["round"] > baseline["round"]] or [baseline]
     growth = max(
-        max(r["node_rss_bytes"][i] for r in later) / baseline["node_rss_bytes"][i] - 1
-        for i in range(config.clients)
-    )  # fmt: skip
+        max(r["node_rss_bytes"][i] for r in later) / baseline["node_rss_bytes"][i] - 1 for i in range(config.clients)
+    )
     return {
-        "machine": machine(), "clients": config.clients, "rounds": len(rows),
-        "failed_rounds": sum(r["failed"] for r in rows), "node_restarts": restarts,
+        "machine": machine(),
+        "clients": config.clients,
+        "rounds": len(rows),
+        "failed_rounds": sum(r["failed"] for r in rows),
+        "node_restarts": restarts,
         "round_seconds_mean": statistics.mean(r["seconds"] for r in rows[1:] or rows),
         "round_seconds_max": max(r["seconds"] for r in rows),
-        "baseline_round": baseline["round"], "baseline_node_rss_bytes": baseline["node_rss_bytes"],
-        "final_node_rss_bytes": rows[-1]["node_rss_bytes"], "memory_growth": growth,
-        "max_growth": config.max_growth, "messages_per_node": 2 * len(rows),
-        "metrics_folders": folders, "metrics_folder_problems": folder_problems(folders),
-    }  # fmt: skip
+        "baseline_round": baseline["round"],
+        "baseline_node_rss_bytes": baseline["node_rss_bytes"],
+        "final_node_rss_bytes": rows[-1]["node_rss_bytes"],
+        "memory_growth": growth,
+        "max_growth": config.max_growth,
+        "messages_per_node": 2 * len(rows),
+        "metrics_folders": folders,
+        "metrics_folder_problems": folder_problems(folders),
+    }
 
 
 def metrics_folders(fed: LocalFederation) -> list[dict[str, float]]:
@@ -113,22 +132,32 @@ def folder_problems(folders: dict[str, list[dict[str, float]]]) -> list[str]:
     if set(folders) != {"start", "end"}:
         return ["the metrics folders were not measured at both rounds"]
     problems = []
-    for i, (start, end) in enumerate(zip(folders["start"], folders["end"])):
+    for i, (start, end) in enumerate(zip(folders["start"], folders["end"], strict=True)):
         if end["files"] > start["files"] + MAX_NEW_METRICS_FILES:
             problems.append(f"client {i}: metrics folder grew from {start['files']} to {end['files']} files")
         if end["scrape_seconds"] > MAX_SCRAPE_SLOWDOWN * start["scrape_seconds"]:
-            problems.append(f"client {i}: a scrape took {1e3 * end['scrape_seconds']:.1f} ms, "
-                            f"{1e3 * start['scrape_seconds']:.1f} ms at the start")  # fmt: skip
+            problems.append(
+                f"client {i}: a scrape took {1e3 * end['scrape_seconds']:.1f} ms, "
+                f"{1e3 * start['scrape_seconds']:.1f} ms at the start"
+            )
     return problems
 
 
 def report(result: dict[str, Any]) -> int:
     """Print the verdict and the JSON line; 0 if the soak passed."""
-    ok = (result["failed_rounds"] == 0 and result["memory_growth"] <= result["max_growth"]
-          and not result["metrics_folder_problems"])  # fmt: skip
+    ok = (
+        result["failed_rounds"] == 0
+        and result["memory_growth"] <= result["max_growth"]
+        and not result["metrics_folder_problems"]
+    )
     for side in ("start", "end"):
-        console.print(f"metrics folders ({side}): " + ", ".join(
-            f"{f['files']} files, scrape {1e3 * f['scrape_seconds']:.1f} ms" for f in result["metrics_folders"].get(side, [])))  # fmt: skip
+        console.print(
+            f"metrics folders ({side}): "
+            + ", ".join(
+                f"{f['files']} files, scrape {1e3 * f['scrape_seconds']:.1f} ms"
+                for f in result["metrics_folders"].get(side, [])
+            )
+        )
     for problem in result["metrics_folder_problems"]:
         console.print(f"[bold red]{problem}[/]")
     console.print(

@@ -74,8 +74,11 @@ def clients_ready(urls: list[str], num_partitions: int) -> Callable[[], bool]:
         seen = {url: client_partitions(url) for url in urls}
         waiting = [url for url, n in seen.items() if n != num_partitions]
         if waiting:
-            print(f"fedcifar: waiting for {len(waiting)} client(s) activated with {num_partitions} partitions: "
-                  + ", ".join(f"{u} ({seen[u]})" for u in waiting), flush=True)  # fmt: skip
+            print(
+                f"fedcifar: waiting for {len(waiting)} client(s) activated with {num_partitions} partitions: "
+                + ", ".join(f"{u} ({seen[u]})" for u in waiting),
+                flush=True,
+            )
         return not waiting
 
     return ready
@@ -115,8 +118,11 @@ def nodes_online(count: int) -> Callable[[], bool]:
             print(f"fedcifar: listing SuperNodes failed (retrying): {err}", flush=True)
             return False
         if len(online) < count:
-            print(f"fedcifar: waiting for {count} SuperNodes online, {len(online)} so far: "
-                  + (", ".join(online) or "none"), flush=True)  # fmt: skip
+            print(
+                f"fedcifar: waiting for {count} SuperNodes online, {len(online)} so far: "
+                + (", ".join(online) or "none"),
+                flush=True,
+            )
         return len(online) >= count
 
     return ready
@@ -133,8 +139,11 @@ def follow_logs(run_id: int, timeout: float | None) -> bool:
     try:
         flwr("log", str(run_id), CONNECTION, "--stream", timeout=timeout, capture=False)
     except subprocess.TimeoutExpired:
-        print(f"fedcifar: gave up following run {run_id} after {timeout:.0f}s (--run-timeout: rounds x round-timeout "
-              "x (round-retries + 3)); it may still be going on the SuperLink", flush=True)  # fmt: skip
+        print(
+            f"fedcifar: gave up following run {run_id} after {timeout:.0f}s (--run-timeout: rounds x round-timeout "
+            "x (round-retries + 3)); it may still be going on the SuperLink",
+            flush=True,
+        )
         return False
     return True
 
@@ -156,9 +165,18 @@ def control_api(superlink: str, pod_selector: str | None, port: int) -> Iterator
 
 
 def submit(
-    *, app: str, superlink: str, run_config: str, client_metrics: list[str], num_partitions: int | None,
-    timeout: float, stream: bool = True, control_pod_selector: str | None = None, control_port: int = 9093,
-    min_nodes: int = 0, run_timeout: float | None = None,
+    *,
+    app: str,
+    superlink: str,
+    run_config: str,
+    client_metrics: list[str],
+    num_partitions: int | None,
+    timeout: float,
+    stream: bool = True,
+    control_pod_selector: str | None = None,
+    control_port: int = 9093,
+    min_nodes: int = 0,
+    run_timeout: float | None = None,
 ) -> int:
     """Wait for the federation, stop runs still going, start the run and stream its logs.
 

@@ -197,4 +197,4 @@ def load_flat_weights(net: nn.Module, flat: np.ndarray) -> None:
     if flat.ndim != 1 or flat.size != sum(sizes):
         raise ValueError(f"expected {sum(sizes)} weights in one vector, got an array of shape {flat.shape}")
     parts = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32)).split(sizes)
-    net.load_state_dict({name: part.view_as(t) for (name, t), part in zip(state.items(), parts)})
+    net.load_state_dict({name: part.view_as(t) for (name, t), part in zip(state.items(), parts, strict=True)})

@@ -55,9 +55,14 @@ class Trainer:
     def _data(self, task: Task, config: RunConfig, split: str, device: torch.device) -> ImageTensors:
         partition = task.data_partition or (task.partition_id, task.num_partitions)
         return resident_partition(
-            device, resolve_source(task.data_path), split, *partition,
-            config.partitioner, config.dirichlet_alpha, config.seed,
-        )  # fmt: skip
+            device,
+            resolve_source(task.data_path),
+            split,
+            *partition,
+            config.partitioner,
+            config.dirichlet_alpha,
+            config.seed,
+        )
 
     def _model(self, task: Task) -> Net:
         if set(task.arrays) != {MODEL_KEY}:
@@ -74,12 +79,17 @@ class Trainer:
         data = self._data(task, config, "train", device)
         net = self._model(task)
         result = train(
-            net, data,
-            epochs=config.local_epochs, batch_size=config.batch_size,
-            lr=task.lr if task.lr is not None else config.learning_rate, momentum=config.momentum,
-            device=device, seed=config.seed + task.partition_id,
-            first_epoch=(task.server_round - 1) * config.local_epochs, augmented=config.augment,
-        )  # fmt: skip
+            net,
+            data,
+            epochs=config.local_epochs,
+            batch_size=config.batch_size,
+            lr=task.lr if task.lr is not None else config.learning_rate,
+            momentum=config.momentum,
+            device=device,
+            seed=config.seed + task.partition_id,
+            first_epoch=(task.server_round - 1) * config.local_epochs,
+            augmented=config.augment,
+        )
         arrays = {MODEL_KEY: flat_weights(net)}
         part, m = str(task.partition_id), client_metrics()
         m.last_round.labels(m.site, part).set(task.server_round)
@@ -89,9 +99,14 @@ class Trainer:
         self._record_memory(task)
         log.info(
             "partition %d/%d round %d: %d examples on %s, loss %.4f, %.2fs",
-            task.partition_id, task.num_partitions, task.server_round, result.examples,
-            device.type, result.loss, result.seconds,
-        )  # fmt: skip
+            task.partition_id,
+            task.num_partitions,
+            task.server_round,
+            result.examples,
+            device.type,
+            result.loss,
+            result.seconds,
+        )
         metrics = {
             "train_loss": result.loss,
             "num-examples": len(data),
@@ -109,8 +124,12 @@ class Trainer:
         m.eval_loss.labels(m.site, part).set(loss)
         m.eval_accuracy.labels(m.site, part).set(accuracy)
         self._record_memory(task)
-        metrics = {"eval_loss": loss, "eval_accuracy": accuracy, "num-examples": len(data),
-                   "partition-id": task.partition_id}  # fmt: skip
+        metrics = {
+            "eval_loss": loss,
+            "eval_accuracy": accuracy,
+            "num-examples": len(data),
+            "partition-id": task.partition_id,
+        }
         return Reply(metrics)
 
     @staticmethod
@@ -158,8 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     note = " (no CUDA device visible: training falls back to the CPU)" if device == "cpu" else ""
     m = client_metrics()
     m.info.labels(m.site, str(args.partition_id), str(args.num_partitions), device).set(1)
-    print(f"fedcifar: trainer for partition {args.partition_id} of {args.num_partitions} on {device}{note}",
-          flush=True)  # fmt: skip
+    print(f"fedcifar: trainer for partition {args.partition_id} of {args.num_partitions} on {device}{note}", flush=True)
     serve(Trainer(), listener)
 
 

@@ -12,9 +12,8 @@ import subprocess
 import tomllib
 
 import pytest
-from kubernetes import client, config
-
 from kube import ROOT, dump_namespace, port_forward, run, wait_for
+from kubernetes import client, config
 
 APP_NS = "fedcifar-e2e"
 MON_NS = "fedcifar-e2e-monitoring"
@@ -46,8 +45,9 @@ def kube() -> client.CoreV1Api:
 def image(kube) -> tuple[str, str]:
     """Build the CPU image into the cluster's Docker engine (docker's layer cache makes a rebuild quick)."""
     if os.environ.get("FEDCIFAR_E2E_SKIP_BUILD") != "1":
-        done = subprocess.run(["bash", str(ROOT / "images" / "build"), "cpu"], capture_output=True, text=True,
-                              timeout=1800)  # fmt: skip
+        done = subprocess.run(
+            ["bash", str(ROOT / "images" / "build"), "cpu"], capture_output=True, text=True, timeout=1800
+        )
         assert done.returncode == 0, f"image build failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     run("docker", "image", "inspect", f"{IMAGE_REPO}:{IMAGE_TAG}")
     return IMAGE_REPO, IMAGE_TAG
@@ -93,8 +93,9 @@ def prometheus(kube, namespaces) -> str:
     assert built.returncode == 0, built.stderr
     prom_image = built.stdout.strip().splitlines()[-1]
     manifest = string.Template((ROOT / "k8s-tests" / "manifests" / "prometheus.yaml").read_text()).safe_substitute(
-        MONITORING_NS=MON_NS, SCRAPED_NAMESPACES=",".join((APP_NS, SERVER_NS, *SITE_NAMESPACES)),
-        PROMETHEUS_IMAGE=prom_image
+        MONITORING_NS=MON_NS,
+        SCRAPED_NAMESPACES=",".join((APP_NS, SERVER_NS, *SITE_NAMESPACES)),
+        PROMETHEUS_IMAGE=prom_image,
     )
     run("kubectl", "apply", "-f", "-", input=manifest)
     run("kubectl", "-n", MON_NS, "rollout", "status", "deploy/prometheus", "--timeout=180s", timeout=200)

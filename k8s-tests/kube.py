@@ -10,10 +10,10 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from kubernetes import client
 
@@ -43,7 +43,9 @@ def wait_for(what: str, probe: Callable[[], T], timeout: float, interval: float 
 
 
 def binary(name: str) -> str:
-    found = shutil.which(name) or (f"/var/cache/local-k8s/bin/{name}" if os.path.exists(f"/var/cache/local-k8s/bin/{name}") else None)
+    found = shutil.which(name) or (
+        f"/var/cache/local-k8s/bin/{name}" if os.path.exists(f"/var/cache/local-k8s/bin/{name}") else None
+    )
     if not found:
         raise FileNotFoundError(f"{name} not found on PATH")
     return found
@@ -71,16 +73,28 @@ def port_forward(namespace: str, target: str, remote_port: int) -> Iterator[int]
     """``kubectl port-forward`` to 127.0.0.1:<free port>; yields the local port."""
     local = free_port()
     proc = subprocess.Popen(
-        [binary("kubectl"), "-n", namespace, "port-forward", target, f"{local}:{remote_port}",
-         "--address", "127.0.0.1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            binary("kubectl"),
+            "-n",
+            namespace,
+            "port-forward",
+            target,
+            f"{local}:{remote_port}",
+            "--address",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
+
         def ready() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"port-forward to {target} exited: {proc.stderr.read()}")
             with socket.socket() as sock:
                 return sock.connect_ex(("127.0.0.1", local)) == 0
+
         wait_for(f"port-forward to {namespace}/{target}:{remote_port}", ready, 30, 0.2)
         yield local
     finally:
@@ -106,8 +120,9 @@ def pods(core: client.CoreV1Api, namespace: str, selector: str = "") -> list[cli
     return core.list_namespaced_pod(namespace, label_selector=selector).items
 
 
-def pod_logs(core: client.CoreV1Api, namespace: str, name: str, container: str | None = None,
-             previous: bool = False) -> str:  # fmt: skip
+def pod_logs(
+    core: client.CoreV1Api, namespace: str, name: str, container: str | None = None, previous: bool = False
+) -> str:
     try:
         return core.read_namespaced_pod_log(name, namespace, container=container, previous=previous)
     except client.ApiException as err:
@@ -148,7 +163,8 @@ ca = os.environ["SUPERLINK_CA"]
 open(f"{home}/config.toml", "w").write(f'[superlink.site]\naddress = "{base}"\nroot-certificates = "{ca}"\n')
 key = ec.generate_private_key(ec.SECP256R1()).public_key()
 open("/tmp/probe.pub", "wb").write(key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
-for name, args in [("flwr ls", ["ls", "site"]), ("flwr supernode register", ["supernode", "register", "/tmp/probe.pub", "site"]),
+for name, args in [("flwr ls", ["ls", "site"]),
+                   ("flwr supernode register", ["supernode", "register", "/tmp/probe.pub", "site"]),
                    ("flwr run", ["run", "/app", "site"])]:
     done = subprocess.run(["flwr", *args, "--format", "json"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "FLWR_HOME": home})
@@ -160,8 +176,17 @@ print("RESULT " + json.dumps(out))
 def assert_fleet_api_alone(out: dict) -> None:
     """PUBLIC_FACE_PROBE's result: /health answers, everything but the Fleet API gets 403 with a sentence."""
     assert out["/health"][0] == 200, out
-    for path in ("/v1/control/list-runs", "/v1/control/list-nodes", "/v1/runtime/acquire-task", "/docs", "/openapi.json"):
+    for path in (
+        "/v1/control/list-runs",
+        "/v1/control/list-nodes",
+        "/v1/runtime/acquire-task",
+        "/docs",
+        "/openapi.json",
+    ):
         status, body = out[path]
-        assert status == 403 and body.startswith("fedcifar: this port serves only Flower's Fleet API"), (path, out[path])
+        assert status == 403 and body.startswith("fedcifar: this port serves only Flower's Fleet API"), (
+            path,
+            out[path],
+        )
     for command in ("flwr ls", "flwr supernode register", "flwr run"):
         assert '"success": false' in out[command] and "403" in out[command], (command, out[command])

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from cryptography import x509
-
 from conftest import SERVER_NS, SITE_NAMESPACES, recreate_namespace
+from cryptography import x509
 from kube import CHART, PUBLIC_FACE_PROBE, ROOT, assert_fleet_api_alone, helm, pod_logs, pods, prom_query, run, wait_for
 
 EXTRA_NAMESPACES = (SERVER_NS, *SITE_NAMESPACES)
@@ -48,9 +47,14 @@ def sets(values: dict) -> list[str]:
 
 
 def common(image: tuple[str, str]) -> dict:
-    return {"image.repository": image[0], "image.tag": image[1], "data.source": "volume",
-            "superlink.resources.requests.cpu": "100m", "clients.resources.requests.cpu": "100m",
-            "run.resources.requests.cpu": "10m"}  # fmt: skip
+    return {
+        "image.repository": image[0],
+        "image.tag": image[1],
+        "data.source": "volume",
+        "superlink.resources.requests.cpu": "100m",
+        "clients.resources.requests.cpu": "100m",
+        "run.resources.requests.cpu": "10m",
+    }
 
 
 def node_address(kube) -> str:
@@ -68,7 +72,7 @@ def site_data(root: Path) -> dict[str, Path]:
     for site, (_, _, _, rows) in SITES.items():
         folder = root / site
         folder.mkdir(parents=True)
-        for split, part in zip(("train", "test"), rows):
+        for split, part in zip(("train", "test"), rows, strict=True):
             table = pq.read_table(DATA / f"{split}.parquet")
             pq.write_table(table.slice(part.start, part.stop - part.start), folder / f"{split}.parquet")
         for path in (root, folder, *folder.iterdir()):
@@ -86,13 +90,33 @@ def register_sites(kube, sites: list[str], folder: Path) -> None:
         keys = secret(kube, namespace, f"{site}-fedcifar-supernode-public-keys")
         for i in range(replicas):
             (folder / f"{site}.slot-{offset + i}.pub").write_bytes(keys[f"supernode-{i}.pub"])
-    manifest = run("kubectl", "-n", SERVER_NS, "create", "secret", "generic", f"{SERVER}-fedcifar-site-keys",
-                   f"--from-file={folder}", "--dry-run=client", "-o", "yaml").stdout  # fmt: skip
+    manifest = run(
+        "kubectl",
+        "-n",
+        SERVER_NS,
+        "create",
+        "secret",
+        "generic",
+        f"{SERVER}-fedcifar-site-keys",
+        f"--from-file={folder}",
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    ).stdout
     run("kubectl", "apply", "-f", "-", input=manifest)
     # the kubelet refreshes a Secret volume on its next sync of the pod (up to a minute); touching the
     # pod syncs it at once (README: "to hurry")
-    run("kubectl", "-n", SERVER_NS, "annotate", "pod", "-l", "app.kubernetes.io/component=superlink", "--overwrite",
-        f"fedcifar/site-keys-applied={time.time_ns()}")  # fmt: skip
+    run(
+        "kubectl",
+        "-n",
+        SERVER_NS,
+        "annotate",
+        "pod",
+        "-l",
+        "app.kubernetes.io/component=superlink",
+        "--overwrite",
+        f"fedcifar/site-keys-applied={time.time_ns()}",
+    )
 
 
 def superlink_log(kube) -> str:
@@ -133,45 +157,108 @@ def federation(kube, image, prometheus, batch):
     facts = {"address": address}
     try:
         # the server, first without the node's address in its certificate
-        server = {**common(image), "clients.enabled": "false", "run.enabled": "false", "run.numPartitions": SLOTS,
-                  "run.minNodes": 2, "run.rounds": ROUNDS, "run.localEpochs": LOCAL_EPOCHS, "data.volume.hostPath": str(DATA),
-                  "run.maxExamples": 200,  # the sites train their own data (split: site): site B's one slot holds 200
-                  "superlink.service.type": "NodePort", "superlink.service.nodePort": NODE_PORT}  # fmt: skip
+        server = {
+            **common(image),
+            "clients.enabled": "false",
+            "run.enabled": "false",
+            "run.numPartitions": SLOTS,
+            "run.minNodes": 2,
+            "run.rounds": ROUNDS,
+            "run.localEpochs": LOCAL_EPOCHS,
+            "data.volume.hostPath": str(DATA),
+            "run.maxExamples": 200,  # the sites train their own data (split: site): site B's one slot holds 200
+            "superlink.service.type": "NodePort",
+            "superlink.service.nodePort": NODE_PORT,
+        }
         helm("install", SERVER, str(CHART), "-n", SERVER_NS, *sets(server), "--wait", "--timeout", "5m")
         facts["ca_before"] = secret(kube, SERVER_NS, f"{SUPERLINK}-tls")["ca.crt"]
-        helm("upgrade", SERVER, str(CHART), "-n", SERVER_NS, "--reuse-values", "--set", f"tls.extraIpAddresses[0]={address}",
-             "--set", "run.enabled=true", "--wait", "--timeout", "5m")  # fmt: skip
+        helm(
+            "upgrade",
+            SERVER,
+            str(CHART),
+            "-n",
+            SERVER_NS,
+            "--reuse-values",
+            "--set",
+            f"tls.extraIpAddresses[0]={address}",
+            "--set",
+            "run.enabled=true",
+            "--wait",
+            "--timeout",
+            "5m",
+        )
         facts["tls"] = secret(kube, SERVER_NS, f"{SUPERLINK}-tls")
         for site, (namespace, replicas, offset, _) in SITES.items():
-            run("kubectl", "-n", namespace, "create", "secret", "generic", "federation-ca",
-                f"--from-literal=ca.crt={facts['tls']['ca.crt'].decode()}")  # fmt: skip
-            values = {**common(image), "superlink.enabled": "false", "clients.superlink.address": f"{address}:{NODE_PORT}",
-                      "clients.superlink.caSecret": "federation-ca", "clients.replicas": replicas,
-                      "clients.partitions.offset": offset, "clients.partitions.total": SLOTS,
-                      "clients.partitions.split": "site", "data.volume.hostPath": str(data[site])}  # fmt: skip
+            run(
+                "kubectl",
+                "-n",
+                namespace,
+                "create",
+                "secret",
+                "generic",
+                "federation-ca",
+                f"--from-literal=ca.crt={facts['tls']['ca.crt'].decode()}",
+            )
+            values = {
+                **common(image),
+                "superlink.enabled": "false",
+                "clients.superlink.address": f"{address}:{NODE_PORT}",
+                "clients.superlink.caSecret": "federation-ca",
+                "clients.replicas": replicas,
+                "clients.partitions.offset": offset,
+                "clients.partitions.total": SLOTS,
+                "clients.partitions.split": "site",
+                "data.volume.hostPath": str(data[site]),
+            }
             helm("install", site, str(CHART), "-n", namespace, *sets(values))
         # both sites are refused before their keys are registered; then site A's go in, the run starts
-        facts["refused"] = wait_for("site B refused", lambda: re.search(r"Failed to activate SuperNode", "".join(
-            pod_logs(kube, SITES["site-b"][0], "site-b-fedcifar-clients-0", previous=p) for p in (False, True))), 180, 2)
+        facts["refused"] = wait_for(
+            "site B refused",
+            lambda: re.search(
+                r"Failed to activate SuperNode",
+                "".join(
+                    pod_logs(kube, SITES["site-b"][0], "site-b-fedcifar-clients-0", previous=p) for p in (False, True)
+                ),
+            ),
+            180,
+            2,
+        )
         register_sites(kube, ["site-a"], keys)
         wait_for("site A's keys registered", lambda: "(site-a/slot-1): registered" in superlink_log(kube), 120, 1)
         restart_refused_pods(kube, "site-a")
-        wait_for("round 1 with site A", lambda: prom_query(
-            prometheus, f'fedcifar_rounds_completed_total{{namespace="{SERVER_NS}"}} >= 1'), 600, 1)  # fmt: skip
+        wait_for(
+            "round 1 with site A",
+            lambda: prom_query(prometheus, f'fedcifar_rounds_completed_total{{namespace="{SERVER_NS}"}} >= 1'),
+            600,
+            1,
+        )
         facts["trained_before_b"] = trained(prometheus, "site-b")
-        facts["round_b_registered"] = float(prom_query(
-            prometheus, f'max(fedcifar_rounds_completed_total{{namespace="{SERVER_NS}"}})')[0]["value"][1])
+        facts["round_b_registered"] = float(
+            prom_query(prometheus, f'max(fedcifar_rounds_completed_total{{namespace="{SERVER_NS}"}})')[0]["value"][1]
+        )
         register_sites(kube, ["site-a", "site-b"], keys)
         applied_at = time.monotonic()
         wait_for("site B's key registered", lambda: "(site-b/slot-2): registered" in superlink_log(kube), 120, 1)
         registered_at = time.monotonic()
         restart_refused_pods(kube, "site-b")
-        wait_for("site B to train (or the run to end)", lambda: trained(prometheus, "site-b") > 0 or job_done(batch), 300, 1)
+        wait_for(
+            "site B to train (or the run to end)", lambda: trained(prometheus, "site-b") > 0 or job_done(batch), 300, 1
+        )
         assert trained(prometheus, "site-b") > 0, "the run ended before site B joined it"
         facts["join_seconds"] = (registered_at - applied_at, time.monotonic() - registered_at)
         wait_for("the run Job to succeed", lambda: job_done(batch), 600, 3)
-        history = run("kubectl", "-n", SERVER_NS, "exec", f"deploy/{SUPERLINK}", "-c", "superlink", "--", "cat",
-                      "/var/lib/fedcifar/runs/revision-2/history.json").stdout  # fmt: skip
+        history = run(
+            "kubectl",
+            "-n",
+            SERVER_NS,
+            "exec",
+            f"deploy/{SUPERLINK}",
+            "-c",
+            "superlink",
+            "--",
+            "cat",
+            "/var/lib/fedcifar/runs/revision-2/history.json",
+        ).stdout
         facts["history"] = json.loads(history)
         facts["run_log"] = run("kubectl", "-n", SERVER_NS, "logs", f"job/{SERVER}-fedcifar-run-2").stdout
         yield facts
@@ -188,7 +275,9 @@ def test_adding_the_node_address_kept_the_ca_the_sites_trust(kube, federation):
     tls = federation["tls"]
     assert tls["ca.crt"] == federation["ca_before"]
     assert secret(kube, SERVER_NS, f"{SUPERLINK}-ca")["ca.crt"] == tls["ca.crt"]  # the CA key is kept apart
-    sans = x509.load_pem_x509_certificate(tls["tls.crt"]).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    sans = x509.load_pem_x509_certificate(tls["tls.crt"]).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
     assert ipaddress.ip_address(federation["address"]) in sans.value.get_values_for_type(x509.IPAddress)
 
 
@@ -201,8 +290,11 @@ def test_one_run_trained_on_every_sites_supernodes_and_names_their_sites(kube, f
     joined = next(r["round"] for r in rounds if 2 in r["partitions"])
     assert joined > federation["round_b_registered"] >= 1  # B joined the running run, after its registration
     registration, training = federation["join_seconds"]
-    print(f"\nsite B's keys applied after round {federation['round_b_registered']:.0f}; registered {registration:.0f} s later, "
-          f"trained {training:.0f} s after that, from round {joined} of {ROUNDS}")
+    print(
+        f"\nsite B's keys applied after round {federation['round_b_registered']:.0f}; "
+        f"registered {registration:.0f} s later, "
+        f"trained {training:.0f} s after that, from round {joined} of {ROUNDS}"
+    )
     assert federation["trained_before_b"] == 0
     # the ServerApp's log, as the run Job streams it
     assert "slots (site): 0 (site-a), 1 (site-a), 2 (site-b)" in federation["run_log"], federation["run_log"][-3000:]
@@ -216,10 +308,16 @@ def test_one_run_trained_on_every_sites_supernodes_and_names_their_sites(kube, f
 def test_prometheus_sees_every_site_and_every_dashboard_query_has_data_for_both(federation, prometheus):
     info = prom_query(prometheus, "fedcifar_client_info")
     assert sorted((s["metric"]["site"], s["metric"]["partition"], s["metric"]["namespace"]) for s in info) == [
-        ("site-a", "0", SITE_NAMESPACES[0]), ("site-a", "1", SITE_NAMESPACES[0]), ("site-b", "2", SITE_NAMESPACES[1])]
+        ("site-a", "0", SITE_NAMESPACES[0]),
+        ("site-a", "1", SITE_NAMESPACES[0]),
+        ("site-b", "2", SITE_NAMESPACES[1]),
+    ]
     server_side = prom_query(prometheus, f'fedcifar_client_failures_total{{namespace="{SERVER_NS}"}}')
     assert {(s["metric"]["site"], s["metric"]["partition"]) for s in server_side} == {
-        ("site-a", "0"), ("site-a", "1"), ("site-b", "2")}  # the server's per-node series, by registered site
+        ("site-a", "0"),
+        ("site-a", "1"),
+        ("site-b", "2"),
+    }  # the server's per-node series, by registered site
     namespaces = "|".join((SERVER_NS, *SITE_NAMESPACES))
     empty = []
     for path in sorted((CHART / "dashboards").glob("*.json")):
@@ -228,8 +326,12 @@ def test_prometheus_sees_every_site_and_every_dashboard_query_has_data_for_both(
         for panel in panels:
             for target in panel.get("targets", []):
                 for site in ("site-a", "site-b") if "$site" in target["expr"] else ("",):
-                    query = (target["expr"].replace("$__rate_interval", "5m").replace("$namespace", namespaces)
-                             .replace("$site", site))  # fmt: skip
+                    query = (
+                        target["expr"]
+                        .replace("$__rate_interval", "5m")
+                        .replace("$namespace", namespaces)
+                        .replace("$site", site)
+                    )
                     if not prom_query(prometheus, query):
                         empty.append(f"{path.name} / {panel['title']}: {query}")
     assert not empty, "queries without data:\n" + "\n".join(empty)
@@ -238,9 +340,21 @@ def test_prometheus_sees_every_site_and_every_dashboard_query_has_data_for_both(
 def test_a_site_reaches_the_fleet_api_alone(kube, federation):
     """From a site's SuperNode pod, through the public NodePort: Control, runtime and docs get 403."""
     namespace = SITES["site-a"][0]
-    done = run("kubectl", "-n", namespace, "exec", "site-a-fedcifar-clients-0", "--", "env",
-               f"SUPERLINK={federation['address']}:{NODE_PORT}", "SUPERLINK_CA=/etc/fedcifar/tls/ca.crt",
-               "python3", "-c", PUBLIC_FACE_PROBE, timeout=180)  # fmt: skip
+    done = run(
+        "kubectl",
+        "-n",
+        namespace,
+        "exec",
+        "site-a-fedcifar-clients-0",
+        "--",
+        "env",
+        f"SUPERLINK={federation['address']}:{NODE_PORT}",
+        "SUPERLINK_CA=/etc/fedcifar/tls/ca.crt",
+        "python3",
+        "-c",
+        PUBLIC_FACE_PROBE,
+        timeout=180,
+    )
     assert_fleet_api_alone(json.loads(done.stdout.split("RESULT ", 1)[1]))
 
 

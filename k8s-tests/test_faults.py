@@ -14,11 +14,11 @@ import json
 import time
 
 import pytest
+from conftest import recreate_namespace
+from kube import CHART, ROOT, helm, http_get, pod_logs, pods, port_forward, run, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import recreate_namespace
 from fedcifar.metrics import FAILURE_REASONS
-from kube import CHART, ROOT, helm, http_get, pod_logs, port_forward, pods, run, wait_for
 
 NS, RELEASE = "fedcifar-e2e-faults", "faults"
 EXTRA_NAMESPACES = (NS,)
@@ -33,18 +33,24 @@ def server_metrics(port: int) -> dict[tuple, float]:
     text = http_get(f"http://127.0.0.1:{port}/metrics")
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text) for s in family.samples
-    }  # fmt: skip
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def superlink_pod(kube) -> str:
-    live = [p for p in pods(kube, NS, f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=superlink")
-            if p.metadata.deletion_timestamp is None]  # fmt: skip
+    live = [
+        p
+        for p in pods(kube, NS, f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=superlink")
+        if p.metadata.deletion_timestamp is None
+    ]
     return live[0].metadata.name
 
 
 def history(kube) -> dict:
-    return json.loads(run("kubectl", "-n", NS, "exec", superlink_pod(kube), "-c", "superlink", "--", "cat", HISTORY).stdout)
+    return json.loads(
+        run("kubectl", "-n", NS, "exec", superlink_pod(kube), "-c", "superlink", "--", "cat", HISTORY).stdout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +58,17 @@ def faults_release(kube, image):
     recreate_namespace(kube, NS)
     repo, tag = image
     sets = {
-        "image.repository": repo, "image.tag": tag, "clients.replicas": 2, "run.rounds": ROUNDS,
-        "run.roundTimeout": ROUND_TIMEOUT, "data.source": "volume", "data.volume.hostPath": str(DATA),
-        "superlink.resources.requests.cpu": "100m", "clients.resources.requests.cpu": "100m",
+        "image.repository": repo,
+        "image.tag": tag,
+        "clients.replicas": 2,
+        "run.rounds": ROUNDS,
+        "run.roundTimeout": ROUND_TIMEOUT,
+        "data.source": "volume",
+        "data.volume.hostPath": str(DATA),
+        "superlink.resources.requests.cpu": "100m",
+        "clients.resources.requests.cpu": "100m",
         "run.resources.requests.cpu": "10m",
-    }  # fmt: skip
+    }
     args = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
     helm("install", RELEASE, str(CHART), "-n", NS, *args, "--wait", "--timeout", "5m")
     yield RELEASE
@@ -76,16 +88,21 @@ def test_a_killed_client_pod_and_a_killed_superlink_lose_no_round(kube, faults_r
         # the lost reply is a "timeout" at the round's deadline, or an "error" when Flower's SuperLink
         # sees the node's heartbeats stop first: which one comes first is the cluster's timing
         failures = lambda: sum(  # noqa: E731
-            server_metrics(port).get(("fedcifar_client_failures_total", (("partition", "1"), ("reason", r), ("site", RELEASE))), 0)
-            for r in FAILURE_REASONS)  # the site: the name the release registered its keys under
+            server_metrics(port).get(
+                ("fedcifar_client_failures_total", (("partition", "1"), ("reason", r), ("site", RELEASE))), 0
+            )
+            for r in FAILURE_REASONS
+        )  # the site: the name the release registered its keys under
         wait_for("the lost reply of partition 1 to be counted", lambda: failures() >= 1, ROUND_TIMEOUT + 60, 1)
         done_before_crash = completed()
     assert done_before_crash < ROUNDS, "the run ended before the SuperLink could be killed"
 
     # the SuperLink's processes die (a crash: the container restarts, its state volume stays)
-    kill = ("import os, signal\nfor p in filter(str.isdigit, os.listdir('/proc')):\n"
-            "    if int(p) != os.getpid() and b'bin/flower-superlink' in open(f'/proc/{p}/cmdline', 'rb').read():\n"
-            "        os.kill(int(p), signal.SIGKILL)")  # fmt: skip
+    kill = (
+        "import os, signal\nfor p in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    if int(p) != os.getpid() and b'bin/flower-superlink' in open(f'/proc/{p}/cmdline', 'rb').read():\n"
+        "        os.kill(int(p), signal.SIGKILL)"
+    )
     run("kubectl", "-n", NS, "exec", superlink_pod(kube), "-c", "superlink", "--", "python", "-c", kill)
     crashed_at = time.monotonic()
 
@@ -104,6 +121,8 @@ def test_a_killed_client_pod_and_a_killed_superlink_lose_no_round(kube, faults_r
     assert rounds[-1]["partitions"] == [0, 1]  # the restarted pod trained again
     new_pod_log = pod_logs(kube, NS, f"{FULL}-clients-1")
     assert "partition 1 of 2" in new_pod_log
-    print(f"\nclient pod killed -> failure counted; SuperLink killed after {done_before_crash:.0f} rounds -> "
-          f"run completed {recovered:.0f}s later ({job.status.failed} failed Job attempt), "
-          f"{time.monotonic() - killed_at:.0f}s after the first fault")
+    print(
+        f"\nclient pod killed -> failure counted; SuperLink killed after {done_before_crash:.0f} rounds -> "
+        f"run completed {recovered:.0f}s later ({job.status.failed} failed Job attempt), "
+        f"{time.monotonic() - killed_at:.0f}s after the first fault"
+    )

@@ -2,8 +2,8 @@
 
 Each client pod's memory is the resident memory of its long-lived processes (``procfs.tree_rss``:
 the node wrapper, Flower's SuperNode and SuperExec, the fork server, the trainer; not the
-per-message ClientApp processes, whose presence at sampling time is chance), read once the run has passed round 5 and again at the
-end: growth must stay within 10%.
+per-message ClientApp processes, whose presence at sampling time is chance), read once the run has
+passed round 5 and again at the end: growth must stay within 10%.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import json
 import time
 
 import pytest
-
 from conftest import recreate_namespace
-from kube import CHART, ROOT, helm, http_get, port_forward, pods, run, wait_for
+from kube import CHART, ROOT, helm, http_get, pods, port_forward, run, wait_for
 
 NS, RELEASE = "fedcifar-e2e-load", "load"
 EXTRA_NAMESPACES = (NS,)
@@ -27,8 +26,17 @@ POD_RSS = "from fedcifar.procfs import tree_rss; print(tree_rss(1))"
 
 
 def client_memory() -> dict[str, int]:
-    names = run("kubectl", "-n", NS, "get", "pods", "-l", "app.kubernetes.io/component=clients",
-                "-o", "jsonpath={.items[*].metadata.name}").stdout.split()  # fmt: skip
+    names = run(
+        "kubectl",
+        "-n",
+        NS,
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/component=clients",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ).stdout.split()
     return {name: int(run("kubectl", "-n", NS, "exec", name, "--", "python", "-c", POD_RSS).stdout) for name in names}
 
 
@@ -37,12 +45,18 @@ def load_release(kube, image):
     recreate_namespace(kube, NS)
     repo, tag = image
     sets = {
-        "image.repository": repo, "image.tag": tag, "clients.replicas": CLIENTS, "run.rounds": ROUNDS,
-        "data.source": "volume", "data.volume.hostPath": str(DATA),
-        "superlink.resources.requests.cpu": "100m", "clients.resources.requests.cpu": "50m",
-        "clients.resources.requests.memory": "400Mi", "run.resources.requests.cpu": "10m",
+        "image.repository": repo,
+        "image.tag": tag,
+        "clients.replicas": CLIENTS,
+        "run.rounds": ROUNDS,
+        "data.source": "volume",
+        "data.volume.hostPath": str(DATA),
+        "superlink.resources.requests.cpu": "100m",
+        "clients.resources.requests.cpu": "50m",
+        "clients.resources.requests.memory": "400Mi",
+        "run.resources.requests.cpu": "10m",
         "run.waitTimeoutSeconds": 900,
-    }  # fmt: skip
+    }
     args = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
     started = time.monotonic()
     helm("install", RELEASE, str(CHART), "-n", NS, *args, "--wait", "--timeout", "10m", timeout=900)
@@ -70,18 +84,36 @@ def test_16_clients_10_rounds_no_failed_round_no_memory_growth(kube, load_releas
     final = client_memory()
 
     superlink = [p.metadata.name for p in pods(kube, NS, "app.kubernetes.io/component=superlink")][0]
-    history = json.loads(run("kubectl", "-n", NS, "exec", superlink, "-c", "superlink", "--",
-                             "cat", "/var/lib/fedcifar/runs/revision-1/history.json").stdout)  # fmt: skip
+    history = json.loads(
+        run(
+            "kubectl",
+            "-n",
+            NS,
+            "exec",
+            superlink,
+            "-c",
+            "superlink",
+            "--",
+            "cat",
+            "/var/lib/fedcifar/runs/revision-1/history.json",
+        ).stdout
+    )
     rounds = history["rounds"]
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
-    failed = [r["round"] for r in rounds
-              if r["participating_clients"] != CLIENTS or r["failures"] or r["rejected_updates"] or r["attempts"] != 1]
+    failed = [
+        r["round"]
+        for r in rounds
+        if r["participating_clients"] != CLIENTS or r["failures"] or r["rejected_updates"] or r["attempts"] != 1
+    ]
     assert not failed, f"rounds without all {CLIENTS} clients at the first attempt: {failed}"
     growth = {name: final[name] / baseline[name] - 1 for name in baseline}
     assert len(growth) == CLIENTS and max(growth.values()) <= MAX_GROWTH, growth
     seconds = [r["round_seconds"] for r in rounds]
-    print(f"\nload: {CLIENTS} client pods up in {load_release:.0f}s; {ROUNDS} rounds, 0 failed; round "
-          f"{min(seconds):.1f}-{max(seconds):.1f}s (mean {sum(seconds) / len(seconds):.1f}s); client memory "
-          f"after round {baseline_round:.0f} {min(baseline.values()) / 2**20:.0f}-{max(baseline.values()) / 2**20:.0f} MiB, "
-          f"at the end {min(final.values()) / 2**20:.0f}-{max(final.values()) / 2**20:.0f} MiB, "
-          f"largest growth {100 * max(growth.values()):+.1f}%")
+    print(
+        f"\nload: {CLIENTS} client pods up in {load_release:.0f}s; {ROUNDS} rounds, 0 failed; round "
+        f"{min(seconds):.1f}-{max(seconds):.1f}s (mean {sum(seconds) / len(seconds):.1f}s); client memory "
+        f"after round {baseline_round:.0f} "
+        f"{min(baseline.values()) / 2**20:.0f}-{max(baseline.values()) / 2**20:.0f} MiB, "
+        f"at the end {min(final.values()) / 2**20:.0f}-{max(final.values()) / 2**20:.0f} MiB, "
+        f"largest growth {100 * max(growth.values()):+.1f}%"
+    )

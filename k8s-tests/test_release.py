@@ -24,11 +24,20 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import APP_NS, MON_NS, SHARED_K8S
 from kube import (
-    CHART, PUBLIC_FACE_PROBE, ROOT, assert_fleet_api_alone, free_port, helm, pod_logs, port_forward, pods, prom_query,
-    run, wait_for,
+    CHART,
+    PUBLIC_FACE_PROBE,
+    ROOT,
+    assert_fleet_api_alone,
+    free_port,
+    helm,
+    pod_logs,
+    pods,
+    port_forward,
+    prom_query,
+    run,
+    wait_for,
 )
 
 RELEASE = "e2e"
@@ -44,12 +53,17 @@ def chart_values(image: tuple[str, str], clients: int) -> list[str]:
     """Small requests so 4 clients fit a 2-core node; real data from a hostPath volume."""
     repo, tag = image
     sets = {
-        "image.repository": repo, "image.tag": tag, "clients.replicas": clients,
-        "run.rounds": 2, "run.fractionEvaluate": "1.0",
-        "data.source": "volume", "data.volume.hostPath": str(DATA),
-        "superlink.resources.requests.cpu": "100m", "clients.resources.requests.cpu": "100m",
+        "image.repository": repo,
+        "image.tag": tag,
+        "clients.replicas": clients,
+        "run.rounds": 2,
+        "run.fractionEvaluate": "1.0",
+        "data.source": "volume",
+        "data.volume.hostPath": str(DATA),
+        "superlink.resources.requests.cpu": "100m",
+        "clients.resources.requests.cpu": "100m",
         "run.resources.requests.cpu": "10m",
-    }  # fmt: skip
+    }
     return [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
 
 
@@ -96,10 +110,14 @@ def test_training_ran_on_every_partition(kube, release, prometheus):
     check_partitions(kube, prometheus, 3)
     completed = wait_for(
         "the server's rounds_completed to reach 2",
-        lambda: [s for s in prom_query(prometheus, f'fedcifar_rounds_completed_total{{namespace="{APP_NS}"}}')
-                 if float(s["value"][1]) == 2],
-        60, 2,
-    )  # fmt: skip
+        lambda: [
+            s
+            for s in prom_query(prometheus, f'fedcifar_rounds_completed_total{{namespace="{APP_NS}"}}')
+            if float(s["value"][1]) == 2
+        ],
+        60,
+        2,
+    )
     assert completed
     trained = prom_query(prometheus, f'fedcifar_client_examples_trained_total{{namespace="{APP_NS}"}}')
     assert sorted(s["metric"]["partition"] for s in trained) == ["0", "1", "2"]
@@ -129,8 +147,14 @@ def dashboard_queries() -> list[tuple[str, str, str]]:
 def test_every_dashboard_query_returns_data(release, prometheus):
     queries = dashboard_queries()
     assert len(queries) >= 8
-    substitutions = {"$__rate_interval": "5m", "$__interval": "30s", "$__range": "1h",
-                     "${namespace}": APP_NS, "$namespace": APP_NS, "$site": RELEASE}  # the site: the release name
+    substitutions = {
+        "$__rate_interval": "5m",
+        "$__interval": "30s",
+        "$__range": "1h",
+        "${namespace}": APP_NS,
+        "$namespace": APP_NS,
+        "$site": RELEASE,
+    }  # the site: the release name
     empty = []
     for board, title, expr in queries:
         query = expr
@@ -165,12 +189,17 @@ def flwr_control(port: int, ca: Path, home: Path, *command: str) -> dict:
     """A ``flwr`` command's JSON reply from the SuperLink's Control API (port-forwarded, as the README
     says), over TLS."""
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "127.0.0.1:{port}"\n'
-                                      f'root-certificates = "{ca}"\n')  # fmt: skip
-    done = subprocess.run([str(Path(sys.executable).parent / "flwr"), *command, "e2e", "--format", "json"],
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"})  # fmt: skip
-    reply = json.loads(done.stdout[done.stdout.index("{"):])
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "127.0.0.1:{port}"\nroot-certificates = "{ca}"\n'
+    )
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), *command, "e2e", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"},
+    )
+    reply = json.loads(done.stdout[done.stdout.index("{") :])
     assert reply["success"], reply
     return reply
 
@@ -187,8 +216,9 @@ def test_superlink_speaks_only_tls_and_knows_only_the_release_clients(kube, rele
         with pytest.raises(urllib.error.HTTPError, match="400"):  # plain HTTP on the same port is refused
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read()
         with pytest.raises(OSError, match="CERTIFICATE_VERIFY_FAILED"):  # nor does a client that trusts another CA
-            urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=10,
-                                   context=ssl.create_default_context()).read()  # fmt: skip
+            urllib.request.urlopen(
+                f"https://127.0.0.1:{port}/health", timeout=10, context=ssl.create_default_context()
+            ).read()
     with port_forward(APP_NS, f"deploy/{SUPERLINK}", CONTROL_PORT) as port:
         nodes = flwr_nodes(port, ca_file, tmp_path / "flwr")
     assert len(nodes) == 3 and {n["status"] for n in nodes} == {"online"}, nodes  # the 3 registered clients
@@ -203,30 +233,51 @@ def intruder_pod(name: str, image: tuple[str, str], args: list[str], key_secret:
     """A bare flower-supernode pod, locked down like the chart's pods, pointed at the release's SuperLink."""
     repo, tag = image
     mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "ca", "mountPath": "/etc/fedcifar/tls", "readOnly": True}]
-    volumes = [{"name": "tmp", "emptyDir": {}},
-               {"name": "ca", "secret": {"secretName": TLS_SECRET, "items": [{"key": "ca.crt", "path": "ca.crt"}]}}]
+    volumes = [
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "ca", "secret": {"secretName": TLS_SECRET, "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+    ]
     if key_secret:
         mounts.append({"name": "key", "mountPath": "/etc/intruder", "readOnly": True})
         volumes.append({"name": "key", "secret": {"secretName": key_secret, "defaultMode": 0o440}})
     return {
-        "apiVersion": "v1", "kind": "Pod",
+        "apiVersion": "v1",
+        "kind": "Pod",
         "metadata": {"name": name, "namespace": APP_NS, "labels": {"fedcifar-e2e": "intruder"}},
         "spec": {
-            "restartPolicy": "Never", "automountServiceAccountToken": False, "enableServiceLinks": False,
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
-                                "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [{
-                "name": "supernode", "image": f"{repo}:{tag}", "imagePullPolicy": "IfNotPresent",
-                "command": ["flower-supernode", "--superlink", f"{SUPERLINK}:8000", *args],
-                "env": [{"name": "FLWR_HOME", "value": "/tmp/flwr"}, {"name": "FLWR_TELEMETRY_ENABLED", "value": "0"}],
-                "resources": {"requests": {"cpu": "10m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
-                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                    "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
-                "volumeMounts": mounts,
-            }],
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 10001,
+                "runAsGroup": 10001,
+                "fsGroup": 10001,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": "supernode",
+                    "image": f"{repo}:{tag}",
+                    "imagePullPolicy": "IfNotPresent",
+                    "command": ["flower-supernode", "--superlink", f"{SUPERLINK}:8000", *args],
+                    "env": [
+                        {"name": "FLWR_HOME", "value": "/tmp/flwr"},
+                        {"name": "FLWR_TELEMETRY_ENABLED", "value": "0"},
+                    ],
+                    "resources": {"requests": {"cpu": "10m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "readOnlyRootFilesystem": True,
+                        "runAsNonRoot": True,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                    "volumeMounts": mounts,
+                }
+            ],
             "volumes": volumes,
         },
-    }  # fmt: skip
+    }
 
 
 def test_unregistered_and_plaintext_supernodes_are_refused(kube, release, image, ca_file, tmp_path):
@@ -236,15 +287,33 @@ def test_unregistered_and_plaintext_supernodes_are_refused(kube, release, image,
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP384R1())
-    (tmp_path / "supernode.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))  # fmt: skip
-    run("kubectl", "-n", APP_NS, "create", "secret", "generic", "intruder-key",
-        f"--from-file=supernode.key={tmp_path / 'supernode.key'}")  # fmt: skip
+    (tmp_path / "supernode.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    run(
+        "kubectl",
+        "-n",
+        APP_NS,
+        "create",
+        "secret",
+        "generic",
+        "intruder-key",
+        f"--from-file=supernode.key={tmp_path / 'supernode.key'}",
+    )
     manifests = [
-        intruder_pod("unregistered-supernode", image, ["--root-certificates", "/etc/fedcifar/tls/ca.crt",
-                     "--auth-supernode-private-key", "/etc/intruder/supernode.key"], "intruder-key"),
+        intruder_pod(
+            "unregistered-supernode",
+            image,
+            [
+                "--root-certificates",
+                "/etc/fedcifar/tls/ca.crt",
+                "--auth-supernode-private-key",
+                "/etc/intruder/supernode.key",
+            ],
+            "intruder-key",
+        ),
         intruder_pod("plaintext-supernode", image, ["--insecure", "--max-wait-time", "15"]),
-    ]  # fmt: skip
+    ]
     try:
         run("kubectl", "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests}))
 
@@ -275,29 +344,45 @@ def test_public_port_serves_the_fleet_api_alone(kube, release, image, ca_file):
     repo, tag = image
     run("kubectl", "-n", MON_NS, "create", "configmap", "superlink-ca", f"--from-file=ca.crt={ca_file}")
     pod = {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "outsider", "namespace": MON_NS},
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "outsider", "namespace": MON_NS},
         "spec": {
-            "restartPolicy": "Never", "automountServiceAccountToken": False, "enableServiceLinks": False,
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
             "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [{
-                "name": "outsider", "image": f"{repo}:{tag}", "imagePullPolicy": "IfNotPresent",
-                "command": ["python3", "-c", PUBLIC_FACE_PROBE],
-                "env": [{"name": "SUPERLINK", "value": f"{SUPERLINK}.{APP_NS}:8000"},
+            "containers": [
+                {
+                    "name": "outsider",
+                    "image": f"{repo}:{tag}",
+                    "imagePullPolicy": "IfNotPresent",
+                    "command": ["python3", "-c", PUBLIC_FACE_PROBE],
+                    "env": [
+                        {"name": "SUPERLINK", "value": f"{SUPERLINK}.{APP_NS}:8000"},
                         {"name": "SUPERLINK_CA", "value": "/etc/ca/ca.crt"},
-                        {"name": "FLWR_TELEMETRY_ENABLED", "value": "0"}],
-                "resources": {"requests": {"cpu": "10m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
-                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                    "capabilities": {"drop": ["ALL"]}},
-                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "ca", "mountPath": "/etc/ca"}],
-            }],
+                        {"name": "FLWR_TELEMETRY_ENABLED", "value": "0"},
+                    ],
+                    "resources": {"requests": {"cpu": "10m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "readOnlyRootFilesystem": True,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                    "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "ca", "mountPath": "/etc/ca"}],
+                }
+            ],
             "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "ca", "configMap": {"name": "superlink-ca"}}],
         },
-    }  # fmt: skip
+    }
     try:
         run("kubectl", "apply", "-f", "-", input=json.dumps(pod))
-        done = wait_for("the outsider pod to finish",
-                        lambda: kube.read_namespaced_pod("outsider", MON_NS).status.phase in ("Succeeded", "Failed"),
-                        180, 2)  # fmt: skip
+        done = wait_for(
+            "the outsider pod to finish",
+            lambda: kube.read_namespaced_pod("outsider", MON_NS).status.phase in ("Succeeded", "Failed"),
+            180,
+            2,
+        )
         log = pod_logs(kube, MON_NS, "outsider")
         assert done and "RESULT " in log, log
         out = json.loads(log.split("RESULT ", 1)[1])
@@ -312,25 +397,51 @@ def test_control_api_answers_through_port_forward_only_with_the_rights(kube, rel
         runs = flwr_control(port, ca_file, tmp_path / "flwr", "ls")["runs"]
     assert "finished:completed" in [r["status"] for r in runs], runs  # the run Job's, through the same path
     run("kubectl", "-n", APP_NS, "create", "serviceaccount", "viewer")
-    run("kubectl", "-n", APP_NS, "create", "rolebinding", "viewer", "--clusterrole=view", f"--serviceaccount={APP_NS}:viewer")
+    run(
+        "kubectl",
+        "-n",
+        APP_NS,
+        "create",
+        "rolebinding",
+        "viewer",
+        "--clusterrole=view",
+        f"--serviceaccount={APP_NS}:viewer",
+    )
     try:  # Kubernetes' built-in `view`: may read the pods, may not forward to them
-        denied = run("kubectl", "-n", APP_NS, "--as", f"system:serviceaccount:{APP_NS}:viewer", "port-forward",
-                     f"deploy/{SUPERLINK}", f"{free_port()}:{CONTROL_PORT}", check=False, timeout=30)  # fmt: skip
+        denied = run(
+            "kubectl",
+            "-n",
+            APP_NS,
+            "--as",
+            f"system:serviceaccount:{APP_NS}:viewer",
+            "port-forward",
+            f"deploy/{SUPERLINK}",
+            f"{free_port()}:{CONTROL_PORT}",
+            check=False,
+            timeout=30,
+        )
     finally:
         run("kubectl", "-n", APP_NS, "delete", "rolebinding/viewer", "serviceaccount/viewer", check=False)
     assert denied.returncode != 0 and 'cannot create resource "pods/portforward"' in denied.stderr, denied.stderr
     job_account = f"system:serviceaccount:{APP_NS}:{RELEASE}-fedcifar-run"
-    for question, allowed in ((["create", "pods", "--subresource=portforward"], "yes"), (["list", "pods"], "yes"),
-                              (["get", "secrets"], "no"), (["create", "pods", "--subresource=exec"], "no"),
-                              (["create", "pods"], "no")):  # fmt: skip
+    for question, allowed in (
+        (["create", "pods", "--subresource=portforward"], "yes"),
+        (["list", "pods"], "yes"),
+        (["get", "secrets"], "no"),
+        (["create", "pods", "--subresource=exec"], "no"),
+        (["create", "pods"], "no"),
+    ):
         answer = run("kubectl", "-n", APP_NS, "auth", "can-i", *question, "--as", job_account, check=False)
         assert answer.stdout.strip() == allowed, (question, answer.stdout, answer.stderr)
 
 
 def test_network_policies_exist(release):
-    names = run("kubectl", "-n", APP_NS, "get", "networkpolicy", "-l", f"app.kubernetes.io/instance={RELEASE}",
-                "-o", "name").stdout.split()  # fmt: skip
-    assert sorted(names) == [f"networkpolicy.networking.k8s.io/{RELEASE}-fedcifar-{n}" for n in ("clients", "run", "superlink")]
+    names = run(
+        "kubectl", "-n", APP_NS, "get", "networkpolicy", "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "name"
+    ).stdout.split()
+    assert sorted(names) == [
+        f"networkpolicy.networking.k8s.io/{RELEASE}-fedcifar-{n}" for n in ("clients", "run", "superlink")
+    ]
 
 
 def test_gpu_clients_schedule_only_where_gpus_are_free(kube, image):
@@ -339,11 +450,33 @@ def test_gpu_clients_schedule_only_where_gpus_are_free(kube, image):
     run("kubectl", "create", "namespace", GPU_NS, check=False)
     repo, tag = image
     try:
-        helm("install", GPU_RELEASE, str(CHART), "-n", GPU_NS, "--set", "clients.replicas=3",
-             "--set", "clients.gpu.enabled=true", "--set", "clients.gpu.count=1",
-             "--set", f"clients.gpu.image.repository={repo}", "--set", f"clients.gpu.image.tag={tag}",
-             "--set", f"image.repository={repo}", "--set", f"image.tag={tag}", "--set", "run.enabled=false",
-             "--set", "clients.resources.requests.cpu=50m", "--set", "superlink.resources.requests.cpu=50m")  # fmt: skip
+        helm(
+            "install",
+            GPU_RELEASE,
+            str(CHART),
+            "-n",
+            GPU_NS,
+            "--set",
+            "clients.replicas=3",
+            "--set",
+            "clients.gpu.enabled=true",
+            "--set",
+            "clients.gpu.count=1",
+            "--set",
+            f"clients.gpu.image.repository={repo}",
+            "--set",
+            f"clients.gpu.image.tag={tag}",
+            "--set",
+            f"image.repository={repo}",
+            "--set",
+            f"image.tag={tag}",
+            "--set",
+            "run.enabled=false",
+            "--set",
+            "clients.resources.requests.cpu=50m",
+            "--set",
+            "superlink.resources.requests.cpu=50m",
+        )
         selector = f"app.kubernetes.io/instance={GPU_RELEASE},app.kubernetes.io/component=clients"
 
         def settled():
@@ -407,8 +540,9 @@ def test_uninstall_leaves_nothing_behind(kube, release):
     kinds = "all,configmap,secret,pvc,serviceaccount,role,rolebinding,job"
 
     def nothing_left() -> bool:
-        listed = run("kubectl", "-n", APP_NS, "get", kinds, "-l", f"app.kubernetes.io/instance={RELEASE}",
-                     "-o", "name").stdout.split()  # fmt: skip
+        listed = run(
+            "kubectl", "-n", APP_NS, "get", kinds, "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "name"
+        ).stdout.split()
         releases = run("kubectl", "-n", APP_NS, "get", "secret", "-l", f"owner=helm,name={RELEASE}", "-o", "name")
         return not listed and not releases.stdout.split()
 

@@ -42,17 +42,24 @@ def declared_as(model: np.ndarray, data: bytes, dtype: str = "float32", stype: s
 
 
 def train_metrics(slot: int, examples: int = PLAUSIBLE_EXAMPLES, **changes) -> MetricRecord:
-    metrics = {"train_loss": 1.5, "num-examples": examples, "examples-trained": examples, "train-seconds": 0.5,
-               "partition-id": slot}  # fmt: skip
+    metrics = {
+        "train_loss": 1.5,
+        "num-examples": examples,
+        "examples-trained": examples,
+        "train-seconds": 0.5,
+        "partition-id": slot,
+    }
     metrics.update(changes)
     return MetricRecord({k: v for k, v in metrics.items() if v is not None})
 
 
 def train_reply(model: np.ndarray, slot: int, arrays: dict[str, Array] | None = None, **metrics) -> RecordDict:
-    return RecordDict({
-        "arrays": ArrayRecord(arrays if arrays is not None else {MODEL_KEY: Array(model)}),
-        "metrics": train_metrics(slot, **metrics),
-    })  # fmt: skip
+    return RecordDict(
+        {
+            "arrays": ArrayRecord(arrays if arrays is not None else {MODEL_KEY: Array(model)}),
+            "metrics": train_metrics(slot, **metrics),
+        }
+    )
 
 
 def header_only(shape: tuple[int, ...]) -> bytes:

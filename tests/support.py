@@ -17,8 +17,12 @@ from cryptography.x509.oid import NameOID
 
 BIN = Path(sys.executable).parent
 # no telemetry; Flower starts flower-superexec and the app processes by name, from beside this interpreter
-FLOWER_ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-              "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}  # fmt: skip
+FLOWER_ENV = {
+    **os.environ,
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+}
 
 
 def wait(what: str, probe, timeout: float = 60):
@@ -33,21 +37,31 @@ def wait(what: str, probe, timeout: float = 60):
 
 
 def pem_private(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                             serialization.NoEncryption())  # fmt: skip
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
 
 
-def certificate(subject: str, key, issuer_key=None, issuer: str | None = None, ca: bool = False,
-                dns: tuple[str, ...] = (), ips: tuple[str, ...] = ()) -> x509.Certificate:  # fmt: skip
-    now = datetime.datetime.now(datetime.timezone.utc)
+def certificate(
+    subject: str,
+    key,
+    issuer_key=None,
+    issuer: str | None = None,
+    ca: bool = False,
+    dns: tuple[str, ...] = (),
+    ips: tuple[str, ...] = (),
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
         .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer or subject)]))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )  # fmt: skip
+    )
     sans = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -67,5 +81,7 @@ def write_pki(out: Path, supernodes: int = 3) -> Path:
     for i in range(supernodes):
         node_key = ec.generate_private_key(ec.SECP256R1())
         (out / f"supernode-{i}.key").write_bytes(pem_private(node_key))
-        (out / f"supernode-{i}.pub").write_bytes(certificate(f"n{i}", node_key).public_bytes(serialization.Encoding.PEM))
+        (out / f"supernode-{i}.pub").write_bytes(
+            certificate(f"n{i}", node_key).public_bytes(serialization.Encoding.PEM)
+        )
     return out

@@ -15,18 +15,47 @@ pytestmark = pytest.mark.integration
 
 def test_bench_reports_every_figure(tmp_path, mini_dir):
     done = subprocess.run(
-        [sys.executable, "-m", "fedcifar", "bench", "--clients", "2", "--rounds", "2",
-         "--examples-per-client", "100", "--test-examples", "100", "--data", str(mini_dir),
-         "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedcifar",
+            "bench",
+            "--clients",
+            "2",
+            "--rounds",
+            "2",
+            "--examples-per-client",
+            "100",
+            "--test-examples",
+            "100",
+            "--data",
+            str(mini_dir),
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    for key in ("stock_round_seconds", "fedcifar_round_seconds", "round_speedup", "fixed_overhead_seconds",
-                "client_images_per_second", "centralized_images_per_second", "throughput_ratio",
-                "stock_client_images_per_second", "data_path_speedup",
-                "client_peak_rss_bytes", "bytes_per_round", "stock_accuracy", "fedcifar_accuracy",
-                "centralized_accuracy"):  # fmt: skip
+    for key in (
+        "stock_round_seconds",
+        "fedcifar_round_seconds",
+        "round_speedup",
+        "fixed_overhead_seconds",
+        "client_images_per_second",
+        "centralized_images_per_second",
+        "throughput_ratio",
+        "stock_client_images_per_second",
+        "data_path_speedup",
+        "client_peak_rss_bytes",
+        "bytes_per_round",
+        "stock_accuracy",
+        "fedcifar_accuracy",
+        "centralized_accuracy",
+    ):
         assert key in result, key
     assert result["round_speedup"] == pytest.approx(result["stock_round_seconds"] / result["fedcifar_round_seconds"])
     assert result["fedcifar_round_seconds"] > result["fixed_overhead_seconds"] > 0

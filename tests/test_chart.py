@@ -34,8 +34,15 @@ MONITORING_API = "monitoring.coreos.com/v1"
 CERT_MANAGER_API = "cert-manager.io/v1"
 # The only API groups the chart may use: all served by Kubernetes 1.20 and by 1.28-1.33 (the CRDs
 # of the Prometheus Operator and cert-manager only where the cluster has them).
-ALLOWED_API_VERSIONS = {"v1", "apps/v1", "batch/v1", "networking.k8s.io/v1", "rbac.authorization.k8s.io/v1",
-                        MONITORING_API, CERT_MANAGER_API}  # fmt: skip
+ALLOWED_API_VERSIONS = {
+    "v1",
+    "apps/v1",
+    "batch/v1",
+    "networking.k8s.io/v1",
+    "rbac.authorization.k8s.io/v1",
+    MONITORING_API,
+    CERT_MANAGER_API,
+}
 VALIDATE_VERSIONS = ("1.28.0", "1.33.0")
 
 
@@ -119,25 +126,71 @@ def run_config_of(docs: list[dict]) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # value sets, rendered once each
 
-GPU_ARGS = ("--set", "clients.gpu.enabled=true", "--set", "clients.gpu.count=2",
-            "--set", "clients.gpu.runtimeClassName=nvidia")  # fmt: skip
+GPU_ARGS = (
+    "--set",
+    "clients.gpu.enabled=true",
+    "--set",
+    "clients.gpu.count=2",
+    "--set",
+    "clients.gpu.runtimeClassName=nvidia",
+)
 MONITORING_ARGS = (
-    "--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true",
-    "--set", "metrics.serviceMonitor.additionalLabels.release=kube-prometheus-stack",
-    "--set", "metrics.podMonitor.additionalLabels.release=kube-prometheus-stack",
-    "--set", "metrics.podMonitor.interval=15s",
-)  # fmt: skip
-PVC_DATA_ARGS = ("--set", "data.source=volume", "--set", "data.volume.existingClaim=cifar10-parquet",
-                 "--set", "data.volume.subPath=cifar10", "--set", "data.mountPath=/data/cifar")  # fmt: skip
+    "--set",
+    "metrics.serviceMonitor.enabled=true",
+    "--set",
+    "metrics.podMonitor.enabled=true",
+    "--set",
+    "metrics.serviceMonitor.additionalLabels.release=kube-prometheus-stack",
+    "--set",
+    "metrics.podMonitor.additionalLabels.release=kube-prometheus-stack",
+    "--set",
+    "metrics.podMonitor.interval=15s",
+)
+PVC_DATA_ARGS = (
+    "--set",
+    "data.source=volume",
+    "--set",
+    "data.volume.existingClaim=cifar10-parquet",
+    "--set",
+    "data.volume.subPath=cifar10",
+    "--set",
+    "data.mountPath=/data/cifar",
+)
 HOSTPATH_DATA_ARGS = ("--set", "data.source=volume", "--set", "data.volume.hostPath=/srv/cifar10")
 RUN_ARGS = (
-    "--set", "clients.replicas=4", "--set", "run.rounds=7", "--set", "run.localEpochs=2",
-    "--set", "run.batchSize=64", "--set", "run.learningRate=0.05", "--set", "run.momentum=0",
-    "--set", "run.partitioner=dirichlet", "--set", "run.dirichletAlpha=0.1",
-    "--set", "run.fractionEvaluate=0.5", "--set", "run.roundTimeout=120", "--set", "run.seed=7",
-    "--set", "run.device=cpu", "--set-string", "run.extraConfig.out-dir=/var/lib/fedcifar/out",
-    "--set", "run.strategy=fedtrimmedavg", "--set", "run.trimBeta=0.25", "--set", "run.maxExamples=12000",
-)  # fmt: skip
+    "--set",
+    "clients.replicas=4",
+    "--set",
+    "run.rounds=7",
+    "--set",
+    "run.localEpochs=2",
+    "--set",
+    "run.batchSize=64",
+    "--set",
+    "run.learningRate=0.05",
+    "--set",
+    "run.momentum=0",
+    "--set",
+    "run.partitioner=dirichlet",
+    "--set",
+    "run.dirichletAlpha=0.1",
+    "--set",
+    "run.fractionEvaluate=0.5",
+    "--set",
+    "run.roundTimeout=120",
+    "--set",
+    "run.seed=7",
+    "--set",
+    "run.device=cpu",
+    "--set-string",
+    "run.extraConfig.out-dir=/var/lib/fedcifar/out",
+    "--set",
+    "run.strategy=fedtrimmedavg",
+    "--set",
+    "run.trimBeta=0.25",
+    "--set",
+    "run.maxExamples=12000",
+)
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +225,14 @@ def hostpath_data_docs() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def persistence_docs() -> list[dict]:
-    return render("--set", "superlink.persistence.enabled=true", "--set", "superlink.persistence.size=5Gi",
-                  "--set", "superlink.persistence.storageClassName=standard")  # fmt: skip
+    return render(
+        "--set",
+        "superlink.persistence.enabled=true",
+        "--set",
+        "superlink.persistence.size=5Gi",
+        "--set",
+        "superlink.persistence.storageClassName=standard",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -181,12 +240,29 @@ def run_docs() -> list[dict]:
     return render(*RUN_ARGS)
 
 
-INSECURE_ARGS = ("--set", "tls.enabled=false", "--set", "supernodeAuth.enabled=false", "--set", "networkPolicy.enabled=false")
+INSECURE_ARGS = (
+    "--set",
+    "tls.enabled=false",
+    "--set",
+    "supernodeAuth.enabled=false",
+    "--set",
+    "networkPolicy.enabled=false",
+)
 CERT_MANAGER_ARGS = ("--api-versions", CERT_MANAGER_API, "--set", "tls.extraDnsNames[0]=flower.example.org")
-EXISTING_SECRETS_ARGS = ("--set", "tls.existingSecret=my-tls", "--set", "supernodeAuth.existingSecret=my-keys",
-                         "--set", "supernodeAuth.existingPublicKeysSecret=my-public-keys", "--set", "clients.replicas=3",
-                         "--set", "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring",
-                         "--set", "networkPolicy.extraApiFrom[0].namespaceSelector.matchLabels.team=flower-admins")  # fmt: skip
+EXISTING_SECRETS_ARGS = (
+    "--set",
+    "tls.existingSecret=my-tls",
+    "--set",
+    "supernodeAuth.existingSecret=my-keys",
+    "--set",
+    "supernodeAuth.existingPublicKeysSecret=my-public-keys",
+    "--set",
+    "clients.replicas=3",
+    "--set",
+    "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring",
+    "--set",
+    "networkPolicy.extraApiFrom[0].namespaceSelector.matchLabels.team=flower-admins",
+)
 
 
 @pytest.fixture(scope="module")
@@ -204,14 +280,41 @@ def existing_secrets_docs() -> list[dict]:
     return render(*EXISTING_SECRETS_ARGS)
 
 
-SERVER_ARGS = ("--set", "clients.enabled=false", "--set", "run.numPartitions=4", "--set", "superlink.service.type=NodePort",
-               "--set", "superlink.service.nodePort=30800", "--set", "tls.extraIpAddresses[0]=10.0.0.5",
-               "--set", "superlink.ingress.enabled=true", "--set", "superlink.ingress.host=fl.example.org",
-               "--set", "superlink.ingress.className=nginx")  # fmt: skip
-SITE_ARGS = ("--set", "superlink.enabled=false", "--set", "clients.superlink.address=10.0.0.5:30800",
-             "--set", "clients.superlink.caSecret=federation-ca", "--set", "clients.site=hospital-a",
-             "--set", "clients.partitions.offset=2", "--set", "clients.partitions.total=4",
-             "--set", "clients.partitions.split=site", *HOSTPATH_DATA_ARGS)  # fmt: skip
+SERVER_ARGS = (
+    "--set",
+    "clients.enabled=false",
+    "--set",
+    "run.numPartitions=4",
+    "--set",
+    "superlink.service.type=NodePort",
+    "--set",
+    "superlink.service.nodePort=30800",
+    "--set",
+    "tls.extraIpAddresses[0]=10.0.0.5",
+    "--set",
+    "superlink.ingress.enabled=true",
+    "--set",
+    "superlink.ingress.host=fl.example.org",
+    "--set",
+    "superlink.ingress.className=nginx",
+)
+SITE_ARGS = (
+    "--set",
+    "superlink.enabled=false",
+    "--set",
+    "clients.superlink.address=10.0.0.5:30800",
+    "--set",
+    "clients.superlink.caSecret=federation-ca",
+    "--set",
+    "clients.site=hospital-a",
+    "--set",
+    "clients.partitions.offset=2",
+    "--set",
+    "clients.partitions.total=4",
+    "--set",
+    "clients.partitions.split=site",
+    *HOSTPATH_DATA_ARGS,
+)
 
 
 @pytest.fixture(scope="module")
@@ -303,9 +406,13 @@ def test_superlink(default_docs: list[dict]) -> None:
     c = container(deploy, "superlink")
     assert c["command"] == ["fedcifar", "superlink"]
     args = c["args"]
-    for flag, value in (("--metrics-port", "9400"), ("--metrics-host", "0.0.0.0"),
-                        ("--metrics-dir", "/var/run/fedcifar/metrics"), ("--host", "127.0.0.1"),
-                        ("--port", "9093")):  # fmt: skip
+    for flag, value in (
+        ("--metrics-port", "9400"),
+        ("--metrics-host", "0.0.0.0"),
+        ("--metrics-dir", "/var/run/fedcifar/metrics"),
+        ("--host", "127.0.0.1"),
+        ("--port", "9093"),
+    ):
         assert args[args.index(flag) + 1] == value  # Flower on the loopback: the proxy is its public face
     assert "--insecure" not in args and "--disable-runtime-dependency-installation" in args  # TLS by default
     assert "--database" not in args
@@ -383,9 +490,7 @@ def test_partition_mapping(default_docs: list[dict], run_docs: list[dict]) -> No
         assert args[args.index("--metrics-port") + 1] == "9400"
         assert args[args.index("--metrics-dir") + 1] == "/var/run/fedcifar/metrics"
         assert "--insecure" not in args and "--root-certificates" in args  # TLS by default
-        assert env_of(c)["POD_INDEX"] == {
-            "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}
-        }
+        assert env_of(c)["POD_INDEX"] == {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
         assert run_config_of(docs)["min-nodes"] == str(replicas)
     headless = find(default_docs, "Service", f"{FULLNAME}-clients")
     assert headless["spec"]["clusterIP"] == "None"
@@ -423,9 +528,18 @@ def test_gpu_on(gpu_docs: list[dict]) -> None:
 
 
 def test_gpu_image_override_and_extra_tolerations() -> None:
-    docs = render("--set", "clients.gpu.enabled=true", "--set", "clients.gpu.image.repository=reg.example/fedcifar",
-                  "--set", "clients.gpu.image.tag=9.9-cuda", "--set", "clients.tolerations[0].key=dedicated",
-                  "--set", "clients.tolerations[0].operator=Exists")  # fmt: skip
+    docs = render(
+        "--set",
+        "clients.gpu.enabled=true",
+        "--set",
+        "clients.gpu.image.repository=reg.example/fedcifar",
+        "--set",
+        "clients.gpu.image.tag=9.9-cuda",
+        "--set",
+        "clients.tolerations[0].key=dedicated",
+        "--set",
+        "clients.tolerations[0].operator=Exists",
+    )
     sts = find(docs, "StatefulSet")
     assert container(sts)["image"] == "reg.example/fedcifar:9.9-cuda"
     assert [t["key"] for t in pod_spec(sts)["tolerations"]] == ["dedicated", "nvidia.com/gpu"]
@@ -434,13 +548,22 @@ def test_gpu_image_override_and_extra_tolerations() -> None:
 def test_scheduling_values_per_component() -> None:
     args = []
     for comp in ("superlink", "clients", "run"):
-        args += ["--set", f"{comp}.nodeSelector.pool={comp}",
-                 "--set", f"{comp}.tolerations[0].key={comp}", "--set", f"{comp}.tolerations[0].operator=Exists",
-                 "--set", f"{comp}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
-                          f".nodeSelectorTerms[0].matchExpressions[0].key={comp}",
-                 "--set", f"{comp}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
-                          f".nodeSelectorTerms[0].matchExpressions[0].operator=Exists",
-                 "--set", f"{comp}.resources.limits.cpu=3"]  # fmt: skip
+        args += [
+            "--set",
+            f"{comp}.nodeSelector.pool={comp}",
+            "--set",
+            f"{comp}.tolerations[0].key={comp}",
+            "--set",
+            f"{comp}.tolerations[0].operator=Exists",
+            "--set",
+            f"{comp}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+            f".nodeSelectorTerms[0].matchExpressions[0].key={comp}",
+            "--set",
+            f"{comp}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+            f".nodeSelectorTerms[0].matchExpressions[0].operator=Exists",
+            "--set",
+            f"{comp}.resources.limits.cpu=3",
+        ]
     docs = render(*args)
     for kind, comp in (("Deployment", "superlink"), ("StatefulSet", "clients"), ("Job", "run")):
         spec = pod_spec(find(docs, kind))
@@ -572,13 +695,29 @@ def test_run_job_defaults(default_docs: list[dict]) -> None:
     urls = c["args"][c["args"].index("--client-metrics") + 1 :]
     assert urls == [f"http://{FULLNAME}-clients-{i}.{FULLNAME}-clients:9400/metrics" for i in range(2)]
     assert run_config_of(default_docs) == {
-        "num-server-rounds": "3", "local-epochs": "1", "batch-size": "32", "learning-rate": "0.01",
-        "momentum": "0.9", "partitioner": '"iid"', "dirichlet-alpha": "0.5", "fraction-train": "1.0",
-        "fraction-evaluate": "0.0", "min-nodes": "2", "num-partitions": "2", "round-timeout": "3600.0", "seed": "42",
-        "device": '"auto"', "round-retries": "2", "resume": "true", "strategy": '"fedavg"', "trim-beta": "0.2",
-        "num-malicious-nodes": "0", "num-nodes-to-select": "1", "max-examples": "0",
+        "num-server-rounds": "3",
+        "local-epochs": "1",
+        "batch-size": "32",
+        "learning-rate": "0.01",
+        "momentum": "0.9",
+        "partitioner": '"iid"',
+        "dirichlet-alpha": "0.5",
+        "fraction-train": "1.0",
+        "fraction-evaluate": "0.0",
+        "min-nodes": "2",
+        "num-partitions": "2",
+        "round-timeout": "3600.0",
+        "seed": "42",
+        "device": '"auto"',
+        "round-retries": "2",
+        "resume": "true",
+        "strategy": '"fedavg"',
+        "trim-beta": "0.2",
+        "num-malicious-nodes": "0",
+        "num-nodes-to-select": "1",
+        "max-examples": "0",
         "out-dir": '"/var/lib/fedcifar/runs/revision-1"',  # per revision: a Job retry resumes the run
-    }  # fmt: skip
+    }
     assert job["spec"]["backoffLimit"] == 3
 
 
@@ -610,13 +749,18 @@ def test_the_public_face_passes_only_the_fleet_api(default_docs: list[dict]) -> 
     other = render("--set", "superlink.proxy.maxBodySize=2m")
     assert "client_max_body_size 2m;" in find(other, "ConfigMap", f"{FULLNAME}-superlink-proxy")["data"]["nginx.conf"]
     checksum = "checksum/proxy"  # the pod rolls when the proxy config changes
-    assert (find(default_docs, "Deployment")["spec"]["template"]["metadata"]["annotations"][checksum]
-            != find(other, "Deployment")["spec"]["template"]["metadata"]["annotations"][checksum])  # fmt: skip
+    assert (
+        find(default_docs, "Deployment")["spec"]["template"]["metadata"]["annotations"][checksum]
+        != find(other, "Deployment")["spec"]["template"]["metadata"]["annotations"][checksum]
+    )
 
 
 def test_node_port_for_supernodes_outside_the_cluster() -> None:
-    svc = find(render("--set", "superlink.service.type=NodePort", "--set", "superlink.service.nodePort=30800"),
-               "Service", f"{FULLNAME}-superlink")  # fmt: skip
+    svc = find(
+        render("--set", "superlink.service.type=NodePort", "--set", "superlink.service.nodePort=30800"),
+        "Service",
+        f"{FULLNAME}-superlink",
+    )
     ports = {p["name"]: p for p in svc["spec"]["ports"]}
     assert svc["spec"]["type"] == "NodePort" and ports["http"]["nodePort"] == 30800
     assert ports["http"]["targetPort"] == "http"  # the proxy container: Fleet API and /health only
@@ -650,13 +794,20 @@ def test_run_config_is_valid_toml(run_docs: list[dict]) -> None:
 
 
 def test_run_min_nodes_and_disable() -> None:
-    docs = render("--set", "clients.replicas=3", "--set", "run.minNodes=2",
-                  "--set", "run.activeDeadlineSeconds=7200", "--set", "run.ttlSecondsAfterFinished=600")  # fmt: skip
+    docs = render(
+        "--set",
+        "clients.replicas=3",
+        "--set",
+        "run.minNodes=2",
+        "--set",
+        "run.activeDeadlineSeconds=7200",
+        "--set",
+        "run.ttlSecondsAfterFinished=600",
+    )
     assert run_config_of(docs)["min-nodes"] == "2"
     job = find(docs, "Job")
     assert job["spec"]["activeDeadlineSeconds"] == 7200 and job["spec"]["ttlSecondsAfterFinished"] == 600
     assert "Job" not in kinds(render("--set", "run.enabled=false"))
-
 
 
 def test_the_run_job_is_bounded_by_default(default_docs: list[dict]) -> None:
@@ -669,8 +820,16 @@ def test_the_run_job_is_bounded_by_default(default_docs: list[dict]) -> None:
 
 
 def test_a_site_name_that_yaml_would_read_as_a_number_stays_a_string() -> None:
-    docs = render("--set", "superlink.enabled=false", "--set", "clients.superlink.address=link:30800",
-                  "--set", "clients.superlink.caSecret=ca", "--set-string", "clients.site=123")  # fmt: skip
+    docs = render(
+        "--set",
+        "superlink.enabled=false",
+        "--set",
+        "clients.superlink.address=link:30800",
+        "--set",
+        "clients.superlink.caSecret=ca",
+        "--set-string",
+        "clients.site=123",
+    )
     args = container(find(docs, "StatefulSet"))["args"]
     assert args[args.index("--site") + 1] == "123"
 
@@ -679,8 +838,9 @@ def test_a_site_name_that_yaml_would_read_as_a_number_stays_a_string() -> None:
 # security
 
 
-def test_security_contexts_everywhere(default_docs: list[dict], gpu_docs: list[dict],
-                                      persistence_docs: list[dict]) -> None:  # fmt: skip
+def test_security_contexts_everywhere(
+    default_docs: list[dict], gpu_docs: list[dict], persistence_docs: list[dict]
+) -> None:
     for docs in (default_docs, gpu_docs, persistence_docs):
         pods = workloads(docs)
         assert {d["kind"] for d in pods} == {"Deployment", "StatefulSet", "Job", "Pod"}
@@ -709,8 +869,7 @@ def test_security_contexts_everywhere(default_docs: list[dict], gpu_docs: list[d
         assert sa["automountServiceAccountToken"] is False
 
 
-def test_security_contexts_with_every_security_option(insecure_docs, cert_manager_docs,
-                                                     existing_secrets_docs) -> None:  # fmt: skip
+def test_security_contexts_with_every_security_option(insecure_docs, cert_manager_docs, existing_secrets_docs) -> None:
     """The pods that mount certificates and keys keep the locked-down pod and container contexts."""
     for docs in (insecure_docs, cert_manager_docs, existing_secrets_docs):
         for doc in workloads(docs):
@@ -733,9 +892,13 @@ def test_helm_test_pod(default_docs: list[dict]) -> None:
     assert env["SUPERLINK_CA"] == "/etc/fedcifar/tls/ca.crt"
     assert "ssl.create_default_context(cafile=ca)" in c["command"][-1]
     mount, volume = mounts_of(pod, c)["/etc/fedcifar/tls"]
-    assert volume["secret"] == {"secretName": f"{FULLNAME}-superlink-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    assert volume["secret"] == {
+        "secretName": f"{FULLNAME}-superlink-tls",
+        "items": [{"key": "ca.crt", "path": "ca.crt"}],
+    }
     assert env["CLIENT_METRICS_URLS"] == " ".join(
-        f"http://{FULLNAME}-clients-{i}.{FULLNAME}-clients:9400/metrics" for i in (0, 1))
+        f"http://{FULLNAME}-clients-{i}.{FULLNAME}-clients:9400/metrics" for i in (0, 1)
+    )
 
 
 def test_notes_render(tmp_path: Path) -> None:
@@ -747,16 +910,32 @@ def test_notes_render(tmp_path: Path) -> None:
         '{{- define "notes-render" }}' + notes_tpl + '{{- end }}\nnotes: {{ include "notes-render" . | toJson }}\n'
     )
     result = subprocess.run(
-        [HELM, "template", RELEASE, str(chart), "--namespace", "fl", "--show-only", "templates/notes-render.yaml",
-         "--set", "run.partitioner=dirichlet"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            HELM,
+            "template",
+            RELEASE,
+            str(chart),
+            "--namespace",
+            "fl",
+            "--show-only",
+            "templates/notes-render.yaml",
+            "--set",
+            "run.partitioner=dirichlet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     notes = yaml.safe_load(result.stdout)["notes"]
     assert f"kubectl --namespace fl port-forward deploy/{FULLNAME}-superlink 9093:9093" in notes  # the Control API
     assert "flwr run . fedcifar --stream --run-config" in notes and 'partitioner="dirichlet"' in notes
     assert 'address = "127.0.0.1:9093"' in notes
-    assert f"get secret {FULLNAME}-superlink-tls -o jsonpath='{{.data.ca\\.crt}}' | base64 -d > \"$FLWR_HOME/ca.crt\"" in notes
+    assert (
+        f"get secret {FULLNAME}-superlink-tls -o jsonpath='{{.data.ca\\.crt}}' | base64 -d > \"$FLWR_HOME/ca.crt\""
+        in notes
+    )
     assert 'root-certificates = "$FLWR_HOME/ca.crt"' in notes and "insecure = true" not in notes
     assert 'cat > "$FLWR_HOME/config.toml" <<TOML' in notes  # unquoted: the shell writes the absolute path
     assert f"port-forward pod/{FULLNAME}-clients-0 9401:9400" in notes
@@ -772,19 +951,37 @@ ALLOWED_LABELS = {"namespace", "pod", "site", "partition", "num_partitions", "de
 # series that carry the site (client metrics; the server's per-node failures and refused updates)
 SITE_SERIES = ("fedcifar_client_", "fedcifar_rejected_updates")
 KNOWN_METRICS = {
-    "fedcifar_round", "fedcifar_run_rounds", "fedcifar_rounds_completed_total",
-    "fedcifar_round_duration_seconds_bucket", "fedcifar_round_duration_seconds_sum",
-    "fedcifar_round_duration_seconds_count", "fedcifar_train_loss", "fedcifar_eval_loss",
-    "fedcifar_eval_accuracy", "fedcifar_participating_clients", "fedcifar_connected_clients",
-    "fedcifar_examples_trained_total", "fedcifar_sent_bytes_total", "fedcifar_received_bytes_total",
-    "fedcifar_client_failures_total", "fedcifar_rejected_updates_total", "fedcifar_failed_round_attempts_total",
-    "fedcifar_client_info", "fedcifar_client_train_loss",
-    "fedcifar_client_eval_loss", "fedcifar_client_eval_accuracy", "fedcifar_client_round",
-    "fedcifar_client_examples_trained_total", "fedcifar_client_train_duration_seconds_bucket",
-    "fedcifar_client_train_duration_seconds_sum", "fedcifar_client_train_duration_seconds_count",
-    "fedcifar_client_messages_total", "fedcifar_client_received_bytes_total",
-    "fedcifar_client_sent_bytes_total", "fedcifar_client_app_peak_rss_bytes",
-}  # fmt: skip
+    "fedcifar_round",
+    "fedcifar_run_rounds",
+    "fedcifar_rounds_completed_total",
+    "fedcifar_round_duration_seconds_bucket",
+    "fedcifar_round_duration_seconds_sum",
+    "fedcifar_round_duration_seconds_count",
+    "fedcifar_train_loss",
+    "fedcifar_eval_loss",
+    "fedcifar_eval_accuracy",
+    "fedcifar_participating_clients",
+    "fedcifar_connected_clients",
+    "fedcifar_examples_trained_total",
+    "fedcifar_sent_bytes_total",
+    "fedcifar_received_bytes_total",
+    "fedcifar_client_failures_total",
+    "fedcifar_rejected_updates_total",
+    "fedcifar_failed_round_attempts_total",
+    "fedcifar_client_info",
+    "fedcifar_client_train_loss",
+    "fedcifar_client_eval_loss",
+    "fedcifar_client_eval_accuracy",
+    "fedcifar_client_round",
+    "fedcifar_client_examples_trained_total",
+    "fedcifar_client_train_duration_seconds_bucket",
+    "fedcifar_client_train_duration_seconds_sum",
+    "fedcifar_client_train_duration_seconds_count",
+    "fedcifar_client_messages_total",
+    "fedcifar_client_received_bytes_total",
+    "fedcifar_client_sent_bytes_total",
+    "fedcifar_client_app_peak_rss_bytes",
+}
 
 
 def all_panels(dashboard: dict) -> list[dict]:
@@ -802,15 +999,21 @@ def test_dashboard_configmaps(default_docs: list[dict]) -> None:
     uids = set()
     for cm in maps:
         assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-        (key, text), = cm["data"].items()
+        ((key, text),) = cm["data"].items()
         assert key.endswith(".json")
         dashboard = json.loads(text)
         source = json.loads((CHART / "dashboards" / f"{cm['metadata']['name'].rsplit('-', 1)[-1]}.json").read_text())
         assert dashboard == source
         uids.add(dashboard["uid"])
     assert len(uids) == len(maps)
-    custom = render("--set", "dashboards.label=my_dashboards", "--set-string", "dashboards.labelValue=yes",
-                    "--set", "dashboards.namespace=monitoring")  # fmt: skip
+    custom = render(
+        "--set",
+        "dashboards.label=my_dashboards",
+        "--set-string",
+        "dashboards.labelValue=yes",
+        "--set",
+        "dashboards.namespace=monitoring",
+    )
     for cm in (d for d in custom if "-dashboard-" in d["metadata"]["name"]):
         assert cm["metadata"]["labels"]["my_dashboards"] == "yes"
         assert cm["metadata"]["namespace"] == "monitoring"
@@ -847,7 +1050,11 @@ def test_dashboard_json(path: Path) -> None:
         assert selectors, (title, expr)
         for metric, selector in selectors:
             assert metric in KNOWN_METRICS, (title, metric)
-            expected = '{namespace=~"$namespace", site=~"$site"}' if metric.startswith(SITE_SERIES) else '{namespace=~"$namespace"}'
+            expected = (
+                '{namespace=~"$namespace", site=~"$site"}'
+                if metric.startswith(SITE_SERIES)
+                else '{namespace=~"$namespace"}'
+            )
             assert selector == expected, (title, expr)  # every series filtered
         for group in re.findall(r"\bby \(([^)]*)\)", expr):
             labels = {label.strip() for label in group.split(",")}
@@ -909,7 +1116,12 @@ def test_generated_certificate_covers_the_service_names(default_docs: list[dict]
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     svc = f"{FULLNAME}-superlink"
     assert sans.get_values_for_type(x509.DNSName) == [
-        svc, f"{svc}.fl", f"{svc}.fl.svc", f"{svc}.fl.svc.cluster.local", "localhost"]
+        svc,
+        f"{svc}.fl",
+        f"{svc}.fl.svc",
+        f"{svc}.fl.svc.cluster.local",
+        "localhost",
+    ]
     # the SuperLink's own SuperExec and ServerApp reach it on 127.0.0.1 (flwr's bind address)
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     key = serialization.load_pem_private_key(data["tls.key"], None)
@@ -919,8 +1131,14 @@ def test_generated_certificate_covers_the_service_names(default_docs: list[dict]
 def test_extra_ip_addresses_for_supernodes_outside_the_cluster() -> None:
     extra = ("--set", "tls.extraIpAddresses[0]=192.0.2.10", "--set", "tls.extraIpAddresses[1]=2001:db8::1")
     data = secret_data(find(render(*extra), "Secret", f"{FULLNAME}-superlink-tls"))
-    sans = x509.load_pem_x509_certificate(data["tls.crt"]).extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    assert [str(ip) for ip in sans.value.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "192.0.2.10", "2001:db8::1"]
+    sans = x509.load_pem_x509_certificate(data["tls.crt"]).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert [str(ip) for ip in sans.value.get_values_for_type(x509.IPAddress)] == [
+        "127.0.0.1",
+        "192.0.2.10",
+        "2001:db8::1",
+    ]
     issued = find(render(*CERT_MANAGER_ARGS, *extra), "Certificate", f"{FULLNAME}-superlink-tls")
     assert issued["spec"]["ipAddresses"] == ["127.0.0.1", "192.0.2.10", "2001:db8::1"]
     assert "tls.extraIpAddresses.0" in render_error("--set", "tls.extraIpAddresses[0]=node-1")
@@ -938,7 +1156,8 @@ def test_clients_verify_the_ca_and_each_mounts_only_its_own_key(run_docs: list[d
     assert volume["secret"]["secretName"] == f"{FULLNAME}-supernode-keys"
     assert volume["secret"]["defaultMode"] == 0o440
     assert volume["secret"]["items"] == [
-        {"key": f"supernode-{i}.key", "path": f"{FULLNAME}-clients-{i}/supernode.key"} for i in range(4)]
+        {"key": f"supernode-{i}.key", "path": f"{FULLNAME}-clients-{i}/supernode.key"} for i in range(4)
+    ]
     _, ca = mounts_of(sts, c)["/etc/fedcifar/tls"]
     assert ca["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]  # not the server's key
 
@@ -970,7 +1189,9 @@ def test_run_job_uses_tls_and_registers_keys(default_docs: list[dict]) -> None:
     assert env["FEDCIFAR_SUPERNODE_PUBLIC_KEYS"] == "/etc/fedcifar/supernode-public-keys"
     mounts = mounts_of(job, c)
     assert mounts["/etc/fedcifar/tls"][1]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
-    assert mounts["/etc/fedcifar/supernode-public-keys"][1]["secret"]["secretName"] == f"{FULLNAME}-supernode-public-keys"
+    assert (
+        mounts["/etc/fedcifar/supernode-public-keys"][1]["secret"]["secretName"] == f"{FULLNAME}-supernode-public-keys"
+    )
 
 
 def test_plaintext_when_tls_is_off(insecure_docs: list[dict]) -> None:
@@ -997,22 +1218,38 @@ def test_plaintext_when_tls_is_off(insecure_docs: list[dict]) -> None:
 def test_cert_manager_issues_the_certificate_where_installed(cert_manager_docs: list[dict]) -> None:
     assert not [d for d in cert_manager_docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-tls")]
     cm = {(d["kind"], d["metadata"]["name"]): d for d in cert_manager_docs if d["apiVersion"] == CERT_MANAGER_API}
-    assert set(cm) == {("Issuer", f"{FULLNAME}-selfsigned"), ("Certificate", f"{FULLNAME}-ca"),
-                       ("Issuer", f"{FULLNAME}-ca"), ("Certificate", f"{FULLNAME}-superlink-tls")}  # fmt: skip
+    assert set(cm) == {
+        ("Issuer", f"{FULLNAME}-selfsigned"),
+        ("Certificate", f"{FULLNAME}-ca"),
+        ("Issuer", f"{FULLNAME}-ca"),
+        ("Certificate", f"{FULLNAME}-superlink-tls"),
+    }
     ca = cm[("Certificate", f"{FULLNAME}-ca")]["spec"]
     assert ca["isCA"] is True and ca["issuerRef"]["name"] == f"{FULLNAME}-selfsigned"
     assert cm[("Issuer", f"{FULLNAME}-ca")]["spec"] == {"ca": {"secretName": ca["secretName"]}}
     server = cm[("Certificate", f"{FULLNAME}-superlink-tls")]["spec"]
     assert server["secretName"] == f"{FULLNAME}-superlink-tls"  # what the pods mount
     svc = f"{FULLNAME}-superlink"
-    assert server["dnsNames"] == [svc, f"{svc}.fl", f"{svc}.fl.svc", f"{svc}.fl.svc.cluster.local", "localhost",
-                                  "flower.example.org"]  # fmt: skip
+    assert server["dnsNames"] == [
+        svc,
+        f"{svc}.fl",
+        f"{svc}.fl.svc",
+        f"{svc}.fl.svc.cluster.local",
+        "localhost",
+        "flower.example.org",
+    ]
     assert server["ipAddresses"] == ["127.0.0.1"] and "server auth" in server["usages"]
     assert server["issuerRef"] == {"name": f"{FULLNAME}-ca", "kind": "Issuer", "group": "cert-manager.io"}
     assert server["duration"] == "8760h" and server["renewBefore"] == "720h"
     # the cluster's own issuer instead of the release's CA
-    docs = render("--api-versions", CERT_MANAGER_API, "--set", "tls.certManager.issuerRef.name=corp-ca",
-                  "--set", "tls.certManager.issuerRef.kind=ClusterIssuer")  # fmt: skip
+    docs = render(
+        "--api-versions",
+        CERT_MANAGER_API,
+        "--set",
+        "tls.certManager.issuerRef.name=corp-ca",
+        "--set",
+        "tls.certManager.issuerRef.kind=ClusterIssuer",
+    )
     certs = [d for d in docs if d["apiVersion"] == CERT_MANAGER_API]
     assert [d["kind"] for d in certs] == ["Certificate"]
     assert certs[0]["spec"]["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer"}
@@ -1037,10 +1274,20 @@ def test_existing_secrets_are_used_as_they_are(existing_secrets_docs: list[dict]
 
 def test_network_policies(default_docs: list[dict], existing_secrets_docs: list[dict]) -> None:
     release = {"app.kubernetes.io/name": "fedcifar", "app.kubernetes.io/instance": RELEASE}
-    own = {"podSelector": {"matchLabels": release, "matchExpressions": [
-        {"key": "app.kubernetes.io/component", "operator": "In", "values": ["clients", "run", "test"]}]}}
-    run_and_test = {"podSelector": {"matchLabels": release, "matchExpressions": [
-        {"key": "app.kubernetes.io/component", "operator": "In", "values": ["run", "test"]}]}}
+    own = {
+        "podSelector": {
+            "matchLabels": release,
+            "matchExpressions": [
+                {"key": "app.kubernetes.io/component", "operator": "In", "values": ["clients", "run", "test"]}
+            ],
+        }
+    }
+    run_and_test = {
+        "podSelector": {
+            "matchLabels": release,
+            "matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "In", "values": ["run", "test"]}],
+        }
+    }
     superlink = find(default_docs, "NetworkPolicy", f"{FULLNAME}-superlink")["spec"]
     deploy = find(default_docs, "Deployment", f"{FULLNAME}-superlink")
     assert superlink["podSelector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
@@ -1056,8 +1303,9 @@ def test_network_policies(default_docs: list[dict], existing_secrets_docs: list[
     run = find(default_docs, "NetworkPolicy", f"{FULLNAME}-run")["spec"]
     assert run["podSelector"] == run_and_test["podSelector"] and "ingress" not in run
     for doc in (find(default_docs, "Job"), find(default_docs, "Pod", f"{FULLNAME}-test")):
-        labels = pod_spec(doc) and (doc["spec"]["template"]["metadata"]["labels"] if doc["kind"] == "Job"
-                                    else doc["metadata"]["labels"])  # fmt: skip
+        labels = pod_spec(doc) and (
+            doc["spec"]["template"]["metadata"]["labels"] if doc["kind"] == "Job" else doc["metadata"]["labels"]
+        )
         assert labels["app.kubernetes.io/component"] in ("run", "test")
     # peers from values
     monitoring = {"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}
@@ -1068,6 +1316,7 @@ def test_network_policies(default_docs: list[dict], existing_secrets_docs: list[
     clients = find(existing_secrets_docs, "NetworkPolicy", f"{FULLNAME}-clients")["spec"]
     assert clients["ingress"][0]["from"] == [monitoring, run_and_test]  # the run Job checks the clients' metrics
     assert not [d for d in render("--set", "networkPolicy.enabled=false") if d["kind"] == "NetworkPolicy"]
+
 
 # ---------------------------------------------------------------------------------------------
 # cross-silo shapes: a server release and site releases
@@ -1133,14 +1382,23 @@ def test_site_release_holds_its_supernodes_and_their_keys(site_docs: list[dict])
     names = {(d["kind"], d["metadata"]["name"]) for d in site_docs}
     assert not {"Deployment", "Job", "Role", "Ingress"} & set(kinds(site_docs))
     assert not [n for _, n in names if "-dashboard-" in n or "superlink" in n]
-    assert {("Secret", f"{FULLNAME}-supernode-keys"), ("Secret", f"{FULLNAME}-supernode-public-keys"),
-            ("StatefulSet", f"{FULLNAME}-clients"), ("Pod", f"{FULLNAME}-test")} <= names  # fmt: skip
+    assert {
+        ("Secret", f"{FULLNAME}-supernode-keys"),
+        ("Secret", f"{FULLNAME}-supernode-public-keys"),
+        ("StatefulSet", f"{FULLNAME}-clients"),
+        ("Pod", f"{FULLNAME}-test"),
+    } <= names
     sts = find(site_docs, "StatefulSet")
     c = container(sts)
-    args = dict(zip(c["args"][::2], c["args"][1::2]))
+    args = dict(zip(c["args"][::2], c["args"][1::2], strict=True))
     assert args["--superlink"] == "10.0.0.5:30800" and args["--root-certificates"] == "/etc/fedcifar/tls/ca.crt"
-    assert (args["--partition-offset"], args["--num-partitions"], args["--split"], args["--site-partitions"],
-            args["--site"]) == ("2", "4", "site", "2", "hospital-a")  # fmt: skip
+    assert (
+        args["--partition-offset"],
+        args["--num-partitions"],
+        args["--split"],
+        args["--site-partitions"],
+        args["--site"],
+    ) == ("2", "4", "site", "2", "hospital-a")
     _, volume = mounts_of(sts, c)["/etc/fedcifar/tls"]
     assert volume["secret"]["secretName"] == "federation-ca"  # the remote SuperLink's CA, created by the operator
     assert mounts_of(sts, c)["/data/cifar10"][1]["hostPath"]["path"] == "/srv/cifar10"  # the site's own data
@@ -1148,17 +1406,24 @@ def test_site_release_holds_its_supernodes_and_their_keys(site_docs: list[dict])
     env = env_of(test)
     assert env["SUPERLINK_HEALTH_URL"] == "https://10.0.0.5:30800/health"
     assert env["CLIENT_METRICS_URLS"].split() == [
-        f"http://{FULLNAME}-clients-{i}.{FULLNAME}-clients:9400/metrics" for i in (0, 1)]
+        f"http://{FULLNAME}-clients-{i}.{FULLNAME}-clients:9400/metrics" for i in (0, 1)
+    ]
     assert "activated" in test["command"][-1]
     assert [d["metadata"]["name"] for d in site_docs if d["kind"] == "NetworkPolicy"] == [
-        f"{FULLNAME}-clients", f"{FULLNAME}-run"]
+        f"{FULLNAME}-clients",
+        f"{FULLNAME}-run",
+    ]
 
 
 def test_the_default_release_is_one_site_holding_every_slot(default_docs: list[dict]) -> None:
     args = container(find(default_docs, "StatefulSet"))["args"]
-    pairs = dict(zip(args[::2], args[1::2]))
+    pairs = dict(zip(args[::2], args[1::2], strict=True))
     assert (pairs["--partition-offset"], pairs["--num-partitions"], pairs["--split"], pairs["--site"]) == (
-        "0", "2", "global", RELEASE)
+        "0",
+        "2",
+        "global",
+        RELEASE,
+    )
     assert "--min-nodes" not in container(find(default_docs, "Job"))["args"]
     env = env_of(container(find(default_docs, "Deployment"), "superlink"))
     assert (env["FEDCIFAR_SITE"], env["FEDCIFAR_PARTITION_OFFSET"]) == (RELEASE, "0")  # keys named <site>/slot-<k>
@@ -1174,12 +1439,37 @@ def kubernetes_validate():
 
 
 @pytest.mark.parametrize("version", VALIDATE_VERSIONS)
-def test_manifests_validate_strict(kubernetes_validate, version: str, default_docs, gpu_docs, monitoring_docs,
-                                   pvc_data_docs, hostpath_data_docs, persistence_docs, run_docs, insecure_docs,
-                                   cert_manager_docs, existing_secrets_docs, server_docs, site_docs) -> None:  # fmt: skip
+def test_manifests_validate_strict(
+    kubernetes_validate,
+    version: str,
+    default_docs,
+    gpu_docs,
+    monitoring_docs,
+    pvc_data_docs,
+    hostpath_data_docs,
+    persistence_docs,
+    run_docs,
+    insecure_docs,
+    cert_manager_docs,
+    existing_secrets_docs,
+    server_docs,
+    site_docs,
+) -> None:
     checked = 0
-    for docs in (default_docs, gpu_docs, monitoring_docs, pvc_data_docs, hostpath_data_docs, persistence_docs,
-                 run_docs, insecure_docs, cert_manager_docs, existing_secrets_docs, server_docs, site_docs):  # fmt: skip
+    for docs in (
+        default_docs,
+        gpu_docs,
+        monitoring_docs,
+        pvc_data_docs,
+        hostpath_data_docs,
+        persistence_docs,
+        run_docs,
+        insecure_docs,
+        cert_manager_docs,
+        existing_secrets_docs,
+        server_docs,
+        site_docs,
+    ):
         for doc in docs:
             if doc["apiVersion"] in (MONITORING_API, CERT_MANAGER_API):
                 # kubernetes-validate knows only built-in kinds, not the Prometheus Operator's or
@@ -1238,14 +1528,26 @@ def test_schema_is_closed() -> None:
 
 
 PASS_THROUGH = {
-    "podSecurityContext", "securityContext", "extraEnv",
-    *(f"{c}.{k}" for c in ("superlink", "clients", "run") for k in
-      ("resources", "nodeSelector", "affinity", "podAnnotations", "podLabels", "extraEnv")),
+    "podSecurityContext",
+    "securityContext",
+    "extraEnv",
+    *(
+        f"{c}.{k}"
+        for c in ("superlink", "clients", "run")
+        for k in ("resources", "nodeSelector", "affinity", "podAnnotations", "podLabels", "extraEnv")
+    ),
     "superlink.proxy.resources",
-    "superlink.service.annotations", "superlink.persistence.annotations", "serviceAccount.annotations",
-    "run.extraConfig", "metrics.serviceMonitor.additionalLabels", "metrics.podMonitor.additionalLabels",
-    "dashboards.annotations", "tests.resources", "tls.certManager.issuerRef", "superlink.ingress.annotations",
-}  # fmt: skip
+    "superlink.service.annotations",
+    "superlink.persistence.annotations",
+    "serviceAccount.annotations",
+    "run.extraConfig",
+    "metrics.serviceMonitor.additionalLabels",
+    "metrics.podMonitor.additionalLabels",
+    "dashboards.annotations",
+    "tests.resources",
+    "tls.certManager.issuerRef",
+    "superlink.ingress.annotations",
+}
 
 
 @pytest.mark.parametrize(
@@ -1271,7 +1573,10 @@ PASS_THROUGH = {
         (("--set", "supernodeAuth.keys=1"), r"supernodeAuth: Additional property keys is not allowed"),
         (("--set", "clients.site=Hospital_A"), r"clients\.site: Does not match pattern"),
         (("--set", "clients.superlink.address=https://link"), r"clients\.superlink\.address: Does not match pattern"),
-        (("--set", "clients.partitions.split=random"), r'clients\.partitions\.split must be one of the following: "global", "site"'),
+        (
+            ("--set", "clients.partitions.split=random"),
+            r'clients\.partitions\.split must be one of the following: "global", "site"',
+        ),
         (("--set", "clients.partitions.offset=-1"), r"clients\.partitions\.offset: Must be greater than or equal to 0"),
         (("--set", "run.numPartitions=0"), r"run\.numPartitions: Must be greater than or equal to 1"),
         (("--set", "run.strategy=fedsgd"), r'run\.strategy must be one of the following: "fedavg", "fedmedian"'),
@@ -1289,8 +1594,10 @@ def test_schema_rejects(args: tuple[str, ...], expected: str) -> None:
     ("args", "expected"),
     [
         (("--set", "data.source=volume"), "neither data.volume.existingClaim nor data.volume.hostPath is set"),
-        (("--set", "data.source=volume", "--set", "data.volume.existingClaim=a", "--set", "data.volume.hostPath=/b"),
-         "data.volume.existingClaim and data.volume.hostPath are both set"),
+        (
+            ("--set", "data.source=volume", "--set", "data.volume.existingClaim=a", "--set", "data.volume.hostPath=/b"),
+            "data.volume.existingClaim and data.volume.hostPath are both set",
+        ),
         (("--set", "run.minNodes=3"), "run.minNodes (3) is larger than the federation's node slots (2)"),
         (("--set", "run.extraConfig.seed=1"), "run.extraConfig.seed repeats a run-config key"),
         (("--set", "run.extraConfig.resume=false"), "run.extraConfig.resume repeats a run-config key"),
@@ -1303,27 +1610,51 @@ def test_schema_rejects(args: tuple[str, ...], expected: str) -> None:
         (("--set", "run.fractionTrain=1.5"), "run.fractionTrain is a fraction of the clients and must lie between 0"),
         (("--set", "run.dirichletAlpha=0.0"), "run.dirichletAlpha must be greater than 0"),
         (("--set", "tls.enabled=false"), "supernodeAuth.enabled needs tls.enabled"),
-        (("--set", "supernodeAuth.existingSecret=keys"),
-         "supernodeAuth.existingSecret and supernodeAuth.existingPublicKeysSecret go together"),
+        (
+            ("--set", "supernodeAuth.existingSecret=keys"),
+            "supernodeAuth.existingSecret and supernodeAuth.existingPublicKeysSecret go together",
+        ),
         (("--set", "metrics.port=9093"), "metrics.port and superlink.controlPort are both 9093"),
         (("--set", "superlink.controlPort=8000"), "superlink.controlPort and superlink.port are both 8000"),
         # the cross-silo shapes
-        (("--set", "superlink.enabled=false", "--set", "clients.enabled=false"),
-         "superlink.enabled and clients.enabled are both false: this release would hold nothing"),
-        (("--set", "superlink.enabled=false"), "a site release dials a remote SuperLink; set clients.superlink.address"),
-        (("--set", "superlink.enabled=false", "--set", "clients.superlink.address=link:30800"),
-         "clients.superlink.caSecret is empty: create a Secret holding the remote SuperLink's ca.crt"),
+        (
+            ("--set", "superlink.enabled=false", "--set", "clients.enabled=false"),
+            "superlink.enabled and clients.enabled are both false: this release would hold nothing",
+        ),
+        (
+            ("--set", "superlink.enabled=false"),
+            "a site release dials a remote SuperLink; set clients.superlink.address",
+        ),
+        (
+            ("--set", "superlink.enabled=false", "--set", "clients.superlink.address=link:30800"),
+            "clients.superlink.caSecret is empty: create a Secret holding the remote SuperLink's ca.crt",
+        ),
         (("--set", "clients.superlink.address=link:30800"), "set superlink.enabled=false for a site release"),
         (("--set", "clients.enabled=false"), "a server release states the federation's node slots"),
-        (("--set", "clients.partitions.offset=1"),
-         "clients.partitions.offset (1) + clients.replicas (2) is beyond clients.partitions.total (2)"),
-        (("--set", "clients.partitions.total=4", "--set", "run.numPartitions=3"),
-         "run.numPartitions (3) differs from clients.partitions.total (4)"),
+        (
+            ("--set", "clients.partitions.offset=1"),
+            "clients.partitions.offset (1) + clients.replicas (2) is beyond clients.partitions.total (2)",
+        ),
+        (
+            ("--set", "clients.partitions.total=4", "--set", "run.numPartitions=3"),
+            "run.numPartitions (3) differs from clients.partitions.total (4)",
+        ),
         (("--set", "superlink.ingress.enabled=true"), "superlink.ingress.enabled needs superlink.ingress.host"),
-        (("--set", "superlink.ingress.enabled=true", "--set", "superlink.ingress.host=fl.example.org",
-          "--set", "tls.enabled=false", "--set", "supernodeAuth.enabled=false"), "superlink.ingress.enabled needs tls.enabled"),
+        (
+            (
+                "--set",
+                "superlink.ingress.enabled=true",
+                "--set",
+                "superlink.ingress.host=fl.example.org",
+                "--set",
+                "tls.enabled=false",
+                "--set",
+                "supernodeAuth.enabled=false",
+            ),
+            "superlink.ingress.enabled needs tls.enabled",
+        ),
     ],
-)  # fmt: skip
+)
 def test_contradictory_values_fail(args: tuple[str, ...], expected: str) -> None:
     error = render_error(*args)
     assert expected in error, error
@@ -1370,8 +1701,11 @@ def test_skaffold_structure(skaffold: dict) -> None:
         assert templates["image.tag"] == "{{.IMAGE_TAG_local_fedcifar}}", where
     forwards = {(f["resourceType"], f["resourceName"], f["port"]) for f in skaffold["portForward"]}
     superlink = f"{skaffold['deploy']['helm']['releases'][0]['name']}-superlink"  # release "fedcifar"
-    assert {("service", superlink, 8000), ("service", f"{superlink}-metrics", 9400),
-            ("deployment", superlink, 9093)} <= forwards  # fmt: skip
+    assert {
+        ("service", superlink, 8000),
+        ("service", f"{superlink}-metrics", 9400),
+        ("deployment", superlink, 9093),
+    } <= forwards
     profiles = {p["name"]: p for p in skaffold["profiles"]}
     assert {"kind", "minikube", "gpu"} <= set(profiles)
     for name in ("kind", "minikube"):

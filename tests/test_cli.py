@@ -37,12 +37,18 @@ def test_centralized_prints_json_last(mini_dir):
         (["centralized", "--epochs", "0"], "--epochs must be >= 1, got 0"),
         (["centralized", "--lr", "0"], "'learning-rate' must be a finite number > 0"),
         (["supernode", "--num-partitions", "2", "--partition-id", "2"], "partition-id must be an integer in [0, 1]"),
-        (["supernode", "--num-partitions", "4", "--partition-id", "1", "--partition-offset", "3"],
-         "partition-id must be an integer in [0, 3]"),  # slot 3 + 1 beyond the federation's 4
-        (["supernode", "--num-partitions", "2", "--partition-id", "0", "--split", "site"],
-         "--split site needs --site-partitions"),
-        (["supernode", "--num-partitions", "2", "--partition-id", "0", "--site", "Hospital A"],
-         "site must be a DNS label"),
+        (
+            ["supernode", "--num-partitions", "4", "--partition-id", "1", "--partition-offset", "3"],
+            "partition-id must be an integer in [0, 3]",
+        ),  # slot 3 + 1 beyond the federation's 4
+        (
+            ["supernode", "--num-partitions", "2", "--partition-id", "0", "--split", "site"],
+            "--split site needs --site-partitions",
+        ),
+        (
+            ["supernode", "--num-partitions", "2", "--partition-id", "0", "--site", "Hospital A"],
+            "site must be a DNS label",
+        ),
     ],
 )
 def test_bad_input_is_refused_with_a_clear_message(args, message, tmp_path, mini_dir):

@@ -68,8 +68,12 @@ def test_torchvision_python_batches_match_the_parquet_pixels(tmp_path, mini_dir)
 
 
 def _write_batch(path, images, labels, protocol=pickle.DEFAULT_PROTOCOL):
-    batch = {b"batch_label": b"training batch 1 of 5", b"data": images.reshape(len(images), -1).numpy(),
-             b"labels": labels.tolist(), b"filenames": [b"x.png"] * len(labels)}  # as in the real batches
+    batch = {
+        b"batch_label": b"training batch 1 of 5",
+        b"data": images.reshape(len(images), -1).numpy(),
+        b"labels": labels.tolist(),
+        b"filenames": [b"x.png"] * len(labels),
+    }  # as in the real batches
     with open(path, "wb") as fh:
         pickle.dump(batch, fh, protocol=protocol)
 

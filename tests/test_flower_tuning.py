@@ -115,7 +115,12 @@ def test_the_supernode_starts_the_warm_superexec(monkeypatch):
     start_warm_superexec()
     supernode_loop.subprocess.Popen(["flower-superexec", "--insecure", "--runtime-api-address", "x:1"])
     supernode_loop.subprocess.Popen(["something-else"])
-    assert seen[0][:2] == [sys.executable, "-c"] and seen[0][3:] == ["superexec", "--insecure", "--runtime-api-address", "x:1"]
+    assert seen[0][:2] == [sys.executable, "-c"] and seen[0][3:] == [
+        "superexec",
+        "--insecure",
+        "--runtime-api-address",
+        "x:1",
+    ]
     assert seen[1] == ["something-else"]
 
 
@@ -200,7 +205,9 @@ def test_local_supernodes_poll_less_once_they_outnumber_the_cores():
 def test_the_changes_run_only_on_the_flower_release_they_were_verified_on(monkeypatch, capsys):
     check_flower_version()  # the installed one
     check_flower_version(f"{VERIFIED_FLWR}.9")
-    with pytest.raises(UnverifiedFlower, match=rf"verified on flwr {VERIFIED_FLWR}\.\*, but flwr 1\.43\.0 is installed"):
+    with pytest.raises(
+        UnverifiedFlower, match=rf"verified on flwr {VERIFIED_FLWR}\.\*, but flwr 1\.43\.0 is installed"
+    ):
         check_flower_version("1.43.0")
     monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")
     check_flower_version("1.43.0")  # the user's explicit override

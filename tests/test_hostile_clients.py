@@ -38,8 +38,16 @@ from tests.support import BIN, FLOWER_ENV, wait, write_pki
 
 pytestmark = pytest.mark.integration
 SLOTS, HOSTILE_SLOT = 3, 2
-RUN_CONFIG = {"num-partitions": SLOTS, "min-nodes": SLOTS, "local-epochs": 1, "batch-size": 32, "round-timeout": 60.0,
-              "round-retries": 0, "seed": 7, "device": "cpu"}  # fmt: skip
+RUN_CONFIG = {
+    "num-partitions": SLOTS,
+    "min-nodes": SLOTS,
+    "local-epochs": 1,
+    "batch-size": 32,
+    "round-timeout": 60.0,
+    "round-retries": 0,
+    "seed": 7,
+    "device": "cpu",
+}
 SERVERAPP_RSS_LIMIT = 1.5 * 2**30
 
 
@@ -59,17 +67,47 @@ def federation(tmp_path_factory):
 
     def start(name: str, command: list[str], **extra: str) -> None:
         with open(logs / f"{name}.log", "w") as log:  # the child keeps its own descriptor
-            procs.append(subprocess.Popen(command, cwd=work, env={**env, **extra}, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    command,
+                    cwd=work,
+                    env={**env, **extra},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
 
     ready = work / "superlink" / "ready"
-    start("superlink", [str(BIN / "fedcifar"), "superlink", "--metrics-port", str(metrics_port), "--metrics-host",
-                        "127.0.0.1", "--host", "127.0.0.1", "--port", str(port),
-                        "--ssl-ca-certfile", str(pki / "ca.crt"), "--ssl-certfile", str(pki / "tls.crt"),
-                        "--ssl-keyfile", str(pki / "tls.key"), "--enable-supernode-auth",
-                        "--disable-runtime-dependency-installation"],
-          **{security.PUBLIC_KEYS_ENV: str(keys), security.READY_FILE_ENV: str(ready), "FEDCIFAR_SITE": "site-a",
-             "FLWR_HOME": str(work / "superlink" / "flwr")})  # fmt: skip
+    start(
+        "superlink",
+        [
+            str(BIN / "fedcifar"),
+            "superlink",
+            "--metrics-port",
+            str(metrics_port),
+            "--metrics-host",
+            "127.0.0.1",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ssl-ca-certfile",
+            str(pki / "ca.crt"),
+            "--ssl-certfile",
+            str(pki / "tls.crt"),
+            "--ssl-keyfile",
+            str(pki / "tls.key"),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+        ],
+        **{
+            security.PUBLIC_KEYS_ENV: str(keys),
+            security.READY_FILE_ENV: str(ready),
+            "FEDCIFAR_SITE": "site-a",
+            "FLWR_HOME": str(work / "superlink" / "flwr"),
+        },
+    )
     link = ["--superlink", f"127.0.0.1:{port}", "--root-certificates", str(pki / "ca.crt")]
     admin = work / "admin"
     flwr_cli.write_connection(admin, flwr_cli.CONNECTION, f"127.0.0.1:{port}", str(pki / "ca.crt"))
@@ -83,20 +121,62 @@ def federation(tmp_path_factory):
     try:
         wait("the SuperNode keys registered", ready.exists, 90)
         for i in range(SLOTS - 1):
-            start(f"supernode-{i}", [str(BIN / "fedcifar"), "supernode", "--metrics-port", str(free_port()),
-                                     "--metrics-host", "127.0.0.1", "--partition-id", str(i), "--num-partitions",
-                                     str(SLOTS), "--site", "site-a", "--data", str(MINI), *link, "--port",
-                                     str(free_port()), "--auth-supernode-private-key", str(pki / f"supernode-{i}.key")],
-                  FLWR_HOME=str(work / f"node-{i}"))  # fmt: skip
+            start(
+                f"supernode-{i}",
+                [
+                    str(BIN / "fedcifar"),
+                    "supernode",
+                    "--metrics-port",
+                    str(free_port()),
+                    "--metrics-host",
+                    "127.0.0.1",
+                    "--partition-id",
+                    str(i),
+                    "--num-partitions",
+                    str(SLOTS),
+                    "--site",
+                    "site-a",
+                    "--data",
+                    str(MINI),
+                    *link,
+                    "--port",
+                    str(free_port()),
+                    "--auth-supernode-private-key",
+                    str(pki / f"supernode-{i}.key"),
+                ],
+                FLWR_HOME=str(work / f"node-{i}"),
+            )
         hostile_key = security.rewrite_private_key_arg(
             ["--auth-supernode-private-key", str(pki / f"supernode-{HOSTILE_SLOT}.key")], work / "hostile-key"
         )
-        start("hostile", [sys.executable, str(ROOT / "tests" / "hostile.py"), "supernode", *link, "--port", str(free_port()), *hostile_key,
-                          "--node-config", f"partition-id={HOSTILE_SLOT} num-partitions={SLOTS}"],
-              PATH=f"{hostile_bin}:{env['PATH']}", HOSTILE_PLAN=str(plan), HOSTILE_RECORDS=str(records),
-              FLWR_HOME=str(work / "hostile-home"), FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1")  # fmt: skip
-        yield {"work": work, "admin": admin, "token": token, "plan": plan, "records": records, "logs": logs,
-               "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}  # fmt: skip
+        start(
+            "hostile",
+            [
+                sys.executable,
+                str(ROOT / "tests" / "hostile.py"),
+                "supernode",
+                *link,
+                "--port",
+                str(free_port()),
+                *hostile_key,
+                "--node-config",
+                f"partition-id={HOSTILE_SLOT} num-partitions={SLOTS}",
+            ],
+            PATH=f"{hostile_bin}:{env['PATH']}",
+            HOSTILE_PLAN=str(plan),
+            HOSTILE_RECORDS=str(records),
+            FLWR_HOME=str(work / "hostile-home"),
+            FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1",
+        )
+        yield {
+            "work": work,
+            "admin": admin,
+            "token": token,
+            "plan": plan,
+            "records": records,
+            "logs": logs,
+            "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+        }
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -105,8 +185,6 @@ def federation(tmp_path_factory):
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-
-
 
 
 def run(federation, name: str, plan: dict, **config) -> tuple[dict, int]:
@@ -144,9 +222,16 @@ def honest_replies(history: dict, before: np.ndarray, server_round: int) -> list
     """What slots 0 and 1 answer to ``before`` in ``server_round``: fedcifar's trainer, run here."""
     replies = []
     for slot in range(SLOTS - 1):
-        task = Task(kind="train", arrays={MODEL_KEY: before}, server_round=server_round,
-                    lr=history["config"]["learning-rate"], partition_id=slot, num_partitions=SLOTS,
-                    run_config=history["config"], data_path=str(MINI))  # fmt: skip
+        task = Task(
+            kind="train",
+            arrays={MODEL_KEY: before},
+            server_round=server_round,
+            lr=history["config"]["learning-rate"],
+            partition_id=slot,
+            num_partitions=SLOTS,
+            run_config=history["config"],
+            data_path=str(MINI),
+        )
         reply = Trainer().run(task)
         replies.append((reply.arrays[MODEL_KEY], reply.metrics["num-examples"]))
     return replies
@@ -161,26 +246,33 @@ def refused(federation) -> dict[str, float]:
     text = urllib.request.urlopen(federation["metrics"], timeout=10).read().decode()
     return {
         sample.labels["reason"]: sample.value
-        for family in text_string_to_metric_families(text) if family.name == "fedcifar_rejected_updates"
+        for family in text_string_to_metric_families(text)
+        if family.name == "fedcifar_rejected_updates"
         for sample in family.samples
         if sample.name.endswith("_total") and sample.labels["partition"] == str(HOSTILE_SLOT)
-    }  # fmt: skip
+    }
 
 
 def test_every_bad_reply_is_refused_and_the_model_is_the_mean_of_the_honest_ones(federation):
     train, evaluate = list(TRAIN_REPLIES), list(EVALUATE_REPLIES)
     before = refused(federation)
-    history, serverapp_peak = run(federation, "hostile", {"train": train, "evaluate": evaluate},
-                                  **{"num-server-rounds": len(train), "fraction-evaluate": 1.0})  # fmt: skip
+    history, serverapp_peak = run(
+        federation,
+        "hostile",
+        {"train": train, "evaluate": evaluate},
+        **{"num-server-rounds": len(train), "fraction-evaluate": 1.0},
+    )
 
     rounds = history["rounds"]
     assert [r["round"] for r in rounds] == list(range(1, len(train) + 1))  # every round completed
     expected_counts: dict[str, int] = {}
-    for record, bad in zip(rounds, train):
+    for record, bad in zip(rounds, train, strict=True):
         bad_evaluate = evaluate[(record["round"] - 1) % len(evaluate)]
         reasons = [TRAIN_REPLIES[bad][1], EVALUATE_REPLIES[bad_evaluate][1]]
-        assert record["refusals"] == [{"slot": str(HOSTILE_SLOT), "site": "site-a", "reason": r, "kind": k}
-                                      for r, k in zip(reasons, ("train", "evaluate"))], (bad, bad_evaluate)  # fmt: skip
+        assert record["refusals"] == [
+            {"slot": str(HOSTILE_SLOT), "site": "site-a", "reason": r, "kind": k}
+            for r, k in zip(reasons, ("train", "evaluate"), strict=True)
+        ], (bad, bad_evaluate)
         assert record["partitions"] == [0, 1] and record["sites"] == ["site-a", "site-a"]
         for reason in reasons:
             expected_counts[reason] = expected_counts.get(reason, 0) + 1
@@ -189,9 +281,13 @@ def test_every_bad_reply_is_refused_and_the_model_is_the_mean_of_the_honest_ones
 
     models = global_models(federation, history)
     for server_round in range(1, len(rounds) + 1):
-        np.testing.assert_allclose(models[server_round], mean(honest_replies(history, models[server_round - 1],
-                                                                             server_round)),
-                                   rtol=1e-4, atol=1e-6, err_msg=f"round {server_round}")  # fmt: skip
+        np.testing.assert_allclose(
+            models[server_round],
+            mean(honest_replies(history, models[server_round - 1], server_round)),
+            rtol=1e-4,
+            atol=1e-6,
+            err_msg=f"round {server_round}",
+        )
     assert 0 < serverapp_peak < SERVERAPP_RSS_LIMIT, f"ServerApp peak RSS {serverapp_peak / 2**20:.0f} MiB"
     print(
         f"\nServerApp peak RSS {serverapp_peak / 2**20:.0f} MiB over {len(rounds)} rounds; refused: {expected_counts}"
@@ -201,8 +297,9 @@ def test_every_bad_reply_is_refused_and_the_model_is_the_mean_of_the_honest_ones
 def test_well_formed_zeros_pass_the_checks_fedavg_takes_them_in_robust_rules_leave_them_out(federation):
     kept = {}
     for strategy in ("fedavg", "fedmedian", "krum"):
-        history, _ = run(federation, f"zeros-{strategy}", {"train": [ZEROS]},
-                         **{"num-server-rounds": 3, "strategy": strategy})  # fmt: skip
+        history, _ = run(
+            federation, f"zeros-{strategy}", {"train": [ZEROS]}, **{"num-server-rounds": 3, "strategy": strategy}
+        )
         models = global_models(federation, history)
         for server_round, record in enumerate(history["rounds"], start=1):
             assert record["partitions"] == [0, 1, 2] and record["refusals"] == []  # no check can catch it
@@ -212,8 +309,9 @@ def test_well_formed_zeros_pass_the_checks_fedavg_takes_them_in_robust_rules_lea
             if strategy == "fedavg":
                 np.testing.assert_allclose(got, mean([*honest, zeros]), rtol=1e-4, atol=1e-6)
             elif strategy == "fedmedian":
-                np.testing.assert_allclose(got, np.median([w for w, _ in honest] + [zeros[0]], axis=0), rtol=1e-4,
-                                           atol=1e-6)  # fmt: skip
+                np.testing.assert_allclose(
+                    got, np.median([w for w, _ in honest] + [zeros[0]], axis=0), rtol=1e-4, atol=1e-6
+                )
             else:  # Krum keeps the one update nearest its neighbours: an honest one
                 assert any(np.allclose(got, w, rtol=1e-4, atol=1e-6) for w, _ in honest)
         last = history["rounds"][-1]

@@ -75,9 +75,26 @@ def federation(tmp_path_factory, mini_dir):
     ports = [base + i for i in range(CLIENTS + 1)]
     scraper = Scraper(ports)
     scraper.start()
-    cmd = [sys.executable, "-m", "fedcifar", "run", "--clients", str(CLIENTS), "--rounds", str(ROUNDS),
-           "--data", str(mini_dir), "--out", str(out), "--metrics-port", str(base), "--linger", "2",
-           "-c", "fraction-evaluate=1.0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedcifar",
+        "run",
+        "--clients",
+        str(CLIENTS),
+        "--rounds",
+        str(ROUNDS),
+        "--data",
+        str(mini_dir),
+        "--out",
+        str(out),
+        "--metrics-port",
+        str(base),
+        "--linger",
+        "2",
+        "-c",
+        "fraction-evaluate=1.0",
+    ]
     started = time.monotonic()
     env = {k: v for k, v in os.environ.items() if k != "FEDCIFAR_DATA"}
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
@@ -144,7 +161,10 @@ def test_client_metrics_match_history(federation):
     finals = [snapshots[port][-1] for port in ports[1:]]
     for partition, final in enumerate(finals):
         p = str(partition)
-        assert value(final, "fedcifar_client_info", device="cpu", num_partitions=str(CLIENTS), partition=p, site="local") == 1
+        assert (
+            value(final, "fedcifar_client_info", device="cpu", num_partitions=str(CLIENTS), partition=p, site="local")
+            == 1
+        )
         activated = [k for k, v in final.items() if k[0] == "fedcifar_client_node" and v == 1]
         assert len(activated) == 1 and int(dict(activated[0][1])["node_id"]) > 0  # the SuperNode's Flower id
         assert value(final, "fedcifar_client_examples_trained_total", partition=p, site="local") == 250 * ROUNDS
@@ -155,9 +175,13 @@ def test_client_metrics_match_history(federation):
     # the server's aggregated loss is the example-weighted mean of the clients' last losses
     losses = [value(f, "fedcifar_client_train_loss", partition=str(i), site="local") for i, f in enumerate(finals)]
     assert rounds[-1]["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-9)
-    accuracies = [value(f, "fedcifar_client_eval_accuracy", partition=str(i), site="local") for i, f in enumerate(finals)]
+    accuracies = [
+        value(f, "fedcifar_client_eval_accuracy", partition=str(i), site="local") for i, f in enumerate(finals)
+    ]
     assert rounds[-1]["client_eval_accuracy"] == pytest.approx(sum(accuracies) / len(accuracies), rel=1e-9)
-    sent = sum(value(f, "fedcifar_client_sent_bytes_total", partition=str(i), site="local") for i, f in enumerate(finals))
+    sent = sum(
+        value(f, "fedcifar_client_sent_bytes_total", partition=str(i), site="local") for i, f in enumerate(finals)
+    )
     assert sent == sum(r["received_bytes"] for r in rounds)
 
 

@@ -38,10 +38,26 @@ def as_foreground_job() -> None:
 def test_ctrl_c_mid_run_stops_everything(tmp_path, mini_dir):
     out = tmp_path / "run"
     run = subprocess.Popen(
-        [sys.executable, "-m", "fedcifar", "run", "--clients", "2", "--rounds", "50", "--data", str(mini_dir),
-         "--out", str(out)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_foreground_job,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedcifar",
+            "run",
+            "--clients",
+            "2",
+            "--rounds",
+            "50",
+            "--data",
+            str(mini_dir),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=as_foreground_job,
+    )
     deadline = time.monotonic() + 180
     while not (out / "history.json").exists():  # the run is under way: the ServerApp wrote round 0
         assert run.poll() is None, run.communicate()[1]

@@ -10,9 +10,9 @@ import urllib.request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fedcifar.local import free_port
 from fedcifar.metrics import ClientMetrics, ServerMetrics, serve_multiprocess
 from fedcifar.node import prepare_multiprocess_dir
-from fedcifar.local import free_port
 
 
 def families(text: str) -> dict:
@@ -72,10 +72,16 @@ def test_required_series_are_exposed_with_values():
     assert sample(fams, "fedcifar_client_train_loss", site="site-a", partition="1") == 0.75
     assert sample(fams, "fedcifar_client_examples_trained_total", site="site-a", partition="1") == 250
     assert sample(fams, "fedcifar_client_info", site="site-a", partition="1", num_partitions="2", device="cpu") == 1
-    for name in ("fedcifar_round", "fedcifar_eval_loss", "fedcifar_eval_accuracy",
-                 "fedcifar_participating_clients", "fedcifar_examples_trained_total",
-                 "fedcifar_received_bytes_total", "fedcifar_client_sent_bytes_total",
-                 "fedcifar_client_received_bytes_total"):  # fmt: skip
+    for name in (
+        "fedcifar_round",
+        "fedcifar_eval_loss",
+        "fedcifar_eval_accuracy",
+        "fedcifar_participating_clients",
+        "fedcifar_examples_trained_total",
+        "fedcifar_received_bytes_total",
+        "fedcifar_client_sent_bytes_total",
+        "fedcifar_client_received_bytes_total",
+    ):
         sample(fams, name)
 
 

@@ -40,7 +40,8 @@ def test_node_config(tmp_path):
         node_config(3, 3, None)
     # slot 5 of the federation's 6, training slice 1 of 2 of the site's own data (split=site)
     assert node_config(5, 6, None, (1, 2)) == (
-        "partition-id=5 num-partitions=6 data-partition-id=1 data-num-partitions=2")
+        "partition-id=5 num-partitions=6 data-partition-id=1 data-num-partitions=2"
+    )
     with pytest.raises(ConfigError, match="partition-id must be an integer in"):
         node_config(5, 6, None, (2, 2))
 
@@ -54,7 +55,8 @@ def test_a_stale_trainer_socket_does_not_stop_a_restarted_node(tmp_path):
     (tmp_path / "metrics.trainer.sock").write_text("stale")
     code = (
         "import sys; from fedcifar.node import run_node; "
-        f"sys.exit(run_node([sys.executable, '-c', 'import time; time.sleep(1)'], 0, '127.0.0.1', {str(metrics_dir)!r}, "
+        "sys.exit(run_node([sys.executable, '-c', 'import time; time.sleep(1)'], 0, '127.0.0.1', "
+        f"{str(metrics_dir)!r}, "
         "[sys.executable, '-m', 'fedcifar.trainer', '--partition-id', '0', '--num-partitions', '1']))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -88,8 +90,11 @@ def test_supernode_pem_key_is_handed_to_flower_as_openssh(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP256R1())
-    (tmp_path / "supernode.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+    (tmp_path / "supernode.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+    )
     show = "import sys; print(open(sys.argv[sys.argv.index('--auth-supernode-private-key') + 1]).read())"
     code = (
         "import sys; from fedcifar.node import run_node; "
@@ -112,10 +117,15 @@ def test_without_a_metrics_dir_keys_and_state_live_in_a_private_folder_removed_a
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = ec.generate_private_key(ec.SECP256R1())
-    (tmp_path / "supernode.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
-    show = ("import os, sys; p = sys.argv[sys.argv.index('--auth-supernode-private-key') + 1]; "
-            "print(p, oct(os.stat(os.path.dirname(p)).st_mode & 0o777))")  # fmt: skip
+    (tmp_path / "supernode.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+    )
+    show = (
+        "import os, sys; p = sys.argv[sys.argv.index('--auth-supernode-private-key') + 1]; "
+        "print(p, oct(os.stat(os.path.dirname(p)).st_mode & 0o777))"
+    )
     code = (
         "import sys; from fedcifar.node import run_node; "
         f"sys.exit(run_node([sys.executable, '-c', {show!r}, '--auth-supernode-private-key', "

@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "fedcifar"
 ECHO_APP = ROOT / "tests" / "apps" / "echo"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-HELM = shutil.which("helm") or ("/var/cache/local-k8s/bin/helm" if Path("/var/cache/local-k8s/bin/helm").exists() else None)
+HELM = shutil.which("helm") or (
+    "/var/cache/local-k8s/bin/helm" if Path("/var/cache/local-k8s/bin/helm").exists() else None
+)
 REFUSAL = "fedcifar: this port serves only Flower's Fleet API (/v1/fleet/) and /health"
 
 pytestmark = [
@@ -43,9 +45,24 @@ pytestmark = [
 
 def proxy_config(public: int, control: int, tls_dir: Path, tmp: Path) -> str:
     """The chart's nginx.conf, with the pod's paths mapped to this test's folders."""
-    done = subprocess.run([HELM, "template", "t", str(CHART), "--show-only", "templates/superlink-proxy-configmap.yaml",
-                           "--set", f"superlink.port={public}", "--set", f"superlink.controlPort={control}"],
-                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    done = subprocess.run(
+        [
+            HELM,
+            "template",
+            "t",
+            str(CHART),
+            "--show-only",
+            "templates/superlink-proxy-configmap.yaml",
+            "--set",
+            f"superlink.port={public}",
+            "--set",
+            f"superlink.controlPort={control}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     conf = yaml.safe_load(done.stdout)["data"]["nginx.conf"]
     conf = conf.replace("/tmp/", f"{tmp}/").replace("/etc/fedcifar/tls/", f"{tls_dir}/")
     conf = conf.replace("access_log /dev/stdout", f"access_log {tmp}/access.log")
@@ -65,17 +82,44 @@ def face(tmp_path_factory):
     (keys / "supernode-0.pub").write_bytes((pki / "supernode-0.pub").read_bytes())
     public, control, ready = free_port(), free_port(), work / "ready"
     superlink = subprocess.Popen(
-        [str(BIN / "fedcifar"), "superlink", "--metrics-port", str(free_port()), "--metrics-host", "127.0.0.1",
-         "--metrics-dir", str(work / "metrics"), "--host", "127.0.0.1", "--port", str(control),
-         "--ssl-ca-certfile", str(pki / "ca.crt"), "--ssl-certfile", str(pki / "tls.crt"),
-         "--ssl-keyfile", str(pki / "tls.key"), "--enable-supernode-auth", "--disable-runtime-dependency-installation"],
-        cwd=work, stdout=open(work / "superlink.log", "w"), stderr=subprocess.STDOUT,
-        env={**FLOWER_ENV, security.PUBLIC_KEYS_ENV: str(keys), security.READY_FILE_ENV: str(ready),
-             "FLWR_HOME": str(work / "flwr")},
-    )  # fmt: skip
+        [
+            str(BIN / "fedcifar"),
+            "superlink",
+            "--metrics-port",
+            str(free_port()),
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-dir",
+            str(work / "metrics"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(control),
+            "--ssl-ca-certfile",
+            str(pki / "ca.crt"),
+            "--ssl-certfile",
+            str(pki / "tls.crt"),
+            "--ssl-keyfile",
+            str(pki / "tls.key"),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+        ],
+        cwd=work,
+        stdout=open(work / "superlink.log", "w"),
+        stderr=subprocess.STDOUT,
+        env={
+            **FLOWER_ENV,
+            security.PUBLIC_KEYS_ENV: str(keys),
+            security.READY_FILE_ENV: str(ready),
+            "FLWR_HOME": str(work / "flwr"),
+        },
+    )
     (work / "nginx.conf").write_text(proxy_config(public, control, pki, work))
-    nginx = subprocess.Popen([NGINX, "-e", "stderr", "-c", str(work / "nginx.conf"), "-g", "daemon off;"],
-                             stdout=open(work / "nginx.log", "w"), stderr=subprocess.STDOUT)  # fmt: skip
+    nginx = subprocess.Popen(
+        [NGINX, "-e", "stderr", "-c", str(work / "nginx.conf"), "-g", "daemon off;"],
+        stdout=open(work / "nginx.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     admin = work / "admin"  # an operator on the pod's loopback (what kubectl port-forward gives)
     flwr_cli.write_connection(admin, flwr_cli.CONNECTION, f"127.0.0.1:{control}", str(pki / "ca.crt"))
     try:
@@ -107,11 +151,18 @@ def flwr(home: Path, *args: str) -> dict:
 def test_only_the_fleet_api_and_health_pass(face):
     assert request(face, "GET", "/health")[0] == 200
     refused = {
-        ("POST", "/v1/control/list-runs"), ("POST", "/v1/control/register-supernode"),
-        ("POST", "/v1/runtime/acquire-task"), ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/"),
-        ("POST", "/v1/fleet/../control/list-runs"), ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
-        ("POST", "/v1/fleet/x/..%2f..%2fcontrol/list-runs"), ("POST", "/v1/fleet"), ("POST", "/V1/control/list-runs"),
-    }  # fmt: skip
+        ("POST", "/v1/control/list-runs"),
+        ("POST", "/v1/control/register-supernode"),
+        ("POST", "/v1/runtime/acquire-task"),
+        ("GET", "/docs"),
+        ("GET", "/openapi.json"),
+        ("GET", "/"),
+        ("POST", "/v1/fleet/../control/list-runs"),
+        ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
+        ("POST", "/v1/fleet/x/..%2f..%2fcontrol/list-runs"),
+        ("POST", "/v1/fleet"),
+        ("POST", "/V1/control/list-runs"),
+    }
     for method, path in refused:
         status, body = request(face, method, path)
         assert (status, body.startswith(REFUSAL)) == (403, True), (method, path, status, body)
@@ -130,14 +181,24 @@ def test_the_flwr_cli_is_refused_on_the_public_port(face, tmp_path):
 
 
 def test_a_registered_supernode_moves_3_mib_through_the_proxy(face, tmp_path):
-    key = security.rewrite_private_key_arg(["--auth-supernode-private-key", str(face["pki"] / "supernode-0.key")],
-                                           tmp_path)  # fmt: skip
+    key = security.rewrite_private_key_arg(
+        ["--auth-supernode-private-key", str(face["pki"] / "supernode-0.key")], tmp_path
+    )
     node = subprocess.Popen(
-        [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{face['public']}", "--port", str(free_port()),
-         "--root-certificates", str(face["pki"] / "ca.crt"), *key],
-        env={**FLOWER_ENV, "FLWR_HOME": str(tmp_path / "node")}, stdout=open(tmp_path / "node.log", "w"),
+        [
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            f"127.0.0.1:{face['public']}",
+            "--port",
+            str(free_port()),
+            "--root-certificates",
+            str(face["pki"] / "ca.crt"),
+            *key,
+        ],
+        env={**FLOWER_ENV, "FLWR_HOME": str(tmp_path / "node")},
+        stdout=open(tmp_path / "node.log", "w"),
         stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    )
     try:
         reply = flwr(face["admin"], "run", str(ECHO_APP), flwr_cli.CONNECTION, "--run-config", "size-mib=3")
         assert reply.get("success"), reply

@@ -26,8 +26,13 @@ def model() -> np.ndarray:
 @pytest.fixture(scope="module")
 def expected(model) -> Expected:
     arrays = ArrayRecord({MODEL_KEY: Array(model)})
-    return Expected(Expected.layout_of(arrays), train_examples=(166, 167), evaluate_examples=(100, 100),
-                    local_epochs=2, round_timeout=60.0)  # fmt: skip
+    return Expected(
+        Expected.layout_of(arrays),
+        train_examples=(166, 167),
+        evaluate_examples=(100, 100),
+        local_epochs=2,
+        round_timeout=60.0,
+    )
 
 
 def reason(check, content, expected, bound_slot=SLOT) -> str | None:

@@ -47,8 +47,13 @@ def trainer_pid(fed: LocalFederation, partition: int) -> int:
 
 
 def run_config(out: Path, rounds: int) -> dict:
-    return {"num-server-rounds": rounds, "min-nodes": 2, "num-partitions": 2, "round-timeout": ROUND_TIMEOUT,
-            "out-dir": str(out)}  # fmt: skip
+    return {
+        "num-server-rounds": rounds,
+        "min-nodes": 2,
+        "num-partitions": 2,
+        "round-timeout": ROUND_TIMEOUT,
+        "out-dir": str(out),
+    }
 
 
 def test_killed_and_frozen_clients_cost_no_round(tmp_path, mini_dir):
@@ -64,7 +69,9 @@ def test_killed_and_frozen_clients_cost_no_round(tmp_path, mini_dir):
                 faults["killed"] = time.monotonic()
                 # a busy machine may have finished more rounds by now; the next may be in flight
                 faults["killed_after"] = len(load_history(out)["rounds"])
-            elif record["round"] > faults["killed_after"] + 1 and 1 in record["partitions"] and "recovered" not in faults:
+            elif (
+                record["round"] > faults["killed_after"] + 1 and 1 in record["partitions"] and "recovered" not in faults
+            ):
                 # partition 1 is back, trained by the restarted node (a round that began after the kill)
                 faults["recovered"] = time.monotonic()
                 frozen = trainer_pid(fed, 0)  # now a slow client: its trainer stops answering a while
@@ -87,27 +94,53 @@ def test_killed_and_frozen_clients_cost_no_round(tmp_path, mini_dir):
     assert missed_1, seen
     without_0 = [r for r in rounds if r["partitions"] == [1] and r["failures"] >= 1]
     assert without_0 and without_0[0]["round"] > faults["frozen_after"], seen  # while 0's trainer was frozen
-    assert any(0 in r["partitions"] for r in rounds[without_0[0]["round"]:]), seen  # thawed, it trains again
+    assert any(0 in r["partitions"] for r in rounds[without_0[0]["round"] :]), seen  # thawed, it trains again
     assert rounds[-1]["partitions"] == [0, 1], seen  # both back
     # the 8 s deadline ended the faulty rounds, not Flower's default hour (a loose bound: the
     # machine may be busy; under CI load with 16 pods beside it one round took over 13 s)
     assert all(r["round_seconds"] < 60 for r in rounds)
     # the dead node's reply is missing (timeout), or the SuperLink answers for it (error)
-    assert sum(value(server, "fedcifar_client_failures_total", partition="1", site="unknown", reason=r) for r in ("timeout", "error")) >= 1
+    assert (
+        sum(
+            value(server, "fedcifar_client_failures_total", partition="1", site="unknown", reason=r)
+            for r in ("timeout", "error")
+        )
+        >= 1
+    )
     assert value(server, "fedcifar_client_failures_total", partition="0", site="unknown", reason="timeout") >= 1
     log = client_1.log_path.read_text()
     assert log.count("fedcifar: site local, slot 1 of 2") == 2  # the restarted node took its partition again
-    print(f"\nrecovery: partition 1 trained again {faults['recovered'] - faults['killed']:.1f}s after its node was killed")
+    print(
+        f"\nrecovery: partition 1 trained again {faults['recovered'] - faults['killed']:.1f}s after its node was killed"
+    )
 
 
 def test_diverged_updates_are_refused_and_the_run_stops_with_a_clear_error(tmp_path, mini_dir):
     """A learning rate of 1e6 makes every client's weights overflow: real NaN/Inf updates."""
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "fedcifar", "run", "--clients", "2", "--rounds", "2", "--data", str(mini_dir),
-         "--out", str(out), "-c", "learning-rate=1e6", "-c", "round-retries=1"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedcifar",
+            "run",
+            "--clients",
+            "2",
+            "--rounds",
+            "2",
+            "--data",
+            str(mini_dir),
+            "--out",
+            str(out),
+            "-c",
+            "learning-rate=1e6",
+            "-c",
+            "round-retries=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     said = " ".join(done.stderr.split())
     assert done.returncode == 1, said[-3000:]
     assert said.count("reply refused (non_finite)") == 4  # 2 clients x 2 attempts
@@ -126,9 +159,12 @@ def test_a_killed_server_resumes_after_its_last_completed_round(tmp_path, mini_d
         while not (load_history(out) or {}).get("rounds"):
             assert time.monotonic() < deadline, "round 1 never completed"
             time.sleep(0.1)
-        server_side = [pid for pid in processes_with_token(fed.token)
-                       if {"flwr-serverapp", "flower-superexec"} & {Path(a).name for a in cmdline(pid)[:3]}
-                       and "serverapp" in " ".join(cmdline(pid))]  # fmt: skip
+        server_side = [
+            pid
+            for pid in processes_with_token(fed.token)
+            if {"flwr-serverapp", "flower-superexec"} & {Path(a).name for a in cmdline(pid)[:3]}
+            and "serverapp" in " ".join(cmdline(pid))
+        ]
         os.killpg(fed.nodes[0].popen.pid, signal.SIGKILL)  # the SuperLink and its metrics wrapper
         for pid in server_side:  # ... and the ServerApp it ran
             os.kill(pid, signal.SIGKILL)
@@ -137,8 +173,14 @@ def test_a_killed_server_resumes_after_its_last_completed_round(tmp_path, mini_d
     assert before["status"] == "running" and 1 <= done <= len(before["rounds"]) <= 2
 
     offline = {k: v for k, v in os.environ.items() if k != "FEDCIFAR_DATA"}  # no --data: the run's own data
-    resumed = subprocess.run([sys.executable, "-m", "fedcifar", "run", "--resume", str(out)],
-                             capture_output=True, text=True, timeout=300, cwd=tmp_path, env=offline)  # fmt: skip
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fedcifar", "run", "--resume", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=offline,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     said = " ".join(resumed.stderr.split())
     assert f"resuming {out} after round {done} of 3" in said
@@ -151,8 +193,10 @@ def test_a_killed_server_resumes_after_its_last_completed_round(tmp_path, mini_d
 
     again = subprocess.run(
         [sys.executable, "-m", "fedcifar", "run", "--resume", str(out), "--data", str(mini_dir)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 2 and "completed 3 of 3 rounds" in " ".join(again.stderr.split())
 
 
@@ -164,9 +208,9 @@ def test_a_killed_server_resumes_after_its_last_completed_round(tmp_path, mini_d
     ],
 )
 def test_resume_refuses_a_damaged_checkpoint_and_keeps_it(damage, message, tmp_path, mini_dir):
-    from tests.test_checkpoint import checkpoint_of
     from fedcifar.config import RunConfig
     from fedcifar.history import HISTORY_FILE
+    from tests.test_checkpoint import checkpoint_of
 
     config = RunConfig(num_server_rounds=3, num_partitions=2)
     checkpoint = checkpoint_of(1, config)
@@ -176,9 +220,15 @@ def test_resume_refuses_a_damaged_checkpoint_and_keeps_it(damage, message, tmp_p
     kept = path.read_bytes()
     done = subprocess.run(
         [sys.executable, "-m", "fedcifar", "run", "--resume", str(tmp_path), "--data", str(mini_dir)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 2 and message in " ".join(done.stderr.split()) and "left as it is" in " ".join(done.stderr.split())
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        done.returncode == 2
+        and message in " ".join(done.stderr.split())
+        and "left as it is" in " ".join(done.stderr.split())
+    )
     assert path.read_bytes() == kept and not (tmp_path / "logs").exists()
 
 
@@ -187,7 +237,9 @@ def multiprocess_dir(fed: LocalFederation) -> Path:
     for pid in processes_with_token(fed.token):
         if "fedcifar.trainer" in cmdline(pid):
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            return Path(next(e for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1].decode())
+            return Path(
+                next(e for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1].decode()
+            )
     raise AssertionError("no trainer")
 
 
@@ -195,8 +247,15 @@ def test_a_nodes_metrics_folder_does_not_grow_with_its_messages(tmp_path, mini_d
     """Flower starts a ClientApp process per message; none of them leaves a metrics file behind."""
     out, rounds = tmp_path / "out", 10
     with LocalFederation(clients=1, app_dir=ROOT, work_dir=tmp_path, data=str(mini_dir)) as fed:
-        fed.submit({"num-server-rounds": rounds, "min-nodes": 1, "num-partitions": 1, "fraction-evaluate": 1.0,
-                    "out-dir": str(out)})  # fmt: skip
+        fed.submit(
+            {
+                "num-server-rounds": rounds,
+                "min-nodes": 1,
+                "num-partitions": 1,
+                "fraction-evaluate": 1.0,
+                "out-dir": str(out),
+            }
+        )
         folder = multiprocess_dir(fed)
 
         def rounds_done() -> int:

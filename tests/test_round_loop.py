@@ -109,13 +109,21 @@ def loop_for(tmp_path, script, names=None, **config) -> RoundLoop:
     history = History(run_id=1, config=config.to_flower(), data="test", device="cpu")
     arrays = ArrayRecord({MODEL_KEY: Array(flat_weights(initial_model(0)))})
     return RoundLoop(
-        strategy=build_strategy(config), grid=PollingGrid(ScriptedGrid(script, names), 0.01),
+        strategy=build_strategy(config),
+        grid=PollingGrid(ScriptedGrid(script, names), 0.01),
         ledger=NodeLedger(config.num_partitions, metrics),
-        recorder=Recorder(history, tmp_path, metrics, config.training_fingerprint()), model=FixedModel(),
-        expected=Expected(Expected.layout_of(arrays), (200,) * config.num_partitions, (50,) * config.num_partitions,
-                          config.local_epochs, 60.0),
-        config=config, metrics=metrics,
-    )  # fmt: skip
+        recorder=Recorder(history, tmp_path, metrics, config.training_fingerprint()),
+        model=FixedModel(),
+        expected=Expected(
+            Expected.layout_of(arrays),
+            (200,) * config.num_partitions,
+            (50,) * config.num_partitions,
+            config.local_epochs,
+            60.0,
+        ),
+        config=config,
+        metrics=metrics,
+    )
 
 
 def train_round(loop: RoundLoop, model: np.ndarray) -> tuple[np.ndarray, RoundTally]:
@@ -134,12 +142,15 @@ def counter(loop: RoundLoop, name: str, **labels) -> float:
 
 
 def test_bad_replies_never_reach_the_average(tmp_path, model):
-    loop = loop_for(tmp_path, {
-        11: trained(0, scale=2.0),
-        12: sends("NaN", 1),
-        13: trained(0, scale=3.0),  # slot 0 a second time
-        14: sends("a count of 1e18", 2),
-    })  # fmt: skip
+    loop = loop_for(
+        tmp_path,
+        {
+            11: trained(0, scale=2.0),
+            12: sends("NaN", 1),
+            13: trained(0, scale=3.0),  # slot 0 a second time
+            14: sends("a count of 1e18", 2),
+        },
+    )
     aggregate, tally = train_round(loop, model)
     first = 2.0 if loop.ledger.slot_of.get(11) == 0 else 3.0  # Flower samples nodes in random order: first in wins
     np.testing.assert_allclose(aggregate, model * first, rtol=1e-6)
@@ -203,8 +214,9 @@ def test_a_dead_node_replaced_by_a_newer_one_gets_no_more_messages(tmp_path, mod
 
 def test_a_round_without_any_sound_update_is_retried_then_fails(tmp_path, model):
     calls = []
-    loop = loop_for(tmp_path, {11: lambda m: calls.append(1), 12: sends("one value declared as the model", 1)},
-                    round_retries=1)  # fmt: skip
+    loop = loop_for(
+        tmp_path, {11: lambda m: calls.append(1), 12: sends("one value declared as the model", 1)}, round_retries=1
+    )
     with pytest.raises(RoundFailed, match="round 1 aggregated no client update in 2 attempts"):
         train_round(loop, model)
     assert len(calls) == 2 and counter(loop, "failed_round_attempts") == 2
@@ -212,8 +224,11 @@ def test_a_round_without_any_sound_update_is_retried_then_fails(tmp_path, model)
 
 def test_a_node_cannot_answer_for_a_slot_its_key_is_not_bound_to(tmp_path, model):
     """Keys registered as <site>/slot-<k>: node 13 (site-b's slot 2) claims slot 0 and answers first."""
-    loop = loop_for(tmp_path, {13: trained(0, scale=100.0), 11: trained(0, scale=2.0)},
-                    names={11: "site-a/slot-0", 13: "site-b/slot-2"})  # fmt: skip
+    loop = loop_for(
+        tmp_path,
+        {13: trained(0, scale=100.0), 11: trained(0, scale=2.0)},
+        names={11: "site-a/slot-0", 13: "site-b/slot-2"},
+    )
     aggregate, tally = train_round(loop, model)
     np.testing.assert_allclose(aggregate, model * 2.0, rtol=1e-6)  # the honest one
     assert counter(loop, "rejected_updates", partition="2", site="site-b", reason="wrong_slot") == 1
@@ -231,11 +246,16 @@ def test_zero_series_exist_for_every_slot_once_it_answered(tmp_path, model):
 
 
 def test_evaluate_replies_are_checked_too(tmp_path, model):
-    loop = loop_for(tmp_path, {
-        11: by_kind(trained(0), lambda m: evaluate_reply(0, eval_accuracy=0.4)),
-        12: by_kind(trained(1), lambda m: evaluate_reply(1, eval_accuracy=0.8)),
-        13: by_kind(trained(2), sends("no examples", 2)),
-    }, fraction_evaluate=1.0, num_server_rounds=1)  # fmt: skip
+    loop = loop_for(
+        tmp_path,
+        {
+            11: by_kind(trained(0), lambda m: evaluate_reply(0, eval_accuracy=0.4)),
+            12: by_kind(trained(1), lambda m: evaluate_reply(1, eval_accuracy=0.8)),
+            13: by_kind(trained(2), sends("no examples", 2)),
+        },
+        fraction_evaluate=1.0,
+        num_server_rounds=1,
+    )
     loop.run(ArrayRecord({MODEL_KEY: Array(model)}), 1)
     record = loop.recorder.history.rounds[0]
     assert record.client_eval_accuracy == pytest.approx(0.6)  # 0 and 1 (20 examples each), not 2
@@ -244,8 +264,9 @@ def test_evaluate_replies_are_checked_too(tmp_path, model):
 
 
 def test_the_run_records_every_round_from_the_aggregate(tmp_path, model):
-    loop = loop_for(tmp_path, {11: trained(0, examples=100), 12: trained(1, scale=4.0, examples=50)},
-                    num_server_rounds=2)  # fmt: skip
+    loop = loop_for(
+        tmp_path, {11: trained(0, examples=100), 12: trained(1, scale=4.0, examples=50)}, num_server_rounds=2
+    )
     final = loop.run(ArrayRecord({MODEL_KEY: Array(model)}), 1)[MODEL_KEY].numpy()
     after_one = model * (100 * 2.0 + 50 * 4.0) / 150
     np.testing.assert_allclose(loop.model.seen[1], after_one, rtol=1e-5)  # seen[0]: before any round
@@ -254,8 +275,9 @@ def test_the_run_records_every_round_from_the_aggregate(tmp_path, model):
     assert (tmp_path / "model.pt").exists() and (tmp_path / "history.json").exists()
 
 
-@pytest.mark.parametrize("strategy, kept", [("fedavg", (2.0 + 2.1 + 2.3 + 0.0) / 4), ("fedmedian", (2.0 + 2.1) / 2),
-                                             ("krum", 2.1)])  # fmt: skip
+@pytest.mark.parametrize(
+    "strategy, kept", [("fedavg", (2.0 + 2.1 + 2.3 + 0.0) / 4), ("fedmedian", (2.0 + 2.1) / 2), ("krum", 2.1)]
+)
 def test_a_robust_strategy_leaves_a_well_formed_zero_update_out(tmp_path, model, strategy, kept):
     """Zeros with a plausible count pass every check: FedAvg averages them in, FedMedian takes the
     middle values, Krum the update closest to its neighbours (the 2.1 one)."""

@@ -32,8 +32,9 @@ def pki(tmp_path_factory) -> Path:
 
 def test_private_keys_in_pem_and_openssh(tmp_path):
     key = ec.generate_private_key(ec.SECP384R1())
-    pkcs8 = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption())  # fmt: skip
+    pkcs8 = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     for i, data in enumerate((pem_private(key), pkcs8)):
         (tmp_path / f"k{i}").write_bytes(data)
         converted = security.openssh_private_key(tmp_path / f"k{i}", tmp_path / f"out{i}")
@@ -65,13 +66,18 @@ def test_private_key_argument_is_rewritten_only_for_pem(pki, tmp_path):
     rewritten = security.rewrite_private_key_arg(command, tmp_path)
     assert rewritten[2] == str(tmp_path / "supernode-auth.key") and rewritten[3] == "--insecure"
     assert security.rewrite_private_key_arg([*command[:2], rewritten[2]], tmp_path)[2] == rewritten[2]  # OpenSSH: kept
-    assert security.rewrite_private_key_arg(["flower-supernode", "--insecure"], tmp_path) == ["flower-supernode", "--insecure"]
+    assert security.rewrite_private_key_arg(["flower-supernode", "--insecure"], tmp_path) == [
+        "flower-supernode",
+        "--insecure",
+    ]
 
 
 def test_connection_with_root_certificates(tmp_path):
     path = flwr_cli.write_connection(tmp_path, "fedcifar", "svc:8000", "/etc/fedcifar/tls/ca.crt")
     assert tomllib.loads(path.read_text())["superlink"]["fedcifar"] == {
-        "address": "svc:8000", "root-certificates": "/etc/fedcifar/tls/ca.crt"}
+        "address": "svc:8000",
+        "root-certificates": "/etc/fedcifar/tls/ca.crt",
+    }
     assert security.health_url("svc:8000", "/ca.crt") == "https://svc:8000/health"
 
 
@@ -99,16 +105,42 @@ def superlink(pki, tmp_path_factory):
     for i in (0, 1):
         (keys / f"supernode-{i}.pub").write_bytes((pki / f"supernode-{i}.pub").read_bytes())
     port, ready = free_port(), work / "run" / "ready"
-    env = {**FLOWER_ENV, security.PUBLIC_KEYS_ENV: str(keys), security.READY_FILE_ENV: str(ready),
-           security.SITE_KEYS_ENV: str(work / "sites"), "FEDCIFAR_SITE": "site-a",
-           "FLWR_HOME": str(work / "flwr")}  # fmt: skip
+    env = {
+        **FLOWER_ENV,
+        security.PUBLIC_KEYS_ENV: str(keys),
+        security.READY_FILE_ENV: str(ready),
+        security.SITE_KEYS_ENV: str(work / "sites"),
+        "FEDCIFAR_SITE": "site-a",
+        "FLWR_HOME": str(work / "flwr"),
+    }
     proc = subprocess.Popen(
-        [str(BIN / "fedcifar"), "superlink", "--metrics-port", str(free_port()), "--metrics-host", "127.0.0.1",
-         "--metrics-dir", str(work / "run" / "metrics"), "--host", "127.0.0.1", "--port", str(port),
-         "--ssl-ca-certfile", str(pki / "ca.crt"), "--ssl-certfile", str(pki / "tls.crt"),
-         "--ssl-keyfile", str(pki / "tls.key"), "--enable-supernode-auth", "--disable-runtime-dependency-installation"],
-        cwd=work, env=env, stdout=open(work / "superlink.log", "w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            str(BIN / "fedcifar"),
+            "superlink",
+            "--metrics-port",
+            str(free_port()),
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-dir",
+            str(work / "run" / "metrics"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ssl-ca-certfile",
+            str(pki / "ca.crt"),
+            "--ssl-certfile",
+            str(pki / "tls.crt"),
+            "--ssl-keyfile",
+            str(pki / "tls.key"),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+        ],
+        cwd=work,
+        env=env,
+        stdout=open(work / "superlink.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     admin = work / "admin"
     flwr_cli.write_connection(admin, flwr_cli.CONNECTION, f"127.0.0.1:{port}", str(pki / "ca.crt"))
     try:
@@ -121,10 +153,19 @@ def superlink(pki, tmp_path_factory):
 
 def supernode(pki, superlink, *args: str) -> subprocess.Popen:
     log = superlink["work"] / f"supernode-{time.monotonic_ns()}.log"
-    proc = subprocess.Popen([str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{superlink['port']}",
-                             "--port", str(free_port()), *args],
-                            env={**FLOWER_ENV, "FLWR_HOME": str(superlink["work"] / "node-home")},
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            f"127.0.0.1:{superlink['port']}",
+            "--port",
+            str(free_port()),
+            *args,
+        ],
+        env={**FLOWER_ENV, "FLWR_HOME": str(superlink["work"] / "node-home")},
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
     proc.log = log
     return proc
 
@@ -141,13 +182,21 @@ def test_registered_node_gets_in_unregistered_and_plaintext_do_not(pki, superlin
     ca = str(pki / "ca.crt")
     key0 = security.rewrite_private_key_arg(["--auth-supernode-private-key", str(pki / "supernode-0.key")], tmp_path)
     good = supernode(pki, superlink, "--root-certificates", ca, *key0)
-    unregistered = supernode(pki, superlink, "--root-certificates", ca, *security.rewrite_private_key_arg(
-        ["--auth-supernode-private-key", str(pki / "supernode-2.key")], tmp_path / "2"))  # fmt: skip
+    unregistered = supernode(
+        pki,
+        superlink,
+        "--root-certificates",
+        ca,
+        *security.rewrite_private_key_arg(
+            ["--auth-supernode-private-key", str(pki / "supernode-2.key")], tmp_path / "2"
+        ),
+    )
     anonymous = supernode(pki, superlink, "--root-certificates", ca)  # TLS, but no key at all
     plaintext = supernode(pki, superlink, "--insecure", "--max-wait-time", "8")
     try:
-        online = wait("the registered node online",
-                      lambda: [n for n in nodes(superlink["admin"]) if n["status"] == "online"], 60)  # fmt: skip
+        online = wait(
+            "the registered node online", lambda: [n for n in nodes(superlink["admin"]) if n["status"] == "online"], 60
+        )
         assert len(online) == 1
         monkeypatch.setenv("FLWR_HOME", str(superlink["admin"]))  # what the run Job of a server release waits on
         assert submit.online_nodes() == ["site-a/slot-0"]  # the name it was registered under: its site and slot
@@ -177,14 +226,18 @@ def test_submit_registers_only_what_is_missing(pki, superlink, tmp_path, monkeyp
     assert security.register_missing_public_keys(own, superlink["admin"]) == []  # listed by name already
     (keys / "supernode-2.pub").write_bytes((pki / "supernode-2.pub").read_bytes())  # helm upgrade: a new client
     assert security.register_missing_public_keys(own, superlink["admin"]) == [
-        "supernode-0.pub", "supernode-1.pub", "supernode-2.pub"]  # 0 and 1: "already registered"
+        "supernode-0.pub",
+        "supernode-1.pub",
+        "supernode-2.pub",
+    ]  # 0 and 1: "already registered"
     assert "site-a/slot-2" in {node.name for node in security.control_nodes()}
 
 
 def test_a_key_added_later_is_registered_by_the_superlink(pki, superlink):
     key = ec.generate_private_key(ec.SECP256R1())
     (superlink["keys"] / "supernode-3.pub").write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
     wait("the fourth key registered", lambda: len(nodes(superlink["admin"])) == 4, 30)
 
 

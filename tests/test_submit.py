@@ -36,7 +36,10 @@ def node_endpoint(tmp_path, monkeypatch):
     """A real node metrics endpoint; a trainer-like process reported partition 1 of 3."""
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "mp"))
     prepare_multiprocess_dir(tmp_path / "mp")
-    writer = "from fedcifar.metrics import client_metrics; m = client_metrics(); m.info.labels(m.site, '1', '3', 'cpu').set(1)"
+    writer = (
+        "from fedcifar.metrics import client_metrics; m = client_metrics(); "
+        "m.info.labels(m.site, '1', '3', 'cpu').set(1)"
+    )
     subprocess.run([sys.executable, "-c", writer], check=True)
     port = free_port()
     server = serve_multiprocess(port, "127.0.0.1")
@@ -46,7 +49,9 @@ def node_endpoint(tmp_path, monkeypatch):
 
 def activate(node_id: str) -> None:
     """What the SuperNode process writes once the SuperLink activated it (flower_tuning.report_activation)."""
-    writer = f"from fedcifar.metrics import client_metrics; m = client_metrics(); m.node.labels(m.site, '{node_id}').set(1)"
+    writer = (
+        f"from fedcifar.metrics import client_metrics; m = client_metrics(); m.node.labels(m.site, '{node_id}').set(1)"
+    )
     subprocess.run([sys.executable, "-c", writer], check=True)
 
 
@@ -87,8 +92,10 @@ def test_connection_with_tls_is_verified_with_the_ca(tmp_path, monkeypatch):
 
     path = write_connection(tmp_path, "fedcifar", "release-fedcifar-superlink:8000", "/etc/fedcifar/tls/ca.crt")
     config = tomllib.loads(path.read_text())
-    assert config["superlink"]["fedcifar"] == {"address": "release-fedcifar-superlink:8000",
-                                               "root-certificates": "/etc/fedcifar/tls/ca.crt"}  # fmt: skip
+    assert config["superlink"]["fedcifar"] == {
+        "address": "release-fedcifar-superlink:8000",
+        "root-certificates": "/etc/fedcifar/tls/ca.crt",
+    }
     assert "insecure" not in path.read_text()
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     connection = read_superlink_connection("fedcifar")  # what `flwr run` reads
@@ -136,5 +143,11 @@ def test_following_the_run_is_bounded(tmp_path, capsys, monkeypatch):
 def test_a_run_config_the_run_cannot_carry_out_is_refused_before_any_wait():
     """The run Job's first act: Bulyan with f=1 needs 7 replies per round, the release has 4 slots."""
     with pytest.raises(ConfigError, match="Bulyan needs at least 4f \\+ 3 = 7 replies"):
-        submit(app=str(ROOT), superlink="127.0.0.1:9", client_metrics=[], num_partitions=4, timeout=1,
-               run_config="num-partitions=4 strategy='bulyan' num-malicious-nodes=1")  # fmt: skip
+        submit(
+            app=str(ROOT),
+            superlink="127.0.0.1:9",
+            client_metrics=[],
+            num_partitions=4,
+            timeout=1,
+            run_config="num-partitions=4 strategy='bulyan' num-malicious-nodes=1",
+        )

@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from fedcifar.centralized import run_centralized
 from fedcifar.data import load_full, load_partition, resolve_source
 from fedcifar.task import (
-    Net, augment, evaluate, flat_weights, initial_model, load_flat_weights, normalize, pick_device, train,
+    Net,
+    augment,
+    evaluate,
+    flat_weights,
+    initial_model,
+    load_flat_weights,
+    normalize,
+    pick_device,
+    train,
 )
 
 
@@ -22,7 +30,7 @@ def test_net_is_the_tutorial_cnn():
 
 def test_initial_model_is_seeded():
     a, b, c = initial_model(1), initial_model(1), initial_model(2)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert not torch.equal(a.conv1.weight, c.conv1.weight)
 
 
@@ -31,7 +39,9 @@ def test_the_model_travels_as_one_vector_and_comes_back_exactly():
     flat = flat_weights(sent)
     assert flat.shape == (62_006,) and flat.dtype == "float32"
     load_flat_weights(received, flat)
-    assert all(torch.equal(x, y) for x, y in zip(sent.state_dict().values(), received.state_dict().values()))
+    assert all(
+        torch.equal(x, y) for x, y in zip(sent.state_dict().values(), received.state_dict().values(), strict=True)
+    )
     with pytest.raises(ValueError, match="expected 62006 weights in one vector"):
         load_flat_weights(received, flat[:-1])
 
@@ -70,8 +80,17 @@ def test_centralized_is_partition_zero_of_one(mini_dir):
     assert torch.equal(load_partition(source, "train", 0, 1).labels, load_full(source, "train").labels)
     result = run_centralized(source, epochs=1, batch_size=32, lr=0.01, momentum=0.9, seed=5)
     net = initial_model(5)
-    client = train(net, load_partition(source, "train", 0, 1), epochs=1, batch_size=32, lr=0.01,
-                   momentum=0.9, device=pick_device("auto"), seed=5, first_epoch=0)  # fmt: skip
+    client = train(
+        net,
+        load_partition(source, "train", 0, 1),
+        epochs=1,
+        batch_size=32,
+        lr=0.01,
+        momentum=0.9,
+        device=pick_device("auto"),
+        seed=5,
+        first_epoch=0,
+    )
     assert client.loss == pytest.approx(result.train_loss, rel=1e-6)
     loss, accuracy = evaluate(net, load_full(source, "test"), pick_device("auto"))
     assert (loss, accuracy) == pytest.approx((result.test_loss, result.test_accuracy), rel=1e-6)
@@ -81,8 +100,15 @@ def test_centralized_is_partition_zero_of_one(mini_dir):
 def test_centralized_throughput_leaves_out_the_first_epoch(mini_dir):
     """The first epoch pays one-off costs (on a GPU: the CUDA context); the throughput is the rest's."""
     epochs = []
-    result = run_centralized(resolve_source(mini_dir), epochs=3, batch_size=64, lr=0.01, momentum=0.9, seed=5,
-                             on_epoch=lambda epoch, loss: epochs.append(epoch))  # fmt: skip
+    result = run_centralized(
+        resolve_source(mini_dir),
+        epochs=3,
+        batch_size=64,
+        lr=0.01,
+        momentum=0.9,
+        seed=5,
+        on_epoch=lambda epoch, loss: epochs.append(epoch),
+    )
     assert epochs == [1, 2, 3]  # the caller's callback still sees every epoch
     per_epoch = result.examples // 3
     steady_seconds = 2 * per_epoch / result.steady_images_per_second
@@ -112,8 +138,13 @@ def test_augment_is_a_random_crop_or_flipped_crop_of_each_image():
     flipped = torch.nn.functional.pad(images.flip(3), (4, 4, 4, 4))
     kinds = set()
     for i in range(len(images)):
-        windows = {(f, y, x) for f, src in (("plain", padded), ("flip", flipped))
-                   for y in range(9) for x in range(9) if torch.equal(src[i, :, y:y + 32, x:x + 32], out[i])}  # fmt: skip
+        windows = {
+            (f, y, x)
+            for f, src in (("plain", padded), ("flip", flipped))
+            for y in range(9)
+            for x in range(9)
+            if torch.equal(src[i, :, y : y + 32, x : x + 32], out[i])
+        }
         assert windows, f"image {i} is not a crop of its padded original"
         kinds |= {w[0] for w in windows}
     assert kinds == {"plain", "flip"}  # both happen over 16 images

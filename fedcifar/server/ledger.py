@@ -87,8 +87,12 @@ class NodeLedger:
                 kept.append(m)
             elif node_id not in self._skipped:
                 self._skipped.add(node_id)
-                log.info("node %d no longer gets messages: slot %s (site %s) answers from a newer node",
-                         node_id, self.label(node_id), self.site(node_id))  # fmt: skip
+                log.info(
+                    "node %d no longer gets messages: slot %s (site %s) answers from a newer node",
+                    node_id,
+                    self.label(node_id),
+                    self.site(node_id),
+                )
         return kept
 
     def superseded(self, node_id: int) -> bool:
@@ -101,5 +105,6 @@ class NodeLedger:
         since = self._answered_at.get(node_id, -1)
         return any(
             s == slot and self._answered_at.get(other, -1) > since
-            for other, s in self.slot_of.items() if other != node_id
-        )  # fmt: skip
+            for other, s in self.slot_of.items()
+            if other != node_id
+        )

@@ -27,9 +27,12 @@ class PollingGrid:
         return getattr(self._grid, name)
 
     def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None,
+        self,
+        messages: Iterable[Message],
+        *,
+        timeout: float | None = None,
         done: Callable[[list[Message]], bool] | None = None,
-    ) -> list[Message]:  # fmt: skip
+    ) -> list[Message]:
         messages = list(messages)
         if not messages:
             return []

@@ -84,9 +84,12 @@ class Recorder:
         record = tally.record(server_round, loss, accuracy)
         self.history.rounds.append(record)
         Checkpoint(
-            model=model, round=server_round, history=asdict(self.history), fingerprint=self.fingerprint,
+            model=model,
+            round=server_round,
+            history=asdict(self.history),
+            fingerprint=self.fingerprint,
             rng_state=random.getstate(),
-        ).save(self.out_dir)  # fmt: skip
+        ).save(self.out_dir)
         self.history.save(self.out_dir)
         m = self.metrics
         m.eval_loss.set(loss)
@@ -98,8 +101,12 @@ class Recorder:
         m.rounds_completed.inc()
         log.info(
             "round %d: train_loss=%.4f eval_loss=%.4f eval_accuracy=%.4f %.1fs; slots (site): %s%s",
-            server_round, record.train_loss, loss, accuracy, record.round_seconds,
-            ", ".join(f"{p} ({site})" for p, site in zip(record.partitions, record.sites)) or "none",
+            server_round,
+            record.train_loss,
+            loss,
+            accuracy,
+            record.round_seconds,
+            ", ".join(f"{p} ({site})" for p, site in zip(record.partitions, record.sites, strict=True)) or "none",
             f"; {len(record.refusals)} replies refused" if record.refusals else "",
-        )  # fmt: skip
+        )
         return record

@@ -17,8 +17,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 NUMPY_STYPE = "numpy.ndarray"  # how flwr serialises a numpy array (``np.save``, no pickle)
-TRAIN_METRICS = {"train_loss": float, "num-examples": int, "examples-trained": int, "train-seconds": float,
-                 "partition-id": int}  # fmt: skip
+TRAIN_METRICS = {
+    "train_loss": float,
+    "num-examples": int,
+    "examples-trained": int,
+    "train-seconds": float,
+    "partition-id": int,
+}
 EVALUATE_METRICS = {"eval_loss": float, "eval_accuracy": float, "num-examples": int, "partition-id": int}
 
 
@@ -85,8 +90,11 @@ def check_train_reply(content: RecordDict, expected: Expected, bound_slot: int |
     examples = _examples(metrics, expected.train_examples[slot], slot)
     trained, seconds = metrics["examples-trained"], metrics["train-seconds"]
     if not 0 <= trained <= examples * expected.local_epochs:
-        raise Refused("bad_metrics", f"examples-trained={trained} is not within num-examples x local-epochs "
-                                     f"({examples} x {expected.local_epochs})")  # fmt: skip
+        raise Refused(
+            "bad_metrics",
+            f"examples-trained={trained} is not within num-examples x local-epochs "
+            f"({examples} x {expected.local_epochs})",
+        )
     if not 0 <= seconds <= expected.round_timeout:
         raise Refused("bad_metrics", f"train-seconds={seconds} is not within the round's {expected.round_timeout}s")
     if metrics["train_loss"] < 0:
@@ -139,8 +147,11 @@ def _payload(name: str, array: Array, want: ArrayLayout) -> np.ndarray:
     except Exception as err:  # noqa: BLE001 -- numpy's parser raises ValueError, SyntaxError, TokenError, ...
         raise Refused("wrong_shape", f"{name!r} is not a .npy array of {want.shape}: {err!r:.200}") from None
     if header.tell() != len(data) - want.nbytes or (tuple(shape), fortran, dtype) != (want.shape, False, want.dtype):
-        raise Refused("wrong_shape", f"{name!r} holds a {dtype} array of {shape} (fortran order: {fortran}), "
-                                     f"not a {want.dtype} array of {want.shape} in {want.nbytes} bytes")  # fmt: skip
+        raise Refused(
+            "wrong_shape",
+            f"{name!r} holds a {dtype} array of {shape} (fortran order: {fortran}), "
+            f"not a {want.dtype} array of {want.shape} in {want.nbytes} bytes",
+        )
     return np.frombuffer(data, dtype=want.dtype, offset=header.tell())
 
 

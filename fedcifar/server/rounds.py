@@ -36,7 +36,7 @@ from fedcifar.server.replies import (
     check_evaluate_reply,
     check_train_reply,
     claimed_slot,
-)  # fmt: skip
+)
 
 log = logging.getLogger("flwr.fedcifar")
 NODE_POLL_SECONDS = 1.0
@@ -97,8 +97,10 @@ class RoundLoop:
             messages = self._configure(self.strategy.configure_train, server_round, arrays, config)
             every_slot = self._every_slot_in if self.config.fraction_train == 1 else None
             answers = self._accept(self._exchange(messages, tally, every_slot), "train", tally)
-            tally.accepted = [Accepted(a.reply.slot, self.ledger.site(a.node_id), a.reply.examples_trained,
-                                       a.reply.train_seconds) for a in answers]  # fmt: skip
+            tally.accepted = [
+                Accepted(a.reply.slot, self.ledger.site(a.node_id), a.reply.examples_trained, a.reply.train_seconds)
+                for a in answers
+            ]
             aggregated = self._aggregate(server_round, answers, tally)
             if aggregated is not None:
                 return aggregated
@@ -106,9 +108,10 @@ class RoundLoop:
             log.warning("round %d, attempt %d: no client update was accepted", server_round, attempt)
         where = (
             f"round {server_round - 1} is the last checkpointed one: fix the clients, then resume the run "
-            "(fedcifar run --resume OUT_DIR, or -c resume=true)" if server_round > 1
+            "(fedcifar run --resume OUT_DIR, or -c resume=true)"
+            if server_round > 1
             else "no round was completed: fix the clients (or the hyper-parameters), then start again"
-        )  # fmt: skip
+        )
         raise RoundFailed(
             f"round {server_round} aggregated no client update in {self.config.round_retries + 1} attempts "
             f"(see the failures and refused replies above); {where}"
@@ -228,8 +231,9 @@ class RoundLoop:
         try:
             arrays, metrics = self.strategy.aggregate_train(server_round, [a.message for a in answers])
         except Exception:  # checked replies, so a fault of the strategy: this attempt aggregated nothing
-            log.exception("round %d: %s could not aggregate the accepted replies", server_round,
-                          type(self.strategy).__name__)  # fmt: skip
+            log.exception(
+                "round %d: %s could not aggregate the accepted replies", server_round, type(self.strategy).__name__
+            )
             return None
         if isinstance(metrics, MetricRecord) and "train_loss" in metrics:
             tally.train_loss = float(metrics["train_loss"])

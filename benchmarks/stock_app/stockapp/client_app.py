@@ -6,7 +6,8 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from stockapp.task import Net, load_data, train as train_fn
+from stockapp.task import Net, load_data
+from stockapp.task import train as train_fn
 
 app = ClientApp()
 
@@ -18,11 +19,18 @@ def train(msg: Message, context: Context):
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     partition_id = context.node_config["partition-id"]
     num_partitions = context.node_config["num-partitions"]
-    trainloader = load_data(partition_id, num_partitions, context.run_config["batch-size"],
-                            context.node_config["data-path"])  # fmt: skip
+    trainloader = load_data(
+        partition_id, num_partitions, context.run_config["batch-size"], context.node_config["data-path"]
+    )
     started = time.perf_counter()
-    train_loss = train_fn(model, trainloader, context.run_config["local-epochs"],
-                          msg.content["config"]["lr"], context.run_config["momentum"], device)  # fmt: skip
+    train_loss = train_fn(
+        model,
+        trainloader,
+        context.run_config["local-epochs"],
+        msg.content["config"]["lr"],
+        context.run_config["momentum"],
+        device,
+    )
     metrics = {
         "train_loss": train_loss,
         "num-examples": len(trainloader.dataset),

@@ -22,8 +22,11 @@ def main(grid: Grid, context: Context) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(42)
     arrays = ArrayRecord(Net().state_dict())
-    strategy = FedAvg(fraction_evaluate=cfg["fraction-evaluate"], min_train_nodes=cfg["min-nodes"],
-                      min_available_nodes=cfg["min-nodes"])  # fmt: skip
+    strategy = FedAvg(
+        fraction_evaluate=cfg["fraction-evaluate"],
+        min_train_nodes=cfg["min-nodes"],
+        min_available_nodes=cfg["min-nodes"],
+    )
     rounds, last = [], [0.0]
 
     def global_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -34,8 +37,15 @@ def main(grid: Grid, context: Context) -> None:
         now = time.perf_counter()
         if server_round > 0:
             train_metrics = result_holder.get(server_round, {})
-            rounds.append({"round": server_round, "round_seconds": now - last[0], "eval_loss": loss,
-                           "eval_accuracy": accuracy, **train_metrics})  # fmt: skip
+            rounds.append(
+                {
+                    "round": server_round,
+                    "round_seconds": now - last[0],
+                    "eval_loss": loss,
+                    "eval_accuracy": accuracy,
+                    **train_metrics,
+                }
+            )
             _save(out_dir, context.run_id, rounds, "running")
         last[0] = now
         return MetricRecord({"accuracy": accuracy, "loss": loss})
@@ -55,8 +65,13 @@ def main(grid: Grid, context: Context) -> None:
         return agg_arrays, agg_metrics
 
     strategy.aggregate_train = aggregate_train
-    strategy.start(grid=grid, initial_arrays=arrays, train_config=ConfigRecord({"lr": cfg["learning-rate"]}),
-                   num_rounds=cfg["num-server-rounds"], evaluate_fn=global_evaluate)  # fmt: skip
+    strategy.start(
+        grid=grid,
+        initial_arrays=arrays,
+        train_config=ConfigRecord({"lr": cfg["learning-rate"]}),
+        num_rounds=cfg["num-server-rounds"],
+        evaluate_fn=global_evaluate,
+    )
     _save(out_dir, context.run_id, rounds, "completed")
 
 
