@@ -6,14 +6,23 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import random
 import sys
 import time
+import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from prometheus_client.parser import text_string_to_metric_families
+
+from fedcifar.checkpoint import Checkpoint
+from fedcifar.config import RunConfig
+from fedcifar.history import History, RoundRecord
+from fedcifar.task import initial_model
 
 BIN = Path(sys.executable).parent
 # no telemetry; Flower starts flower-superexec and the app processes by name, from beside this interpreter
@@ -85,3 +94,51 @@ def write_pki(out: Path, supernodes: int = 3) -> Path:
             certificate(f"n{i}", node_key).public_bytes(serialization.Encoding.PEM)
         )
     return out
+
+
+# -- metrics endpoints
+
+
+def scrape(port: int) -> dict[tuple, float] | None:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return None
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(snapshot: dict, name: str, **labels: str) -> float:
+    return snapshot[(name, tuple(sorted(labels.items())))]
+
+
+# -- checkpoints
+
+
+def checkpoint_of(round_: int, config: RunConfig) -> Checkpoint:
+    history = History(run_id=7, config=config.to_flower(), data="test", device="cpu")
+    history.rounds.append(
+        RoundRecord(
+            round=1,
+            train_loss=1.0,
+            eval_loss=1.0,
+            eval_accuracy=0.3,
+            round_seconds=2.0,
+            participating_clients=2,
+            partitions=[0, 1],
+            examples_trained=10,
+            sent_bytes=1,
+            received_bytes=1,
+        )
+    )
+
+    return Checkpoint(
+        model=initial_model(1).state_dict(),
+        round=round_,
+        history=asdict(history),
+        fingerprint=config.training_fingerprint(),
+        rng_state=random.getstate(),
+    )

@@ -2,42 +2,14 @@
 
 from __future__ import annotations
 
-import random
-from dataclasses import asdict
-
 import pytest
 import torch
 
-from fedcifar.checkpoint import Checkpoint, CheckpointError, check_same_training, load_checkpoint
+from fedcifar.checkpoint import CheckpointError, check_same_training, load_checkpoint
 from fedcifar.config import RunConfig
-from fedcifar.history import History, RoundRecord
+from fedcifar.history import History
 from fedcifar.task import Net, initial_model
-
-
-def checkpoint_of(round_: int, config: RunConfig) -> Checkpoint:
-    history = History(run_id=7, config=config.to_flower(), data="test", device="cpu")
-    history.rounds.append(
-        RoundRecord(
-            round=1,
-            train_loss=1.0,
-            eval_loss=1.0,
-            eval_accuracy=0.3,
-            round_seconds=2.0,
-            participating_clients=2,
-            partitions=[0, 1],
-            examples_trained=10,
-            sent_bytes=1,
-            received_bytes=1,
-        )
-    )
-
-    return Checkpoint(
-        model=initial_model(1).state_dict(),
-        round=round_,
-        history=asdict(history),
-        fingerprint=config.training_fingerprint(),
-        rng_state=random.getstate(),
-    )
+from tests.support import checkpoint_of
 
 
 def test_checkpoint_round_trip(tmp_path):

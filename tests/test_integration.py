@@ -11,36 +11,19 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from fedcifar.history import load_history
 from fedcifar.local import free_port
 from fedcifar.task import Net
 from tests.conftest import ROOT
+from tests.support import scrape, value
 
 pytestmark = pytest.mark.integration
 CLIENTS, ROUNDS = 2, 2
-
-
-def scrape(port: int) -> dict[tuple, float] | None:
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    except OSError:
-        return None
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(snapshot: dict, name: str, **labels: str) -> float:
-    return snapshot[(name, tuple(sorted(labels.items())))]
 
 
 class Scraper(threading.Thread):

@@ -23,7 +23,7 @@ import torch
 from fedcifar.history import load_history
 from fedcifar.local import LocalFederation, processes_with_token
 from tests.conftest import ROOT
-from tests.test_integration import scrape, value
+from tests.support import scrape, value
 
 pytestmark = pytest.mark.integration
 ROUND_TIMEOUT = 8  # seconds a round waits for replies; a healthy round here takes ~1 s
@@ -210,7 +210,7 @@ def test_a_killed_server_resumes_after_its_last_completed_round(tmp_path, mini_d
 def test_resume_refuses_a_damaged_checkpoint_and_keeps_it(damage, message, tmp_path, mini_dir):
     from fedcifar.config import RunConfig
     from fedcifar.history import HISTORY_FILE
-    from tests.test_checkpoint import checkpoint_of
+    from tests.support import checkpoint_of
 
     config = RunConfig(num_server_rounds=3, num_partitions=2)
     checkpoint = checkpoint_of(1, config)
