@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,9 +15,8 @@ def replacing(path: Path, suffix: str = "") -> Iterator[Path]:
     """A temporary path to write ``path``'s new content to (``suffix``: for writers that choose the
     format by extension); it replaces ``path`` when the block ends without an error."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{suffix}")
+    tmp.touch(exist_ok=False)  # the umask's mode, as a plain write would give the file
     try:
         yield tmp
         with open(tmp, "rb") as fh:

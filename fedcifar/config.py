@@ -207,7 +207,13 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def app_defaults(app_dir: Path) -> dict[str, Any]:
     """The ``[tool.flwr.app.config]`` table of the app's pyproject.toml."""
     with open(app_dir / "pyproject.toml", "rb") as fh:
-        return tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+        project = tomllib.load(fh)
+    try:
+        return project["tool"]["flwr"]["app"]["config"]
+    except KeyError:
+        raise ConfigError(
+            f"{app_dir / 'pyproject.toml'} has no [tool.flwr.app.config] table: is {app_dir} a Flower app?"
+        ) from None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

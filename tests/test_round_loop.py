@@ -91,8 +91,9 @@ class FixedModel:
         self.seen: list[np.ndarray] = []
 
     def evaluate(self, arrays: ArrayRecord) -> tuple[float, float]:
-        self.seen.append(arrays[MODEL_KEY].numpy())
-        return 1.0, 0.5
+        weights = arrays[MODEL_KEY].numpy()
+        self.seen.append(weights)
+        return (1.0 if np.abs(weights).max() < 1e30 else float("inf")), 0.5  # as the network would overflow
 
     def state_dict(self) -> dict:
         return {}
@@ -128,7 +129,7 @@ def loop_for(tmp_path, script, names=None, **config) -> RoundLoop:
 
 def train_round(loop: RoundLoop, model: np.ndarray) -> tuple[np.ndarray, RoundTally]:
     tally = RoundTally()
-    arrays = loop.train(1, ArrayRecord({MODEL_KEY: Array(model)}), tally)
+    arrays, _, _ = loop.train(1, ArrayRecord({MODEL_KEY: Array(model)}), tally)
     return arrays[MODEL_KEY].numpy(), tally
 
 
@@ -170,10 +171,10 @@ def test_a_claim_outside_the_run_becomes_no_label(tmp_path, model):
 def test_an_unforeseen_error_while_checking_a_reply_refuses_that_reply_only(tmp_path, model, monkeypatch):
     check = rounds.CHECKS["train"]
 
-    def fragile(content, expected, bound_slot):
+    def fragile(content, *args):
         if content["metrics"]["partition-id"] == 1:
             raise RuntimeError("a defect of the check")
-        return check(content, expected, bound_slot)
+        return check(content, *args)
 
     monkeypatch.setitem(rounds.CHECKS, "train", fragile)
     loop = loop_for(tmp_path, {11: trained(0), 12: trained(1)})
@@ -314,3 +315,54 @@ def test_a_strategy_the_run_cannot_carry_out_is_refused_at_start(config, message
         RunConfig(**config).check()
     RunConfig(strategy="bulyan", num_partitions=7, num_malicious_nodes=1).check()
     RunConfig(strategy="fedtrimmedavg", num_partitions=5, trim_beta=0.2).check()
+
+
+def test_a_node_without_a_slot_key_cannot_take_a_slot_that_a_key_holds(tmp_path, model):
+    """With authentication, keys registered under other names (or beyond the run's slots) bind no slot
+    of the run: such a node may answer only for slots no key holds."""
+    names = {11: "site-a/slot-0", 12: "site-b/supernode-7", 13: "site-c/slot-9"}
+    loop = loop_for(tmp_path, {12: trained(0, scale=9.0), 11: trained(0), 13: trained(2)}, names=names)
+    aggregate, tally = train_round(loop, model)
+    np.testing.assert_allclose(aggregate, model * 2.0, rtol=1e-6)
+    assert [(a.slot, a.site) for a in tally.accepted] == [(0, "site-a")]
+    assert sorted((r["slot"], r["reason"]) for r in tally.refusals) == [("0", "wrong_slot"), ("unknown", "wrong_slot")]
+
+
+def test_an_aggregate_without_a_finite_test_loss_never_becomes_the_global_model(tmp_path, model):
+    """Well-formed replies near the float32 limit pass every check; their aggregate is tried, dropped."""
+    calls = []
+
+    def huge_once(m):
+        calls.append(1)
+        return trained(1, scale=1e36)(m) if len(calls) == 1 else trained(1)(m)
+
+    loop = loop_for(tmp_path, {11: trained(0), 12: huge_once}, round_retries=1)
+    aggregate, tally = train_round(loop, model)
+    np.testing.assert_allclose(aggregate, model * 2.0, rtol=1e-6)
+    assert tally.attempts == 2 and counter(loop, "failed_round_attempts") == 1
+
+
+def test_a_reply_flower_cannot_read_costs_that_reply(tmp_path, model):
+    class Unreadable(ScriptedGrid):
+        def pull_messages(self, ids):
+            if any(self.inbox[i].metadata.src_node_id == 12 for i in ids if i in self.inbox):
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a node's malformed object")
+            return super().pull_messages(ids)
+
+    loop = loop_for(tmp_path, {11: trained(0), 12: trained(1)})
+    loop.grid = PollingGrid(Unreadable(loop.grid._grid.script), 0.01)
+    aggregate, tally = train_round(loop, model)
+    assert [a.slot for a in tally.accepted] == [0] and tally.failures == 1  # node 12: no reply
+    np.testing.assert_allclose(aggregate, model * 2.0, rtol=1e-6)
+
+
+def test_federated_evaluation_that_fails_costs_the_round_nothing(tmp_path, model):
+    def fails(m):
+        if m.metadata.message_type == "evaluate":
+            raise RuntimeError("the SuperLink went away")
+        return trained(0)(m)
+
+    loop = loop_for(tmp_path, {11: fails}, fraction_evaluate=1.0, num_server_rounds=1, num_partitions=1)
+    loop.run(ArrayRecord({MODEL_KEY: Array(model)}), 1)
+    record = loop.recorder.history.rounds[0]
+    assert record.partitions == [0] and record.client_eval_loss is None

@@ -27,7 +27,9 @@ class NodeLedger:
     num_partitions: int
     metrics: ServerMetrics
     site_of: dict[int, str] = field(default_factory=dict)  # node id -> the site its key was registered under
-    bound_slot: dict[int, int] = field(default_factory=dict)  # node id -> the slot its key holds
+    bound_slot: dict[int, int] = field(
+        default_factory=dict
+    )  # node id -> the slot its key holds (maybe none of the run's)
     slot_of: dict[int, int] = field(default_factory=dict)  # node id -> the slot it last answered for
     failed: set[int] = field(default_factory=set)  # nodes whose latest message went unanswered or failed
     _answered_at: dict[int, int] = field(default_factory=dict)  # node id -> the exchange it last answered in
@@ -39,8 +41,12 @@ class NodeLedger:
         for node in nodes:
             self.site_of[node.node_id] = site_of_node(node.name)
             slot = slot_of_node(node.name)
-            if slot is not None and 0 <= slot < self.num_partitions:
+            if slot is not None:  # a key bound beyond the run's slots can answer for none of them
                 self.bound_slot[node.node_id] = slot
+
+    def held_by_others(self, node_id: int) -> frozenset[int]:
+        """The slots that keys other than ``node_id``'s hold."""
+        return frozenset(slot for node, slot in self.bound_slot.items() if node != node_id)
 
     def site(self, node_id: int) -> str:
         return self.site_of.get(node_id, UNKNOWN_SITE)
@@ -71,12 +77,12 @@ class NodeLedger:
         label, site = self.label(node_id), self.site(node_id)
         self.failed.add(node_id)
         self.metrics.failures.labels(label, site, reason).inc()
-        log.warning("client failure (%s): node %d, slot %s, site %s: %s", reason, node_id, label, site, detail)
+        log.warning("client failure (%s): node %d, slot %s, site %s: %s", reason, node_id, label, site, brief(detail))
 
     def refusal(self, node_id: int, claimed: object, reason: str, detail: str) -> dict[str, str]:
         label, site = self.label(node_id, claimed), self.site(node_id)
         self.metrics.rejected_updates.labels(label, site, reason).inc()
-        log.warning("reply refused (%s): node %d, slot %s, site %s: %s", reason, node_id, label, site, detail)
+        log.warning("reply refused (%s): node %d, slot %s, site %s: %s", reason, node_id, label, site, brief(detail))
         return {"slot": label, "site": site, "reason": reason}
 
     def skip_superseded(self, messages: Iterable[Message]) -> list[Message]:
@@ -108,3 +114,9 @@ class NodeLedger:
             for other, s in self.slot_of.items()
             if other != node_id
         )
+
+
+def brief(text: str, limit: int = 300) -> str:
+    """A node-supplied text fit for one log line: newlines escaped, cut at ``limit`` characters."""
+    text = repr(str(text))[1:-1]
+    return text if len(text) <= limit else text[:limit] + "..."

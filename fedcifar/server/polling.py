@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 
@@ -9,6 +10,9 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedcifar.flower_tuning import pulls_bounded_by
+from fedcifar.server.ledger import brief
+
+log = logging.getLogger("flwr.fedcifar")
 
 
 class PollingGrid:
@@ -27,22 +31,18 @@ class PollingGrid:
         return getattr(self._grid, name)
 
     def send_and_receive(
-        self,
-        messages: Iterable[Message],
-        *,
-        timeout: float | None = None,
-        done: Callable[[list[Message]], bool] | None = None,
+        self, messages: Iterable[Message], *, timeout: float, done: Callable[[list[Message]], bool] | None = None
     ) -> list[Message]:
         messages = list(messages)
         if not messages:
             return []
-        pending = set(self._grid.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
+        # an empty id: the SuperLink did not store that message (its node left); its node counts as missing
+        pending = {message_id for message_id in self._grid.push_messages(messages) if message_id}
+        deadline = time.monotonic() + timeout
         replies: list[Message] = []
-        while pending and (deadline is None or time.monotonic() < deadline):
-            left = float("inf") if deadline is None else deadline - time.monotonic()
-            with pulls_bounded_by(left):  # a reply whose sender died mid-upload must not hold the round
-                pulled = list(self._grid.pull_messages(pending))
+        while pending and time.monotonic() < deadline:
+            with pulls_bounded_by(deadline - time.monotonic()):  # a sender dead mid-upload must not hold the round
+                pulled = self._pull(pending)
             replies.extend(pulled)
             pending -= {m.metadata.reply_to_message_id for m in pulled}
             if pending and done is not None and done(replies):
@@ -50,3 +50,22 @@ class PollingGrid:
             if pending:
                 time.sleep(self.interval)
         return replies
+
+    def _pull(self, pending: set[str]) -> list[Message]:
+        """The replies in; one that Flower cannot even decode (a node's malformed objects) is dropped
+        from ``pending`` and logged, its node then counted as missing, never the end of the run."""
+        try:
+            return list(self._grid.pull_messages(pending))
+        except Exception:
+            pulled = []
+            for message_id in list(pending):
+                try:
+                    pulled.extend(self._grid.pull_messages([message_id]))
+                except Exception as err:
+                    log.warning(
+                        "dropped the reply to message %s: Flower could not read it (%s)",
+                        message_id,
+                        brief(f"{type(err).__name__}: {err}"),
+                    )
+                    pending.discard(message_id)
+            return pulled

@@ -81,12 +81,15 @@ class EvaluateReply:
     accuracy: float
 
 
-def check_train_reply(content: RecordDict, expected: Expected, bound_slot: int | None) -> TrainReply:
+def check_train_reply(
+    content: RecordDict, expected: Expected, bound_slot: int | None, held: frozenset[int] = frozenset()
+) -> TrainReply:
     """The training reply's figures, once its records, arrays and metrics are sound and its weight
-    is within its slot's; ``bound_slot``: the slot the sender's key holds (None: no key binding)."""
+    is within its slot's; ``bound_slot``: the slot the sender's key holds (None: no key binding),
+    ``held``: the slots other nodes' keys hold (no unbound node may answer for them)."""
     _check_records(content, {"arrays": ArrayRecord, "metrics": MetricRecord})
     metrics = _check_metrics(content["metrics"], TRAIN_METRICS)
-    slot = _slot(metrics, expected, bound_slot)
+    slot = _slot(metrics, expected, bound_slot, held)
     examples = _examples(metrics, expected.train_examples[slot], slot)
     trained, seconds = metrics["examples-trained"], metrics["train-seconds"]
     if not 0 <= trained <= examples * expected.local_epochs:
@@ -103,11 +106,13 @@ def check_train_reply(content: RecordDict, expected: Expected, bound_slot: int |
     return TrainReply(slot, examples, trained, float(seconds), float(metrics["train_loss"]))
 
 
-def check_evaluate_reply(content: RecordDict, expected: Expected, bound_slot: int | None) -> EvaluateReply:
+def check_evaluate_reply(
+    content: RecordDict, expected: Expected, bound_slot: int | None, held: frozenset[int] = frozenset()
+) -> EvaluateReply:
     """The evaluate reply's figures, once its metrics are sound (it carries no arrays)."""
     _check_records(content, {"metrics": MetricRecord})
     metrics = _check_metrics(content["metrics"], EVALUATE_METRICS)
-    slot = _slot(metrics, expected, bound_slot)
+    slot = _slot(metrics, expected, bound_slot, held)
     examples = _examples(metrics, expected.evaluate_examples[slot], slot)
     loss, accuracy = metrics["eval_loss"], metrics["eval_accuracy"]
     if loss < 0 or not 0 <= accuracy <= 1:
@@ -180,12 +185,14 @@ def _check_metrics(metrics: MetricRecord, schema: dict[str, type]) -> MetricReco
     return metrics
 
 
-def _slot(metrics: MetricRecord, expected: Expected, bound_slot: int | None) -> int:
+def _slot(metrics: MetricRecord, expected: Expected, bound_slot: int | None, held: frozenset[int]) -> int:
     claimed = metrics["partition-id"]
     if not 0 <= claimed < expected.num_partitions:
         raise Refused("bad_metrics", f"partition-id={claimed} is not one of the run's {expected.num_partitions} slots")
     if bound_slot is not None and claimed != bound_slot:
         raise Refused("wrong_slot", f"it claims slot {claimed}; its key holds slot {bound_slot}")
+    if bound_slot is None and claimed in held:
+        raise Refused("wrong_slot", f"it claims slot {claimed}, which another node's key holds")
     return claimed
 
 

@@ -5,9 +5,10 @@ One round: wait (at most ``round-timeout``) for ``min-nodes`` SuperNodes; send t
 messages the strategy configures, skipping dead nodes whose slot a newer node answers for;
 collect replies until the deadline or until every slot has answered; count each error or
 missing reply as a failure (``ledger.py``) and refuse each reply that fails a check
-(``replies.py``) or answers a slot twice; aggregate the rest with the strategy. A training
-attempt that aggregates nothing is tried again, up to ``round-retries`` times. Then the
-strategy's evaluate messages, if any, the server-side evaluation, and the record
+(``replies.py``) or answers a slot twice; aggregate the rest with the strategy and evaluate the
+aggregate on the server's test split. A training attempt that aggregates nothing, or whose
+aggregate has no finite test loss, is tried again, up to ``round-retries`` times. Then the
+strategy's evaluate messages, if any (a failure there costs the round nothing), and the record
 (``recorder.py``: checkpoint, history, metrics). Nothing one reply holds, and no exception
 while handling one, ends the run: it is one refused reply.
 """
@@ -15,6 +16,7 @@ while handling one, ends the run: it is one refused reply.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,6 +43,16 @@ from fedcifar.server.replies import (
 log = logging.getLogger("flwr.fedcifar")
 NODE_POLL_SECONDS = 1.0
 CHECKS = {"train": check_train_reply, "evaluate": check_evaluate_reply}
+
+
+@dataclass(frozen=True)
+class NodeList:
+    """What a strategy's ``configure_*`` reads from the Grid: the nodes connected when the round began."""
+
+    node_ids: list[int]
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
 
 
 class RoundFailed(RuntimeError):
@@ -84,13 +96,13 @@ class RoundLoop:
             log.info("[ROUND %d/%d]", server_round, self.config.num_server_rounds)
             self.metrics.round.set(server_round)
             tally = RoundTally()
-            arrays = self.train(server_round, arrays, tally)
+            arrays, loss, accuracy = self.train(server_round, arrays, tally)
             self.evaluate(server_round, arrays, tally)
-            loss, accuracy = self.model.evaluate(arrays)
             self.recorder.round(server_round, tally, loss, accuracy, self.model.state_dict())
         return arrays
 
-    def train(self, server_round: int, arrays: ArrayRecord, tally: RoundTally) -> ArrayRecord:
+    def train(self, server_round: int, arrays: ArrayRecord, tally: RoundTally) -> tuple[ArrayRecord, float, float]:
+        """The round's new global model and its test loss and accuracy (server side)."""
         for attempt in range(1, self.config.round_retries + 2):
             tally.attempts = attempt
             config = ConfigRecord({"lr": self.config.learning_rate})
@@ -102,10 +114,20 @@ class RoundLoop:
                 for a in answers
             ]
             aggregated = self._aggregate(server_round, answers, tally)
-            if aggregated is not None:
-                return aggregated
+            if aggregated is None:
+                log.warning("round %d, attempt %d: no client update was accepted", server_round, attempt)
+            else:
+                loss, accuracy = self.model.evaluate(aggregated)
+                if math.isfinite(loss):
+                    return aggregated, loss, accuracy
+                # well-formed replies whose aggregate is unusable (e.g. values near the float32 limit)
+                log.warning(
+                    "round %d, attempt %d: the aggregate's test loss is %s; it never becomes the global model",
+                    server_round,
+                    attempt,
+                    loss,
+                )
             self.metrics.failed_round_attempts.inc()
-            log.warning("round %d, attempt %d: no client update was accepted", server_round, attempt)
         where = (
             f"round {server_round - 1} is the last checkpointed one: fix the clients, then resume the run "
             "(fedcifar run --resume OUT_DIR, or -c resume=true)"
@@ -121,9 +143,13 @@ class RoundLoop:
         """Federated evaluation, when ``fraction-evaluate`` asks for it."""
         if self.config.fraction_evaluate == 0:
             return
-        messages = self._configure(self.strategy.configure_evaluate, server_round, arrays, ConfigRecord())
-        answers = self._accept(self._exchange(messages, tally), "evaluate", tally)
-        metrics = self.strategy.aggregate_evaluate(server_round, [a.message for a in answers]) if answers else None
+        try:  # the round's training is aggregated already: nothing here may lose it
+            messages = self._configure(self.strategy.configure_evaluate, server_round, arrays, ConfigRecord())
+            answers = self._accept(self._exchange(messages, tally), "evaluate", tally)
+            metrics = self.strategy.aggregate_evaluate(server_round, [a.message for a in answers]) if answers else None
+        except Exception:
+            log.exception("round %d: federated evaluation failed; the round is kept without it", server_round)
+            return
         if metrics:
             tally.client_eval_loss = float(metrics["eval_loss"])
             tally.client_eval_accuracy = float(metrics["eval_accuracy"])
@@ -133,22 +159,24 @@ class RoundLoop:
     def _configure(
         self, configure: Callable, server_round: int, arrays: ArrayRecord, config: ConfigRecord
     ) -> list[Message]:
-        self._wait_for_nodes()
-        nodes = list(self.grid.get_nodes())
+        nodes = self._wait_for_nodes()
         self.ledger.learn_nodes(nodes)
         self.metrics.connected_clients.set(len(nodes))
-        return self.ledger.skip_superseded(configure(server_round, arrays, config, self.grid))
+        # the strategy samples from this list: Flower's own wait for nodes (unbounded) has nothing to wait for
+        known = NodeList([node.node_id for node in nodes])
+        return self.ledger.skip_superseded(configure(server_round, arrays, config, known))
 
-    def _wait_for_nodes(self) -> None:
+    def _wait_for_nodes(self) -> list:
         """FedAvg's wait for ``min-nodes`` connected SuperNodes, but bounded by ``round-timeout``."""
         deadline = time.monotonic() + self.config.round_timeout
-        while (connected := len(list(self.grid.get_node_ids()))) < self.config.min_nodes:
+        while len(nodes := list(self.grid.get_nodes())) < self.config.min_nodes:
             if time.monotonic() >= deadline:
                 raise RoundFailed(
-                    f"only {connected} of min-nodes={self.config.min_nodes} SuperNodes connected after "
+                    f"only {len(nodes)} of min-nodes={self.config.min_nodes} SuperNodes connected after "
                     f"{self.config.round_timeout:.0f}s: start the missing ones (or lower -c min-nodes), then resume"
                 )
             time.sleep(NODE_POLL_SECONDS)
+        return nodes
 
     def _exchange(
         self, messages: list[Message], tally: RoundTally, done: Callable[[list[Message]], bool] | None = None
@@ -190,7 +218,12 @@ class RoundLoop:
         if key not in self._verdicts:
             node_id = self._node_of(message)
             try:
-                self._verdicts[key] = CHECKS[kind](message.content, self.expected, self.ledger.bound_slot.get(node_id))
+                self._verdicts[key] = CHECKS[kind](
+                    message.content,
+                    self.expected,
+                    self.ledger.bound_slot.get(node_id),
+                    self.ledger.held_by_others(node_id),
+                )
             except Refused as refused:
                 self._verdicts[key] = refused
             except Exception as err:  # a defect no check foresaw: this reply is refused, the run goes on
