@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -220,19 +221,10 @@ def load_partition(
 ) -> ImageTensors:
     """One partition of a split, decoded to tensors (cached per process)."""
     check_partition(partition_id, num_partitions)
-    dataset = load_split(source, split)
-    if num_partitions > len(dataset):
-        raise DataError(
-            f"num-partitions={num_partitions} exceeds the {len(dataset)} examples of the "
-            f"{split} split of {source.describe()}: use fewer clients or more data."
-        )
-    if num_partitions == 1:
-        part = dataset
-    else:
-        splitter = make_partitioner(partitioner, num_partitions, alpha, seed)
-        splitter.dataset = dataset
-        part = splitter.load_partition(partition_id)
-    return to_tensors(part)
+    cut = _partitions(
+        load_split(source, split), f"the {split} split of {source.describe()}", num_partitions, partitioner, alpha, seed
+    )
+    return to_tensors(cut(partition_id))
 
 
 def partition_sizes(
@@ -242,11 +234,24 @@ def partition_sizes(
     labels alone (a Dirichlet split draws by label), so no image is decoded."""
     check_partition(0, num_partitions)
     labels = load_split(source, split).select_columns(["label"])
+    cut = _partitions(labels, f"the {split} split of {source.describe()}", num_partitions, partitioner, alpha, seed)
+    return tuple(len(cut(i)) for i in range(num_partitions))
+
+
+def _partitions(
+    dataset: datasets.Dataset, where: str, num_partitions: int, partitioner: str, alpha: float, seed: int
+) -> Callable[[int], datasets.Dataset]:
+    """How ``dataset`` is cut into ``num_partitions``: partition id -> its rows."""
+    if num_partitions > len(dataset):
+        raise DataError(
+            f"num-partitions={num_partitions} exceeds the {len(dataset)} examples of {where}: "
+            "use fewer clients or more data."
+        )
     if num_partitions == 1:
-        return (len(labels),)
+        return lambda _: dataset
     splitter = make_partitioner(partitioner, num_partitions, alpha, seed)
-    splitter.dataset = labels
-    return tuple(len(splitter.load_partition(i)) for i in range(num_partitions))
+    splitter.dataset = dataset
+    return splitter.load_partition
 
 
 @lru_cache(maxsize=8)

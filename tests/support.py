@@ -34,6 +34,28 @@ FLOWER_ENV = {
 }
 
 
+def secure_superlink(pki: Path, port: int, metrics_port: int, metrics_dir: Path | None = None) -> list[str]:
+    """``fedcifar superlink`` on 127.0.0.1:``port``, TLS from ``pki`` (``write_pki``), SuperNode auth on."""
+    metrics = ["--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"]
+    if metrics_dir is not None:
+        metrics += ["--metrics-dir", str(metrics_dir)]
+    tls = ["--ssl-ca-certfile", str(pki / "ca.crt"), "--ssl-certfile", str(pki / "tls.crt")]
+    return [
+        str(BIN / "fedcifar"),
+        "superlink",
+        *metrics,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *tls,
+        "--ssl-keyfile",
+        str(pki / "tls.key"),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+    ]
+
+
 def wait(what: str, probe, timeout: float = 60):
     """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -1438,38 +1438,26 @@ def kubernetes_validate():
     return pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
 
 
+RENDERED_VALUE_SETS = (
+    "default_docs",
+    "gpu_docs",
+    "monitoring_docs",
+    "pvc_data_docs",
+    "hostpath_data_docs",
+    "persistence_docs",
+    "run_docs",
+    "insecure_docs",
+    "cert_manager_docs",
+    "existing_secrets_docs",
+    "server_docs",
+    "site_docs",
+)
+
+
 @pytest.mark.parametrize("version", VALIDATE_VERSIONS)
-def test_manifests_validate_strict(
-    kubernetes_validate,
-    version: str,
-    default_docs,
-    gpu_docs,
-    monitoring_docs,
-    pvc_data_docs,
-    hostpath_data_docs,
-    persistence_docs,
-    run_docs,
-    insecure_docs,
-    cert_manager_docs,
-    existing_secrets_docs,
-    server_docs,
-    site_docs,
-) -> None:
+def test_manifests_validate_strict(kubernetes_validate, version: str, request) -> None:
     checked = 0
-    for docs in (
-        default_docs,
-        gpu_docs,
-        monitoring_docs,
-        pvc_data_docs,
-        hostpath_data_docs,
-        persistence_docs,
-        run_docs,
-        insecure_docs,
-        cert_manager_docs,
-        existing_secrets_docs,
-        server_docs,
-        site_docs,
-    ):
+    for docs in map(request.getfixturevalue, RENDERED_VALUE_SETS):
         for doc in docs:
             if doc["apiVersion"] in (MONITORING_API, CERT_MANAGER_API):
                 # kubernetes-validate knows only built-in kinds, not the Prometheus Operator's or

@@ -12,7 +12,6 @@ FedAvg, FedMedian and Krum.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -28,13 +27,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from fedcifar import flwr_cli, security
 from fedcifar.checkpoint import load_checkpoint
 from fedcifar.local import TOKEN_ENV, free_port, processes_with_token
-from fedcifar.procfs import process_memory
+from fedcifar.procfs import process_kind, process_memory
 from fedcifar.protocol import Task
 from fedcifar.task import MODEL_KEY, Net, flat_weights
 from fedcifar.trainer import Trainer
 from tests.conftest import MINI, ROOT
 from tests.hostile import EVALUATE_REPLIES, TRAIN_REPLIES, ZEROS
-from tests.support import BIN, FLOWER_ENV, wait, write_pki
+from tests.support import BIN, FLOWER_ENV, secure_superlink, wait, write_pki
 
 pytestmark = pytest.mark.integration
 SLOTS, HOSTILE_SLOT = 3, 2
@@ -81,26 +80,7 @@ def federation(tmp_path_factory):
     ready = work / "superlink" / "ready"
     start(
         "superlink",
-        [
-            str(BIN / "fedcifar"),
-            "superlink",
-            "--metrics-port",
-            str(metrics_port),
-            "--metrics-host",
-            "127.0.0.1",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--ssl-ca-certfile",
-            str(pki / "ca.crt"),
-            "--ssl-certfile",
-            str(pki / "tls.crt"),
-            "--ssl-keyfile",
-            str(pki / "tls.key"),
-            "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",
-        ],
+        secure_superlink(pki, port, metrics_port),
         **{
             security.PUBLIC_KEYS_ENV: str(keys),
             security.READY_FILE_ENV: str(ready),
@@ -198,9 +178,8 @@ def run(federation, name: str, plan: dict, **config) -> tuple[dict, int]:
     run_id, peak, deadline = reply["run-id"], 0, time.monotonic() + 600
     while time.monotonic() < deadline:
         for pid in processes_with_token(federation["token"]):
-            with contextlib.suppress(OSError):  # it may have ended since it was listed
-                if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    peak = max(peak, process_memory(pid, "VmHWM"))
+            if process_kind(pid) == "flwr-serverapp":
+                peak = max(peak, process_memory(pid, "VmHWM"))  # 0 if it ended since it was listed
         history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else {}
         if history.get("status") == "completed":
             return history, peak

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import BIN, FLOWER_ENV, wait, write_pki
+from support import BIN, FLOWER_ENV, secure_superlink, wait, write_pki
 
 from fedcifar import flwr_cli, security
 from fedcifar.local import free_port
@@ -82,28 +82,7 @@ def face(tmp_path_factory):
     (keys / "supernode-0.pub").write_bytes((pki / "supernode-0.pub").read_bytes())
     public, control, ready = free_port(), free_port(), work / "ready"
     superlink = subprocess.Popen(
-        [
-            str(BIN / "fedcifar"),
-            "superlink",
-            "--metrics-port",
-            str(free_port()),
-            "--metrics-host",
-            "127.0.0.1",
-            "--metrics-dir",
-            str(work / "metrics"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(control),
-            "--ssl-ca-certfile",
-            str(pki / "ca.crt"),
-            "--ssl-certfile",
-            str(pki / "tls.crt"),
-            "--ssl-keyfile",
-            str(pki / "tls.key"),
-            "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",
-        ],
+        secure_superlink(pki, control, free_port(), work / "metrics"),
         cwd=work,
         stdout=open(work / "superlink.log", "w"),
         stderr=subprocess.STDOUT,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from support import BIN, FLOWER_ENV, certificate, pem_private, wait, write_pki
+from support import BIN, FLOWER_ENV, certificate, pem_private, secure_superlink, wait, write_pki
 
 from fedcifar import flwr_cli, security, submit
 from fedcifar.local import free_port
@@ -114,28 +114,7 @@ def superlink(pki, tmp_path_factory):
         "FLWR_HOME": str(work / "flwr"),
     }
     proc = subprocess.Popen(
-        [
-            str(BIN / "fedcifar"),
-            "superlink",
-            "--metrics-port",
-            str(free_port()),
-            "--metrics-host",
-            "127.0.0.1",
-            "--metrics-dir",
-            str(work / "run" / "metrics"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--ssl-ca-certfile",
-            str(pki / "ca.crt"),
-            "--ssl-certfile",
-            str(pki / "tls.crt"),
-            "--ssl-keyfile",
-            str(pki / "tls.key"),
-            "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",
-        ],
+        secure_superlink(pki, port, free_port(), work / "run" / "metrics"),
         cwd=work,
         env=env,
         stdout=open(work / "superlink.log", "w"),

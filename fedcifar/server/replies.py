@@ -124,7 +124,7 @@ def check_evaluate_reply(
 
 def claimed_slot(content: RecordDict) -> object:
     """The ``partition-id`` a reply claims, whatever it is: for a log line, never trusted."""
-    metrics = content.get("metrics") if isinstance(content, RecordDict) else None
+    metrics = content.get("metrics")
     return metrics.get("partition-id") if isinstance(metrics, MetricRecord) else None
 
 
