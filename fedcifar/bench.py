@@ -119,6 +119,7 @@ def client_images_per_second(rounds: list[dict], config: BenchConfig) -> float:
 
 def bench(config: BenchConfig, data: str | None, out: Path) -> dict[str, Any]:
     from fedcifar.centralized import run_centralized
+    from fedcifar.task import Recipe
 
     subset = make_subset(data, config.examples_per_client * config.clients, config.test_examples, out / "data")
     run_config = {
@@ -166,13 +167,9 @@ def bench(config: BenchConfig, data: str | None, out: Path) -> dict[str, Any]:
     epochs = config.rounds * config.local_epochs
     central = run_centralized(
         resolve_source(str(subset)),
-        epochs=epochs,
-        batch_size=config.batch_size,
-        lr=config.learning_rate,
-        momentum=config.momentum,
+        Recipe(epochs, config.batch_size, config.learning_rate, config.momentum, augmented=config.augment),
         seed=42,
         device=config.device,
-        augmented=config.augment,
     )
     result["centralized_images_per_second"] = central.steady_images_per_second
     result["centralized_accuracy"] = central.test_accuracy

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedcifar.data import DataSource, load_full
-from fedcifar.task import evaluate, initial_model, pick_device, train
+from fedcifar.task import Recipe, evaluate, initial_model, pick_device, train
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,10 @@ class CentralizedResult:
 
 def run_centralized(
     source: DataSource,
+    recipe: Recipe,
     *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float,
     seed: int,
     device: str = "auto",
-    augmented: bool = False,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> CentralizedResult:
     started = time.perf_counter()
@@ -54,25 +50,14 @@ def run_centralized(
         if on_epoch:
             on_epoch(epoch, loss)
 
-    result = train(
-        net,
-        train_data,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        momentum=momentum,
-        device=torch_device,
-        seed=seed,
-        augmented=augmented,
-        on_epoch=epoch_done,
-    )
+    result = train(net, train_data, recipe, device=torch_device, seed=seed, on_epoch=epoch_done)
     if len(epoch_ends) > 1:
         steady = len(train_data) * (len(epoch_ends) - 1) / (epoch_ends[-1] - epoch_ends[0])
     else:
         steady = result.examples / result.seconds
-    test_loss, test_accuracy = evaluate(net, test_data, torch_device)
+    test_loss, test_accuracy = evaluate(net, test_data, torch_device, centred=recipe.centred)
     return CentralizedResult(
-        epochs=epochs,
+        epochs=recipe.epochs,
         train_loss=result.loss,
         test_loss=test_loss,
         test_accuracy=test_accuracy,

@@ -1,8 +1,11 @@
 """The server's checkpoint: everything needed to resume a run after its last completed round.
 
 ``model.pt`` in the run's output folder holds the global model, the round it completed, the
-run's history up to that round, the training part of the run config, and the server's random
-state (FedAvg samples clients with ``random``). It is written after every round, atomically,
+run's history up to that round, the training part of the run config, the server's random
+states (Flower samples clients with ``random``; its DP wrappers draw noise from numpy's global
+generator), what the strategy carries between rounds (``server/strategies.py``: moments,
+momentum, the adaptive clipping norm) and the privacy accountant's compositions. It is written
+after every round, atomically,
 and read with ``weights_only=True``, so a checkpoint from elsewhere cannot run code.
 
 A checkpoint that cannot be read, that holds another model, or that was trained with other
@@ -16,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedcifar import atomic
 from fedcifar.history import CHECKPOINT_FILE
 
-FORMAT = 1
+FORMAT = 2  # 2: strategy, numpy generator and privacy accountant states
 MODEL_CLASS = "Net"
 
 
@@ -36,6 +40,9 @@ class Checkpoint:
     history: dict[str, Any]
     fingerprint: dict[str, Any]
     rng_state: Any
+    numpy_rng_state: Any
+    strategy_state: dict[str, Any]
+    privacy_state: dict[str, Any] | None
 
     def save(self, out_dir: Path) -> Path:
         path = out_dir / CHECKPOINT_FILE
@@ -47,6 +54,10 @@ class Checkpoint:
             "history": self.history,
             "fingerprint": self.fingerprint,
             "rng_state": self.rng_state,
+            # numpy's generator state: its key array as ints (weights_only loads no numpy arrays)
+            "numpy_rng_state": [*self.numpy_rng_state[:1], self.numpy_rng_state[1].tolist(), *self.numpy_rng_state[2:]],
+            "strategy_state": self.strategy_state,
+            "privacy_state": self.privacy_state,
         }
         with atomic.replacing(path) as tmp:
             torch.save(payload, tmp)
@@ -54,6 +65,8 @@ class Checkpoint:
 
     def restore_rng(self) -> None:
         random.setstate(_as_rng_state(self.rng_state))
+        kind, key, *rest = self.numpy_rng_state
+        np.random.set_state((kind, np.asarray(key, dtype=np.uint32), *rest))
 
 
 def load_checkpoint(out_dir: Path, reference: dict[str, torch.Tensor]) -> Checkpoint | None:
@@ -81,6 +94,9 @@ def load_checkpoint(out_dir: Path, reference: dict[str, torch.Tensor]) -> Checkp
         history=payload["history"],
         fingerprint=payload["fingerprint"],
         rng_state=payload["rng_state"],
+        numpy_rng_state=payload["numpy_rng_state"],
+        strategy_state=payload["strategy_state"],
+        privacy_state=payload["privacy_state"],
     )
 
 

@@ -291,6 +291,7 @@ def cmd_submit(args: argparse.Namespace, _extra: list[str]) -> int:
 def cmd_centralized(args: argparse.Namespace, _extra: list[str]) -> int:
     from fedcifar.centralized import run_centralized
     from fedcifar.data import resolve_source
+    from fedcifar.task import Recipe
 
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
@@ -299,13 +300,9 @@ def cmd_centralized(args: argparse.Namespace, _extra: list[str]) -> int:
     console.print(f"centralized: {args.epochs} epochs on {source.describe()}")
     result = run_centralized(
         source,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.learning_rate,
-        momentum=args.momentum,
+        Recipe(args.epochs, args.batch_size, args.learning_rate, args.momentum, augmented=args.augment),
         seed=args.seed,
         device=args.device,
-        augmented=args.augment,
         on_epoch=lambda e, loss: console.print(f"  epoch {e}: train loss {loss:.4f}"),
     )
     console.print(

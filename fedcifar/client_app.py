@@ -16,13 +16,37 @@ import os
 from dataclasses import dataclass
 from multiprocessing.connection import Client
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 
 from fedcifar.config import ConfigError, RunConfig, check_partition
+from fedcifar.flower_tuning import tune
 from fedcifar.protocol import TRAINER_ENV, TRAINER_KEY_ENV, Reply, Task
 
-app = ClientApp()
+
+def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The run config's differential privacy on this node's training replies: Flower's clipping mods
+    (they read the clipping norm the server's wrapper puts in the message) or its LocalDpMod."""
+    dp = context.run_config.get("dp", "none")
+    if msg.metadata.message_type != "train" or dp not in ("client-fixed", "client-adaptive", "local"):
+        return call_next(msg, context)
+    tune("clientapp")  # an update of zeros is clipped to itself (flower_tuning.py)
+    if dp == "client-fixed":
+        return fixedclipping_mod(msg, context, call_next)
+    if dp == "client-adaptive":
+        return adaptiveclipping_mod(msg, context, call_next)
+    config = RunConfig.from_flower(context.run_config)
+    # LocalDpMod draws from numpy's global generator, which a ClientApp forked from the node's warm
+    # server would inherit, the same in every process: noise that repeats can be subtracted
+    np.random.seed()
+    local_dp = LocalDpMod(config.clipping_norm, config.sensitivity, config.local_epsilon, config.local_delta)
+    return local_dp(msg, context, call_next)
+
+
+app = ClientApp(mods=[privacy_mod])
 
 
 class TrainerError(RuntimeError):
@@ -98,6 +122,7 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
         run_config=dict(context.run_config),
         data_path=setup.data_path,
         data_partition=setup.data_partition,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),  # Flower's FedProx sends it
     )
     reply = run_task(task, timeout=setup.config.round_timeout)  # the round is over by then: its reply is dropped
     content = RecordDict({"metrics": MetricRecord(reply.metrics)})

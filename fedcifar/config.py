@@ -10,14 +10,37 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 DEVICES = ("auto", "cpu", "cuda")
-PARTITIONERS = ("iid", "dirichlet")
+# dirichlet-balanced: NIID-Bench's split (self-balancing: a client stops drawing once it holds its share)
+PARTITIONERS = ("iid", "dirichlet", "dirichlet-balanced")
+PADDINGS = ("zeros", "reflect")  # what ``augment`` crops from
 SPLITS = ("global", "site")  # what a node slot trains: its slice of the whole data, or of its site's
-STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")  # flwr.serverapp.strategy
+# flwr.serverapp.strategy, by the name of its class in lowercase
+STRATEGIES = (
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "qfedavg",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+)
+SERVER_OPTIMISERS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad", "qfedavg")  # move the model by more than the mean
+# differential privacy: Flower's central-DP wrappers (clipping on the server or, through the ClientApp's
+# mods, on the clients) or its LocalDpMod (each client noises its own update)
+DP_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive", "local")
+CENTRAL_DP = ("server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
+# Flower's names for what fedcifar calls learning-rate: one value, one key
+CLIENT_LEARNING_RATE_ALIASES = ("eta-l", "client-learning-rate")
 SITE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS label, like a Helm release name
 
 
@@ -50,10 +73,31 @@ class RunConfig:
     num_malicious_nodes: int = 0  # krum, multikrum, bulyan: the f they tolerate
     num_nodes_to_select: int = 1  # multikrum: the replies averaged
     max_examples: int = 0  # the most examples a reply may weigh; 0: its slot's size in the server's split
+    weight_decay: float = 0.0  # the clients' SGD weight decay (NIID-Bench: 1e-5)
+    augment_padding: str = "zeros"  # augment's random crop: from a zero- or reflect-padded copy (NIID-Bench)
+    normalize: bool = True  # pixels to [-1, 1] (the tutorial's); false: to [0, 1] (NIID-Bench's ToTensor alone)
+    proximal_mu: float = 0.01  # fedprox: the proximal term's weight, (mu/2)*||w - w_global||^2
+    eta: float = 0.1  # fedadam, fedyogi, fedadagrad: the server's learning rate
+    beta_1: float = 0.9  # fedadam, fedyogi: the first moment's decay
+    beta_2: float = 0.99  # fedadam, fedyogi: the second moment's decay
+    tau: float = 1e-3  # fedadam, fedyogi, fedadagrad: the adaptivity (added to the root of the second moment)
+    server_learning_rate: float = 1.0  # fedavgm
+    server_momentum: float = 0.9  # fedavgm
+    q: float = 0.1  # qfedavg: the fairness exponent (0 is FedAvg's objective)
+    dp: str = "none"  # one of DP_MODES
+    noise_multiplier: float = 1.0  # central DP: noise stdev over the clipping norm
+    clipping_norm: float = 10.0  # central and local DP: the clipping norm (adaptive: the initial one)
+    target_clipped_quantile: float = 0.5  # adaptive clipping: the fraction of updates to clip
+    clip_norm_lr: float = 0.2  # adaptive clipping: the norm's geometric learning rate
+    dp_delta: float = 1e-5  # central DP: the delta the privacy spent (epsilon) is reported for
+    local_epsilon: float = 0.5  # local DP: each update's epsilon (below 1: the Gaussian mechanism's bound)
+    local_delta: float = 1e-5  # local DP: each update's delta
+    sensitivity: float = 10.0  # local DP: the L2 sensitivity the noise is scaled to (>= clipping-norm)
 
     @classmethod
     def from_flower(cls, values: Mapping[str, Any]) -> RunConfig:
-        """Build from Flower's run config; unknown keys are ignored, known ones checked."""
+        """Build from Flower's run config, refusing unknown keys and wrong values or combinations."""
+        check_known_keys(values)
         kwargs = {}
         for field in dataclasses.fields(cls):
             key = field.name.replace("_", "-")
@@ -87,8 +131,26 @@ class RunConfig:
         _at_least("max-examples", self.max_examples, 0)
         if not 0 <= self.trim_beta < 0.5:
             raise ConfigError(f"trim-beta must be in [0, 0.5), got {self.trim_beta}: e.g. -c trim-beta=0.2")
+        _one_of("augment-padding", self.augment_padding, PADDINGS)
+        _one_of("dp", self.dp, DP_MODES)
+        for key in ("eta", "tau", "server-learning-rate", "noise-multiplier", "clipping-norm", "clip-norm-lr"):
+            _positive(key, self.value(key))
+        for key in ("local-epsilon", "sensitivity"):
+            _positive(key, self.value(key))
+        for key in ("proximal-mu", "q"):
+            _at_least(key, self.value(key), 0)
+        for key in ("weight-decay", "beta-1", "beta-2", "server-momentum"):
+            _in_range(key, self.value(key), "[0, 1)", lambda v: 0 <= v < 1)
+        _in_range("target-clipped-quantile", self.target_clipped_quantile, "[0, 1]", lambda v: 0 <= v <= 1)
+        for key in ("dp-delta", "local-delta"):
+            _in_range(key, self.value(key), "(0, 1)", lambda v: 0 < v < 1)
+        check_private(self)
         if self.num_partitions:
             check_strategy_fits(self)
+
+    def value(self, key: str) -> Any:
+        """The value of a kebab-case run-config key."""
+        return getattr(self, key.replace("-", "_"))
 
     @property
     def replies_per_round(self) -> int:
@@ -112,6 +174,60 @@ class RunConfig:
     def to_flower(self) -> dict[str, Any]:
         """The kebab-case dict Flower uses (``-c`` keys)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def check_known_keys(values: Mapping[str, Any]) -> None:
+    """Refuse a key the run config does not have, naming the ones it has."""
+    known = {field.name.replace("_", "-") for field in dataclasses.fields(RunConfig)}
+    for key in values:
+        if key in CLIENT_LEARNING_RATE_ALIASES:
+            raise ConfigError(
+                f"run config {key!r} is Flower's name for the clients' learning rate, which fedcifar calls "
+                f"learning-rate (the clients train with it, the strategy is told it): set -c learning-rate=0.01"
+            )
+        if key not in known:
+            raise ConfigError(f"unknown run config key {key!r}; the keys are: {', '.join(sorted(known))}")
+
+
+def check_private(config: RunConfig) -> None:
+    """Refuse a differential-privacy setting whose guarantee would not hold."""
+    if config.dp in CENTRAL_DP and config.strategy not in ("fedavg", "fedprox"):
+        why = (
+            "its server optimiser would see the un-noised mean (Flower adds the noise after the wrapped strategy)"
+            if config.strategy in SERVER_OPTIMISERS
+            else "the noise is scaled for a mean of clipped updates, and this rule can move the model by one update"
+        )
+        raise ConfigError(
+            f"dp={config.dp} cannot be combined with strategy={config.strategy}: {why}. Use strategy=fedavg or "
+            f"fedprox with central DP, or dp=local (each client noises its own update) with any strategy."
+        )
+    if (
+        config.dp.endswith("adaptive")
+        and config.num_partitions
+        and config.noise_multiplier >= config.replies_per_round / 10
+    ):
+        # Flower spends part of the noise on the clipped count, whose stdev it sets to replies/20
+        raise ConfigError(
+            f"dp={config.dp} with noise-multiplier={config.noise_multiplier} and {config.replies_per_round} "
+            f"replies per round: adaptive clipping (Flower's) reaches a noise multiplier only below replies/10 = "
+            f"{config.replies_per_round / 10:g}; lower noise-multiplier, add nodes, or use dp=server-fixed"
+        )
+    if config.dp == "local" and config.sensitivity < config.clipping_norm:
+        raise ConfigError(
+            f"dp=local with sensitivity={config.sensitivity} below clipping-norm={config.clipping_norm}: a clipped "
+            f"update can move by the clipping norm, so the noise would be too small; set -c sensitivity="
+            f"{config.clipping_norm} (or more)"
+        )
+    if config.dp == "local" and config.local_epsilon >= 1:
+        raise ConfigError(
+            f"dp=local with local-epsilon={config.local_epsilon}: LocalDpMod's noise (the classic Gaussian "
+            f"mechanism) guarantees epsilon only below 1; set -c local-epsilon=0.5 (or lower)"
+        )
+    if config.dp in CENTRAL_DP and config.fraction_train != 1:
+        raise ConfigError(
+            f"dp={config.dp} needs fraction-train=1: the privacy spent is accounted without amplification by "
+            f"sampling, over the clients that replied (got fraction-train={config.fraction_train})"
+        )
 
 
 def check_strategy_fits(config: RunConfig) -> None:
@@ -197,6 +313,11 @@ def _at_least(key: str, value: int, low: int) -> None:
 def _positive(key: str, value: float) -> None:
     if not value > 0 or value != value or value == float("inf"):
         raise ConfigError(f"run config {key!r} must be a finite number > 0, got {value}")
+
+
+def _in_range(key: str, value: float, interval: str, inside: Callable[[float], bool]) -> None:
+    if not inside(value):
+        raise ConfigError(f"run config {key!r} must be in {interval}, got {value}")
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:

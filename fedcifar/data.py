@@ -198,14 +198,22 @@ def _check_is_cifar10(dataset: datasets.Dataset, source: DataSource, split: str)
 
 
 def make_partitioner(kind: str, num_partitions: int, alpha: float = 0.5, seed: int = 42) -> Partitioner:
-    """An IID or Dirichlet-by-label partitioner from flwr-datasets."""
+    """An IID or Dirichlet-by-label partitioner from flwr-datasets; ``dirichlet-balanced`` is
+    NIID-Bench's: a client that holds its share stops drawing (``self_balancing``), each at least 10."""
     check_partition(0, num_partitions)
     if kind == "iid":
         return IidPartitioner(num_partitions=num_partitions)
-    if kind == "dirichlet":
+    if kind in ("dirichlet", "dirichlet-balanced"):
         if not alpha > 0:
             raise DataError(f"dirichlet-alpha must be > 0, got {alpha}")
-        return DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=alpha, seed=seed)
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=10,
+            self_balancing=kind == "dirichlet-balanced",
+            seed=seed,
+        )
     raise DataError(f"partitioner must be one of {', '.join(PARTITIONERS)}, got {kind!r}")
 
 

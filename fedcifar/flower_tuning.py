@@ -203,6 +203,26 @@ def start_forked_clientapps() -> None:
     subprocess_executor.subprocess = rerouted_subprocess(ClientAppForkServer().popen)
 
 
+def clip_zero_updates() -> None:
+    """Flower's DP clipping divides by the update's norm, so an update of zeros (a node that sends
+    back the model it got, or a server-side norm that meets one) raised ZeroDivisionError: under
+    server-side clipping one such reply cost the round every reply. An update of zeros is within any
+    norm and is left as it is; every other update is scaled as Flower scales it."""
+    from flwr.serverapp.strategy import dp_adaptive_clipping
+    from flwr.supercore import differential_privacy
+
+    def clip(arrays: list, clipping_norm: float) -> bool:
+        norm = differential_privacy.get_norm(arrays)
+        factor = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+        for array in arrays:
+            array *= factor
+        return factor < 1  # adaptive clipping's norm bit; fixed clipping ignores it
+
+    differential_privacy.clip_inputs_inplace = clip
+    differential_privacy.adaptive_clip_inputs_inplace = clip
+    dp_adaptive_clipping.adaptive_clip_inputs_inplace = clip  # imported by name there
+
+
 def check_flower_version(installed: str | None = None) -> None:
     """Stop unless the installed flwr is the release these changes were verified on (or the user
     said to go on without): on another release they could silently do nothing, or break Flower."""
@@ -226,7 +246,7 @@ def check_flower_version(installed: str | None = None) -> None:
 
 def tune(role: str) -> None:
     """The one entry point: check the flwr release, then change what ``role`` (``supernode``,
-    ``superexec`` or ``serverapp``) runs with in this process."""
+    ``superexec``, ``serverapp`` or ``clientapp``) runs with in this process."""
     check_flower_version()
     if role == "supernode":
         shorten_supernode_polling(float(os.environ.get(POLL_ENV, DEFAULT_POLL_SECONDS)))
@@ -237,8 +257,11 @@ def tune(role: str) -> None:
         start_forked_clientapps()
     elif role == "serverapp":
         shorten_object_pull_backoff()  # its reply pulls are bounded by pulls_bounded_by, under the same check
+        clip_zero_updates()
+    elif role == "clientapp":
+        clip_zero_updates()
     else:
-        raise ValueError(f"no Flower tuning for {role!r}: one of supernode, superexec, serverapp")
+        raise ValueError(f"no Flower tuning for {role!r}: one of supernode, superexec, serverapp, clientapp")
 
 
 def main(argv: list[str]) -> None:

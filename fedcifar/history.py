@@ -39,6 +39,8 @@ class RoundRecord:
     client_eval_accuracy: float | None = None
     sites: list[str] = field(default_factory=list)  # the site of each slot in ``partitions``
     refusals: list[dict[str, str]] = field(default_factory=list)  # slot, site and reason of each refused reply
+    clipping_norm: float | None = None  # central DP: the norm this round's updates were clipped to
+    epsilon: float | None = None  # central DP: the privacy spent after this round, at the run's dp-delta
     finished_at: float = field(default_factory=time.time)
 
 
@@ -48,6 +50,7 @@ class History:
     config: dict[str, Any]
     data: str
     device: str
+    privacy: dict[str, Any] = field(default_factory=dict)  # the differential privacy in force (server/privacy.py)
     initial_eval_loss: float | None = None
     initial_eval_accuracy: float | None = None
     rounds: list[RoundRecord] = field(default_factory=list)
@@ -85,6 +88,7 @@ def plot_history(history: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = history["rounds"]
     xs = [r["round"] for r in rounds]
@@ -97,7 +101,7 @@ def plot_history(history: dict[str, Any], path: Path) -> Path:
     ax_acc.set(xlabel="round", ylabel="accuracy (%)", title="Test accuracy (server)")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.set_xticks(xs)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole; a few ticks, however many
     fig.suptitle(f"fedcifar run {history['run_id']}: {len(rounds)} rounds")
     with atomic.replacing(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100)

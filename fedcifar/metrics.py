@@ -120,6 +120,31 @@ class ServerMetrics:
         self.failed_round_attempts = Counter(
             "fedcifar_failed_round_attempts", "Round attempts that aggregated no client update (then retried).", **kw
         )
+        self.strategy = Gauge(
+            "fedcifar_strategy_info",
+            "The run's aggregation strategy and differential privacy (1 for the one in force).",
+            ["strategy", "dp"],
+            multiprocess_mode="mostrecent",
+            **kw,
+        )
+        self.dp_clipping_norm = Gauge(
+            "fedcifar_dp_clipping_norm",
+            "Differential privacy: the clipping norm of the last round (adaptive clipping moves it).",
+            multiprocess_mode="mostrecent",
+            **kw,
+        )
+        self.dp_noise_multiplier = Gauge(
+            "fedcifar_dp_noise_multiplier",
+            "Central differential privacy: noise standard deviation over the clipping norm.",
+            multiprocess_mode="mostrecent",
+            **kw,
+        )
+        self.dp_epsilon = Gauge(
+            "fedcifar_dp_epsilon",
+            "Central differential privacy: the epsilon spent so far (RDP accountant) at the run's dp-delta.",
+            multiprocess_mode="mostrecent",
+            **kw,
+        )
 
 
 class ClientMetrics:

@@ -12,6 +12,7 @@ import numpy as np
 
 TRAINER_ENV = "FEDCIFAR_TRAINER"  # the socket path of the node's trainer
 TRAINER_KEY_ENV = "FEDCIFAR_TRAINER_KEY"  # its authentication key, hex
+LOSS_BEFORE_TRAINING = "loss-before-training"  # the train reply's metric q-FedAvg weighs updates by
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Task:
     run_config: dict[str, Any]
     data_path: str | None = None
     data_partition: tuple[int, int] | None = None  # (id, count) of the data it trains; None: the slot's
+    proximal_mu: float = 0.0  # FedProx's weight, sent by the strategy in the message's config
 
 
 @dataclass

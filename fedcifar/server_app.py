@@ -23,17 +23,18 @@ from flwr.app import Array, ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedcifar.checkpoint import check_same_training, load_checkpoint
-from fedcifar.config import ConfigError, RunConfig
+from fedcifar.config import CENTRAL_DP, ConfigError, RunConfig
 from fedcifar.data import DataSource, ImageTensors, load_full, partition_sizes, resolve_source
 from fedcifar.flower_tuning import tune
 from fedcifar.history import PLOT_FILE, History, plot_history
 from fedcifar.metrics import server_metrics
 from fedcifar.server.ledger import NodeLedger
 from fedcifar.server.polling import PollingGrid
+from fedcifar.server.privacy import PrivacyAccount
 from fedcifar.server.recorder import Recorder
 from fedcifar.server.replies import Expected
 from fedcifar.server.rounds import RoundLoop
-from fedcifar.server.strategies import build_strategy
+from fedcifar.server.strategies import build_strategy, restore_strategy_state
 from fedcifar.task import MODEL_KEY, Net, evaluate, flat_weights, initial_model, load_flat_weights, pick_device
 
 log = logging.getLogger("flwr.fedcifar")
@@ -48,10 +49,11 @@ class ServerModel:
     net: Net
     test_data: ImageTensors
     device: torch.device
+    centred: bool  # the run config's ``normalize``
 
     def evaluate(self, arrays: ArrayRecord) -> tuple[float, float]:
         load_flat_weights(self.net, arrays[MODEL_KEY].numpy())
-        return evaluate(self.net, self.test_data, self.device)
+        return evaluate(self.net, self.test_data, self.device, centred=self.centred)
 
     def state_dict(self) -> dict:
         return self.net.state_dict()
@@ -70,22 +72,34 @@ def main(grid: Grid, context: Context) -> None:
     source = resolve_source()
     device = pick_device(config.device)
     # loaded before any round, so unusable data fails at once; on a GPU, copied there once
-    model = ServerModel(Net(), load_full(source, "test").to(device), device)
+    model = ServerModel(Net(), load_full(source, "test").to(device), device, config.normalize)
     checkpoint = load_checkpoint(out_dir, model.net.state_dict()) if config.resume else None
+    strategy, privacy = build_strategy(config), PrivacyAccount(config)
     if checkpoint:
         check_same_training(checkpoint, config.training_fingerprint(), out_dir)
         history = History.from_dict(checkpoint.history)
         history.resumed(context.run_id, checkpoint.round, config.to_flower())
-        checkpoint.restore_rng()
+        checkpoint.restore_rng()  # the central-DP noise goes on where it stopped: it never depends on the seed
+        restore_strategy_state(strategy, checkpoint.strategy_state)
+        privacy.load_state_dict(checkpoint.privacy_state)
         model.net.load_state_dict(checkpoint.model)
         log.info("Resuming from %s after round %d", out_dir, checkpoint.round)
     else:
-        history = History(run_id=context.run_id, config=config.to_flower(), data=source.describe(), device=str(device))
+        history = History(
+            run_id=context.run_id,
+            config=config.to_flower(),
+            data=source.describe(),
+            device=str(device),
+            privacy=privacy.in_force(),
+        )
         model.net = initial_model(config.seed)
     arrays = ArrayRecord({MODEL_KEY: Array(flat_weights(model.net))})
     metrics = server_metrics()
+    metrics.strategy.labels(config.strategy, config.dp).set(1)
+    if config.dp in CENTRAL_DP:
+        metrics.dp_noise_multiplier.set(config.noise_multiplier)
     loop = RoundLoop(
-        strategy=build_strategy(config),
+        strategy=strategy,
         grid=PollingGrid(grid, REPLY_POLL_SECONDS),
         ledger=NodeLedger(config.num_partitions, metrics),
         recorder=Recorder(history, out_dir, metrics, config.training_fingerprint()),
@@ -93,6 +107,7 @@ def main(grid: Grid, context: Context) -> None:
         expected=expected_replies(config, source, arrays),
         config=config,
         metrics=metrics,
+        privacy=privacy,
     )
     loop.run(arrays, checkpoint.round + 1 if checkpoint else 1)
     history.status = "completed"
@@ -113,7 +128,14 @@ def expected_replies(config: RunConfig, source: DataSource, arrays: ArrayRecord)
         train, evaluate_ = partition_sizes(source, "train", *cut), partition_sizes(source, "test", *cut)
         where = f"the slots' sizes in {source.describe()} (set -c max-examples=N when sites train data of their own)"
     log.info("A training reply may weigh at most %s examples per slot: %s", list(train), where)
-    return Expected(Expected.layout_of(arrays), train, evaluate_, config.local_epochs, config.round_timeout)
+    return Expected(
+        Expected.layout_of(arrays),
+        train,
+        evaluate_,
+        config.local_epochs,
+        config.round_timeout,
+        Expected.train_metrics_for(config.strategy, config.dp),
+    )
 
 
 def output_dir(config: RunConfig, run_id: int) -> Path:

@@ -24,8 +24,8 @@ import torch
 from fedcifar.config import RunConfig
 from fedcifar.data import ImageTensors, resident_partition, resolve_source
 from fedcifar.metrics import client_metrics, message_bytes
-from fedcifar.protocol import TRAINER_KEY_ENV, Reply, Task
-from fedcifar.task import MODEL_KEY, Net, evaluate, flat_weights, load_flat_weights, pick_device, train
+from fedcifar.protocol import LOSS_BEFORE_TRAINING, TRAINER_KEY_ENV, Reply, Task
+from fedcifar.task import MODEL_KEY, Net, Recipe, evaluate, flat_weights, load_flat_weights, pick_device, train
 
 log = logging.getLogger("fedcifar.trainer")
 
@@ -78,18 +78,21 @@ class Trainer:
         device = pick_device(config.device)
         data = self._data(task, config, "train", device)
         net = self._model(task)
-        result = train(
-            net,
-            data,
+        # q-FedAvg weighs each update by the loss of the model it started from on this node's data
+        before = evaluate(net, data, device, centred=config.normalize)[0] if config.strategy == "qfedavg" else None
+        recipe = Recipe(
             epochs=config.local_epochs,
             batch_size=config.batch_size,
             lr=task.lr if task.lr is not None else config.learning_rate,
             momentum=config.momentum,
-            device=device,
-            seed=config.seed + task.partition_id,
-            first_epoch=(task.server_round - 1) * config.local_epochs,
+            weight_decay=config.weight_decay,
+            proximal_mu=task.proximal_mu,
             augmented=config.augment,
+            padding=config.augment_padding,
+            centred=config.normalize,
         )
+        first_epoch = (task.server_round - 1) * config.local_epochs
+        result = train(net, data, recipe, device=device, seed=config.seed + task.partition_id, first_epoch=first_epoch)
         arrays = {MODEL_KEY: flat_weights(net)}
         part, m = str(task.partition_id), client_metrics()
         m.last_round.labels(m.site, part).set(task.server_round)
@@ -114,12 +117,14 @@ class Trainer:
             "train-seconds": result.seconds,
             "partition-id": task.partition_id,
         }
+        if before is not None:
+            metrics[LOSS_BEFORE_TRAINING] = before
         return Reply(metrics, arrays)
 
     def _evaluate(self, task: Task, config: RunConfig) -> Reply:
         device = pick_device(config.device)
         data = self._data(task, config, "test", device)
-        loss, accuracy = evaluate(self._model(task), data, device)
+        loss, accuracy = evaluate(self._model(task), data, device, centred=config.normalize)
         part, m = str(task.partition_id), client_metrics()
         m.eval_loss.labels(m.site, part).set(loss)
         m.eval_accuracy.labels(m.site, part).set(accuracy)

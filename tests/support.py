@@ -13,6 +13,7 @@ import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -163,4 +164,7 @@ def checkpoint_of(round_: int, config: RunConfig) -> Checkpoint:
         history=asdict(history),
         fingerprint=config.training_fingerprint(),
         rng_state=random.getstate(),
+        numpy_rng_state=np.random.get_state(),
+        strategy_state={},
+        privacy_state=None,
     )

@@ -1,46 +1,323 @@
-"""The changes to Flower's behaviour: shorter SuperNode sleeps, warm-forked ClientApps. Guarded against upgrades."""
+"""The changes to Flower's behaviour (flower_tuning.py), each checked by running the Flower code it changes.
+
+Flower's own functions run here after ``tune(role)``, with what they talk to (the SuperLink connection, the node
+state, the Runtime API, the process launcher) replaced by small fakes, so that each test fails both without the
+change and if the pinned Flower stops doing what the change relies on. Guarded against upgrades by the version check.
+"""
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import multiprocessing
+import os
 import subprocess
 import sys
+import threading
 import time
-import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import flwr.supernode.start_client_internal as supernode_loop
 import pytest
+from flwr.proto.message_pb2 import Message as MessageProto
+from flwr.proto.message_pb2 import Metadata as MetadataProto
+from flwr.proto.message_pb2 import ObjectTree, PullObjectResponse
+from flwr.proto.runtime_pb2 import PullAppMessagesResponse, PullTaskInputResponse
+from flwr.supercore.constant import PULL_INITIAL_BACKOFF, ExecutorType, TaskType
+from flwr.supercore.inflatable import inflatable_utils
+from flwr.supercore.run import Run
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.superexec.executor import ExecutionSpec, get_executor, subprocess_executor
+from flwr.superlink.grid.http_grid import HttpGrid
+from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
+import fedcifar.flower_tuning as flower_tuning
 from fedcifar.flower_tuning import (
     ALLOW_UNVERIFIED_ENV,
     CLIENTAPP,
-    CLIENTAPP_MAIN,
-    PULL_RETRY_SECONDS,
+    LOCAL_CHECK_SECONDS,
+    POLL_ENV,
+    SUPEREXEC_MAIN,
     VERIFIED_FLWR,
     ClientAppForkServer,
     UnverifiedFlower,
     capped_time,
     check_flower_version,
     pulls_bounded_by,
-    shorten_object_pull_backoff,
     shorten_supernode_polling,
-    start_warm_superexec,
     tune,
 )
 from fedcifar.procfs import process_memory, tree_rss
 from fedcifar.server.polling import PollingGrid
 
+PULLS = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+# A first retry of a missing object "soon": tuned, after 0.02 s; Flower's default, after 1 s ± 20% (never below 0.8)
+SOON = 0.5
 
-def test_the_patched_sleeps_are_still_in_the_pinned_flower():
-    """If flwr changes these loops, the patch would silently stop mattering: fail loudly instead."""
-    assert "time.sleep(3)" in inspect.getsource(supernode_loop.start_client_internal)
-    assert "time.sleep(0.5)" in inspect.getsource(supernode_loop._push_messages)
-    import flwr.superlink.grid.http_grid as http_grid
 
-    assert "time.sleep(3)" in inspect.getsource(http_grid.HttpGrid.send_and_receive)  # why PollingGrid exists
-    assert {"push_messages", "pull_messages"} <= set(dir(http_grid.HttpGrid))
+@pytest.fixture
+def tuned(monkeypatch):
+    """``tune(role)`` for one test: whatever it changes in Flower is put back afterwards."""
+    monkeypatch.setattr(supernode_loop, "time", supernode_loop.time)
+    monkeypatch.setattr(supernode_loop, "subprocess", supernode_loop.subprocess)
+    monkeypatch.setattr(subprocess_executor, "subprocess", subprocess_executor.subprocess)
+    monkeypatch.setattr(InMemoryNodeState, "set_node_id", InMemoryNodeState.set_node_id)
+    for pull in PULLS:
+        monkeypatch.setattr(pull, "__kwdefaults__", dict(pull.__kwdefaults__))
+    return tune
+
+
+@pytest.fixture
+def sleeps(monkeypatch) -> list[float]:
+    """The seconds each ``time.sleep`` of this test's thread asked for; it returns at once instead of sleeping."""
+    asked: list[float] = []
+    real_sleep, this_thread = time.sleep, threading.get_ident()
+
+    def sleep(seconds):
+        if threading.get_ident() != this_thread:  # another thread's sleep is none of this test's business
+            return real_sleep(seconds)
+        asked.append(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    return asked
+
+
+@pytest.fixture
+def launched(monkeypatch) -> list[list[str]]:
+    """The commands ``subprocess.Popen`` was asked to start; none is started."""
+    commands: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "Popen", lambda args, **kwargs: commands.append(list(args)))
+    return commands
+
+
+class Enough(Exception):
+    """Ends one of Flower's endless loops once the test has seen what it needs."""
+
+
+def run_supernode(monkeypatch) -> list[float]:
+    """Run Flower's SuperNode loop (``start_client_internal``) against a SuperLink that has no message for it at
+    first, then one whose content is still missing when first asked for, and a ClientApp that has not replied yet.
+    Returns the times (``time.monotonic``) at which the SuperNode asked for that content."""
+    message = SimpleNamespace(metadata=SimpleNamespace(run_id=1, group_id="", message_type="train", message_id="m1"))
+    inbox = iter([None, (message, ObjectTree(object_id="m1"))])
+    asked: list[float] = []
+    reply_checks = iter([[]])  # no reply yet, then the test has seen enough
+
+    def pull_object(run_id, object_id):
+        asked.append(time.monotonic())
+        if len(asked) == 1:  # the SuperLink listed the message before its content arrived
+            raise inflatable_utils.ObjectUnavailableError(object_id)
+        return b"content"
+
+    def get_messages_legacy(is_reply):
+        with contextlib.suppress(StopIteration):
+            return next(reply_checks)
+        raise Enough
+
+    state = SimpleNamespace(
+        set_node_id=lambda node_id: None,
+        get_run=lambda run_id: SimpleNamespace(primary_task_type="", fab_hash="fab"),  # a run it knows: no FAB pull
+        create_task=lambda **kwargs: 1,
+        store_message=lambda message: None,
+        get_messages_legacy=get_messages_legacy,
+    )
+    store = SimpleNamespace(preregister=lambda run_id, tree: ["m1"], put=lambda object_id, content: None)
+    factory = SimpleNamespace(state=lambda: state, objectstore_factory=SimpleNamespace(store=lambda: store))
+
+    @contextlib.contextmanager
+    def connection(**kwargs):  # node id, receive, send, get_run, get_fab, pull_object, push_object, confirm
+        yield 7, lambda: next(inbox), None, None, None, pull_object, None, lambda run_id, message_id: None
+
+    monkeypatch.setattr(supernode_loop, "_init_connection", connection)
+    monkeypatch.setattr(supernode_loop, "register_signal_handlers", lambda **kwargs: None)  # pytest keeps its own
+    with pytest.raises(Enough):
+        supernode_loop.start_client_internal(
+            state_factory=factory, server_address="127.0.0.1:9092", node_config={}, insecure=True
+        )
+    return asked
+
+
+def test_the_supernode_looks_for_messages_and_replies_at_the_shortened_intervals(tuned, monkeypatch, sleeps, launched):
+    monkeypatch.setenv(POLL_ENV, "0.4")
+    tuned("supernode")
+    run_supernode(monkeypatch)
+    # Flower: 3 s after a pull that found no message, then 0.5 s between looks for the ClientApp's reply
+    assert sleeps == [0.4, LOCAL_CHECK_SECONDS]
+
+
+def test_the_supernode_starts_the_warm_superexec_with_flowers_arguments(tuned, monkeypatch, sleeps, launched):
+    tuned("supernode")
+    run_supernode(monkeypatch)
+    [command] = launched  # Flower's own command would be ["flower-superexec", ...]
+    assert command[:4] == [sys.executable, "-c", SUPEREXEC_MAIN, "superexec"]
+    flowers_arguments = command[4:]
+    assert flowers_arguments[flowers_arguments.index("--parent-pid") + 1] == str(os.getpid())
+    assert "--runtime-api-address" in flowers_arguments and "--insecure" in flowers_arguments
+
+
+def test_the_supernode_asks_again_soon_for_message_content_that_was_missing(tuned, monkeypatch, sleeps, launched):
+    tuned("supernode")
+    asked = run_supernode(monkeypatch)
+    assert len(asked) == 2 and asked[1] - asked[0] < SOON
+
+
+def test_the_superexec_starts_each_clientapp_from_the_fork_server(tuned, monkeypatch, launched):
+    forked = []
+
+    class ForkServer:  # records what the warm server would fork (tested below with a real one)
+        def popen(self, args, **kwargs):
+            forked.append((list(args), kwargs))
+
+    monkeypatch.setattr(flower_tuning, "ClientAppForkServer", ForkServer)
+    tuned("superexec")
+    spec = ExecutionSpec(
+        task_type=TaskType.CLIENT_APP,
+        runtime_api_address="127.0.0.1:9094",
+        token="task-token",
+        insecure=True,
+        root_certificates_path=None,
+        runtime_dependency_install=False,
+        parent_pid=4242,
+        suppress_output=True,
+        task_id=1,
+    )
+    get_executor(ExecutorType.SUBPROCESS).launch(spec)  # the executor flower-superexec runs by default
+    assert launched == []  # no cold `flwr-clientapp` process
+    [(args, kwargs)] = forked
+    assert args[0] == CLIENTAPP and args[args.index("--token") + 1] == "task-token"
+    assert kwargs["stdout"] is subprocess.DEVNULL  # Flower's suppress_output, which the fork server keeps
+
+
+def test_clientapps_are_forked_from_the_warm_server_and_named_like_flowers():
+    server = ClientAppForkServer(preload=["flwr.supernode.cli"])
+    started = time.perf_counter()
+    process = server.popen([CLIENTAPP, "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process.join(60)
+    assert process.exitcode == 0  # Flower's own entry point ran (and printed its help, silenced)
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    again = server.popen([CLIENTAPP, "--help"], stdout=subprocess.DEVNULL)
+    again.join(60)
+    assert again.exitcode == 0 and time.perf_counter() - started < first  # warm: the server exists now
+    other = server.popen([sys.executable, "-c", "pass"])  # anything else: a plain subprocess
+    assert isinstance(other, subprocess.Popen) and other.wait(30) == 0
+
+
+class RuntimeApi:
+    """Flower's Runtime API as an app process sees it: one message listed ("r1", the reply to "m1") whose content
+    never becomes available (its sender died mid-upload). Records when that content was asked for, and after
+    ``give_up`` s answers that it does not exist, so that a pull without a bound fails a test instead of hanging it."""
+
+    def __init__(self, give_up: float = 5.0) -> None:
+        self.give_up, self.asked = give_up, []
+
+    def PullTaskInput(self, request):
+        return PullTaskInputResponse()
+
+    def PullMessages(self, request):
+        metadata = MetadataProto(message_id="r1", reply_to_message_id="m1")
+        return PullAppMessagesResponse(
+            messages_list=[MessageProto(metadata=metadata)], message_object_trees=[ObjectTree(object_id="r1")]
+        )
+
+    def PullObject(self, request):
+        self.asked.append(time.monotonic())
+        if self.asked[-1] - self.asked[0] > self.give_up:
+            return PullObjectResponse(object_found=False)
+        return PullObjectResponse(object_found=True, object_available=False)
+
+    def ConfirmMessageReceived(self, request):
+        raise AssertionError("confirmed a message whose content never arrived")
+
+
+def test_forked_clientapps_ask_again_soon_for_message_content_that_was_missing(monkeypatch):
+    """What each forked ClientApp runs shortens its own pulls. Run here in a child forked from this process rather
+    than the warm server, so that Flower's entry point can be swapped for a probe that pulls its message as
+    flwr-clientapp does (``pull_task_input``); the child starts from Flower's defaults."""
+    import flwr.supernode.cli
+    from flwr.supernode.runtime.run_clientapp import pull_task_input
+
+    for pull in PULLS:
+        monkeypatch.setitem(pull.__kwdefaults__, "initial_backoff", PULL_INITIAL_BACKOFF)
+    reader, writer = multiprocessing.Pipe(duplex=False)
+
+    def probe():
+        api = RuntimeApi(give_up=0.3)
+        with contextlib.suppress(inflatable_utils.ObjectPullError):
+            pull_task_input(api)
+        writer.send(api.asked)
+
+    monkeypatch.setattr(flwr.supernode.cli, "flwr_clientapp", probe)
+    server = ClientAppForkServer(preload=["flwr.supernode.cli"])
+    server.context = multiprocessing.get_context("fork")
+    child = server.popen([CLIENTAPP, "--insecure"])
+    child.join(30)
+    assert child.exitcode == 0 and reader.poll(1)
+    asked = reader.recv()
+    assert asked[1] - asked[0] < SOON
+
+
+def test_node_memory_leaves_out_the_fork_servers_children():
+    """A child of the fork server is a ClientApp even before it renames itself (soak: a +89 MiB spike)."""
+    child = multiprocessing.get_context("forkserver").Process(target=time.sleep, args=(60,))
+    child.start()
+    try:
+        server = int(Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert "multiprocessing.forkserver" in Path(f"/proc/{server}/cmdline").read_text()
+        assert process_memory(child.pid) > 2**20  # what counting the child would add
+        assert tree_rss(server) == pytest.approx(process_memory(server), abs=2**20)
+    finally:
+        child.kill()
+        child.join()
+
+
+def server_grid(monkeypatch, api: RuntimeApi | None = None) -> HttpGrid:
+    """Flower's ServerApp Grid, talking to ``api`` instead of the SuperLink; a pushed message is listed as "m1"."""
+    monkeypatch.setattr(RuntimeHttpClient, "from_server_address", lambda **kwargs: api)
+    grid = HttpGrid(token="task-token")
+    grid.set_run(Run.create_empty(7))
+    grid.push_messages = lambda messages: ["m1"]  # pushing is not what these tests are about
+    return grid
+
+
+def test_a_reply_whose_content_never_arrives_ends_at_the_rounds_deadline(tuned, monkeypatch):
+    tuned("serverapp")
+    api = RuntimeApi()
+    started = time.monotonic()
+    [reply] = PollingGrid(server_grid(monkeypatch, api), 0.05).send_and_receive(["a message"], timeout=1.0)
+    took = time.monotonic() - started
+    # Flower's own "objects unavailable" reply, counted as that client's failure; Flower alone retries for 2 hours
+    assert reply.metadata.reply_to_message_id == "m1" and reply.has_error()
+    assert "Reply message objects are unavailable" in reply.error.reason
+    assert 0.9 < took < 4
+    assert inflatable_utils.pull_objects.__kwdefaults__["max_time"] == 7200  # restored after the round
+
+
+def test_the_serverapp_asks_again_soon_for_reply_content_that_was_missing(tuned, monkeypatch):
+    tuned("serverapp")
+    api = RuntimeApi()
+    PollingGrid(server_grid(monkeypatch, api), 0.05).send_and_receive(["a message"], timeout=0.3)
+    assert api.asked[1] - api.asked[0] < SOON
+
+
+def test_polling_grid_looks_for_replies_every_interval_where_flowers_grid_waits_3s(monkeypatch, sleeps):
+    """Why PollingGrid exists: Flower's own ``send_and_receive`` sleeps 3 s between looks for replies."""
+    reply = SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="m1"))
+    grid = server_grid(monkeypatch)
+    for send_and_receive in (grid.send_and_receive, PollingGrid(grid, 0.05).send_and_receive):
+        looks = iter([[], [reply]])  # the reply is there on the second look
+        grid.pull_messages = lambda message_ids, looks=looks: next(looks)
+        assert list(send_and_receive(["a message"], timeout=60)) == [reply]
+    assert sleeps == [3, 0.05]
+
+
+def test_polling_grid_delegates_everything_else():
+    class Recorder:
+        def get_node_ids(self):
+            return [1, 2]
+
+    grid = PollingGrid(Recorder(), 0.05)
+    assert grid.get_node_ids() == [1, 2] and grid.interval == 0.05
 
 
 def test_capped_time_caps_only_sleep():
@@ -59,132 +336,7 @@ def test_shorten_supernode_polling_replaces_only_that_modules_time(monkeypatch):
     assert time.sleep is not supernode_loop.time.sleep  # the real module is untouched
 
 
-def test_polling_grid_delegates_everything_else():
-    class Recorder:
-        def get_node_ids(self):
-            return [1, 2]
-
-    grid = PollingGrid(Recorder(), 0.05)
-    assert grid.get_node_ids() == [1, 2] and grid.interval == 0.05
-
-
-def test_the_rerouted_launches_are_still_in_the_pinned_flower():
-    """The SuperNode starts `flower-superexec` and SuperExec starts `flwr-clientapp` with subprocess.Popen."""
-    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
-    from flwr.supercore.superexec.executor import subprocess_executor
-
-    source = inspect.getsource(supernode_loop.start_client_internal)
-    assert 'command = ["flower-superexec"]' in source and "subprocess.Popen(command)" in source
-    assert "subprocess.Popen(" in inspect.getsource(subprocess_executor.SubprocessExecutor.launch)
-    assert CLIENTAPP in TASK_TYPE_TO_COMMAND.values()
-
-
-def test_clientapps_are_forked_from_the_warm_server_and_named_like_flowers():
-    server = ClientAppForkServer(preload=["flwr.supernode.cli"])
-    started = time.perf_counter()
-    process = server.popen([CLIENTAPP, "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    process.join(60)
-    assert process.exitcode == 0  # Flower's own entry point ran (and printed its help, silenced)
-    first = time.perf_counter() - started
-    started = time.perf_counter()
-    again = server.popen([CLIENTAPP, "--help"], stdout=subprocess.DEVNULL)
-    again.join(60)
-    assert again.exitcode == 0 and time.perf_counter() - started < first  # warm: the server exists now
-    other = server.popen([sys.executable, "-c", "pass"])  # anything else: a plain subprocess
-    assert isinstance(other, subprocess.Popen) and other.wait(30) == 0
-
-
-def test_node_memory_leaves_out_the_fork_servers_children():
-    """A child of the fork server is a ClientApp even before it renames itself (soak: a +89 MiB spike)."""
-    child = multiprocessing.get_context("forkserver").Process(target=time.sleep, args=(60,))
-    child.start()
-    try:
-        server = int(Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        assert "multiprocessing.forkserver" in Path(f"/proc/{server}/cmdline").read_text()
-        assert process_memory(child.pid) > 2**20  # what counting the child would add
-        assert tree_rss(server) == pytest.approx(process_memory(server), abs=2**20)
-    finally:
-        child.kill()
-        child.join()
-
-
-def test_the_supernode_starts_the_warm_superexec(monkeypatch):
-    seen = []
-    monkeypatch.setattr(supernode_loop, "subprocess", supernode_loop.subprocess)  # restored after the test
-    monkeypatch.setattr(subprocess, "Popen", lambda args, **kw: seen.append(args))
-    start_warm_superexec()
-    supernode_loop.subprocess.Popen(["flower-superexec", "--insecure", "--runtime-api-address", "x:1"])
-    supernode_loop.subprocess.Popen(["something-else"])
-    assert seen[0][:2] == [sys.executable, "-c"] and seen[0][3:] == [
-        "superexec",
-        "--insecure",
-        "--runtime-api-address",
-        "x:1",
-    ]
-    assert seen[1] == ["something-else"]
-
-
-def test_object_pulls_retry_soon(monkeypatch):
-    from flwr.supercore.constant import PULL_INITIAL_BACKOFF
-    from flwr.supercore.inflatable import inflatable_utils
-
-    pulls = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
-    assert PULL_INITIAL_BACKOFF == 1  # the pinned Flower's default
-    for pull in pulls:  # ... a keyword default where this patch expects it
-        assert "initial_backoff" in pull.__kwdefaults__
-        monkeypatch.setitem(pull.__kwdefaults__, "initial_backoff", 1)  # restored after the test
-    shorten_object_pull_backoff()
-    assert all(pull.__kwdefaults__["initial_backoff"] == PULL_RETRY_SECONDS for pull in pulls)
-    assert "inflatable_utils.pull_objects" in CLIENTAPP_MAIN  # the forked ClientApps get it too
-
-
-UNAVAILABLE = types.SimpleNamespace(metadata=types.SimpleNamespace(reply_to_message_id="m1"))  # as Flower makes it
-
-
-class ObjectsNeverArrive:
-    """A Grid whose one reply is listed but whose content never arrives (its sender died mid-upload),
-    pulled with Flower's own ``pull_objects``, as ``HttpGrid.pull_messages`` does."""
-
-    def __init__(self) -> None:
-        self.pulls = 0
-
-    def push_messages(self, messages):
-        return ["m1"]
-
-    def pull_messages(self, message_ids):
-        from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError, pull_objects
-
-        def never(object_id):
-            self.pulls += 1
-            raise ObjectUnavailableError(object_id)
-
-        try:
-            pull_objects(object_ids=["content"], pull_object_fn=never)
-        except ObjectPullError:
-            return [UNAVAILABLE]
-        return []
-
-
-def test_a_reply_whose_content_never_arrives_ends_at_the_rounds_deadline():
-    import flwr.superlink.grid.http_grid as http_grid
-    from flwr.supercore.inflatable import inflatable_utils
-
-    source = inspect.getsource(http_grid.HttpGrid.pull_messages)
-    assert "pull_objects(" in source and "max_time" not in source  # it pulls with the defaults we bound
-    before = dict(inflatable_utils.pull_objects.__kwdefaults__)
-    grid = ObjectsNeverArrive()
-    started = time.monotonic()
-    replies = PollingGrid(grid, 0.05).send_and_receive(["a message"], timeout=1.5)
-    took = time.monotonic() - started
-    assert replies == [UNAVAILABLE]
-    # Flower alone would retry for 2 hours; how many retries fit in 1.5 s depends on its ±20% jitter
-    assert 1.4 < took < 5 and grid.pulls >= 2
-    assert inflatable_utils.pull_objects.__kwdefaults__ == before  # restored
-
-
 def test_pulls_bounded_by_only_shortens():
-    from flwr.supercore.inflatable import inflatable_utils
-
     defaults = inflatable_utils.pull_objects.__kwdefaults__
     with pulls_bounded_by(float("inf")):
         assert defaults["max_time"] == 7200 and defaults["backoff_cap"] == 0.5
@@ -193,7 +345,6 @@ def test_pulls_bounded_by_only_shortens():
 
 
 def test_local_supernodes_poll_less_once_they_outnumber_the_cores():
-    from fedcifar.flower_tuning import POLL_ENV
     from fedcifar.local import idle_polling
     from fedcifar.node import SUPEREXEC_POLL_ENV
 

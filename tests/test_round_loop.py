@@ -5,141 +5,24 @@ aggregate what passed the checks."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, RecordDict
-from flwr.common import Error
-from flwr.supercore.task_identity import TaskIdentity
-from prometheus_client import CollectorRegistry
+from flwr.app import Array, ArrayRecord
 
 from fedcifar.config import ConfigError, RunConfig
-from fedcifar.history import History
-from fedcifar.metrics import ServerMetrics
 from fedcifar.server import rounds
-from fedcifar.server.ledger import NodeLedger
 from fedcifar.server.polling import PollingGrid
-from fedcifar.server.recorder import Recorder, RoundTally
-from fedcifar.server.replies import Expected
-from fedcifar.server.rounds import RoundFailed, RoundLoop
-from fedcifar.server.strategies import build_strategy
+from fedcifar.server.rounds import RoundFailed
 from fedcifar.task import MODEL_KEY, flat_weights, initial_model
-from tests.hostile import EVALUATE_REPLIES, TRAIN_REPLIES, evaluate_reply, train_reply
+from tests.hostile import evaluate_reply
+from tests.scripted import SILENT, ScriptedGrid, by_kind, counter, loop_for, sends, train_round, trained
 
-SILENT = None  # a node that never answers
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages take their run id from the process's task identity, as inside a ServerApp."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
-
-class ScriptedGrid:
-    """A Grid whose nodes answer from a script: node id -> f(message) -> content, an error reason
-    (str), or ``SILENT``; names as ``grid.get_nodes()`` gives them (the key's registered name)."""
-
-    def __init__(self, script: dict, names: dict[int, str] | None = None) -> None:
-        self.script, self.names, self.inbox = script, names or {}, {}
-
-    def get_node_ids(self):
-        return list(self.script)
-
-    def get_nodes(self):
-        return [SimpleNamespace(node_id=n, name=self.names.get(n, "")) for n in self.script]
-
-    def push_messages(self, messages):
-        ids = []
-        for m in messages:
-            m.metadata.__dict__["_message_id"] = m.object_id  # what the SuperLink does
-            answer = self.script[m.metadata.dst_node_id](m)
-            if isinstance(answer, RecordDict):
-                self.inbox[m.object_id] = Message(answer, reply_to=m)
-            elif isinstance(answer, str):
-                self.inbox[m.object_id] = Message(Error(code=0, reason=answer), reply_to=m)
-                if answer.startswith("Node Unavailable"):  # made up by the SuperLink: not from the node
-                    self.inbox[m.object_id].metadata.__dict__["_src_node_id"] = 1
-            ids.append(m.object_id)
-        return ids
-
-    def pull_messages(self, ids):
-        return [self.inbox.pop(i) for i in list(self.inbox) if i in ids]  # in the order they were answered
-
-
-def trained(slot: int, scale: float = 2.0, examples: int = 100, **bad):
-    """A node that trains: the global model times ``scale``."""
-    return lambda m: train_reply(m.content["arrays"][MODEL_KEY].numpy() * scale, slot, examples=examples, **bad)
-
-
-def sends(name: str, slot: int):
-    """A node answering with a bad reply of the hostile catalogue."""
-    catalogue = TRAIN_REPLIES if name in TRAIN_REPLIES else EVALUATE_REPLIES
-    return lambda m: catalogue[name][0](m.content["arrays"][MODEL_KEY].numpy(), slot)
-
-
-def by_kind(train, evaluate):
-    return lambda m: (train if m.metadata.message_type == "train" else evaluate)(m)
-
-
-class FixedModel:
-    """The server-side evaluation, without the test split: each round's model is kept."""
-
-    def __init__(self) -> None:
-        self.seen: list[np.ndarray] = []
-
-    def evaluate(self, arrays: ArrayRecord) -> tuple[float, float]:
-        weights = arrays[MODEL_KEY].numpy()
-        self.seen.append(weights)
-        return (1.0 if np.abs(weights).max() < 1e30 else float("inf")), 0.5  # as the network would overflow
-
-    def state_dict(self) -> dict:
-        return {}
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture
 def model() -> np.ndarray:
     return flat_weights(initial_model(0))
-
-
-def loop_for(tmp_path, script, names=None, **config) -> RoundLoop:
-    config = RunConfig(**{"num_partitions": 3, "min_nodes": 1, "round_timeout": 0.5, "round_retries": 0, **config})
-    metrics = ServerMetrics(CollectorRegistry())
-    history = History(run_id=1, config=config.to_flower(), data="test", device="cpu")
-    arrays = ArrayRecord({MODEL_KEY: Array(flat_weights(initial_model(0)))})
-    return RoundLoop(
-        strategy=build_strategy(config),
-        grid=PollingGrid(ScriptedGrid(script, names), 0.01),
-        ledger=NodeLedger(config.num_partitions, metrics),
-        recorder=Recorder(history, tmp_path, metrics, config.training_fingerprint()),
-        model=FixedModel(),
-        expected=Expected(
-            Expected.layout_of(arrays),
-            (200,) * config.num_partitions,
-            (50,) * config.num_partitions,
-            config.local_epochs,
-            60.0,
-        ),
-        config=config,
-        metrics=metrics,
-    )
-
-
-def train_round(loop: RoundLoop, model: np.ndarray) -> tuple[np.ndarray, RoundTally]:
-    tally = RoundTally()
-    arrays, _, _ = loop.train(1, ArrayRecord({MODEL_KEY: Array(model)}), tally)
-    return arrays[MODEL_KEY].numpy(), tally
-
-
-def counter(loop: RoundLoop, name: str, **labels) -> float:
-    """The value of a series that exists (KeyError if it was never created)."""
-    for family in getattr(loop.metrics, name).collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total") and sample.labels == labels:
-                return sample.value
-    raise KeyError(f"{name}{labels}")
 
 
 def test_bad_replies_never_reach_the_average(tmp_path, model):
@@ -306,7 +189,7 @@ def test_a_robust_strategy_leaves_a_well_formed_zero_update_out(tmp_path, model,
             {"strategy": "multikrum", "num_partitions": 5, "num_nodes_to_select": 5, "num_malicious_nodes": 1},
             "num-nodes-to-select \\(5\\) \\+ num-malicious-nodes \\(1\\)",
         ),
-        ({"strategy": "fedsgd"}, "strategy' must be one of fedavg, fedmedian"),
+        ({"strategy": "fedsgd"}, "strategy' must be one of fedavg, fedprox, .*, bulyan, got 'fedsgd'"),
         ({"trim_beta": 0.5}, "trim-beta must be in \\[0, 0.5\\)"),
     ],
 )

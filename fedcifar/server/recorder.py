@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedcifar.checkpoint import Checkpoint
 from fedcifar.history import History, RoundRecord
 from fedcifar.metrics import ServerMetrics
@@ -42,6 +44,8 @@ class RoundTally:
     train_loss: float = float("nan")
     client_eval_loss: float | None = None
     client_eval_accuracy: float | None = None
+    clipping_norm: float | None = None  # central DP: the norm the round's updates were clipped to
+    epsilon: float | None = None  # central DP: the privacy spent after this round
 
     def record(self, server_round: int, eval_loss: float, eval_accuracy: float) -> RoundRecord:
         return RoundRecord(
@@ -63,6 +67,8 @@ class RoundTally:
             client_eval_accuracy=self.client_eval_accuracy,
             sites=[a.site for a in self.accepted],
             refusals=self.refusals,
+            clipping_norm=self.clipping_norm,
+            epsilon=self.epsilon,
         )
 
 
@@ -80,7 +86,16 @@ class Recorder:
         self.history.initial_eval_loss, self.history.initial_eval_accuracy = loss, accuracy
         self.history.save(self.out_dir)
 
-    def round(self, server_round: int, tally: RoundTally, loss: float, accuracy: float, model: dict) -> RoundRecord:
+    def round(
+        self,
+        server_round: int,
+        tally: RoundTally,
+        loss: float,
+        accuracy: float,
+        model: dict,
+        strategy_state: dict[str, Any],
+        privacy_state: dict[str, Any] | None,
+    ) -> RoundRecord:
         record = tally.record(server_round, loss, accuracy)
         self.history.rounds.append(record)
         Checkpoint(
@@ -89,6 +104,9 @@ class Recorder:
             history=asdict(self.history),
             fingerprint=self.fingerprint,
             rng_state=random.getstate(),
+            numpy_rng_state=np.random.get_state(),
+            strategy_state=strategy_state,
+            privacy_state=privacy_state,
         ).save(self.out_dir)
         self.history.save(self.out_dir)
         m = self.metrics
@@ -99,6 +117,10 @@ class Recorder:
         m.examples_trained.inc(record.examples_trained)
         m.round_duration.observe(record.round_seconds)
         m.rounds_completed.inc()
+        if record.clipping_norm is not None:
+            m.dp_clipping_norm.set(record.clipping_norm)
+        if record.epsilon is not None:
+            m.dp_epsilon.set(record.epsilon)
         log.info(
             "round %d: train_loss=%.4f eval_loss=%.4f eval_accuracy=%.4f %.1fs; slots (site): %s%s",
             server_round,
@@ -109,4 +131,11 @@ class Recorder:
             ", ".join(f"{p} ({site})" for p, site in zip(record.partitions, record.sites, strict=True)) or "none",
             f"; {len(record.refusals)} replies refused" if record.refusals else "",
         )
+        if record.epsilon is not None:
+            log.info(
+                "round %d: privacy spent epsilon=%.4g at delta=%g",
+                server_round,
+                record.epsilon,
+                self.history.config["dp-delta"],
+            )
         return record

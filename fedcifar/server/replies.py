@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from fedcifar.protocol import LOSS_BEFORE_TRAINING
 
 NUMPY_STYPE = "numpy.ndarray"  # how flwr serialises a numpy array (``np.save``, no pickle)
 TRAIN_METRICS = {
@@ -24,6 +26,10 @@ TRAIN_METRICS = {
     "train-seconds": float,
     "partition-id": int,
 }
+# what a training reply adds for some runs: q-FedAvg's loss before training, adaptive clipping's bit
+# saying whether the client clipped (Flower's adaptiveclipping_mod)
+NORM_BIT = "norm_bit"
+EXTRA_TRAIN_METRICS = {"qfedavg": {LOSS_BEFORE_TRAINING: float}, "client-adaptive": {NORM_BIT: int}}
 EVALUATE_METRICS = {"eval_loss": float, "eval_accuracy": float, "num-examples": int, "partition-id": int}
 
 
@@ -54,6 +60,12 @@ class Expected:
     evaluate_examples: tuple[int, ...]  # per slot: the most examples an evaluate reply may weigh
     local_epochs: int
     round_timeout: float
+    train_metrics: dict[str, type] = field(default_factory=lambda: dict(TRAIN_METRICS))  # a train reply's metrics
+
+    @staticmethod
+    def train_metrics_for(strategy: str, dp: str) -> dict[str, type]:
+        """The metric keys a training reply carries in a run of ``strategy`` with ``dp``."""
+        return {**TRAIN_METRICS, **EXTRA_TRAIN_METRICS.get(strategy, {}), **EXTRA_TRAIN_METRICS.get(dp, {})}
 
     @property
     def num_partitions(self) -> int:
@@ -88,7 +100,7 @@ def check_train_reply(
     is within its slot's; ``bound_slot``: the slot the sender's key holds (None: no key binding),
     ``held``: the slots other nodes' keys hold (no unbound node may answer for them)."""
     _check_records(content, {"arrays": ArrayRecord, "metrics": MetricRecord})
-    metrics = _check_metrics(content["metrics"], TRAIN_METRICS)
+    metrics = _check_metrics(content["metrics"], expected.train_metrics)
     slot = _slot(metrics, expected, bound_slot, held)
     examples = _examples(metrics, expected.train_examples[slot], slot)
     trained, seconds = metrics["examples-trained"], metrics["train-seconds"]
@@ -100,8 +112,11 @@ def check_train_reply(
         )
     if not 0 <= seconds <= expected.round_timeout:
         raise Refused("bad_metrics", f"train-seconds={seconds} is not within the round's {expected.round_timeout}s")
-    if metrics["train_loss"] < 0:
-        raise Refused("bad_metrics", f"train_loss={metrics['train_loss']} is negative")
+    for key in ("train_loss", LOSS_BEFORE_TRAINING):
+        if metrics.get(key, 0) < 0:
+            raise Refused("bad_metrics", f"{key}={metrics[key]} is negative")
+    if metrics.get(NORM_BIT, 0) not in (0, 1):
+        raise Refused("bad_metrics", f"{NORM_BIT}={metrics[NORM_BIT]} is neither 0 nor 1")
     check_arrays(content["arrays"], expected.layout)
     return TrainReply(slot, examples, trained, float(seconds), float(metrics["train_loss"]))
 

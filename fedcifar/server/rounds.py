@@ -22,13 +22,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp.strategy import Strategy
 
 from fedcifar.config import RunConfig
 from fedcifar.metrics import ServerMetrics, record_bytes
 from fedcifar.server.ledger import NodeLedger
 from fedcifar.server.polling import PollingGrid
+from fedcifar.server.privacy import PrivacyAccount
 from fedcifar.server.recorder import Accepted, Recorder, RoundTally
 from fedcifar.server.replies import (
     EvaluateReply,
@@ -38,6 +40,12 @@ from fedcifar.server.replies import (
     check_evaluate_reply,
     check_train_reply,
     claimed_slot,
+)
+from fedcifar.server.strategies import (
+    clipping_norm,
+    prepare_private_aggregation,
+    restore_strategy_state,
+    strategy_state,
 )
 
 log = logging.getLogger("flwr.fedcifar")
@@ -76,7 +84,7 @@ class Answer:
 
 @dataclass
 class RoundLoop:
-    strategy: FedAvg
+    strategy: Strategy
     grid: PollingGrid
     ledger: NodeLedger
     recorder: Recorder
@@ -84,6 +92,7 @@ class RoundLoop:
     expected: Expected
     config: RunConfig
     metrics: ServerMetrics
+    privacy: PrivacyAccount
     _verdicts: dict[int, TrainReply | EvaluateReply | Refused] = field(default_factory=dict)  # by id(reply)
     _sent_to: dict[str, int] = field(default_factory=dict)  # message id -> the node it went to
 
@@ -98,13 +107,24 @@ class RoundLoop:
             tally = RoundTally()
             arrays, loss, accuracy = self.train(server_round, arrays, tally)
             self.evaluate(server_round, arrays, tally)
-            self.recorder.round(server_round, tally, loss, accuracy, self.model.state_dict())
+            self.recorder.round(
+                server_round,
+                tally,
+                loss,
+                accuracy,
+                self.model.state_dict(),
+                strategy_state(self.strategy),
+                self.privacy.state_dict(),
+            )
         return arrays
 
     def train(self, server_round: int, arrays: ArrayRecord, tally: RoundTally) -> tuple[ArrayRecord, float, float]:
         """The round's new global model and its test loss and accuracy (server side)."""
         for attempt in range(1, self.config.round_retries + 2):
             tally.attempts = attempt
+            # a failed attempt must leave no trace in what the strategy carries to the next round
+            # (FedAdam's moments, FedAvgM's momentum, the adaptive clipping norm)
+            state_before = strategy_state(self.strategy)
             config = ConfigRecord({"lr": self.config.learning_rate})
             messages = self._configure(self.strategy.configure_train, server_round, arrays, config)
             every_slot = self._every_slot_in if self.config.fraction_train == 1 else None
@@ -119,6 +139,7 @@ class RoundLoop:
             else:
                 loss, accuracy = self.model.evaluate(aggregated)
                 if math.isfinite(loss):
+                    tally.epsilon = self.privacy.release(len(answers))
                     return aggregated, loss, accuracy
                 # well-formed replies whose aggregate is unusable (e.g. values near the float32 limit)
                 log.warning(
@@ -127,6 +148,7 @@ class RoundLoop:
                     attempt,
                     loss,
                 )
+            restore_strategy_state(self.strategy, state_before)
             self.metrics.failed_round_attempts.inc()
         where = (
             f"round {server_round - 1} is the last checkpointed one: fix the clients, then resume the run "
@@ -261,8 +283,11 @@ class RoundLoop:
     def _aggregate(self, server_round: int, answers: list[Answer], tally: RoundTally) -> ArrayRecord | None:
         if not answers:
             return None
+        messages = [a.message for a in answers]
+        tally.clipping_norm = clipping_norm(self.strategy)  # before adaptive clipping moves it
         try:
-            arrays, metrics = self.strategy.aggregate_train(server_round, [a.message for a in answers])
+            prepare_private_aggregation(self.strategy, messages)
+            arrays, metrics = self.strategy.aggregate_train(server_round, messages)
         except Exception:  # checked replies, so a fault of the strategy: this attempt aggregated nothing
             log.exception(
                 "round %d: %s could not aggregate the accepted replies", server_round, type(self.strategy).__name__
@@ -270,7 +295,16 @@ class RoundLoop:
             return None
         if isinstance(metrics, MetricRecord) and "train_loss" in metrics:
             tally.train_loss = float(metrics["train_loss"])
-        return arrays
+        if arrays is None:
+            return None
+        # the model's own dtypes: server optimisers compute in float64 (FedAdam's bias correction),
+        # which would double every message and make the nodes' float32 replies look foreign
+        return ArrayRecord(
+            {
+                name: Array(np.asarray(arrays[name].numpy(), dtype=want.dtype))
+                for name, want in self.expected.layout.items()
+            }
+        )
 
 
 def _payload_bytes(message: Message) -> int:

@@ -1,0 +1,244 @@
+"""Flower's strategies and differential-privacy wrappers through the resilient round loop, over a
+scripted Grid with real Flower messages: each composes with the loop, a run resumed from its
+checkpoint ends where the uninterrupted run ends, a failed attempt leaves no trace in the
+strategy's state, and central DP adds the noise its accounting assumes."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+from fedcifar.checkpoint import load_checkpoint
+from fedcifar.config import CENTRAL_DP, ConfigError, RunConfig
+from fedcifar.flower_tuning import clip_zero_updates
+from fedcifar.protocol import LOSS_BEFORE_TRAINING
+from fedcifar.server.privacy import PrivacyAccount
+from fedcifar.server.rounds import RoundLoop
+from fedcifar.server.strategies import restore_strategy_state
+from fedcifar.task import MODEL_KEY, flat_weights, initial_model
+from tests.hostile import train_reply
+from tests.scripted import SILENT, loop_for
+
+pytestmark = pytest.mark.usefixtures("task_identity", "serverapp_tuning")
+
+
+@pytest.fixture
+def serverapp_tuning():
+    """What ``tune("serverapp")`` changes in Flower's DP code, as in the ServerApp."""
+    clip_zero_updates()
+
+START = flat_weights(initial_model(0))
+TARGETS = [np.random.default_rng(slot).normal(0, 0.1, START.size).astype(np.float32) for slot in range(3)]
+
+
+def node(slot: int, examples: int = 100, pull: float = 0.3):
+    """A node whose training moves the model a fixed part of the way to its own optimum; it clips
+    its update when the server's DP wrapper sends a clipping norm (as Flower's mods do) and reports
+    what the run's strategy and DP ask for."""
+
+    def answer(message):
+        config = message.content["config"]
+        model = message.content["arrays"][MODEL_KEY].numpy()
+        update = pull * (TARGETS[slot] - model)
+        norm = float(np.linalg.norm(update))
+        extra = {LOSS_BEFORE_TRAINING: float(np.linalg.norm(TARGETS[slot] - model)), "norm_bit": 0}
+        if "clipping_norm" in config:
+            extra["norm_bit"] = int(norm > config["clipping_norm"])
+            update = update * min(1.0, config["clipping_norm"] / norm)
+        run = RunConfig(**RUN)  # what the script's run asks every reply to carry
+        wanted = {k: v for k, v in extra.items() if (k == LOSS_BEFORE_TRAINING) == (run.strategy == "qfedavg")}
+        if run.dp != "client-adaptive":
+            wanted.pop("norm_bit", None)
+        return train_reply(model + update, slot, examples=examples, **wanted)
+
+    return answer
+
+
+RUN: dict = {}
+NODES = {11: node(0, 100), 12: node(1, 150), 13: node(2, 200)}
+CONFIGS = {
+    "fedavg": {},
+    "fedprox": {"strategy": "fedprox", "proximal_mu": 0.1},
+    "fedadam": {"strategy": "fedadam", "eta": 0.05},
+    "fedyogi": {"strategy": "fedyogi", "eta": 0.05},
+    "fedadagrad": {"strategy": "fedadagrad", "eta": 0.05},
+    "fedavgm": {"strategy": "fedavgm", "server_momentum": 0.9},
+    "qfedavg": {"strategy": "qfedavg", "q": 0.2},
+    "dp server-fixed": {"dp": "server-fixed", "noise_multiplier": 0.5, "clipping_norm": 1.0},
+    "dp server-adaptive": {"dp": "server-adaptive", "noise_multiplier": 0.2, "clipping_norm": 1.0},
+    "dp client-fixed": {"dp": "client-fixed", "noise_multiplier": 0.5, "clipping_norm": 1.0},
+    "dp client-adaptive": {"dp": "client-adaptive", "noise_multiplier": 0.2, "clipping_norm": 1.0},
+}
+STATEFUL = {"fedadam", "fedyogi", "fedadagrad", "fedavgm"} | {name for name in CONFIGS if name.startswith("dp ")}
+
+
+def run_loop(tmp_path, rounds: int, **config) -> tuple[RoundLoop, np.ndarray]:
+    loop = loop_for(tmp_path, NODES, num_server_rounds=rounds, round_timeout=5.0, **config)
+    arrays = loop.run(ArrayRecord({MODEL_KEY: Array(START)}), 1)
+    return loop, arrays[MODEL_KEY].numpy()
+
+
+def resume(killed: Path, rounds: int, restore_state: bool = True, **config) -> np.ndarray:
+    """What ``server_app.main`` does with ``resume = true``: a new loop from the checkpoint (of a
+    copy of the killed run's folder, so that every resume starts from the same one)."""
+    out = Path(tempfile.mkdtemp(dir=killed.parent))
+    shutil.copytree(killed, out, dirs_exist_ok=True)
+    checkpoint = load_checkpoint(out, {MODEL_KEY: torch.zeros(START.size)})
+    loop = loop_for(out, NODES, num_server_rounds=rounds, round_timeout=5.0, **config)
+    if restore_state:  # the random states too: the DP noise goes on from where it stopped
+        checkpoint.restore_rng()
+        restore_strategy_state(loop.strategy, checkpoint.strategy_state)
+        loop.privacy.load_state_dict(checkpoint.privacy_state)
+    arrays = ArrayRecord({MODEL_KEY: Array(checkpoint.model[MODEL_KEY].numpy())})
+    return loop.run(arrays, checkpoint.round + 1)[MODEL_KEY].numpy()
+
+
+@pytest.fixture
+def run_config(request):
+    RUN.clear()
+    RUN.update({"num_partitions": 3, **CONFIGS[request.param]})
+    yield dict(CONFIGS[request.param])
+    RUN.clear()
+
+
+@pytest.mark.parametrize("run_config", list(CONFIGS), indirect=True)
+def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, run_config, request):
+    name = request.node.callspec.id
+    np.random.seed(3)  # the DP noise: the ServerApp leaves numpy's generator seeded by the OS
+    _, uninterrupted = run_loop(tmp_path / "whole", 4, **run_config)
+    assert not np.allclose(uninterrupted, START)  # it trained
+    np.random.seed(3)
+    run_loop(tmp_path / "killed", 2, **run_config)  # "killed" after round 2: its checkpoint is all that is left
+    np.random.seed(99)  # a new process: another generator state until the checkpoint's is restored
+    resumed = resume(tmp_path / "killed", 4, **run_config)
+    np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5, atol=1e-7)
+    if name in STATEFUL:  # the test can fail: without the strategy's state the run goes elsewhere
+        np.random.seed(99)
+        assert not np.allclose(resume(tmp_path / "killed", 4, restore_state=False, **run_config), uninterrupted)
+
+
+def test_a_failed_attempt_leaves_no_trace_in_the_strategys_state(tmp_path):
+    """FedAvgM's momentum after an attempt whose aggregate was thrown away (test loss inf) is the
+    momentum before it: the retried round and the rest of the run match a run without the fault."""
+    config = {"strategy": "fedavgm", "server_momentum": 0.9, "round_retries": 1}
+    RUN.update(num_partitions=3, **config)
+    _, clean = run_loop(tmp_path / "clean", 3, **config)
+    calls = {"n": 0}
+    honest = NODES[11]
+
+    def overflows_once(message):  # finite float32 values whose aggregate the network cannot use
+        calls["n"] += 1
+        reply = honest(message)
+        if calls["n"] == 2:  # round 2, first attempt
+            model = message.content["arrays"][MODEL_KEY].numpy()
+            reply = train_reply(np.full_like(model, 3e38), 0, examples=100)
+        return reply
+
+    loop = loop_for(
+        tmp_path / "faulty", {**NODES, 11: overflows_once}, num_server_rounds=3, round_timeout=5.0, **config
+    )
+    faulty = loop.run(ArrayRecord({MODEL_KEY: Array(START)}), 1)[MODEL_KEY].numpy()
+    RUN.clear()
+    assert [r.attempts for r in loop.recorder.history.rounds] == [1, 2, 1]
+    np.testing.assert_allclose(faulty, clean, rtol=1e-6)
+
+
+def test_central_dp_averages_the_replies_equally_and_noises_for_those_that_replied(tmp_path):
+    """Flower's wrapper scales the noise for a plain mean of ``num_sampled_clients`` clipped
+    updates: the loop makes the mean plain (no example weights) and the count the replies'."""
+    z, norm = 1.0, 4.0
+    RUN.update(num_partitions=3, dp="server-fixed")
+    def unchanged(slot: int, examples: int):
+        return lambda m: train_reply(m.content["arrays"][MODEL_KEY].numpy(), slot, examples=examples)
+
+    script = {11: unchanged(0, 100), 12: unchanged(1, 200), 13: lambda m: SILENT}
+    loop = loop_for(tmp_path, script, dp="server-fixed", noise_multiplier=z, clipping_norm=norm)
+    np.random.seed(0)
+    noise = _train_once(loop) - START  # both updates are zero (clipped to themselves): the rest is noise
+    assert loop.strategy.num_sampled_clients == 2
+    assert np.std(noise) == pytest.approx(z * norm / 2, rel=0.02)  # z*C/3 if scaled for the slot that was silent
+    RUN.clear()
+
+    RUN.update(num_partitions=2, dp="server-fixed")
+    two = {
+        11: lambda m: train_reply(m.content["arrays"][MODEL_KEY].numpy() + 1e-3, 0, examples=100),
+        12: lambda m: train_reply(m.content["arrays"][MODEL_KEY].numpy() + 4e-3, 1, examples=200),
+    }
+    loop = loop_for(tmp_path, two, num_partitions=2, dp="server-fixed", noise_multiplier=1e-9, clipping_norm=1e3)
+    mean = _train_once(loop) - START
+    np.testing.assert_allclose(mean, 2.5e-3, rtol=1e-3)  # (1 + 4)/2, not (100*1 + 200*4)/300 = 3
+    RUN.clear()
+
+
+def _train_once(loop: RoundLoop) -> np.ndarray:
+    from fedcifar.server.recorder import RoundTally
+
+    arrays, _, _ = loop.train(1, ArrayRecord({MODEL_KEY: Array(START)}), RoundTally())
+    return arrays[MODEL_KEY].numpy()
+
+
+def test_the_privacy_spent_is_reported_every_round(tmp_path):
+    config = {"dp": "server-fixed", "noise_multiplier": 1.5, "clipping_norm": 1.0}
+    RUN.update(num_partitions=3, **config)
+    loop, _ = run_loop(tmp_path, 3, **config)
+    RUN.clear()
+    rounds = loop.recorder.history.rounds
+    reference = PrivacyAccount(RunConfig(num_partitions=3, **config)).accountant
+    for record in rounds:
+        reference.compose(GaussianPrivacyEvent(1.5, 3, 3))
+        assert record.epsilon == pytest.approx(reference.get_privacy_spent().epsilon)
+        assert record.clipping_norm == 1.0
+    assert rounds[0].epsilon < rounds[1].epsilon < rounds[2].epsilon
+    assert loop.metrics.dp_epsilon._value.get() == pytest.approx(rounds[2].epsilon)
+
+
+def test_local_dp_and_no_dp_say_that_epsilon_is_not_computed():
+    for dp in ("none", "local"):
+        account = PrivacyAccount(RunConfig(num_partitions=3, dp=dp))
+        assert account.in_force()["epsilon"].startswith("not computed")
+        assert account.release(3) is None
+    assert PrivacyAccount(RunConfig(num_partitions=3, dp="server-fixed")).in_force()["epsilon"].startswith("RDP")
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"dp": "server-fixed", "strategy": "fedadam"}, "server optimiser would see the un-noised mean"),
+        ({"dp": "client-adaptive", "strategy": "fedavgm"}, "server optimiser"),
+        ({"dp": "server-fixed", "strategy": "krum", "num_partitions": 0}, "by one update"),
+        ({"dp": "server-fixed", "fraction_train": 0.5}, "needs fraction-train=1"),
+        ({"dp": "local", "sensitivity": 1.0, "clipping_norm": 10.0}, "noise would be too small"),
+        ({"dp": "local", "local_epsilon": 2.0}, "only below 1"),
+        ({"dp": "central"}, "'dp' must be one of none, server-fixed"),
+        ({"dp": "server-adaptive", "noise_multiplier": 0.5}, "only below replies/10 = 0.3"),
+        ({"strategy": "fedadam", "beta_1": 1.0}, "'beta-1' must be in \\[0, 1\\)"),
+        ({"strategy": "qfedavg", "q": -1.0}, "'q' must be >= 0"),
+    ],
+)
+def test_settings_that_would_not_hold_are_refused_with_what_would(config, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**{"num_partitions": 3, **config}).check()
+
+
+def test_every_central_dp_mode_and_strategy_pair_that_is_accepted_builds():
+    from fedcifar.config import STRATEGIES
+    from fedcifar.server.strategies import build_strategy
+
+    built = 0
+    for dp in (*CENTRAL_DP, "local", "none"):
+        for strategy in STRATEGIES:
+            config = RunConfig(num_partitions=9, strategy=strategy, dp=dp, num_malicious_nodes=1, noise_multiplier=0.5)
+            try:
+                config.check()
+            except ConfigError:
+                continue
+            build_strategy(config)
+            built += 1
+    assert built == 4 * 2 + 2 * len(STRATEGIES)  # central DP with fedavg and fedprox; local and none with any
