@@ -34,6 +34,7 @@ def serverapp_tuning():
     """What ``tune("serverapp")`` changes in Flower's DP code, as in the ServerApp."""
     clip_zero_updates()
 
+
 START = flat_weights(initial_model(0))
 TARGETS = [np.random.default_rng(slot).normal(0, 0.1, START.size).astype(np.float32) for slot in range(3)]
 
@@ -155,6 +156,7 @@ def test_central_dp_averages_the_replies_equally_and_noises_for_those_that_repli
     updates: the loop makes the mean plain (no example weights) and the count the replies'."""
     z, norm = 1.0, 4.0
     RUN.update(num_partitions=3, dp="server-fixed")
+
     def unchanged(slot: int, examples: int):
         return lambda m: train_reply(m.content["arrays"][MODEL_KEY].numpy(), slot, examples=examples)
 
