@@ -11,12 +11,13 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def replacing(path: Path, suffix: str = "") -> Iterator[Path]:
+def replacing(path: Path, suffix: str = "", mode: int = 0o666) -> Iterator[Path]:
     """A temporary path to write ``path``'s new content to (``suffix``: for writers that choose the
-    format by extension); it replaces ``path`` when the block ends without an error."""
+    format by extension); it replaces ``path`` when the block ends without an error. ``mode``: the
+    file's permissions, less the umask (as a plain write gives them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{suffix}")
-    tmp.touch(exist_ok=False)  # the umask's mode, as a plain write would give the file
+    tmp.touch(mode=mode, exist_ok=False)  # less the umask, as open() would
     try:
         yield tmp
         with open(tmp, "rb") as fh:

@@ -25,7 +25,8 @@ import torch
 from fedcifar import atomic
 from fedcifar.history import CHECKPOINT_FILE
 
-FORMAT = 2  # 2: strategy, numpy generator and privacy accountant states
+FORMAT = 2  # 2: strategy and privacy accountant states, and noise-state.pt beside it
+NOISE_FILE = "noise-state.pt"
 MODEL_CLASS = "Net"
 
 
@@ -54,19 +55,21 @@ class Checkpoint:
             "history": self.history,
             "fingerprint": self.fingerprint,
             "rng_state": self.rng_state,
-            # numpy's generator state: its key array as ints (weights_only loads no numpy arrays)
-            "numpy_rng_state": [*self.numpy_rng_state[:1], self.numpy_rng_state[1].tolist(), *self.numpy_rng_state[2:]],
             "strategy_state": self.strategy_state,
             "privacy_state": self.privacy_state,
         }
+        # the noise state first: a crash between the two files must never let a resumed run draw the
+        # noise of a round already released again (two aggregates with one noise give the difference away)
+        kind, key, *rest = self.numpy_rng_state
+        with atomic.replacing(out_dir / NOISE_FILE, mode=0o600) as tmp:
+            torch.save([kind, key.tolist(), *rest], tmp)  # the key as ints: weights_only loads no numpy arrays
         with atomic.replacing(path) as tmp:
             torch.save(payload, tmp)
         return path
 
     def restore_rng(self) -> None:
         random.setstate(_as_rng_state(self.rng_state))
-        kind, key, *rest = self.numpy_rng_state
-        np.random.set_state((kind, np.asarray(key, dtype=np.uint32), *rest))
+        np.random.set_state(self.numpy_rng_state)
 
 
 def load_checkpoint(out_dir: Path, reference: dict[str, torch.Tensor]) -> Checkpoint | None:
@@ -94,7 +97,7 @@ def load_checkpoint(out_dir: Path, reference: dict[str, torch.Tensor]) -> Checkp
         history=payload["history"],
         fingerprint=payload["fingerprint"],
         rng_state=payload["rng_state"],
-        numpy_rng_state=payload["numpy_rng_state"],
+        numpy_rng_state=_noise_state(out_dir / NOISE_FILE, advice),
         strategy_state=payload["strategy_state"],
         privacy_state=payload["privacy_state"],
     )
@@ -129,6 +132,14 @@ def _state_dict_problems(model: Any, reference: dict[str, torch.Tensor]) -> str:
         if not torch.isfinite(got).all():
             return f"{name} holds NaN or Inf"
     return ""
+
+
+def _noise_state(path: Path, advice: str) -> Any:
+    try:
+        kind, key, *rest = torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- missing, truncated or foreign
+        raise CheckpointError(f"{path}, the DP noise generator's state, is unreadable ({err}); {advice}") from err
+    return (kind, np.asarray(key, dtype=np.uint32), *rest)
 
 
 def _as_rng_state(state: Any) -> tuple:

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from fedcifar.config import SPLITS, ConfigError, RunConfig, app_defaults, check_site, parse_overrides
 from fedcifar.metrics import DEFAULT_SITE, SITE_ENV
+from fedcifar.niid_bench import CELLS, Protocol
 
 console = Console(stderr=True)
 APP_DIR = Path(__file__).resolve().parent.parent  # the project holding [tool.flwr.app]
@@ -110,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", help="CIFAR-10 parquet folder; default $FEDCIFAR_DATA or the hub")
     b.add_argument("--out", type=Path, help="work folder (default: a new folder under runs/)")
     b.set_defaults(handler=cmd_bench)
+
+    nb = sub.add_parser("niid-bench", help="the NIID-Bench table: FedAvg, FedProx, FedAdam on IID and Dirichlet(0.5)")
+    nb.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated, of {', '.join(CELLS)}")
+    nb.add_argument("--clients", type=int, default=Protocol.clients)
+    nb.add_argument("--rounds", type=int, default=Protocol.rounds)
+    nb.add_argument("--local-epochs", type=int, default=Protocol.local_epochs)
+    nb.add_argument("--train-examples", type=int, default=Protocol.train_examples, help="the first N (default: all)")
+    nb.add_argument("--seed", type=int, default=Protocol.seed)
+    nb.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    nb.add_argument("--data", help="CIFAR-10 parquet folder; default $FEDCIFAR_DATA or the hub")
+    nb.add_argument("--out", type=Path, help="work folder (default: a new folder under runs/)")
+    nb.set_defaults(handler=cmd_niid_bench)
 
     so = sub.add_parser("soak", help="many rounds locally: failed rounds and node memory growth (JSON last line)")
     so.add_argument("--clients", type=int, default=2)
@@ -244,6 +257,24 @@ def cmd_bench(args: argparse.Namespace, _extra: list[str]) -> int:
         scale=scale,
     )
     print_report(bench(config, args.data, timestamped_out(args.out)))
+    return 0
+
+
+def cmd_niid_bench(args: argparse.Namespace, _extra: list[str]) -> int:
+    from fedcifar.bench import timestamped_out
+    from fedcifar.niid_bench import niid_bench, print_table
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+    unknown = [c for c in cells if c not in CELLS]
+    if unknown or not cells:
+        raise ValueError(f"--cells takes some of {', '.join(CELLS)}, got {args.cells!r}")
+    if min(args.clients, args.rounds, args.local_epochs, args.train_examples) < 1:
+        raise ValueError("niid-bench needs --clients, --rounds, --local-epochs and --train-examples >= 1")
+    protocol = Protocol(
+        args.clients, args.rounds, args.local_epochs, args.train_examples, seed=args.seed, device=args.device
+    )
+    print_table(niid_bench(protocol, cells, args.data, timestamped_out(args.out)))
     return 0
 
 

@@ -92,7 +92,7 @@ class RunConfig:
     dp_delta: float = 1e-5  # central DP: the delta the privacy spent (epsilon) is reported for
     local_epsilon: float = 0.5  # local DP: each update's epsilon (below 1: the Gaussian mechanism's bound)
     local_delta: float = 1e-5  # local DP: each update's delta
-    sensitivity: float = 10.0  # local DP: the L2 sensitivity the noise is scaled to (>= clipping-norm)
+    sensitivity: float = 20.0  # local DP: the L2 sensitivity the noise is scaled to (>= 2 x clipping-norm)
 
     @classmethod
     def from_flower(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -212,11 +212,11 @@ def check_private(config: RunConfig) -> None:
             f"replies per round: adaptive clipping (Flower's) reaches a noise multiplier only below replies/10 = "
             f"{config.replies_per_round / 10:g}; lower noise-multiplier, add nodes, or use dp=server-fixed"
         )
-    if config.dp == "local" and config.sensitivity < config.clipping_norm:
+    if config.dp == "local" and config.sensitivity < 2 * config.clipping_norm:
         raise ConfigError(
-            f"dp=local with sensitivity={config.sensitivity} below clipping-norm={config.clipping_norm}: a clipped "
-            f"update can move by the clipping norm, so the noise would be too small; set -c sensitivity="
-            f"{config.clipping_norm} (or more)"
+            f"dp=local with sensitivity={config.sensitivity} below 2 x clipping-norm={config.clipping_norm}: two "
+            f"clipped updates can lie twice the clipping norm apart, so the noise would be too small; set "
+            f"-c sensitivity={2 * config.clipping_norm:g} (or more)"
         )
     if config.dp == "local" and config.local_epsilon >= 1:
         raise ConfigError(

@@ -74,7 +74,8 @@ def main(grid: Grid, context: Context) -> None:
     # loaded before any round, so unusable data fails at once; on a GPU, copied there once
     model = ServerModel(Net(), load_full(source, "test").to(device), device, config.normalize)
     checkpoint = load_checkpoint(out_dir, model.net.state_dict()) if config.resume else None
-    strategy, privacy = build_strategy(config), PrivacyAccount(config)
+    strategy = build_strategy(config)
+    privacy = PrivacyAccount.of(strategy, config)
     if checkpoint:
         check_same_training(checkpoint, config.training_fingerprint(), out_dir)
         history = History.from_dict(checkpoint.history)

@@ -94,8 +94,9 @@ def loop_for(tmp_path, script, names=None, **config) -> RoundLoop:
     metrics = ServerMetrics(CollectorRegistry())
     history = History(run_id=1, config=config.to_flower(), data="test", device="cpu")
     arrays = ArrayRecord({MODEL_KEY: Array(flat_weights(initial_model(0)))})
+    strategy = build_strategy(config)
     return RoundLoop(
-        strategy=build_strategy(config),
+        strategy=strategy,
         grid=PollingGrid(ScriptedGrid(script, names), 0.01),
         ledger=NodeLedger(config.num_partitions, metrics),
         recorder=Recorder(history, tmp_path, metrics, config.training_fingerprint()),
@@ -110,7 +111,7 @@ def loop_for(tmp_path, script, names=None, **config) -> RoundLoop:
         ),
         config=config,
         metrics=metrics,
-        privacy=PrivacyAccount(config),
+        privacy=PrivacyAccount.of(strategy, config),
     )
 
 

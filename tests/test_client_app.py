@@ -3,6 +3,7 @@ give the same model and figures, and the shim itself never imports torch."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import subprocess
@@ -12,10 +13,14 @@ from multiprocessing import AuthenticationError
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedcifar.client_app import TrainerError, run_task
-from fedcifar.protocol import TRAINER_ENV, TRAINER_KEY_ENV, Task
-from fedcifar.task import MODEL_KEY, flat_weights, initial_model
+from fedcifar import client_app
+from fedcifar.client_app import TrainerError, privacy_mod, run_task
+from fedcifar.data import load_partition, resolve_source
+from fedcifar.protocol import LOSS_BEFORE_TRAINING, TRAINER_ENV, TRAINER_KEY_ENV, Reply, Task
+from fedcifar.task import MODEL_KEY, evaluate, flat_weights, initial_model, pick_device
+from fedcifar.trainer import Trainer
 
 
 def task(mini_dir, kind: str = "train", **run_config) -> Task:
@@ -100,3 +105,91 @@ def test_the_trainer_survives_a_clientapp_that_goes_away(mini_dir, node_trainer)
         run_task(task(mini_dir, **{"local-epochs": 3}), timeout=0.01)  # the ClientApp's wait is bounded
     reply = run_task(task(mini_dir))
     assert node_trainer.poll() is None and reply.metrics["num-examples"] == 250
+
+
+# -- what the ClientApp adds for some strategies and DP modes ----------------------------------
+
+
+def train_message(model: np.ndarray, **config) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({MODEL_KEY: Array(model)}), "config": ConfigRecord(config)})
+    return Message(content, dst_node_id=1, message_type="train")
+
+
+def answering(update: np.ndarray):
+    """The ClientApp's handler, as the mods see it: a reply whose model moved by ``update``."""
+
+    def call_next(msg: Message, _context: Context) -> Message:
+        model = msg.content["arrays"][MODEL_KEY].numpy()
+        reply = RecordDict({"arrays": ArrayRecord({MODEL_KEY: Array(model + update)}), "metrics": MetricRecord({})})
+        return Message(reply, reply_to=msg)
+
+    return call_next
+
+
+def context(**run_config) -> Context:
+    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_client_side_clipping_uses_the_norm_the_server_sent():
+    model, update = np.zeros(1000, np.float32), np.full(1000, 1.0, np.float32)  # norm 31.6
+    clipped = privacy_mod(train_message(model, clipping_norm=2.0), context(dp="client-fixed"), answering(update))
+    assert np.linalg.norm(clipped.content["arrays"][MODEL_KEY].numpy() - model) == pytest.approx(2.0, rel=1e-5)
+    unclipped = privacy_mod(train_message(model), context(dp="none"), answering(update))
+    np.testing.assert_array_equal(unclipped.content["arrays"][MODEL_KEY].numpy(), update)
+    # a server that sent no norm gets Flower's error reply, not an unclipped update
+    assert privacy_mod(train_message(model), context(dp="client-fixed"), answering(update)).has_error()
+    adaptive = privacy_mod(train_message(model, clipping_norm=2.0), context(dp="client-adaptive"), answering(update))
+    assert adaptive.content["metrics"]["norm_bit"] == 1  # it clipped: the server's adaptive norm learns from it
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_local_dp_noise_differs_between_clientapps_forked_with_one_generator_state():
+    model, update = np.zeros(20_000, np.float32), np.zeros(20_000, np.float32)
+    ctx = context(dp="local", **{"clipping-norm": 1.0, "sensitivity": 2.0, "local-epsilon": 0.5})
+    replies = []
+    for _ in range(2):
+        np.random.seed(0)  # what two ClientApps forked from the node's warm server would both start from
+        replies.append(privacy_mod(train_message(model), ctx, answering(update)).content["arrays"][MODEL_KEY].numpy())
+    assert not np.allclose(replies[0], replies[1])
+    expected = 2.0 * np.sqrt(2 * np.log(1.25 / 1e-5)) / 0.5  # the classic Gaussian mechanism's stdev
+    assert np.std(replies[0]) == pytest.approx(expected, rel=0.03)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_evaluate_messages_pass_the_privacy_mod_untouched():
+    msg = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="evaluate")
+    reply = Message(RecordDict({"metrics": MetricRecord({"eval_loss": 1.0})}), reply_to=msg)
+    assert privacy_mod(msg, context(dp="local"), lambda m, c: reply) is reply
+
+
+def test_qfedavg_runs_get_the_loss_before_training(mini_dir):
+    plain = Trainer().run(task(mini_dir))
+    fair = Trainer().run(task(mini_dir, strategy="qfedavg"))
+    assert LOSS_BEFORE_TRAINING not in plain.metrics
+    net, data = initial_model(42), load_partition(resolve_source(mini_dir), "train", 1, 2)
+    expected, _ = evaluate(net, data, pick_device("auto"))
+    assert fair.metrics[LOSS_BEFORE_TRAINING] == pytest.approx(expected, rel=1e-6)
+    np.testing.assert_array_equal(fair.arrays[MODEL_KEY], plain.arrays[MODEL_KEY])  # the training is the same
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_fedprox_messages_carry_mu_to_the_trainer(mini_dir, monkeypatch):
+    seen = []
+    monkeypatch.setattr(client_app, "run_task", lambda task, timeout: seen.append(task) or Reply({}))
+    node = {"partition-id": 1, "num-partitions": 2}
+    ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    config = ConfigRecord({"server-round": 1, "lr": 0.01, "proximal-mu": 0.25})
+    msg = Message(
+        RecordDict({"arrays": ArrayRecord({MODEL_KEY: Array(np.zeros(3, np.float32))}), "config": config}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    client_app._handle("train", msg, ctx)
+    assert seen[0].proximal_mu == 0.25
+    without = trained_with_mu(mini_dir, 0.0)
+    assert not np.array_equal(trained_with_mu(mini_dir, 1.0), without)  # the trainer applies it
+
+
+def trained_with_mu(mini_dir, mu: float) -> np.ndarray:
+    return Trainer().run(dataclasses.replace(task(mini_dir, strategy="fedprox"), proximal_mu=mu)).arrays[MODEL_KEY]

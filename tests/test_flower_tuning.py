@@ -363,5 +363,5 @@ def test_the_changes_run_only_on_the_flower_release_they_were_verified_on(monkey
     monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")
     check_flower_version("1.43.0")  # the user's explicit override
     assert "going on as FEDCIFAR_ALLOW_UNVERIFIED_FLWR=1 says" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="no Flower tuning for 'clientapp'"):
-        tune("clientapp")
+    with pytest.raises(ValueError, match="no Flower tuning for 'superlink'"):
+        tune("superlink")

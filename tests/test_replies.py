@@ -4,6 +4,7 @@ and no input that makes a check raise anything but a refusal."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import tracemalloc
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
+from fedcifar.protocol import LOSS_BEFORE_TRAINING
 from fedcifar.server.replies import Expected, Refused, check_evaluate_reply, check_train_reply
 from fedcifar.task import MODEL_KEY, flat_weights, initial_model
 from tests.hostile import EVALUATE_REPLIES, TRAIN_REPLIES, WELL_FORMED, ZEROS, evaluate_reply, train_reply
@@ -107,3 +109,23 @@ def test_corrupted_bytes_are_refused_never_raised(model, expected):
         array = Array(dtype="float32", shape=sound.shape, stype="numpy.ndarray", data=bytes(damaged))
         outcomes.add(reason(check_train_reply, train_reply(sound, SLOT, {MODEL_KEY: array}), expected))
     assert outcomes <= {None, "wrong_shape", "non_finite"} and "wrong_shape" in outcomes
+
+
+@pytest.mark.parametrize(
+    ("run", "extra", "why"),
+    [
+        ({"strategy": "qfedavg"}, {}, "bad_metrics"),  # the loss q-FedAvg weighs by is missing
+        ({"strategy": "qfedavg"}, {LOSS_BEFORE_TRAINING: 2.3}, None),
+        ({"strategy": "qfedavg"}, {LOSS_BEFORE_TRAINING: 1e300}, "bad_metrics"),  # would make its model the global one
+        ({"strategy": "qfedavg"}, {LOSS_BEFORE_TRAINING: 1e-10}, "bad_metrics"),  # would freeze the model
+        ({"strategy": "fedavg"}, {LOSS_BEFORE_TRAINING: 2.3}, "bad_metrics"),  # not asked for
+        ({"dp": "client-adaptive"}, {"norm_bit": 1}, None),
+        ({"dp": "client-adaptive"}, {"norm_bit": 7}, "bad_metrics"),
+        ({"dp": "client-adaptive"}, {}, "bad_metrics"),
+    ],
+)
+def test_what_a_run_adds_to_a_training_reply_is_checked_too(model, expected, run, extra, why):
+    per_run = dataclasses.replace(
+        expected, train_metrics=Expected.train_metrics_for(run.get("strategy", "fedavg"), run.get("dp", "none"))
+    )
+    assert reason(check_train_reply, train_reply(model, SLOT, **extra), per_run) == why

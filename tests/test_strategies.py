@@ -15,13 +15,13 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
-from fedcifar.checkpoint import load_checkpoint
-from fedcifar.config import CENTRAL_DP, ConfigError, RunConfig
+from fedcifar.checkpoint import NOISE_FILE, CheckpointError, load_checkpoint
+from fedcifar.config import CENTRAL_DP, STRATEGIES, ConfigError, RunConfig
 from fedcifar.flower_tuning import clip_zero_updates
 from fedcifar.protocol import LOSS_BEFORE_TRAINING
 from fedcifar.server.privacy import PrivacyAccount
 from fedcifar.server.rounds import RoundLoop
-from fedcifar.server.strategies import restore_strategy_state
+from fedcifar.server.strategies import build_strategy, restore_strategy_state
 from fedcifar.task import MODEL_KEY, flat_weights, initial_model
 from tests.hostile import train_reply
 from tests.scripted import SILENT, loop_for
@@ -77,7 +77,8 @@ CONFIGS = {
     "dp client-fixed": {"dp": "client-fixed", "noise_multiplier": 0.5, "clipping_norm": 1.0},
     "dp client-adaptive": {"dp": "client-adaptive", "noise_multiplier": 0.2, "clipping_norm": 1.0},
 }
-STATEFUL = {"fedadam", "fedyogi", "fedadagrad", "fedavgm"} | {name for name in CONFIGS if name.startswith("dp ")}
+# what carries state of its own between rounds (the others: only the random states, restored always)
+STATEFUL = {"fedadam", "fedyogi", "fedadagrad", "fedavgm", "dp server-adaptive", "dp client-adaptive"}
 
 
 def run_loop(tmp_path, rounds: int, **config) -> tuple[RoundLoop, np.ndarray]:
@@ -93,10 +94,10 @@ def resume(killed: Path, rounds: int, restore_state: bool = True, **config) -> n
     shutil.copytree(killed, out, dirs_exist_ok=True)
     checkpoint = load_checkpoint(out, {MODEL_KEY: torch.zeros(START.size)})
     loop = loop_for(out, NODES, num_server_rounds=rounds, round_timeout=5.0, **config)
-    if restore_state:  # the random states too: the DP noise goes on from where it stopped
-        checkpoint.restore_rng()
+    checkpoint.restore_rng()  # the DP noise goes on from where it stopped
+    loop.privacy.load_state_dict(checkpoint.privacy_state)
+    if restore_state:
         restore_strategy_state(loop.strategy, checkpoint.strategy_state)
-        loop.privacy.load_state_dict(checkpoint.privacy_state)
     arrays = ArrayRecord({MODEL_KEY: Array(checkpoint.model[MODEL_KEY].numpy())})
     return loop.run(arrays, checkpoint.round + 1)[MODEL_KEY].numpy()
 
@@ -121,8 +122,11 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, run_confi
     resumed = resume(tmp_path / "killed", 4, **run_config)
     np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5, atol=1e-7)
     if name in STATEFUL:  # the test can fail: without the strategy's state the run goes elsewhere
-        np.random.seed(99)
         assert not np.allclose(resume(tmp_path / "killed", 4, restore_state=False, **run_config), uninterrupted)
+    if name.startswith("dp "):  # and without the noise generator's state
+        (tmp_path / "killed" / NOISE_FILE).unlink()
+        with pytest.raises(CheckpointError, match="noise generator's state"):
+            resume(tmp_path / "killed", 4, **run_config)
 
 
 def test_a_failed_attempt_leaves_no_trace_in_the_strategys_state(tmp_path):
@@ -137,7 +141,7 @@ def test_a_failed_attempt_leaves_no_trace_in_the_strategys_state(tmp_path):
     def overflows_once(message):  # finite float32 values whose aggregate the network cannot use
         calls["n"] += 1
         reply = honest(message)
-        if calls["n"] == 2:  # round 2, first attempt
+        if calls["n"] == 1:  # round 1, first attempt: FedAvgM's momentum and model were unset before it
             model = message.content["arrays"][MODEL_KEY].numpy()
             reply = train_reply(np.full_like(model, 3e38), 0, examples=100)
         return reply
@@ -147,35 +151,51 @@ def test_a_failed_attempt_leaves_no_trace_in_the_strategys_state(tmp_path):
     )
     faulty = loop.run(ArrayRecord({MODEL_KEY: Array(START)}), 1)[MODEL_KEY].numpy()
     RUN.clear()
-    assert [r.attempts for r in loop.recorder.history.rounds] == [1, 2, 1]
+    assert [r.attempts for r in loop.recorder.history.rounds] == [2, 1, 1]
     np.testing.assert_allclose(faulty, clean, rtol=1e-6)
 
 
-def test_central_dp_averages_the_replies_equally_and_noises_for_those_that_replied(tmp_path):
-    """Flower's wrapper scales the noise for a plain mean of ``num_sampled_clients`` clipped
-    updates: the loop makes the mean plain (no example weights) and the count the replies'."""
+def test_central_dp_averages_over_the_slots_with_equal_weights_and_noises_for_them(tmp_path):
+    """The mean the noise is scaled for: the clipped updates of the run's slots, a slot without a
+    reply counting as an update of zeros, every reply weighing the same (DP-FedAvg's fixed
+    denominator); the noise's stdev is noise-multiplier x clipping-norm / slots."""
     z, norm = 1.0, 4.0
     RUN.update(num_partitions=3, dp="server-fixed")
 
-    def unchanged(slot: int, examples: int):
-        return lambda m: train_reply(m.content["arrays"][MODEL_KEY].numpy(), slot, examples=examples)
+    def moved(slot: int, examples: int, by: float):
+        return lambda m: train_reply(m.content["arrays"][MODEL_KEY].numpy() + by, slot, examples=examples)
 
-    script = {11: unchanged(0, 100), 12: unchanged(1, 200), 13: lambda m: SILENT}
+    script = {11: moved(0, 100, 0.0), 12: moved(1, 200, 0.0), 13: lambda m: SILENT}
     loop = loop_for(tmp_path, script, dp="server-fixed", noise_multiplier=z, clipping_norm=norm)
     np.random.seed(0)
     noise = _train_once(loop) - START  # both updates are zero (clipped to themselves): the rest is noise
-    assert loop.strategy.num_sampled_clients == 2
-    assert np.std(noise) == pytest.approx(z * norm / 2, rel=0.02)  # z*C/3 if scaled for the slot that was silent
+    assert np.std(noise) == pytest.approx(z * norm / 3, rel=0.02)
+
+    script = {11: moved(0, 100, 1e-3), 12: moved(1, 200, 4e-3), 13: lambda m: SILENT}
+    loop = loop_for(tmp_path, script, dp="server-fixed", noise_multiplier=1e-9, clipping_norm=1e3)
+    mean = _train_once(loop) - START
+    np.testing.assert_allclose(mean, (1e-3 + 4e-3 + 0) / 3, rtol=1e-3)  # not (100 * 1 + 200 * 4) / 300 / 1e3
     RUN.clear()
 
-    RUN.update(num_partitions=2, dp="server-fixed")
-    two = {
-        11: lambda m: train_reply(m.content["arrays"][MODEL_KEY].numpy() + 1e-3, 0, examples=100),
-        12: lambda m: train_reply(m.content["arrays"][MODEL_KEY].numpy() + 4e-3, 1, examples=200),
+
+def test_adaptive_clipping_raises_the_norm_when_more_is_clipped_and_noises_at_the_norm_used(tmp_path):
+    """Flower 1.42 moved the norm the wrong way and scaled the noise by the moved norm."""
+    config = {"dp": "server-adaptive", "noise_multiplier": 0.2, "clipping_norm": 0.01, "clip_norm_lr": 1.0}
+    RUN.update(num_partitions=3, **config)
+    loop, _ = run_loop(tmp_path / "clipped", 3, **config)  # every update (norm ~7) is clipped
+    norms = [r.clipping_norm for r in loop.recorder.history.rounds]
+    assert norms[0] == 0.01 and norms[0] < norms[1] < norms[2]
+
+    unchanged = {
+        n: (lambda slot: lambda m: train_reply(m.content["arrays"][MODEL_KEY].numpy(), slot))(i)
+        for i, n in enumerate(NODES)
     }
-    loop = loop_for(tmp_path, two, num_partitions=2, dp="server-fixed", noise_multiplier=1e-9, clipping_norm=1e3)
-    mean = _train_once(loop) - START
-    np.testing.assert_allclose(mean, 2.5e-3, rtol=1e-3)  # (1 + 4)/2, not (100*1 + 200*4)/300 = 3
+    config |= {"clipping_norm": 5.0}
+    loop = loop_for(tmp_path / "none", unchanged, **config)
+    np.random.seed(0)
+    noise = _train_once(loop) - START  # nothing clipped: the norm falls by e^-0.5 after this round
+    assert loop.strategy.clipping_norm < 5.0 * 0.7
+    assert np.std(noise) == pytest.approx(loop.strategy.noise_multiplier * 5.0 / 3, rel=0.02)  # the norm used
     RUN.clear()
 
 
@@ -186,26 +206,47 @@ def _train_once(loop: RoundLoop) -> np.ndarray:
     return arrays[MODEL_KEY].numpy()
 
 
-def test_the_privacy_spent_is_reported_every_round(tmp_path):
-    config = {"dp": "server-fixed", "noise_multiplier": 1.5, "clipping_norm": 1.0}
+def test_the_privacy_spent_is_reported_every_round_and_counts_every_release(tmp_path):
+    config = {"dp": "server-fixed", "noise_multiplier": 1.5, "clipping_norm": 1.0, "round_retries": 1}
     RUN.update(num_partitions=3, **config)
-    loop, _ = run_loop(tmp_path, 3, **config)
+    loop = loop_for(tmp_path, NODES, num_server_rounds=3, round_timeout=5.0, **config)
+    evaluations = []
+
+    def first_aggregate_unusable(arrays):  # round 1's first aggregate is thrown away after its release
+        evaluations.append(arrays)
+        return (float("inf"), 0.0) if len(evaluations) == 2 else (1.0, 0.5)
+
+    loop.model.evaluate = first_aggregate_unusable
+    loop.run(ArrayRecord({MODEL_KEY: Array(START)}), 1)
     RUN.clear()
     rounds = loop.recorder.history.rounds
+    assert [r.attempts for r in rounds] == [2, 1, 1]
     reference = PrivacyAccount(RunConfig(num_partitions=3, **config)).accountant
-    for record in rounds:
-        reference.compose(GaussianPrivacyEvent(1.5, 3, 3))
+    for releases, record in zip((2, 1, 1), rounds, strict=True):
+        reference.compose(GaussianPrivacyEvent(1.5, 3, 3), releases)
         assert record.epsilon == pytest.approx(reference.get_privacy_spent().epsilon)
         assert record.clipping_norm == 1.0
-    assert rounds[0].epsilon < rounds[1].epsilon < rounds[2].epsilon
     assert loop.metrics.dp_epsilon._value.get() == pytest.approx(rounds[2].epsilon)
+
+
+def test_adaptive_clipping_accounts_both_of_its_releases():
+    """The clipped count (sensitivity 1) and the model: one Gaussian mechanism below the run's multiplier."""
+    config = RunConfig(num_partitions=20, dp="server-adaptive", noise_multiplier=1.5)
+    strategy = build_strategy(config)
+    account = PrivacyAccount.of(strategy, config)
+    expected = (strategy.noise_multiplier**-2 + strategy.clipped_count_stddev**-2) ** -0.5
+    assert account.noise_multiplier == pytest.approx(expected) and expected < 1.5
+    assert (
+        PrivacyAccount.of(build_strategy(RunConfig(num_partitions=20, dp="server-fixed")), config).noise_multiplier
+        == 1.0
+    )
 
 
 def test_local_dp_and_no_dp_say_that_epsilon_is_not_computed():
     for dp in ("none", "local"):
         account = PrivacyAccount(RunConfig(num_partitions=3, dp=dp))
         assert account.in_force()["epsilon"].startswith("not computed")
-        assert account.release(3) is None
+        assert account.release() is None
     assert PrivacyAccount(RunConfig(num_partitions=3, dp="server-fixed")).in_force()["epsilon"].startswith("RDP")
 
 
@@ -216,7 +257,7 @@ def test_local_dp_and_no_dp_say_that_epsilon_is_not_computed():
         ({"dp": "client-adaptive", "strategy": "fedavgm"}, "server optimiser"),
         ({"dp": "server-fixed", "strategy": "krum", "num_partitions": 0}, "by one update"),
         ({"dp": "server-fixed", "fraction_train": 0.5}, "needs fraction-train=1"),
-        ({"dp": "local", "sensitivity": 1.0, "clipping_norm": 10.0}, "noise would be too small"),
+        ({"dp": "local", "sensitivity": 10.0, "clipping_norm": 10.0}, "noise would be too small"),
         ({"dp": "local", "local_epsilon": 2.0}, "only below 1"),
         ({"dp": "central"}, "'dp' must be one of none, server-fixed"),
         ({"dp": "server-adaptive", "noise_multiplier": 0.5}, "only below replies/10 = 0.3"),
@@ -230,9 +271,6 @@ def test_settings_that_would_not_hold_are_refused_with_what_would(config, messag
 
 
 def test_every_central_dp_mode_and_strategy_pair_that_is_accepted_builds():
-    from fedcifar.config import STRATEGIES
-    from fedcifar.server.strategies import build_strategy
-
     built = 0
     for dp in (*CENTRAL_DP, "local", "none"):
         for strategy in STRATEGIES:

@@ -1,20 +1,32 @@
-"""Differential privacy on the server: what is in force, and the privacy a run has spent.
+"""Differential privacy on the server: Flower's central-DP wrappers as the run config asks for them
+(corrected where Flower 1.42 does not give the guarantee it states), and the privacy a run spends.
 
-Central DP (``dp`` = server-/client-fixed or -adaptive) releases one noised aggregate per completed
-round: a Gaussian mechanism with the run's ``noise-multiplier`` over the clipped updates of the
-clients that replied, accounted with Flower's RDP accountant, without amplification by sampling
-(every slot is asked every round), for add-or-remove-one neighbouring client sets; the epsilon spent
-is reported at ``dp-delta``. Adaptive clipping spends part of that noise on the clipped-count
-estimate; Flower splits it so that both together are one Gaussian mechanism with the run's
-multiplier, which is what is accounted. Local DP (``dp = local``) is each client's own (epsilon,
-delta) per update, and no accountant composes it: its epsilon is reported as not computed.
+Central DP (``dp`` = server-/client-fixed or -adaptive) releases one noised aggregate per training
+attempt: the sum of the clipped updates of the run's slots over the number of slots, a slot without
+an accepted reply counting as an update of zeros (DP-FedAvg's fixed denominator: one client more or
+less moves it by at most clipping-norm / slots), plus Gaussian noise of clipping-norm x multiplier /
+slots. Flower's RDP accountant composes one Gaussian event per release, without amplification by
+sampling (every slot is asked every round), for add-or-remove-one neighbouring client sets; the
+epsilon spent is reported at ``dp-delta``. Adaptive clipping also releases a noised count of the
+clipped updates: the multiplier accounted is that of both releases together, which is below the
+run's ``noise-multiplier`` (``effective_noise_multiplier``). Local DP (``dp = local``) is each
+client's own (epsilon, delta) per update, and no accountant composes it: reported as not computed.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
+)
 from flwr.supercore.privacy_accounting import (
     GaussianPrivacyEvent,
     NeighboringRelation,
@@ -31,9 +43,106 @@ NOT_COMPUTED = {
 }
 
 
+class AdaptiveClippingFixes:
+    """Two corrections to Flower 1.42's adaptive-clipping wrappers (mixed in before them):
+
+    - the norm moved the wrong way: Flower multiplies it by exp(-lr (f - q)) where f is the
+      fraction of updates that were *clipped*; Andrew et al.'s rule, written for that fraction,
+      is exp(+lr (f - q)): more clipping than the target raises the norm (Flower's lowered it,
+      and the norm ran off to zero or to infinity);
+    - the noise was scaled by the norm after that update, not by the norm the updates were
+      clipped to: too little noise whenever the norm shrank.
+    """
+
+    def aggregate_train(self, server_round: int, replies: list[Message]):
+        self.clipped_at = self.clipping_norm
+        return super().aggregate_train(server_round, replies)
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        self.clipping_norm *= math.exp(self.clip_norm_lr * (clipped_fraction - self.target_clipped_quantile))
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        moved, self.clipping_norm = self.clipping_norm, self.clipped_at
+        try:
+            return super()._add_noise_to_aggregated_arrays(aggregated)
+        finally:
+            self.clipping_norm = moved
+
+
+class ServerSideAdaptiveClipping(AdaptiveClippingFixes, DifferentialPrivacyServerSideAdaptiveClipping):
+    pass
+
+
+class ClientSideAdaptiveClipping(AdaptiveClippingFixes, DifferentialPrivacyClientSideAdaptiveClipping):
+    pass
+
+
+CENTRAL_DP_WRAPPERS = (
+    DifferentialPrivacyServerSideFixedClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    ServerSideAdaptiveClipping,
+    ClientSideAdaptiveClipping,
+)
+
+
+def with_privacy(strategy: Strategy, config: RunConfig) -> Strategy:
+    """The central-DP wrapper the run config asks for (``dp``), or the strategy as it is."""
+    z, norm, n = config.noise_multiplier, config.clipping_norm, config.replies_per_round
+    adaptive = {
+        "initial_clipping_norm": norm,
+        "target_clipped_quantile": config.target_clipped_quantile,
+        "clip_norm_lr": config.clip_norm_lr,
+    }
+    wrap = {
+        "server-fixed": lambda: DifferentialPrivacyServerSideFixedClipping(strategy, z, norm, n),
+        "client-fixed": lambda: DifferentialPrivacyClientSideFixedClipping(strategy, z, norm, n),
+        "server-adaptive": lambda: ServerSideAdaptiveClipping(strategy, z, n, **adaptive),
+        "client-adaptive": lambda: ClientSideAdaptiveClipping(strategy, z, n, **adaptive),
+    }.get(config.dp)
+    return wrap() if wrap else strategy
+
+
+def private_replies(strategy: Strategy, replies: list[Message], arrays: ArrayRecord) -> list[Message]:
+    """Under central DP, the replies as the noise is scaled for them: one per slot with equal
+    weights, a slot without a reply as an update of zeros (the global model ``arrays`` itself).
+    Flower's wrapper adds noise for a plain mean over ``num_sampled_clients`` (the run's slots);
+    a mean over fewer replies, or weighted by example counts, would let one client move it by more
+    than the noise covers."""
+    if not isinstance(strategy, CENTRAL_DP_WRAPPERS):
+        return replies
+    weighted_by = strategy.strategy.weighted_by_key
+    for reply in replies:
+        reply.content["metrics"][weighted_by] = 1
+    # Flower aggregates only replies whose metrics have the same keys: the real ones' keys, all 0 (not
+    # clipped, for adaptive clipping's bit: an update of zeros is within any norm), weight 1
+    zeros = MetricRecord({key: 0 for key in replies[0].content["metrics"]} | {weighted_by: 1})
+    missing = strategy.num_sampled_clients - len(replies)
+    return replies + [
+        Message(RecordDict({"arrays": arrays, "metrics": zeros.copy()}), dst_node_id=0, message_type="train")
+        for _ in range(missing)
+    ]
+
+
+def clipping_norm(strategy: Strategy) -> float | None:
+    """The clipping norm in force (central DP), None without one."""
+    return float(strategy.clipping_norm) if isinstance(strategy, CENTRAL_DP_WRAPPERS) else None
+
+
+def effective_noise_multiplier(strategy: Strategy) -> float:
+    """The multiplier of one Gaussian mechanism equivalent to what the wrapper releases per round.
+    Adaptive clipping releases the model with Flower's adjusted multiplier and the clipped count
+    (sensitivity 1: one client more or less changes it by one) with its own stdev: together
+    (z_model^-2 + stdev^-2)^-1/2, below the run's ``noise-multiplier`` (Flower's split assumes
+    Andrew et al.'s centred bits, of sensitivity 1/2)."""
+    if isinstance(strategy, ServerSideAdaptiveClipping | ClientSideAdaptiveClipping):
+        return (strategy.noise_multiplier**-2 + strategy.clipped_count_stddev**-2) ** -0.5
+    return float(strategy.noise_multiplier)
+
+
 @dataclass
 class PrivacyAccount:
     config: RunConfig
+    noise_multiplier: float = 0.0  # the effective one of the run's wrapper (central DP)
     accountant: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -47,6 +156,11 @@ class PrivacyAccount:
                 )
             )
 
+    @classmethod
+    def of(cls, strategy: Strategy, config: RunConfig) -> PrivacyAccount:
+        central = isinstance(strategy, CENTRAL_DP_WRAPPERS)
+        return cls(config, effective_noise_multiplier(strategy) if central else 0.0)
+
     def in_force(self) -> dict[str, Any]:
         """What ``history.json`` says about the run's privacy."""
         c = self.config
@@ -54,21 +168,23 @@ class PrivacyAccount:
             return {
                 "dp": c.dp,
                 "noise_multiplier": c.noise_multiplier,
+                "effective_noise_multiplier": self.noise_multiplier,
                 "clipping_norm": c.clipping_norm,
                 "clipping": "adaptive" if c.dp.endswith("adaptive") else "fixed",
-                "epsilon": f"RDP accountant, no amplification, at delta={c.dp_delta}",
+                "epsilon": f"RDP accountant, no amplification, add-or-remove-one, at delta={c.dp_delta}",
+                "not_covered": "metrics (losses, example counts, client evaluation) are published without noise",
             }
         described = {"dp": c.dp, "epsilon": f"not computed: {NOT_COMPUTED[c.dp]}"}
         if c.dp == "local":
             described |= {"local_epsilon": c.local_epsilon, "local_delta": c.local_delta, "sensitivity": c.sensitivity}
         return described
 
-    def release(self, replies: int) -> float | None:
-        """One more noised aggregate of ``replies`` clipped updates: the epsilon spent so far (None:
-        not computed)."""
+    def release(self) -> float | None:
+        """One more noised aggregate of the run's slots: the epsilon spent so far (None: not computed)."""
         if self.accountant is None:
             return None
-        self.accountant.compose(GaussianPrivacyEvent(self.config.noise_multiplier, replies, self.config.num_partitions))
+        n = self.config.num_partitions
+        self.accountant.compose(GaussianPrivacyEvent(self.noise_multiplier, n, n))
         return float(self.accountant.get_privacy_spent().epsilon)
 
     def state_dict(self) -> dict[str, Any] | None:

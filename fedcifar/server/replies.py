@@ -29,6 +29,10 @@ TRAIN_METRICS = {
 # what a training reply adds for some runs: q-FedAvg's loss before training, adaptive clipping's bit
 # saying whether the client clipped (Flower's adaptiveclipping_mod)
 NORM_BIT = "norm_bit"
+# q-FedAvg weighs a reply by its loss^q and divides by a sum with loss^(q-1): a claimed 1e300 would
+# make one node's model the global one, a claimed 1e-10 would freeze the model. A cross-entropy over
+# 10 classes outside these bounds is not a model's loss on real data.
+LOSS_BEFORE_TRAINING_RANGE = (1e-3, 100.0)
 EXTRA_TRAIN_METRICS = {"qfedavg": {LOSS_BEFORE_TRAINING: float}, "client-adaptive": {NORM_BIT: int}}
 EVALUATE_METRICS = {"eval_loss": float, "eval_accuracy": float, "num-examples": int, "partition-id": int}
 
@@ -112,9 +116,13 @@ def check_train_reply(
         )
     if not 0 <= seconds <= expected.round_timeout:
         raise Refused("bad_metrics", f"train-seconds={seconds} is not within the round's {expected.round_timeout}s")
-    for key in ("train_loss", LOSS_BEFORE_TRAINING):
-        if metrics.get(key, 0) < 0:
-            raise Refused("bad_metrics", f"{key}={metrics[key]} is negative")
+    if metrics["train_loss"] < 0:
+        raise Refused("bad_metrics", f"train_loss={metrics['train_loss']} is negative")
+    low, high = LOSS_BEFORE_TRAINING_RANGE
+    if LOSS_BEFORE_TRAINING in metrics and not low <= metrics[LOSS_BEFORE_TRAINING] <= high:
+        raise Refused(
+            "bad_metrics", f"{LOSS_BEFORE_TRAINING}={metrics[LOSS_BEFORE_TRAINING]} is not in [{low}, {high}]"
+        )
     if metrics.get(NORM_BIT, 0) not in (0, 1):
         raise Refused("bad_metrics", f"{NORM_BIT}={metrics[NORM_BIT]} is neither 0 nor 1")
     check_arrays(content["arrays"], expected.layout)

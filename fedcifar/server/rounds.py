@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp.strategy import Strategy
 
 from fedcifar.config import RunConfig
 from fedcifar.metrics import ServerMetrics, record_bytes
 from fedcifar.server.ledger import NodeLedger
 from fedcifar.server.polling import PollingGrid
-from fedcifar.server.privacy import PrivacyAccount
+from fedcifar.server.privacy import PrivacyAccount, clipping_norm, private_replies
 from fedcifar.server.recorder import Accepted, Recorder, RoundTally
 from fedcifar.server.replies import (
     EvaluateReply,
@@ -41,12 +41,7 @@ from fedcifar.server.replies import (
     check_train_reply,
     claimed_slot,
 )
-from fedcifar.server.strategies import (
-    clipping_norm,
-    prepare_private_aggregation,
-    restore_strategy_state,
-    strategy_state,
-)
+from fedcifar.server.strategies import restore_strategy_state, strategy_state
 
 log = logging.getLogger("flwr.fedcifar")
 NODE_POLL_SECONDS = 1.0
@@ -133,13 +128,15 @@ class RoundLoop:
                 Accepted(a.reply.slot, self.ledger.site(a.node_id), a.reply.examples_trained, a.reply.train_seconds)
                 for a in answers
             ]
-            aggregated = self._aggregate(server_round, answers, tally)
+            aggregated = self._aggregate(server_round, arrays, answers, tally)
             if aggregated is None:
                 log.warning("round %d, attempt %d: no client update was accepted", server_round, attempt)
             else:
+                # released (noised, under central DP) whether or not it becomes the global model:
+                # its test loss is logged, its attempt recorded
+                tally.epsilon = self.privacy.release()
                 loss, accuracy = self.model.evaluate(aggregated)
                 if math.isfinite(loss):
-                    tally.epsilon = self.privacy.release(len(answers))
                     return aggregated, loss, accuracy
                 # well-formed replies whose aggregate is unusable (e.g. values near the float32 limit)
                 log.warning(
@@ -280,28 +277,30 @@ class RoundLoop:
             self.ledger.answered(node_id, verdict.slot)
         return [answers[slot] for slot in sorted(answers)]
 
-    def _aggregate(self, server_round: int, answers: list[Answer], tally: RoundTally) -> ArrayRecord | None:
+    def _aggregate(
+        self, server_round: int, arrays: ArrayRecord, answers: list[Answer], tally: RoundTally
+    ) -> ArrayRecord | None:
+        """The strategy's aggregate of the accepted replies (None: nothing to aggregate, or it failed)."""
         if not answers:
             return None
-        messages = [a.message for a in answers]
+        examples = sum(a.reply.num_examples for a in answers)
+        tally.train_loss = sum(a.reply.train_loss * a.reply.num_examples for a in answers) / examples
         tally.clipping_norm = clipping_norm(self.strategy)  # before adaptive clipping moves it
         try:
-            prepare_private_aggregation(self.strategy, messages)
-            arrays, metrics = self.strategy.aggregate_train(server_round, messages)
+            replies = private_replies(self.strategy, [a.message for a in answers], arrays)
+            aggregated, _ = self.strategy.aggregate_train(server_round, replies)
         except Exception:  # checked replies, so a fault of the strategy: this attempt aggregated nothing
             log.exception(
                 "round %d: %s could not aggregate the accepted replies", server_round, type(self.strategy).__name__
             )
             return None
-        if isinstance(metrics, MetricRecord) and "train_loss" in metrics:
-            tally.train_loss = float(metrics["train_loss"])
-        if arrays is None:
+        if aggregated is None:
             return None
         # the model's own dtypes: server optimisers compute in float64 (FedAdam's bias correction),
         # which would double every message and make the nodes' float32 replies look foreign
         return ArrayRecord(
             {
-                name: Array(np.asarray(arrays[name].numpy(), dtype=want.dtype))
+                name: Array(np.asarray(aggregated[name].numpy(), dtype=want.dtype))
                 for name, want in self.expected.layout.items()
             }
         )

@@ -19,13 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     Bulyan,
-    DifferentialPrivacyClientSideAdaptiveClipping,
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping,
-    DifferentialPrivacyServerSideFixedClipping,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -43,13 +39,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedcifar.config import RunConfig
 from fedcifar.protocol import LOSS_BEFORE_TRAINING
+from fedcifar.server.privacy import CENTRAL_DP_WRAPPERS, with_privacy
 
-CENTRAL_DP_WRAPPERS = (
-    DifferentialPrivacyServerSideFixedClipping,
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping,
-    DifferentialPrivacyClientSideAdaptiveClipping,
-)
 # what a strategy carries from one round to the next; the others are set again every round
 STATE = ("m_t", "v_t", "momentum_vector", "current_arrays", "clipping_norm")
 BOOKKEEPING_METRICS = ("partition-id", "train-seconds", "examples-trained", LOSS_BEFORE_TRAINING, "norm_bit")
@@ -95,41 +86,6 @@ def build_strategy(config: RunConfig) -> Strategy:
     return with_privacy(aggregation, config)
 
 
-def with_privacy(strategy: Strategy, config: RunConfig) -> Strategy:
-    """Flower's central-DP wrapper the run config asks for (``dp``), or the strategy as it is."""
-    z, norm, n = config.noise_multiplier, config.clipping_norm, config.replies_per_round
-    adaptive = {
-        "initial_clipping_norm": norm,
-        "target_clipped_quantile": config.target_clipped_quantile,
-        "clip_norm_lr": config.clip_norm_lr,
-    }
-    wrap = {
-        "server-fixed": lambda: DifferentialPrivacyServerSideFixedClipping(strategy, z, norm, n),
-        "client-fixed": lambda: DifferentialPrivacyClientSideFixedClipping(strategy, z, norm, n),
-        "server-adaptive": lambda: DifferentialPrivacyServerSideAdaptiveClipping(strategy, z, n, **adaptive),
-        "client-adaptive": lambda: DifferentialPrivacyClientSideAdaptiveClipping(strategy, z, n, **adaptive),
-    }.get(config.dp)
-    return wrap() if wrap else strategy
-
-
-def prepare_private_aggregation(strategy: Strategy, replies: list[Message]) -> None:
-    """Under central DP, make the aggregate the one the noise is scaled for: a plain mean of the
-    replies that are aggregated. The wrappers scale the noise for ``num_sampled_clients`` clipped
-    updates averaged with equal weights; fewer replies, or weights by example count, would let one
-    client move the mean by more than the noise covers."""
-    if not isinstance(strategy, CENTRAL_DP_WRAPPERS):
-        return
-    strategy.num_sampled_clients = len(replies)
-    weighted_by = strategy.strategy.weighted_by_key
-    for reply in replies:
-        reply.content["metrics"][weighted_by] = 1
-
-
-def clipping_norm(strategy: Strategy) -> float | None:
-    """The clipping norm in force (central DP), None without one."""
-    return float(strategy.clipping_norm) if isinstance(strategy, CENTRAL_DP_WRAPPERS) else None
-
-
 def _layers(strategy: Strategy) -> Iterator[tuple[str, Strategy]]:
     """The strategy and, for a wrapper, the strategy it wraps."""
     yield type(strategy).__name__, strategy
@@ -140,10 +96,10 @@ def _layers(strategy: Strategy) -> Iterator[tuple[str, Strategy]]:
 def strategy_state(strategy: Strategy) -> dict[str, Any]:
     """What the strategy carries between rounds, as tensors and numbers (``torch.load(weights_only)``)."""
     return {
-        f"{name}.{attr}": _saveable(value)
+        f"{name}.{attr}": _saveable(getattr(layer, attr))
         for name, layer in _layers(strategy)
         for attr in STATE
-        if (value := getattr(layer, attr, None)) is not None
+        if hasattr(layer, attr)  # None too: a restore must unset what a failed attempt set
     }
 
 
@@ -156,6 +112,8 @@ def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
 
 
 def _saveable(value: Any) -> Any:
+    if value is None:
+        return None
     if isinstance(value, ArrayRecord):
         return {"ArrayRecord": {k: torch.from_numpy(a.numpy().copy()) for k, a in value.items()}}
     if isinstance(value, np.ndarray):

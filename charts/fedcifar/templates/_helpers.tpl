@@ -410,6 +410,13 @@ The Flower run config passed to `flwr run --run-config`.
   (printf "num-malicious-nodes=%d" (int $run.numMaliciousNodes))
   (printf "num-nodes-to-select=%d" (int $run.numNodesToSelect))
   (printf "max-examples=%d" (int $run.maxExamples))
+  (printf "proximal-mu=%s" (include "fedcifar.tomlFloat" $run.proximalMu))
+  (printf "eta=%s" (include "fedcifar.tomlFloat" $run.eta))
+  (printf "server-momentum=%s" (include "fedcifar.tomlFloat" $run.serverMomentum))
+  (printf "dp=%s" (toJson $run.dp))
+  (printf "noise-multiplier=%s" (include "fedcifar.tomlFloat" $run.noiseMultiplier))
+  (printf "clipping-norm=%s" (include "fedcifar.tomlFloat" $run.clippingNorm))
+  (printf "dp-delta=%s" (include "fedcifar.tomlFloat" $run.dpDelta))
 -}}
 {{- if not (hasKey $run.extraConfig "out-dir") }}
 {{- /* per revision, on the SuperLink's state volume: a Job retry resumes from its checkpoint */}}
@@ -480,7 +487,7 @@ every release renders.
 {{- if gt (include "fedcifar.run.minNodes" . | int) (include "fedcifar.run.numPartitions" . | int) }}
 {{- fail (printf "run.minNodes (%v) is larger than the federation's node slots (%s): the run would wait forever for clients that do not exist." .Values.run.minNodes (include "fedcifar.run.numPartitions" .)) }}
 {{- end }}
-{{- $builtin := list "num-server-rounds" "local-epochs" "batch-size" "learning-rate" "momentum" "partitioner" "dirichlet-alpha" "fraction-train" "fraction-evaluate" "min-nodes" "num-partitions" "round-timeout" "seed" "device" "round-retries" "resume" "strategy" "trim-beta" "num-malicious-nodes" "num-nodes-to-select" "max-examples" }}
+{{- $builtin := list "num-server-rounds" "local-epochs" "batch-size" "learning-rate" "momentum" "partitioner" "dirichlet-alpha" "fraction-train" "fraction-evaluate" "min-nodes" "num-partitions" "round-timeout" "seed" "device" "round-retries" "resume" "strategy" "trim-beta" "num-malicious-nodes" "num-nodes-to-select" "max-examples" "proximal-mu" "eta" "server-momentum" "dp" "noise-multiplier" "clipping-norm" "dp-delta" }}
 {{- range $key, $_ := .Values.run.extraConfig }}
 {{- if has $key $builtin }}
 {{- fail (printf "run.extraConfig.%s repeats a run-config key that the chart sets from run.*: set the matching camelCase value under run instead." $key) }}
