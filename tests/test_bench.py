@@ -57,19 +57,12 @@ def test_bench_reports_every_figure(tmp_path, mini_dir):
         "centralized_accuracy",
     ):
         assert key in result, key
-    assert result["round_speedup"] == pytest.approx(result["stock_round_seconds"] / result["fedcifar_round_seconds"])
     assert result["fedcifar_round_seconds"] > result["fixed_overhead_seconds"] > 0
-    assert result["throughput_ratio"] == pytest.approx(
-        result["client_images_per_second"] / result["centralized_images_per_second"]
-    )
-    assert result["data_path_speedup"] == pytest.approx(
-        result["client_images_per_second"] / result["stock_client_images_per_second"]
-    )
-    for key in ("stock_accuracy", "fedcifar_accuracy", "centralized_accuracy"):
-        assert 0 <= result[key] <= 1
     assert result["bytes_per_round"] > 4 * 62_006  # the model travels both ways for both clients
     assert result["client_peak_rss_by_process"]["fedcifar trainer"] > 0
     # both federations really ran their rounds
     for app in ("stock", "fedcifar"):
         history = json.loads((tmp_path / app / "history.json").read_text())
         assert [r["round"] for r in history["rounds"]] == [1, 2] and history["status"] == "completed"
+        assert result[f"{app}_accuracy"] == history["rounds"][-1]["eval_accuracy"]  # the figures are the runs' own
+        assert result[f"{app}_round_seconds"] == history["rounds"][1]["round_seconds"]  # round 1 left out

@@ -23,6 +23,9 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import CollectorRegistry
+
+from fedcifar.metrics import ClientMetrics, ServerMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "fedcifar"
@@ -957,38 +960,17 @@ DASHBOARD_FILES = sorted((CHART / "dashboards").glob("*.json"))
 ALLOWED_LABELS = {"namespace", "pod", "site", "partition", "num_partitions", "device", "kind", "le", "reason"}
 # series that carry the site (client metrics; the server's per-node failures and refused updates)
 SITE_SERIES = ("fedcifar_client_", "fedcifar_rejected_updates")
-KNOWN_METRICS = {
-    "fedcifar_round",
-    "fedcifar_run_rounds",
-    "fedcifar_rounds_completed_total",
-    "fedcifar_round_duration_seconds_bucket",
-    "fedcifar_round_duration_seconds_sum",
-    "fedcifar_round_duration_seconds_count",
-    "fedcifar_train_loss",
-    "fedcifar_eval_loss",
-    "fedcifar_eval_accuracy",
-    "fedcifar_participating_clients",
-    "fedcifar_connected_clients",
-    "fedcifar_examples_trained_total",
-    "fedcifar_sent_bytes_total",
-    "fedcifar_received_bytes_total",
-    "fedcifar_client_failures_total",
-    "fedcifar_rejected_updates_total",
-    "fedcifar_failed_round_attempts_total",
-    "fedcifar_client_info",
-    "fedcifar_client_train_loss",
-    "fedcifar_client_eval_loss",
-    "fedcifar_client_eval_accuracy",
-    "fedcifar_client_round",
-    "fedcifar_client_examples_trained_total",
-    "fedcifar_client_train_duration_seconds_bucket",
-    "fedcifar_client_train_duration_seconds_sum",
-    "fedcifar_client_train_duration_seconds_count",
-    "fedcifar_client_messages_total",
-    "fedcifar_client_received_bytes_total",
-    "fedcifar_client_sent_bytes_total",
-    "fedcifar_client_app_peak_rss_bytes",
-}
+
+
+def exported_series() -> set[str]:
+    """Every series name fedcifar exports, read from its own metric definitions."""
+    registry = CollectorRegistry()
+    ServerMetrics(registry), ClientMetrics(registry)
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    return {family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]}
+
+
+KNOWN_METRICS = exported_series()
 
 
 def all_panels(dashboard: dict) -> list[dict]:

@@ -21,7 +21,7 @@ def test_centralized_prints_json_last(mini_dir):
     done = fedcifar("centralized", "--epochs", "1", "--data", str(mini_dir), "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert 0 <= result["test_accuracy"] <= 1 and result["seconds"] > 0
+    assert result["seconds"] >= result["train_seconds"] > 0  # the wall time includes the training
     assert result["examples"] == 500 and result["epochs"] == 1
     assert result["data"].startswith("parquet:")
 

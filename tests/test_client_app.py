@@ -83,7 +83,10 @@ def test_trainer_errors_come_back_as_errors(mini_dir, node_trainer):
     with pytest.raises(TrainerError, match="'partitioner' must be one of iid, dirichlet"):
         run_task(task(mini_dir, partitioner="shards"))
     evaluation = run_task(task(mini_dir, kind="evaluate"))  # and the trainer is still serving
-    assert evaluation.arrays is None and 0 <= evaluation.metrics["eval_accuracy"] <= 1
+    partition = load_partition(resolve_source(mini_dir), "test", 1, 2)
+    expected = evaluate(initial_model(42), partition, pick_device("auto"))
+    assert evaluation.arrays is None
+    assert (evaluation.metrics["eval_loss"], evaluation.metrics["eval_accuracy"]) == pytest.approx(expected, rel=1e-5)
 
 
 def test_the_shim_imports_no_torch():

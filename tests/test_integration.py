@@ -98,7 +98,7 @@ def test_history_has_every_round(federation):
         assert r["sites"] == ["unknown", "unknown"]  # no SuperNode authentication locally: no registered names
         assert r["examples_trained"] == 500  # 250 images per partition, 1 local epoch
         assert r["round_seconds"] > 0 and r["failures"] == 0
-        assert 0 <= r["eval_accuracy"] <= 1 and r["train_loss"] > 0
+        assert r["train_loss"] > 0
         assert r["sent_bytes"] > 0 and r["received_bytes"] > 0
     assert history["data"].startswith("parquet:")
 

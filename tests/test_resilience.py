@@ -152,9 +152,10 @@ def test_diverged_updates_are_refused_and_the_run_stops_with_a_clear_error(tmp_p
 
 
 def test_a_killed_server_resumes_after_its_last_completed_round(tmp_path, mini_dir):
-    out = tmp_path / "out"
+    """FedAdam: its moments live in the ServerApp; the resumed run ends with the uninterrupted run's model."""
+    out, adam = tmp_path / "out", {"strategy": "fedadam", "eta": 0.01}
     with LocalFederation(clients=2, app_dir=ROOT, work_dir=tmp_path, data=str(mini_dir)) as fed:
-        fed.submit(run_config(out, rounds=3))
+        fed.submit(run_config(out, rounds=3) | adam)
         deadline = time.monotonic() + 120
         while not (load_history(out) or {}).get("rounds"):
             assert time.monotonic() < deadline, "round 1 never completed"
@@ -189,7 +190,15 @@ def test_a_killed_server_resumes_after_its_last_completed_round(tmp_path, mini_d
     assert after["status"] == "completed" and [r["round"] for r in after["rounds"]] == [1, 2, 3]
     assert after["rounds"][:done] == before["rounds"][:done]  # no completed round lost or redone
     assert after["resumes"][0]["after_round"] == done
-    assert torch.load(out / "model.pt", weights_only=True)["round"] == 3
+    resumed_model = torch.load(out / "model.pt", weights_only=True)
+    assert resumed_model["round"] == 3
+
+    whole = tmp_path / "whole"
+    with LocalFederation(clients=2, app_dir=ROOT, work_dir=tmp_path / "w", data=str(mini_dir)) as fed:
+        fed.follow(fed.submit(run_config(whole, rounds=3) | adam), whole, on_round=lambda r: None)
+    uninterrupted = torch.load(whole / "model.pt", weights_only=True)["model"]
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed_model["model"][name], tensor, rtol=1e-4, atol=1e-6)
 
     again = subprocess.run(
         [sys.executable, "-m", "fedcifar", "run", "--resume", str(out), "--data", str(mini_dir)],

@@ -40,10 +40,11 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from fedcifar.config import RunConfig
 from fedcifar.protocol import LOSS_BEFORE_TRAINING
 from fedcifar.server.privacy import CENTRAL_DP_WRAPPERS, with_privacy
+from fedcifar.server.replies import NORM_BIT
 
 # what a strategy carries from one round to the next; the others are set again every round
 STATE = ("m_t", "v_t", "momentum_vector", "current_arrays", "clipping_norm")
-BOOKKEEPING_METRICS = ("partition-id", "train-seconds", "examples-trained", LOSS_BEFORE_TRAINING, "norm_bit")
+BOOKKEEPING_METRICS = ("partition-id", "train-seconds", "examples-trained", LOSS_BEFORE_TRAINING, NORM_BIT)
 
 
 def aggregate_client_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
