@@ -167,6 +167,11 @@ def federation(kube, image, prometheus, batch):
             "run.localEpochs": LOCAL_EPOCHS,
             "data.volume.hostPath": str(DATA),
             "run.maxExamples": 200,  # the sites train their own data (split: site): site B's one slot holds 200
+            # central DP, clipped on the sites' SuperNodes (Flower's mod, the norm from each message), the
+            # norm adapted on the SuperLink; site B's slot is missing until it joins: an update of zeros
+            "run.dp": "client-adaptive",
+            "run.noiseMultiplier": "0.1",
+            "run.clippingNorm": "5.0",
             "superlink.service.type": "NodePort",
             "superlink.service.nodePort": NODE_PORT,
         }

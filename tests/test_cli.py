@@ -31,7 +31,9 @@ def test_centralized_prints_json_last(mini_dir):
     [
         (["run", "--data", "/no/such/folder"], "does not exist"),
         (["run", "-c", "learning-rate=fast"], "'learning-rate' must be a number"),
-        (["run", "-c", "bogus-key=1"], "unknown run config key(s) ['bogus-key']"),
+        (["run", "-c", "bogus-key=1"], "unknown run config key 'bogus-key'; the keys are: augment,"),
+        (["run", "-c", "eta-l=0.1"], "Flower's name for the clients' learning rate"),
+        (["run", "-c", "strategy=fedadam", "-c", "dp=server-fixed"], "would see the un-noised mean"),
         (["run", "--clients", "0"], "--clients must be >= 1"),
         (["run", "-c", "partitioner=shards"], "'partitioner' must be one of iid, dirichlet"),
         (["centralized", "--epochs", "0"], "--epochs must be >= 1, got 0"),
