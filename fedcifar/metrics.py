@@ -29,7 +29,8 @@ DEFAULT_SITE = "local"
 UNKNOWN_SITE = "unknown"  # a SuperNode registered without a site name (or not registered: no auth)
 FAILURE_REASONS = ("error", "timeout")  # an error reply; no reply before the round's deadline
 # why a reply was refused (server/replies.py): its records, its arrays' layout or bytes, NaN/Inf, its
-# metrics, a weight above its slot's size, a slot answered twice or not its key's, an error checking it
+# metrics, a weight above its slot's size, a slot answered twice or not its key's, an update above the
+# clipping norm the server sent (client-side DP), an error checking it
 REJECT_REASONS = (
     "bad_records",
     "wrong_shape",
@@ -38,6 +39,7 @@ REJECT_REASONS = (
     "too_many_examples",
     "duplicate_partition",
     "wrong_slot",
+    "unclipped",
     "unreadable",
 )
 ROUND_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)

@@ -20,6 +20,7 @@ from fedcifar.config import CENTRAL_DP, STRATEGIES, ConfigError, RunConfig
 from fedcifar.flower_tuning import clip_zero_updates
 from fedcifar.protocol import LOSS_BEFORE_TRAINING
 from fedcifar.server.privacy import PrivacyAccount
+from fedcifar.server.recorder import RoundTally
 from fedcifar.server.rounds import RoundLoop
 from fedcifar.server.strategies import build_strategy, restore_strategy_state
 from fedcifar.task import MODEL_KEY, flat_weights, initial_model
@@ -200,8 +201,6 @@ def test_adaptive_clipping_raises_the_norm_when_more_is_clipped_and_noises_at_th
 
 
 def _train_once(loop: RoundLoop) -> np.ndarray:
-    from fedcifar.server.recorder import RoundTally
-
     arrays, _, _ = loop.train(1, ArrayRecord({MODEL_KEY: Array(START)}), RoundTally())
     return arrays[MODEL_KEY].numpy()
 
@@ -282,3 +281,15 @@ def test_every_central_dp_mode_and_strategy_pair_that_is_accepted_builds():
             build_strategy(config)
             built += 1
     assert built == 4 * 2 + 2 * len(STRATEGIES)  # central DP with fedavg and fedprox; local and none with any
+
+
+def test_under_client_side_clipping_an_unclipped_update_is_refused(tmp_path):
+    """The server sent the norm; a node whose update is above it is refused, the others aggregated."""
+    RUN.update(num_partitions=3, dp="client-fixed")
+    sloppy = {**NODES, 13: lambda m: train_reply(m.content["arrays"][MODEL_KEY].numpy() + 1.0, 2, examples=200)}
+    loop = loop_for(tmp_path, sloppy, dp="client-fixed", noise_multiplier=1e-9, clipping_norm=1.0, round_timeout=5.0)
+    tally = RoundTally()
+    loop.train(1, ArrayRecord({MODEL_KEY: Array(START)}), tally)
+    RUN.clear()
+    assert [(r["slot"], r["reason"]) for r in tally.refusals] == [("2", "unclipped")]
+    assert [a.slot for a in tally.accepted] == [0, 1]

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
@@ -36,6 +37,7 @@ from flwr.supercore.privacy_accounting import (
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant  # dp-accounting, loaded when built
 
 from fedcifar.config import CENTRAL_DP, RunConfig
+from fedcifar.server.replies import Refused
 
 NOT_COMPUTED = {
     "none": "no differential privacy",
@@ -121,6 +123,22 @@ def private_replies(strategy: Strategy, replies: list[Message], arrays: ArrayRec
         Message(RecordDict({"arrays": arrays, "metrics": zeros.copy()}), dst_node_id=0, message_type="train")
         for _ in range(missing)
     ]
+
+
+def check_clipped(strategy: Strategy, reply: RecordDict, sent: ArrayRecord) -> None:
+    """Under client-side clipping, refuse a training reply whose update (from the model ``sent``) is
+    above the norm the server sent: a node that does not clip gets no more say than one that does.
+    ``reply`` has passed ``replies.check_train_reply`` (the model's exact layout)."""
+    if not isinstance(strategy, DifferentialPrivacyClientSideFixedClipping | ClientSideAdaptiveClipping):
+        return
+    received = reply["arrays"]
+    norm = math.sqrt(
+        sum(float(np.sum((received[k].numpy() - a.numpy()) ** 2, dtype=np.float64)) for k, a in sent.items())
+    )
+    if norm > strategy.clipping_norm * (1 + 1e-4):  # float32 rounding of a clipped update
+        raise Refused(
+            "unclipped", f"its update's norm {norm:.4g} is above the clipping norm {strategy.clipping_norm:.4g}"
+        )
 
 
 def clipping_norm(strategy: Strategy) -> float | None:

@@ -30,7 +30,7 @@ from fedcifar.config import RunConfig
 from fedcifar.metrics import ServerMetrics, record_bytes
 from fedcifar.server.ledger import NodeLedger
 from fedcifar.server.polling import PollingGrid
-from fedcifar.server.privacy import PrivacyAccount, clipping_norm, private_replies
+from fedcifar.server.privacy import PrivacyAccount, check_clipped, clipping_norm, private_replies
 from fedcifar.server.recorder import Accepted, Recorder, RoundTally
 from fedcifar.server.replies import (
     EvaluateReply,
@@ -89,6 +89,7 @@ class RoundLoop:
     metrics: ServerMetrics
     privacy: PrivacyAccount
     _verdicts: dict[int, TrainReply | EvaluateReply | Refused] = field(default_factory=dict)  # by id(reply)
+    _sent: ArrayRecord = field(default_factory=ArrayRecord)  # the global model this attempt trains from
     _sent_to: dict[str, int] = field(default_factory=dict)  # message id -> the node it went to
 
     def run(self, arrays: ArrayRecord, first: int) -> ArrayRecord:
@@ -120,6 +121,7 @@ class RoundLoop:
             # a failed attempt must leave no trace in what the strategy carries to the next round
             # (FedAdam's moments, FedAvgM's momentum, the adaptive clipping norm)
             state_before = strategy_state(self.strategy)
+            self._sent = arrays
             config = ConfigRecord({"lr": self.config.learning_rate})
             messages = self._configure(self.strategy.configure_train, server_round, arrays, config)
             every_slot = self._every_slot_in if self.config.fraction_train == 1 else None
@@ -243,6 +245,8 @@ class RoundLoop:
                     self.ledger.bound_slot.get(node_id),
                     self.ledger.held_by_others(node_id),
                 )
+                if kind == "train":
+                    check_clipped(self.strategy, message.content, self._sent)
             except Refused as refused:
                 self._verdicts[key] = refused
             except Exception as err:  # a defect no check foresaw: this reply is refused, the run goes on
