@@ -18,6 +18,7 @@ site the SuperNode's key was registered under (see ``server/ledger.py``).
 
 from __future__ import annotations
 
+import functools
 import os
 from functools import lru_cache
 
@@ -51,17 +52,15 @@ class ServerMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         kw = {"registry": registry} if registry is not None else {}
-        self.round = Gauge(
+        # a gauge keeps the value the last process wrote (counters and histograms add up)
+        gauge = functools.partial(Gauge, multiprocess_mode="mostrecent", **kw)
+        self.round = gauge(
             "fedcifar_round",
             "Current (or last) federated round number.",
-            multiprocess_mode="mostrecent",
-            **kw,
         )
-        self.num_rounds = Gauge(
+        self.num_rounds = gauge(
             "fedcifar_run_rounds",
             "Rounds configured for the current run.",
-            multiprocess_mode="mostrecent",
-            **kw,
         )
         self.rounds_completed = Counter("fedcifar_rounds_completed", "Federated rounds completed.", **kw)
         self.round_duration = Histogram(
@@ -70,35 +69,25 @@ class ServerMetrics:
             buckets=ROUND_BUCKETS,
             **kw,
         )
-        self.train_loss = Gauge(
+        self.train_loss = gauge(
             "fedcifar_train_loss",
             "Training loss of the last round, averaged over clients by examples.",
-            multiprocess_mode="mostrecent",
-            **kw,
         )
-        self.eval_loss = Gauge(
+        self.eval_loss = gauge(
             "fedcifar_eval_loss",
             "Server-side test loss of the global model after the last round.",
-            multiprocess_mode="mostrecent",
-            **kw,
         )
-        self.eval_accuracy = Gauge(
+        self.eval_accuracy = gauge(
             "fedcifar_eval_accuracy",
             "Server-side test accuracy (0-1) of the global model after the last round.",
-            multiprocess_mode="mostrecent",
-            **kw,
         )
-        self.connected_clients = Gauge(
+        self.connected_clients = gauge(
             "fedcifar_connected_clients",
             "SuperNodes connected to the SuperLink when the last round started.",
-            multiprocess_mode="mostrecent",
-            **kw,
         )
-        self.participating_clients = Gauge(
+        self.participating_clients = gauge(
             "fedcifar_participating_clients",
             "Clients whose training reply was aggregated in the last round.",
-            multiprocess_mode="mostrecent",
-            **kw,
         )
         self.examples_trained = Counter(
             "fedcifar_examples_trained", "Training examples processed by all clients (epochs included).", **kw
@@ -122,30 +111,22 @@ class ServerMetrics:
         self.failed_round_attempts = Counter(
             "fedcifar_failed_round_attempts", "Round attempts that aggregated no client update (then retried).", **kw
         )
-        self.strategy = Gauge(
+        self.strategy = gauge(
             "fedcifar_strategy_info",
             "The run's aggregation strategy and differential privacy (1 for the one in force).",
             ["strategy", "dp"],
-            multiprocess_mode="mostrecent",
-            **kw,
         )
-        self.dp_clipping_norm = Gauge(
+        self.dp_clipping_norm = gauge(
             "fedcifar_dp_clipping_norm",
             "Differential privacy: the clipping norm of the last round (adaptive clipping moves it).",
-            multiprocess_mode="mostrecent",
-            **kw,
         )
-        self.dp_noise_multiplier = Gauge(
+        self.dp_noise_multiplier = gauge(
             "fedcifar_dp_noise_multiplier",
             "Central differential privacy: noise standard deviation over the clipping norm.",
-            multiprocess_mode="mostrecent",
-            **kw,
         )
-        self.dp_epsilon = Gauge(
+        self.dp_epsilon = gauge(
             "fedcifar_dp_epsilon",
             "Central differential privacy: the epsilon spent so far (RDP accountant) at the run's dp-delta.",
-            multiprocess_mode="mostrecent",
-            **kw,
         )
 
 
@@ -154,49 +135,39 @@ class ClientMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         kw = {"registry": registry} if registry is not None else {}
+        # a gauge keeps the value the last process wrote (counters and histograms add up)
+        gauge = functools.partial(Gauge, multiprocess_mode="mostrecent", **kw)
         self.site = node_site()
         part = ["site", "partition"]
-        self.info = Gauge(
+        self.info = gauge(
             "fedcifar_client_info",
             "Always 1; labels: this node's site, partition (slot), the slot count, its device.",
             ["site", "partition", "num_partitions", "device"],
-            multiprocess_mode="mostrecent",
-            **kw,
         )
-        self.node = Gauge(
+        self.node = gauge(
             "fedcifar_client_node",
             "1 once the SuperLink has activated this SuperNode; labels: its site, Flower node id.",
             ["site", "node_id"],
-            multiprocess_mode="mostrecent",
-            **kw,
         )
-        self.train_loss = Gauge(
+        self.train_loss = gauge(
             "fedcifar_client_train_loss",
             "Training loss of this node's last training round.",
             part,
-            multiprocess_mode="mostrecent",
-            **kw,
         )
-        self.eval_loss = Gauge(
+        self.eval_loss = gauge(
             "fedcifar_client_eval_loss",
             "Loss of the global model on this node's test partition.",
             part,
-            multiprocess_mode="mostrecent",
-            **kw,
         )
-        self.eval_accuracy = Gauge(
+        self.eval_accuracy = gauge(
             "fedcifar_client_eval_accuracy",
             "Accuracy (0-1) of the global model on this node's test partition.",
             part,
-            multiprocess_mode="mostrecent",
-            **kw,
         )
-        self.last_round = Gauge(
+        self.last_round = gauge(
             "fedcifar_client_round",
             "Server round of this node's last training message.",
             part,
-            multiprocess_mode="mostrecent",
-            **kw,
         )
         self.examples_trained = Counter(
             "fedcifar_client_examples_trained", "Training examples processed on this node.", part, **kw
