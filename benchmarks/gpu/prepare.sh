@@ -22,7 +22,7 @@ python -c 'import fedcifar, flwr' 2>/dev/null || {
 # (tests, cluster clients, uv: the SuperLink installs no run dependencies). Everything else, Flower
 # and the versions it pins (grpcio, protobuf, typer, rich, ...) included, is carried at the version
 # this venv resolved.
-PROVIDED='torch|numpy|pandas|pyarrow|matplotlib|contourpy|kiwisolver|fonttools|pillow|pyparsing|cycler|python-dateutil|six|seaborn|sympy|mpmath|networkx|tzdata|jinja2|markupsafe|pygments|markdown-it-py|mdurl|pyyaml|filelock|tqdm|xxhash|certifi|idna|urllib3|requests|charset-normalizer|anyio|h11|httpcore|httpx|packaging|typing-extensions|shellingham|huggingface-hub|hf-xet|aiohttp|aiohappyeyeballs|aiosignal|attrs|frozenlist|multidict|propcache|yarl|uvloop|uv|py-spy|pytest|iniconfig|pluggy|kubernetes|kubernetes-validate|durationpy|oauthlib|requests-oauthlib|websocket-client|jsonschema|jsonschema-specifications|referencing|rpds-py|importlib-resources'
+PROVIDED='torch|scipy|ruff|numpy|pandas|pyarrow|matplotlib|contourpy|kiwisolver|fonttools|pillow|pyparsing|cycler|python-dateutil|six|seaborn|sympy|mpmath|networkx|tzdata|jinja2|markupsafe|pygments|markdown-it-py|mdurl|pyyaml|filelock|tqdm|xxhash|certifi|idna|urllib3|requests|charset-normalizer|anyio|h11|httpcore|httpx|packaging|typing-extensions|shellingham|huggingface-hub|hf-xet|aiohttp|aiohappyeyeballs|aiosignal|attrs|frozenlist|multidict|propcache|yarl|uvloop|uv|py-spy|pytest|iniconfig|pluggy|kubernetes|kubernetes-validate|durationpy|oauthlib|requests-oauthlib|websocket-client|jsonschema|jsonschema-specifications|referencing|rpds-py|importlib-resources'
 
 rm -rf .gpu
 mkdir -p .gpu/wheels

@@ -8,20 +8,8 @@
 set -euo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-PYTHON=${PYTHON:-python3}
-VENV=${VENV:-/tmp/fedcifar-venv}
-export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 PYTHONUNBUFFERED=1
-
-# A venv whose own site-packages (the carried wheels) come before the image's (torch, numpy, ...),
-# with this checkout on its path as an editable install would put it (the bench runs the apps in
-# this folder): fedcifar finds flwr and flower-* beside its interpreter.
-"$PYTHON" -m venv --without-pip "$VENV"
-{
-    echo "$PWD"
-    "$PYTHON" -c 'import site; print("\n".join(site.getsitepackages()))'
-} >"$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')/gpu-image.pth"
-"$VENV/bin/python" -m pip install -q --no-index --no-deps --no-compile .gpu/wheels/*.whl
-export PATH="$VENV/bin:$PATH"
+# shellcheck source=benchmarks/gpu/venv.sh
+. benchmarks/gpu/venv.sh
 
 {
     date -u
