@@ -21,6 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fedcifar.config import SPLITS, RunConfig, app_defaults, check_site, parse_overrides
+from fedcifar.fleet_guard import GuardSettings
+from fedcifar.flower_tuning import DEFAULT_POLL_SECONDS, POLL_ENV
 from fedcifar.metrics import DEFAULT_SITE, SITE_ENV
 from fedcifar.niid_bench import CELLS, Protocol
 
@@ -82,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the federation and its metrics endpoints up this many seconds after the run",
     )
     run.add_argument("--app", type=Path, default=APP_DIR, help="Flower app folder (default: this project)")
+    run.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain HTTP and no SuperNode authentication (default: TLS with a throwaway CA, signed nodes); "
+        "without authentication a node is whoever it claims to be",
+    )
     run.set_defaults(handler=cmd_run)
 
     cen = sub.add_parser("centralized", help="train the CNN centrally (the original cifar.py)")
@@ -174,6 +182,31 @@ def build_parser() -> argparse.ArgumentParser:
         node.add_argument("--metrics-port", type=int, default=9400)
         node.add_argument("--metrics-host", default="0.0.0.0")
         node.add_argument("--metrics-dir", help="multiprocess metrics folder (default: a temporary one)")
+        if role == "superlink":
+            guard = GuardSettings()
+            node.add_argument(
+                "--behind-proxy",
+                action="store_true",
+                help="a proxy is this SuperLink's public face (the chart's nginx): Flower listens on loopback only",
+            )
+            node.add_argument(
+                "--fleet-max-reply-bytes",
+                type=int,
+                default=guard.max_reply_bytes,
+                help="Fleet guard: the most a reply may hold in a run whose ServerApp set no layout of its own",
+            )
+            node.add_argument(
+                "--fleet-max-reply-objects",
+                type=int,
+                default=guard.max_reply_objects,
+                help="Fleet guard: the most objects a reply may hold in such a run",
+            )
+            node.add_argument(
+                "--fleet-site-held-bytes",
+                type=int,
+                default=guard.site_held_bytes,
+                help="Fleet guard: the most bytes of one site's replies the SuperLink holds at a time",
+            )
         if role == "supernode":
             node.add_argument(
                 "--partition-id",
@@ -203,9 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_node(args: argparse.Namespace, extra: list[str]) -> int:
     from fedcifar.flwr_cli import flower_binary
-    from fedcifar.node import node_config, resolve_ordinal, run_node
+    from fedcifar.node import check_superlink_args, node_config, resolve_ordinal, run_node
 
-    command, trainer = [flower_binary(args.flower), *extra], None
+    command, trainer, guard = [flower_binary(args.flower), *extra], None, None
+    if args.role == "superlink":
+        check_superlink_args(extra, os.environ, args.behind_proxy)
+        guard = GuardSettings(
+            poll_interval=float(os.environ.get(POLL_ENV) or DEFAULT_POLL_SECONDS),
+            max_reply_bytes=args.fleet_max_reply_bytes,
+            max_reply_objects=args.fleet_max_reply_objects,
+            site_held_bytes=args.fleet_site_held_bytes,
+        )
+        # stock flower-superlink, with the Fleet guard around its Fleet handlers (see flower_tuning.py)
+        command = [sys.executable, "-m", "fedcifar.flower_tuning", "superlink", *extra]
     if args.role == "supernode":
         if any(a.startswith("--node-config") for a in extra):
             raise ValueError("fedcifar supernode sets --node-config itself: use --partition-id/--num-partitions/--data")
@@ -232,7 +275,7 @@ def cmd_node(args: argparse.Namespace, extra: list[str]) -> int:
             "--num-partitions",
             str(args.num_partitions),
         ]
-    return run_node(command, args.metrics_port, args.metrics_host, args.metrics_dir, trainer)
+    return run_node(command, args.metrics_port, args.metrics_host, args.metrics_dir, trainer, guard)
 
 
 def cmd_bench(args: argparse.Namespace, _extra: list[str]) -> int:
@@ -398,7 +441,13 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
         work_dir=out_dir,
         data=data,
         metrics_ports=metrics_ports(args.metrics_port, clients),
+        signed=not args.insecure,
     )
+    if args.insecure:
+        console.print(
+            "[yellow]--insecure:[/] plain HTTP and no SuperNode authentication: any local process can act as any "
+            "node, and the SuperLink's Fleet guard cannot tell them apart"
+        )
     try:
         with fed:
             console.print(

@@ -28,6 +28,13 @@
    a content still missing at the deadline becomes Flower's own "objects unavailable" error
    reply, counted as that client's failure.
 
+5. **The Fleet guard** (``fleet_guard.py``), in the SuperLink: Flower checks that a Fleet request is
+   signed by a registered key of the node it names, not what the request holds; the guard holds every
+   push, pull and confirmation to that node's own messages and objects, within budgets.
+   ``guard_fleet_api`` wraps Flower's Fleet handlers and checks at start that its HTTP router calls
+   them through the wrappers (``python -m fedcifar.flower_tuning superlink ARGS``, what ``fedcifar
+   superlink`` runs, stops otherwise).
+
 All of them are applied through one entry point, ``tune(role)``, which first checks that the installed
 flwr is the release they were verified on (``VERIFIED_FLWR``) and stops with a message otherwise,
 unless ``$FEDCIFAR_ALLOW_UNVERIFIED_FLWR=1``. The first two are module-local stand-ins (``time`` and
@@ -59,6 +66,7 @@ LOCAL_CHECK_SECONDS = 0.02
 PULL_RETRY_SECONDS = 0.02  # Flower's default: 1 s (flwr.supercore.constant.PULL_INITIAL_BACKOFF)
 BOUNDED_PULL_RETRY_CAP = 0.5  # Flower's default: 10 s (PULL_BACKOFF_CAP)
 SUPEREXEC, CLIENTAPP = "flower-superexec", "flwr-clientapp"
+INTERNAL_GRPC_PREFIX = "FLWR_INTERNAL_GRPC_"  # Flower's switches for its legacy gRPC Fleet and Control APIs
 # What a ClientApp process imports before it reads its message (not the app: that comes from the FAB)
 CLIENTAPP_PRELOAD = [
     "flwr.supernode.cli",
@@ -93,6 +101,10 @@ SUPEREXEC_MAIN = "import sys; from fedcifar.flower_tuning import main; main(sys.
 
 class UnverifiedFlower(RuntimeError):
     """The installed flwr is not the release ``VERIFIED_FLWR`` these changes were verified on."""
+
+
+class GuardNotInPlace(RuntimeError):
+    """The Fleet guard could not be put in front of every Fleet handler (or something would bypass it)."""
 
 
 def capped_time(idle: float, local: float = LOCAL_CHECK_SECONDS) -> types.SimpleNamespace:
@@ -223,6 +235,54 @@ def clip_zero_updates() -> None:
     dp_adaptive_clipping.adaptive_clip_inputs_inplace = clip  # imported by name there
 
 
+def guard_fleet_api(settings=None):
+    """Put the Fleet guard (``fleet_guard.py``) around Flower's Fleet handlers in this process, the
+    SuperLink's, and check that Flower's HTTP router reaches them through it: the router looks each
+    handler up on the ``fleet_handlers`` module at every call. Its refusals are Flower API errors of
+    codes of its own (403, and 503 with Retry-After for the request budget), logged by the guard once
+    per node and reason, not once per request by Flower's error translator."""
+    import logging
+
+    from fastapi import status
+    from flwr.supercore.error.catalog import API_ERROR_MAP, ApiErrorSpec
+    from flwr.superlink.routers.fleet import router
+    from flwr.superlink.servicer.fleet import fleet_handlers
+    from grpc import StatusCode
+
+    from fedcifar import fleet_guard
+    from fedcifar.metrics import superlink_metrics
+
+    if opened := sorted(name for name in os.environ if name.startswith(INTERNAL_GRPC_PREFIX)):
+        raise GuardNotInPlace(
+            f"{', '.join(opened)} would open Flower's legacy gRPC APIs beside the guarded HTTP one: unset it"
+        )
+    metrics = superlink_metrics()
+    guard = fleet_guard.FleetGuard(
+        settings or fleet_guard.GuardSettings.from_env(),
+        count=lambda reason, site: metrics.fleet_refused.labels(reason, site).inc(),
+    )
+    for name in fleet_guard.GUARDED:
+        handler = getattr(fleet_handlers, name, None)
+        endpoint = getattr(router, f"fleet_{name}", None)
+        if handler is None or endpoint is None or name not in endpoint.__code__.co_names:
+            raise GuardNotInPlace(
+                f"Flower's Fleet router no longer calls fleet_handlers.{name}: the Fleet guard cannot stand "
+                f"in front of it (flwr {VERIFIED_FLWR}.* is the release it was verified on)"
+            )
+        setattr(fleet_handlers, name, guard.wrap(name, handler))
+    if router.fleet_handlers is not fleet_handlers:
+        raise GuardNotInPlace("Flower's Fleet router reads another handlers module than the one guarded")
+    API_ERROR_MAP[fleet_guard.REFUSED_CODE] = ApiErrorSpec(
+        StatusCode.PERMISSION_DENIED, status.HTTP_403_FORBIDDEN, fleet_guard.REFUSED_MESSAGE
+    )
+    API_ERROR_MAP[fleet_guard.BUSY_CODE] = ApiErrorSpec(
+        StatusCode.UNAVAILABLE, status.HTTP_503_SERVICE_UNAVAILABLE, fleet_guard.BUSY_MESSAGE, {"Retry-After": "1"}
+    )
+    codes = tuple(f"[ApiError:{c}]" for c in (fleet_guard.REFUSED_CODE, fleet_guard.BUSY_CODE))
+    logging.getLogger("flwr").addFilter(lambda record: not any(c in str(record.msg) for c in codes))
+    return guard
+
+
 def check_flower_version(installed: str | None = None) -> None:
     """Stop unless the installed flwr is the release these changes were verified on (or the user
     said to go on without): on another release they could silently do nothing, or break Flower."""
@@ -245,10 +305,12 @@ def check_flower_version(installed: str | None = None) -> None:
 
 
 def tune(role: str) -> None:
-    """The one entry point: check the flwr release, then change what ``role`` (``supernode``,
-    ``superexec``, ``serverapp`` or ``clientapp``) runs with in this process."""
+    """The one entry point: check the flwr release, then change what ``role`` (``superlink``,
+    ``supernode``, ``superexec``, ``serverapp`` or ``clientapp``) runs with in this process."""
     check_flower_version()
-    if role == "supernode":
+    if role == "superlink":
+        guard_fleet_api()
+    elif role == "supernode":
         shorten_supernode_polling(float(os.environ.get(POLL_ENV, DEFAULT_POLL_SECONDS)))
         shorten_object_pull_backoff()
         start_warm_superexec()
@@ -261,17 +323,22 @@ def tune(role: str) -> None:
     elif role == "clientapp":
         clip_zero_updates()
     else:
-        raise ValueError(f"no Flower tuning for {role!r}: one of supernode, superexec, serverapp, clientapp")
+        raise ValueError(f"no Flower tuning for {role!r}: one of superlink, supernode, superexec, serverapp, clientapp")
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("supernode", "superexec"):
-        sys.exit("usage: python -m fedcifar.flower_tuning supernode|superexec [Flower's options]")
+    if not argv or argv[0] not in ("superlink", "supernode", "superexec"):
+        sys.exit("usage: python -m fedcifar.flower_tuning superlink|supernode|superexec [Flower's options]")
     try:
         tune(argv[0])
-    except UnverifiedFlower as err:
+    except (UnverifiedFlower, GuardNotInPlace) as err:
         sys.exit(f"fedcifar: {err}")
-    if argv[0] == "supernode":
+    if argv[0] == "superlink":
+        from flwr.superlink.cli.flower_superlink import flower_superlink
+
+        sys.argv = ["flower-superlink", *argv[1:]]
+        flower_superlink()
+    elif argv[0] == "supernode":
         from flwr.supernode.cli import flower_supernode
 
         sys.argv = ["flower-supernode", *argv[1:]]

@@ -30,11 +30,15 @@ from typing import Any
 from fedcifar.flower_tuning import DEFAULT_POLL_SECONDS, POLL_ENV
 from fedcifar.flwr_cli import CONNECTION, flower_binary, flwr, flwr_json, write_connection
 from fedcifar.history import load_history
+from fedcifar.metrics import DEFAULT_SITE, SITE_ENV
 from fedcifar.node import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS, node_config
+from fedcifar.pki import PUBLIC, write_pki
 from fedcifar.procfs import process_kind, process_memory, processes_with_env
+from fedcifar.security import OFFSET_ENV, PUBLIC_KEYS_ENV, READY_FILE_ENV
 
 TOKEN_ENV = "FEDCIFAR_LOCAL_TOKEN"
 FEDCIFAR = [sys.executable, "-m", "fedcifar"]
+PKI_DAYS = 30  # a local federation's certificates outlive any run it holds
 
 
 class FederationError(RuntimeError):
@@ -57,6 +61,15 @@ def wait_for_port(port: int, deadline: float, node: NodeProcess) -> None:
                 return
         time.sleep(0.1)
     raise FederationError(f"{node.name} did not listen on port {port} in time:\n{node.log_tail()}")
+
+
+def wait_for_file(path: Path, deadline: float, node: NodeProcess) -> None:
+    while not path.exists():
+        if not node.alive():
+            raise FederationError(f"{node.name} exited before it was ready:\n{node.log_tail()}")
+        if time.monotonic() > deadline:
+            raise FederationError(f"{node.name} was not ready in time:\n{node.log_tail()}")
+        time.sleep(0.1)
 
 
 @dataclass
@@ -90,6 +103,9 @@ class LocalFederation:
     metrics_ports: list[int] | None = None  # [server, client 0, client 1, ...]; None: free ports
     superlink_port: int | None = None
     stock: bool = False  # plain flower-superlink/-supernode, no fedcifar wrappers (benchmark baseline)
+    # TLS (a throwaway CA in the private folder) and SuperNode authentication, so that the SuperLink's
+    # Fleet guard knows which node sent a request; the stock baseline runs as Flower's quickstart does
+    signed: bool = True
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     nodes: list[NodeProcess] = field(default_factory=list)
     peak_rss: dict[str, int] = field(default_factory=dict)  # bytes per kind of process
@@ -133,38 +149,45 @@ class LocalFederation:
             env["FEDCIFAR_DATA"] = str(Path(self.data).expanduser().resolve())
         return env
 
+    @property
+    def secure(self) -> bool:
+        return self.signed and not self.stock
+
+    @property
+    def pki(self) -> Path:
+        return self.nodes_dir / "pki"
+
     def start(self, timeout: float = 60) -> None:
-        write_connection(self.flwr_home, CONNECTION, f"127.0.0.1:{self.superlink_port}")
         for i in range(self.clients):
             self.metrics_dir(i).parent.mkdir(exist_ok=True)
-        link = [
-            "--insecure",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.superlink_port),
-            "--disable-runtime-dependency-installation",
-        ]
+        link = ["--host", "127.0.0.1", "--port", str(self.superlink_port), "--disable-runtime-dependency-installation"]
+        ready, keys = self.nodes_dir / "superlink-ready", {}
+        if self.secure:
+            write_pki(self.pki, self.clients, days=PKI_DAYS)
+            link += [f"--ssl-ca-certfile={self.pki / 'ca.crt'}", f"--ssl-certfile={self.pki / 'tls.crt'}"]
+            link += [f"--ssl-keyfile={self.pki / 'tls.key'}", "--enable-supernode-auth"]
+            # fedcifar superlink registers node i's key as local/slot-<i>: that key holds slot i, no other
+            keys = {PUBLIC_KEYS_ENV: str(self.pki / PUBLIC), SITE_ENV: DEFAULT_SITE, OFFSET_ENV: "0"}
+            keys[READY_FILE_ENV] = str(ready)
+        else:
+            link.append("--insecure")
+        ca = str(self.pki / "ca.crt") if self.secure else None
+        write_connection(self.flwr_home, CONNECTION, f"127.0.0.1:{self.superlink_port}", ca)
         if self.stock:
             server = self._spawn("superlink", [flower_binary("flower-superlink"), *link], None)
         else:
-            server = self._spawn(
-                "superlink",
-                [
-                    *FEDCIFAR,
-                    "superlink",
-                    "--metrics-port",
-                    str(self.metrics_ports[0]),
-                    "--metrics-host",
-                    "127.0.0.1",
-                    *link,
-                ],
-                self.metrics_ports[0],
-            )
+            metrics = ["--metrics-port", str(self.metrics_ports[0]), "--metrics-host", "127.0.0.1"]
+            server = self._spawn("superlink", [*FEDCIFAR, "superlink", *metrics, *link], self.metrics_ports[0], keys)
         deadline = time.monotonic() + timeout
         wait_for_port(self.superlink_port, deadline, server)
+        if self.secure:  # a SuperNode whose key is not registered yet is refused, and exits
+            wait_for_file(ready, deadline, server)
         for i in range(self.clients):
-            node = ["--insecure", "--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(free_port())]
+            node = ["--superlink", f"127.0.0.1:{self.superlink_port}", "--port", str(free_port())]
+            if self.secure:
+                node += [f"--root-certificates={ca}", f"--auth-supernode-private-key={self.pki / f'supernode-{i}.key'}"]
+            else:
+                node.append("--insecure")
             if self.stock:
                 config = node_config(i, self.clients, self.data)
                 self._spawn(f"supernode-{i}", [flower_binary("flower-supernode"), *node, "--node-config", config], None)
@@ -197,10 +220,12 @@ class LocalFederation:
         that is removed with the federation."""
         return self.nodes_dir / f"supernode-{client}" / "metrics"
 
-    def _spawn(self, name: str, command: list[str], metrics_port: int | None) -> NodeProcess:
+    def _spawn(
+        self, name: str, command: list[str], metrics_port: int | None, extra_env: dict[str, str] | None = None
+    ) -> NodeProcess:
         log_path = self.work_dir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = self.env()
+        env = {**self.env(), **(extra_env or {})}
         if name.startswith("supernode") and not self.stock:
             # N trainers share this machine's cores: torch's default (all cores each) oversubscribes
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.clients)))

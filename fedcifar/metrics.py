@@ -130,6 +130,20 @@ class ServerMetrics:
         )
 
 
+class SuperLinkMetrics:
+    """Series written by the SuperLink's own process (the Fleet guard, ``fleet_guard.py``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        kw = {"registry": registry} if registry is not None else {}
+        self.fleet_refused = Counter(
+            "fedcifar_fleet_refused",
+            "Fleet API requests the SuperLink's Fleet guard refused (fleet_guard.REASONS), by the site of "
+            "the key that signed them.",
+            ["reason", "site"],
+            **kw,
+        )
+
+
 class ClientMetrics:
     """Series written on each SuperNode, labelled by its site (``self.site``) and partition (slot)."""
 
@@ -217,6 +231,11 @@ def record_bytes(record) -> int:
 @lru_cache(maxsize=1)
 def server_metrics() -> ServerMetrics:
     return ServerMetrics()
+
+
+@lru_cache(maxsize=1)
+def superlink_metrics() -> SuperLinkMetrics:
+    return SuperLinkMetrics()
 
 
 @lru_cache(maxsize=1)

@@ -1,9 +1,11 @@
 """Long-lived node processes: a Flower SuperLink or SuperNode with a Prometheus endpoint beside it.
 
-``fedcifar superlink`` and ``fedcifar supernode`` start the Flower binary as a child process
-and serve ``/metrics`` for as long as it lives, from the multiprocess directory that the
+``fedcifar superlink`` and ``fedcifar supernode`` start the Flower node as a child process (Flower's
+own, with ``flower_tuning.py``'s changes: the Fleet guard in the SuperLink, shorter polling in the
+SuperNode) and serve ``/metrics`` for as long as it lives, from the multiprocess directory that the
 Flower apps it spawns write into (see ``metrics.py``). Options they do not know are passed
-to ``flower-superlink`` / ``flower-supernode`` unchanged, so every Flower flag still works.
+to ``flower-superlink`` / ``flower-supernode`` unchanged, so every Flower flag still works, but
+those that would open a port the Fleet guard does not stand in front of (``check_superlink_args``).
 
 ``fedcifar supernode --partition-id auto`` takes the partition from the Kubernetes
 StatefulSet ordinal: the ``apps.kubernetes.io/pod-index`` label (exposed as ``POD_INDEX``
@@ -27,17 +29,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
+from fedcifar import fleet_guard
 from fedcifar.config import check_partition
+from fedcifar.fleet_guard import GuardSettings
+from fedcifar.flower_tuning import INTERNAL_GRPC_PREFIX
 from fedcifar.metrics import MULTIPROC_ENV, serve_multiprocess
 from fedcifar.protocol import TRAINER_ENV, TRAINER_KEY_ENV
-from fedcifar.security import rewrite_private_key_arg, superlink_registrar
+from fedcifar.security import flag_value, rewrite_private_key_arg, superlink_registrar
 
 POD_INDEX_ENV = "POD_INDEX"
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 SUPEREXEC_POLL_SECONDS = 0.1  # Flower's default: 1 s per app launch
 STOP_GRACE_SECONDS = 15
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 def resolve_ordinal(value: str) -> int:
@@ -79,17 +87,42 @@ def node_config(
     return " ".join(pairs)
 
 
+def check_superlink_args(args: list[str], env: Mapping[str, str], behind_proxy: bool) -> None:
+    """Refuse, with a sentence, Flower options and variables that would open a port beside the one the
+    Fleet guard (and, ``behind_proxy``, the proxy) stands in front of."""
+    for flag in ("--fleet-api-address", "--control-api-address"):
+        if flag_value(args, flag) is not None:
+            raise ValueError(
+                f"fedcifar superlink refuses {flag}: it serves Flower's legacy gRPC API, which the Fleet guard "
+                "does not stand in front of; Flower 1.42 serves every API on --host/--port"
+            )
+    if opened := sorted(name for name in env if name.startswith(INTERNAL_GRPC_PREFIX)):
+        raise ValueError(
+            f"fedcifar superlink refuses {', '.join(opened)}: it would open Flower's legacy gRPC API beside the "
+            "guarded one; unset it"
+        )
+    host = flag_value(args, "--host")
+    if behind_proxy and host is not None and host not in LOOPBACK:
+        raise ValueError(
+            f"fedcifar superlink --behind-proxy refuses --host {host}: Flower serves its Control and runtime APIs "
+            "on that port too, so it listens on the loopback (127.0.0.1) and the proxy is the public face"
+        )
+
+
 def run_node(
     command: list[str],
     metrics_port: int,
     metrics_host: str,
     metrics_dir: str | None,
     trainer: list[str] | None = None,
+    guard: GuardSettings | None = None,
 ) -> int:
     """Serve metrics and run ``command`` to its end (forwarding SIGTERM/SIGINT); return its code.
 
     With ``trainer`` (a SuperNode), that long-lived trainer process is started first, and the
-    Flower node, whose ClientApps reach it over ``$FEDCIFAR_TRAINER``, only once it listens.
+    Flower node, whose ClientApps reach it over ``$FEDCIFAR_TRAINER``, only once it listens. With
+    ``guard`` (a SuperLink), its settings and a private folder for the runs' reply layouts reach the
+    SuperLink's process and, through it, the ServerApps (``fleet_guard.py``).
     """
     # the metrics folder's parent also holds the converted key, the registrar's flwr home and the
     # trainer's socket: without --metrics-dir, a private folder of this process (0700), removed at the end
@@ -101,6 +134,11 @@ def run_node(
     # Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by name
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     command = rewrite_private_key_arg(command, directory.parent)  # a PEM SuperNode key -> OpenSSH
+    if guard:
+        layouts = directory.parent / "fleet-layouts"
+        layouts.mkdir(mode=0o700, exist_ok=True)
+        guard = replace(guard, layouts=str(layouts))
+        os.environ.update({fleet_guard.SETTINGS_ENV: guard.to_env(), fleet_guard.LAYOUTS_ENV: str(layouts)})
     registrar = superlink_registrar(command, directory.parent)
     server = serve_multiprocess(metrics_port, metrics_host)
     print(f"fedcifar: metrics on http://{metrics_host}:{metrics_port}/metrics", flush=True)

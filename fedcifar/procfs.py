@@ -57,8 +57,8 @@ def process_kind(pid: int) -> str | None:
     for kind in flower:
         if kind in words:
             return kind
-    if "fedcifar.flower_tuning" in words:
-        return "flower-supernode"
+    if "fedcifar.flower_tuning" in words and words.index("fedcifar.flower_tuning") + 1 < len(words):
+        return "flower-" + words[words.index("fedcifar.flower_tuning") + 1]  # flower-superlink, flower-supernode
     if "fedcifar.trainer" in words:
         return "fedcifar trainer"
     if "fedcifar" in words and words.index("fedcifar") + 1 < len(words):

@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import Array, ArrayRecord, Context
+from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedcifar.checkpoint import check_same_training, load_checkpoint
 from fedcifar.config import CENTRAL_DP, ConfigError, RunConfig
 from fedcifar.data import DataSource, ImageTensors, load_full, partition_sizes, resolve_source
+from fedcifar.fleet_guard import ReplyLayout, publish_reply_layout
 from fedcifar.flower_tuning import tune
 from fedcifar.history import PLOT_FILE, History, plot_history
 from fedcifar.metrics import server_metrics
@@ -95,6 +96,9 @@ def main(grid: Grid, context: Context) -> None:
         )
         model.net = initial_model(config.seed)
     arrays = ArrayRecord({MODEL_KEY: Array(flat_weights(model.net))})
+    expected = expected_replies(config, source, arrays)
+    # the SuperLink's Fleet guard bounds every reply of this run by the largest an honest node sends
+    publish_reply_layout(context.run_id, ReplyLayout.of(largest_reply(expected, arrays)))
     metrics = server_metrics()
     metrics.strategy.labels(config.strategy, config.dp).set(1)
     if config.dp in CENTRAL_DP:
@@ -105,7 +109,7 @@ def main(grid: Grid, context: Context) -> None:
         ledger=NodeLedger(config.num_partitions, metrics),
         recorder=Recorder(history, out_dir, metrics, config.training_fingerprint()),
         model=model,
-        expected=expected_replies(config, source, arrays),
+        expected=expected,
         config=config,
         metrics=metrics,
         privacy=privacy,
@@ -136,6 +140,14 @@ def expected_replies(config: RunConfig, source: DataSource, arrays: ArrayRecord)
         config.local_epochs,
         config.round_timeout,
         Expected.train_metrics_for(config.strategy, config.dp),
+    )
+
+
+def largest_reply(expected: Expected, arrays: ArrayRecord) -> RecordDict:
+    """The largest training reply of this run: the model and every metric, each at its widest."""
+    widest = {int: 2**63 - 1, float: 1.0}
+    return RecordDict(
+        {"arrays": arrays, "metrics": MetricRecord({k: widest[t] for k, t in expected.train_metrics.items()})}
     )
 
 

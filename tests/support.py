@@ -3,8 +3,6 @@ SuperLink certificate for localhost/127.0.0.1, SuperNode keys), Flower's environ
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import random
 import sys
@@ -14,10 +12,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedcifar.checkpoint import Checkpoint
@@ -66,57 +60,6 @@ def wait(what: str, probe, timeout: float = 60):
             return value
         time.sleep(0.3)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def pem_private(key) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
-    )
-
-
-def certificate(
-    subject: str,
-    key,
-    issuer_key=None,
-    issuer: str | None = None,
-    ca: bool = False,
-    dns: tuple[str, ...] = (),
-    ips: tuple[str, ...] = (),
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer or subject)]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    sans = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(issuer_key or key, hashes.SHA256())
-
-
-def write_pki(out: Path, supernodes: int = 3) -> Path:
-    """``ca.crt``, ``tls.crt`` / ``tls.key`` (localhost, 127.0.0.1) and ``supernode-<i>.key`` / ``.pub``
-    (PEM; the public half as a certificate made from the key, as the chart stores it) in ``out``."""
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = certificate("test CA", ca_key, ca=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = certificate("superlink", key, ca_key, "test CA", dns=("localhost",), ips=("127.0.0.1",))
-    (out / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (out / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (out / "tls.key").write_bytes(pem_private(key))
-    for i in range(supernodes):
-        node_key = ec.generate_private_key(ec.SECP256R1())
-        (out / f"supernode-{i}.key").write_bytes(pem_private(node_key))
-        (out / f"supernode-{i}.pub").write_bytes(
-            certificate(f"n{i}", node_key).public_bytes(serialization.Encoding.PEM)
-        )
-    return out
 
 
 # -- metrics endpoints

@@ -27,13 +27,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from fedcifar import flwr_cli, security
 from fedcifar.checkpoint import load_checkpoint
 from fedcifar.local import TOKEN_ENV, free_port, processes_with_token
+from fedcifar.pki import write_pki
 from fedcifar.procfs import process_kind, process_memory
 from fedcifar.protocol import Task
 from fedcifar.task import MODEL_KEY, Net, flat_weights
 from fedcifar.trainer import Trainer
 from tests.conftest import MINI, ROOT
 from tests.hostile import EVALUATE_REPLIES, TRAIN_REPLIES, ZEROS
-from tests.support import BIN, FLOWER_ENV, secure_superlink, wait, write_pki
+from tests.support import BIN, FLOWER_ENV, secure_superlink, wait
 
 pytestmark = pytest.mark.integration
 SLOTS, HOSTILE_SLOT = 3, 2
@@ -58,7 +59,7 @@ def federation(tmp_path_factory):
     keys = work / "keys"
     keys.mkdir()
     for i in range(SLOTS):
-        (keys / f"supernode-{i}.pub").write_bytes((pki / f"supernode-{i}.pub").read_bytes())
+        (keys / f"supernode-{i}.pub").write_bytes((pki / "public" / f"supernode-{i}.pub").read_bytes())
     token, port, metrics_port = uuid.uuid4().hex, free_port(), free_port()
     env = {**FLOWER_ENV, TOKEN_ENV: token, "FEDCIFAR_DATA": str(MINI), "OMP_NUM_THREADS": "1"}
     logs, procs = work / "logs", []

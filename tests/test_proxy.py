@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import BIN, FLOWER_ENV, secure_superlink, wait, write_pki
+from support import BIN, FLOWER_ENV, secure_superlink, wait
 
 from fedcifar import flwr_cli, security
 from fedcifar.local import free_port
+from fedcifar.pki import write_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "fedcifar"
@@ -79,7 +80,7 @@ def face(tmp_path_factory):
     pki = write_pki(work / "pki", supernodes=1)
     keys = work / "keys"
     keys.mkdir()
-    (keys / "supernode-0.pub").write_bytes((pki / "supernode-0.pub").read_bytes())
+    (keys / "supernode-0.pub").write_bytes((pki / "public" / "supernode-0.pub").read_bytes())
     public, control, ready = free_port(), free_port(), work / "ready"
     superlink = subprocess.Popen(
         secure_superlink(pki, control, free_port(), work / "metrics"),

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from support import BIN, FLOWER_ENV, certificate, pem_private, secure_superlink, wait, write_pki
+from support import BIN, FLOWER_ENV, secure_superlink, wait
 
 from fedcifar import flwr_cli, security, submit
 from fedcifar.local import free_port
+from fedcifar.pki import certificate, pem_private, write_pki
 
 # ---------------------------------------------------------------------------------------------
 # keys and certificates
@@ -103,7 +104,7 @@ def superlink(pki, tmp_path_factory):
     keys = work / "keys"
     keys.mkdir()
     for i in (0, 1):
-        (keys / f"supernode-{i}.pub").write_bytes((pki / f"supernode-{i}.pub").read_bytes())
+        (keys / f"supernode-{i}.pub").write_bytes((pki / "public" / f"supernode-{i}.pub").read_bytes())
     port, ready = free_port(), work / "run" / "ready"
     env = {
         **FLOWER_ENV,
@@ -199,11 +200,12 @@ def test_submit_registers_only_what_is_missing(pki, superlink, tmp_path, monkeyp
     keys = tmp_path / "keys"
     keys.mkdir()
     for i in (0, 1):
-        (keys / f"supernode-{i}.pub").write_bytes((pki / f"supernode-{i}.pub").read_bytes())
+        (keys / f"supernode-{i}.pub").write_bytes((pki / "public" / f"supernode-{i}.pub").read_bytes())
     monkeypatch.setenv("FLWR_HOME", str(superlink["admin"]))  # as in the run Job
     own = security.KeyFolder(keys, "site-a", offset=0)
     assert security.register_missing_public_keys(own, superlink["admin"]) == []  # listed by name already
-    (keys / "supernode-2.pub").write_bytes((pki / "supernode-2.pub").read_bytes())  # helm upgrade: a new client
+    # helm upgrade: a new client
+    (keys / "supernode-2.pub").write_bytes((pki / "public" / "supernode-2.pub").read_bytes())
     assert security.register_missing_public_keys(own, superlink["admin"]) == [
         "supernode-0.pub",
         "supernode-1.pub",

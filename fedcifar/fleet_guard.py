@@ -1,0 +1,486 @@
+"""The Fleet guard: inside the SuperLink, a registered SuperNode acts only as itself, within budgets.
+
+Flower 1.42's Fleet API checks that a request is signed by a registered key and that the node id
+the request names is that key's node (``flwr/superlink/routers/fleet/node_auth.py``); nothing
+compares what the request *holds* with that node. The guard wraps Flower's Fleet handlers (its HTTP
+router looks each one up on ``fleet_handlers`` at every call; ``flower_tuning.guard_fleet_api``
+installs it) and holds the node N a request names to:
+
+- **push-messages**: exactly one message, a reply from N to the SuperLink answering an instruction
+  the SuperLink delivered to N, in the same run, that N has not answered yet; its object tree
+  within the run's reply layout (number of objects);
+- **push-object**: only objects of N's own pending reply, in N's own push session, each within the
+  layout's object size and the reply within its total;
+- **pull-object / confirm-message-received**: only objects of the messages delivered to N (or of
+  N's own replies), in that run;
+- **budgets**: replies held per node (stored and not yet taken by the ServerApp), bytes held per site,
+  and requests per node: ``requests_per_poll`` per poll interval of the SuperNodes, bursts of ``burst``.
+
+The layout is the app's: fedcifar's ServerApp writes the shape its replies take
+(``publish_reply_layout``: the model as one float32 vector and a metrics record, a handful of
+objects) to ``$FEDCIFAR_FLEET_LAYOUTS/<run id>.json``; runs of other apps get the ceiling of
+``GuardSettings``. A refusal is a Flower API error — HTTP 403, or 503 with ``Retry-After`` for the
+request budget, which Flower's SuperNode retries — with the reason in its ``extra``, counted in
+``fedcifar_fleet_refused_total{reason, site}`` and logged once per node and reason.
+
+Without SuperNode authentication a request's node is whoever it claims to be: the guard then keeps
+each claimed node to itself, but cannot tell a node from one that claims its id. What the guard
+remembers lives in the SuperLink's process: after a restart it knows no instruction delivered
+before, so a reply to one is refused (the ServerApp that sent it is gone with it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcifar.atomic import write_bytes
+from fedcifar.flower_tuning import DEFAULT_POLL_SECONDS, POLL_ENV
+
+log = logging.getLogger("flwr.fedcifar.fleet")
+SETTINGS_ENV = "FEDCIFAR_FLEET_GUARD"  # GuardSettings as JSON, set by `fedcifar superlink`
+LAYOUTS_ENV = "FEDCIFAR_FLEET_LAYOUTS"  # where ServerApps publish their runs' reply layouts
+SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID: the source of every instruction
+# Flower's API error codes (flwr.supercore.error.ApiErrorCode) stay far below these
+REFUSED_CODE, BUSY_CODE = 9101, 9102
+REFUSED_MESSAGE = "Refused by the SuperLink's Fleet guard: a SuperNode may act only as itself, within its budgets."
+BUSY_MESSAGE = "This SuperNode exceeded its request budget at the SuperLink; retry later."
+# why a Fleet request was refused (fedcifar_fleet_refused_total{reason})
+REASONS = (
+    "not_one_message",  # push-messages with other than one message and one object tree
+    "other_node",  # a message whose source is another node
+    "not_a_reply",  # a message that is not a reply to the SuperLink (an instruction, to a node, no reply_to)
+    "unknown_instruction",  # a reply to no instruction delivered to this node in that run and unanswered
+    "too_many_objects",  # a reply's object tree above the run's layout
+    "object_too_large",  # an object above the layout's object size
+    "reply_too_large",  # a reply's objects above the layout's total
+    "not_own_object",  # push or pull of an object (or a push session) that is not this node's
+    "not_own_message",  # confirm-message-received of a message not delivered to this node
+    "node_budget",  # more replies held for this node than its budget
+    "site_budget",  # more bytes held for this node's site than its budget
+    "rate_limited",  # more requests than the node's request budget
+)
+CHUNK_BYTES = 5 * 2**20  # Flower's largest ArrayChunk (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)
+CHUNK_SLACK = 1024  # an array chunk's object header and a little more
+RECORD_BYTES = 64 * 2**10  # any object that is no array chunk: a message with its error text, a metrics record
+LAYOUT_RECHECK_SECONDS = 1.0  # how often an unpublished layout is looked for again
+MEMORY_CAP = 1024  # entries a node's book keeps at most of each kind (oldest dropped)
+LOGGED_CAP = 100_000  # (node, reason) pairs logged; beyond that, refusals are only counted
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """The guard's budgets; ``fedcifar superlink`` passes them to the SuperLink's process as JSON."""
+
+    poll_interval: float = DEFAULT_POLL_SECONDS  # the SuperNodes' idle poll (their shortest, where they differ)
+    requests_per_poll: float = 8.0  # a node's sustained request rate, per poll interval
+    burst: int = 256  # a node's burst (a round's object pulls and pushes come at once)
+    held_replies: int = 8  # replies of one node stored and not yet taken by the ServerApp
+    max_reply_bytes: int = 16 * 2**20  # the ceiling of a run that published no layout
+    max_reply_objects: int = 1024
+    site_held_bytes: int = 256 * 2**20  # bytes of one site's replies stored at a time
+    layouts: str | None = None  # the folder of published layouts ($FEDCIFAR_FLEET_LAYOUTS)
+
+    def __post_init__(self) -> None:
+        positive = {k: v for k, v in asdict(self).items() if k != "layouts"}
+        bad = [f"{k}={v}" for k, v in positive.items() if not (isinstance(v, int | float) and v > 0)]
+        if bad:
+            raise ValueError(f"the Fleet guard's budgets must be positive numbers, got {', '.join(bad)}")
+
+    @property
+    def requests_per_second(self) -> float:
+        return self.requests_per_poll / self.poll_interval
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> GuardSettings:
+        raw = os.environ.get(SETTINGS_ENV)
+        settings = cls(**json.loads(raw)) if raw else cls()
+        if not raw and os.environ.get(POLL_ENV):
+            settings = cls(poll_interval=float(os.environ[POLL_ENV]))
+        return settings
+
+
+@dataclass(frozen=True)
+class ReplyLayout:
+    """The most a reply of a run may hold: objects in its tree, bytes per object, bytes in all."""
+
+    max_objects: int
+    max_object_bytes: int
+    max_reply_bytes: int
+
+    @classmethod
+    def of(cls, content) -> ReplyLayout:
+        """The layout of replies shaped like ``content`` (a ``RecordDict`` holding the largest reply an
+        honest node sends): its array chunks exactly (plus their header), every other object, and the
+        message itself, up to ``RECORD_BYTES``."""
+        from flwr.app.message.arraychunk import ArrayChunk
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+        objects = get_all_nested_objects(content).values()
+        chunks = [len(o.deflate()) + CHUNK_SLACK for o in objects if isinstance(o, ArrayChunk)]
+        records = len(objects) - len(chunks) + 1  # + the Message
+        return cls(
+            max_objects=len(chunks) + records,
+            max_object_bytes=max([RECORD_BYTES, *chunks]),
+            max_reply_bytes=sum(chunks) + records * RECORD_BYTES,
+        )
+
+    @classmethod
+    def ceiling(cls, settings: GuardSettings) -> ReplyLayout:
+        return cls(
+            settings.max_reply_objects,
+            min(settings.max_reply_bytes, CHUNK_BYTES + CHUNK_SLACK),
+            settings.max_reply_bytes,
+        )
+
+
+def publish_reply_layout(run_id: int, layout: ReplyLayout) -> Path | None:
+    """Tell the SuperLink's guard the layout of this run's replies (a ServerApp beside a ``fedcifar
+    superlink``; elsewhere nothing listens and nothing is written)."""
+    folder = os.environ.get(LAYOUTS_ENV)
+    if not folder:
+        return None
+    path = Path(folder) / f"{int(run_id)}.json"
+    return write_bytes(path, json.dumps(asdict(layout)).encode())
+
+
+class Refusal(Exception):
+    """A request the guard refuses; ``reason`` is one of ``REASONS``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+class TokenBucket:
+    """``rate`` requests a second on average, ``capacity`` at once."""
+
+    def __init__(self, rate: float, capacity: float, clock: Callable[[], float]) -> None:
+        self.rate, self.capacity, self.clock = rate, capacity, clock
+        self.tokens, self.at = capacity, clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+@dataclass
+class Instruction:
+    """A message the SuperLink delivered to the node: the objects it may pull, until it answers."""
+
+    run_id: int
+    objects: frozenset[str]
+    expires: float  # wall clock: created_at + ttl
+
+
+@dataclass
+class HeldReply:
+    """A reply of the node the SuperLink stores until the ServerApp takes it (or it expires)."""
+
+    message_id: str
+    run_id: int
+    session_id: str
+    objects: frozenset[str]
+    layout: ReplyLayout
+    bytes: int = 0
+
+
+@dataclass
+class NodeBook:
+    node_id: int
+    site: str
+    bucket: TokenBucket
+    instructions: OrderedDict[str, Instruction] = field(default_factory=OrderedDict)
+    answered: OrderedDict[str, str] = field(default_factory=OrderedDict)  # instruction id -> reply id
+    held: OrderedDict[str, HeldReply] = field(default_factory=OrderedDict)  # by reply message id
+
+    def expire(self, wall: float) -> None:
+        for message_id in [m for m, i in self.instructions.items() if i.expires <= wall]:
+            del self.instructions[message_id]
+
+    def may_pull(self, run_id: int, object_id: str) -> bool:
+        return any(i.run_id == run_id and object_id in i.objects for i in self.instructions.values()) or any(
+            r.run_id == run_id and object_id in r.objects for r in self.held.values()
+        )
+
+    def held_bytes(self) -> int:
+        return sum(r.bytes for r in self.held.values())
+
+
+def remember(book: OrderedDict, key: str, value: Any) -> None:
+    """``book[key] = value``, dropping the oldest entries beyond ``MEMORY_CAP``."""
+    book[key] = value
+    book.move_to_end(key)
+    while len(book) > MEMORY_CAP:
+        book.popitem(last=False)
+
+
+def tree_ids(tree) -> list[str]:
+    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+
+    return [node.object_id for node in iterate_object_tree(tree)]
+
+
+class FleetGuard:
+    """The checks and books; ``wrap(name, handler)`` returns Flower's handler with the guard around it."""
+
+    def __init__(
+        self,
+        settings: GuardSettings,
+        count: Callable[[str, str], None] = lambda reason, site: None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings, self.count, self.clock, self.wall = settings, count, clock, wall
+        self.ceiling = ReplyLayout.ceiling(settings)
+        self.lock = threading.Lock()
+        self.books: dict[int, NodeBook] = {}
+        self.layouts: dict[int, ReplyLayout] = {}
+        self.unpublished: dict[int, float] = {}  # run id -> when its layout was last looked for
+        self.logged: set[tuple[int, str]] = set()
+
+    # -- the handlers ------------------------------------------------------------------------
+
+    def wrap(self, name: str, handler: Callable[..., Any]) -> Callable[..., Any]:
+        check = getattr(self, name, self.metered)  # heartbeats, activation, runs, FABs: metered only
+
+        def guarded(*, request, state, **kwargs):
+            node_id = node_of(request, state)
+            if node_id is None:  # activation of an unregistered key, or registration: Flower refuses
+                return handler(request=request, state=state, **kwargs)
+            book = self.book(node_id, state)
+            try:
+                with self.lock:
+                    if not book.bucket.take():
+                        raise Refusal(
+                            "rate_limited",
+                            f"above {self.settings.requests_per_second:g} requests/s (bursts of {self.settings.burst})",
+                        )
+                return check(book, handler, request=request, state=state, **kwargs)
+            except Refusal as refusal:
+                raise self.refuse(book, name, refusal) from None
+
+        guarded.__name__ = guarded.__qualname__ = f"guarded_{name}"
+        guarded.__wrapped__ = handler  # type: ignore[attr-defined]
+        return guarded
+
+    def pull_messages(self, book: NodeBook, handler, **kwargs):
+        response = handler(**kwargs)
+        with self.lock:
+            for message, tree in zip(response.messages_list, response.message_object_trees, strict=False):
+                meta = message.metadata
+                instruction = Instruction(meta.run_id, frozenset(tree_ids(tree)), meta.created_at + meta.ttl)
+                remember(book.instructions, meta.message_id, instruction)
+        return response
+
+    def push_messages(self, book: NodeBook, handler, *, request, state, **kwargs):
+        messages, trees = request.messages_list, request.message_object_trees
+        if len(messages) != 1 or len(trees) != 1:
+            raise Refusal("not_one_message", f"{len(messages)} messages and {len(trees)} object trees")
+        meta = messages[0].metadata
+        if meta.src_node_id != book.node_id:
+            raise Refusal("other_node", f"a message from node {meta.src_node_id}")
+        if meta.dst_node_id != SUPERLINK_NODE_ID or not meta.reply_to_message_id:
+            raise Refusal("not_a_reply", f"a message to node {meta.dst_node_id} that answers no instruction")
+        if trees[0].object_id != meta.message_id:
+            raise Refusal("not_a_reply", "an object tree whose root is not the message")
+        ids = tree_ids(trees[0])
+        with self.lock:
+            layout = self.layout(meta.run_id)
+            if len(ids) > layout.max_objects:
+                raise Refusal("too_many_objects", f"{len(ids)} objects, a reply of this run holds {layout.max_objects}")
+            book.expire(self.wall())
+            self.release(book, state)
+            instruction = book.instructions.get(meta.reply_to_message_id)
+            again = book.answered.get(meta.reply_to_message_id) == meta.message_id  # a retried push
+            if not again and (instruction is None or instruction.run_id != meta.run_id):
+                raise Refusal(
+                    "unknown_instruction",
+                    f"a reply to {meta.reply_to_message_id!r} in run {meta.run_id}: no instruction the SuperLink "
+                    "delivered to this node in that run and that it has not answered",
+                )
+            if not again and len(book.held) >= self.settings.held_replies:
+                raise Refusal("node_budget", f"{len(book.held)} replies held, at most {self.settings.held_replies}")
+        response = handler(request=request, state=state, **kwargs)
+        with self.lock:
+            book.instructions.pop(meta.reply_to_message_id, None)
+            remember(book.answered, meta.reply_to_message_id, meta.message_id)
+            reply = HeldReply(meta.message_id, meta.run_id, response.session_id, frozenset(ids), layout)
+            if again and meta.message_id in book.held:
+                reply.bytes = book.held[meta.message_id].bytes
+            remember(book.held, meta.message_id, reply)
+        return response
+
+    def push_object(self, book: NodeBook, handler, *, request, state, **kwargs):
+        size = len(request.object_content)
+        with self.lock:
+            reply = next((r for r in book.held.values() if r.session_id == request.session_id), None)
+            if reply is None or reply.run_id != request.run_id or request.object_id not in reply.objects:
+                raise Refusal("not_own_object", f"object {request.object_id!r} of no pending reply of this node")
+            if size > reply.layout.max_object_bytes:
+                raise Refusal("object_too_large", f"{size} bytes, at most {reply.layout.max_object_bytes}")
+            if reply.bytes + size > reply.layout.max_reply_bytes:
+                raise Refusal(
+                    "reply_too_large", f"{reply.bytes + size} bytes in a reply, at most {reply.layout.max_reply_bytes}"
+                )
+            site_bytes = sum(b.held_bytes() for b in self.books.values() if b.site == book.site)
+            if site_bytes + size > self.settings.site_held_bytes:
+                raise Refusal(
+                    "site_budget",
+                    f"{site_bytes + size} bytes held for site {book.site}, at most {self.settings.site_held_bytes}",
+                )
+            reply.bytes += size  # reserved now, so that concurrent pushes cannot overrun the bounds
+        stored = False
+        try:
+            response = handler(request=request, state=state, **kwargs)
+            stored = response.stored
+            return response
+        finally:
+            if not stored:
+                with self.lock:
+                    reply.bytes -= size
+
+    def pull_object(self, book: NodeBook, handler, *, request, **kwargs):
+        with self.lock:
+            book.expire(self.wall())
+            if not book.may_pull(request.run_id, request.object_id):
+                raise Refusal(
+                    "not_own_object",
+                    f"object {request.object_id!r} of run {request.run_id}: of no message delivered to this node",
+                )
+        return handler(request=request, **kwargs)
+
+    def confirm_message_received(self, book: NodeBook, handler, *, request, **kwargs):
+        with self.lock:
+            instruction = book.instructions.get(request.message_object_id)
+            if instruction is None or instruction.run_id != request.run_id:
+                raise Refusal(
+                    "not_own_message",
+                    f"message {request.message_object_id!r} of run {request.run_id}: not delivered to this node",
+                )
+        return handler(request=request, **kwargs)
+
+    @staticmethod
+    def metered(_book: NodeBook, handler, **kwargs):
+        return handler(**kwargs)
+
+    # -- books, layouts, refusals --------------------------------------------------------------
+
+    def book(self, node_id: int, state) -> NodeBook:
+        with self.lock:
+            book = self.books.get(node_id)
+        if book is None:
+            site = site_of(node_id, state)
+            bucket = TokenBucket(self.settings.requests_per_second, self.settings.burst, self.clock)
+            with self.lock:
+                book = self.books.setdefault(node_id, NodeBook(node_id, site, bucket))
+        return book
+
+    def release(self, book: NodeBook, state) -> None:
+        """Forget the node's replies that the SuperLink no longer stores (the ServerApp took them, they
+        expired, or their run ended)."""
+        store = state.object_store
+        for message_id in [m for m in book.held if m not in store]:
+            del book.held[message_id]
+
+    def layout(self, run_id: int) -> ReplyLayout:
+        if run_id in self.layouts:
+            return self.layouts[run_id]
+        folder = self.settings.layouts
+        now = self.clock()
+        if folder and now - self.unpublished.get(run_id, -math.inf) >= LAYOUT_RECHECK_SECONDS:
+            self.unpublished[run_id] = now
+            try:
+                self.layouts[run_id] = ReplyLayout(**json.loads((Path(folder) / f"{run_id}.json").read_text()))
+                self.unpublished.pop(run_id, None)
+                layout = self.layouts[run_id]
+                log.info(
+                    "Fleet guard: a reply of run %d holds at most %d objects, %d bytes an object, %d bytes in all",
+                    run_id,
+                    layout.max_objects,
+                    layout.max_object_bytes,
+                    layout.max_reply_bytes,
+                )
+                return self.layouts[run_id]
+            except (OSError, ValueError, TypeError):
+                pass
+        return self.ceiling
+
+    def refuse(self, book: NodeBook, handler: str, refusal: Refusal) -> Exception:
+        from flwr.supercore.error import FlowerError
+
+        from fedcifar.server.ledger import brief
+
+        self.count(refusal.reason, book.site)
+        key = (book.node_id, refusal.reason)
+        with self.lock:
+            first = key not in self.logged and len(self.logged) < LOGGED_CAP
+            self.logged.add(key)
+        if first:
+            log.warning(
+                "Fleet guard refused %s of node %d (site %s): %s: %s (said once per node and reason; "
+                "counted in fedcifar_fleet_refused_total)",
+                handler,
+                book.node_id,
+                book.site,
+                refusal.reason,
+                brief(refusal.detail),
+            )
+        busy = refusal.reason == "rate_limited"
+        return FlowerError(
+            BUSY_CODE if busy else REFUSED_CODE,
+            f"Fleet guard: node {book.node_id}: {refusal.reason}",
+            public_details=f"fedcifar Fleet guard: {refusal.reason}: {brief(refusal.detail)}",
+        )
+
+
+def node_of(request, state) -> int | None:
+    """The node a Fleet request names (the signing key's node, with SuperNode authentication); None
+    for the activation of a key that is not registered (Flower refuses it)."""
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest, DeactivateNodeRequest
+
+    if isinstance(request, ActivateNodeRequest):
+        return state.get_node_id_by_public_key(request.public_key)
+    if isinstance(request, DeactivateNodeRequest):
+        return request.node_id
+    return request.node.node_id
+
+
+def site_of(node_id: int, state) -> str:
+    from fedcifar.metrics import UNKNOWN_SITE
+    from fedcifar.security import site_of_node
+
+    infos = state.get_node_info(node_ids=[node_id])
+    return site_of_node(infos[0].name) if infos and infos[0].name else UNKNOWN_SITE
+
+
+# Flower's Fleet handlers the guard wraps (registration is Flower's to refuse under authentication)
+GUARDED: Iterable[str] = (
+    "pull_messages",
+    "push_messages",
+    "push_object",
+    "pull_object",
+    "confirm_message_received",
+    "send_node_heartbeat",
+    "activate_node",
+    "deactivate_node",
+    "get_run",
+    "get_fab",
+)
