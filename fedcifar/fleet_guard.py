@@ -72,6 +72,7 @@ REASONS = (
 CHUNK_BYTES = 5 * 2**20  # Flower's largest ArrayChunk (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)
 CHUNK_SLACK = 1024  # an array chunk's object header and a little more
 RECORD_BYTES = 64 * 2**10  # any object that is no array chunk: a message with its error text, a metrics record
+EXTRA_OBJECTS = 4  # beyond the honest reply's (an extra array and its chunk, ...), within RECORD_BYTES each
 LAYOUT_RECHECK_SECONDS = 1.0  # how often an unpublished layout is looked for again
 MEMORY_CAP = 1024  # entries a node's book keeps at most of each kind (oldest dropped)
 LOGGED_CAP = 100_000  # (node, reason) pairs logged; beyond that, refusals are only counted
@@ -123,14 +124,17 @@ class ReplyLayout:
     @classmethod
     def of(cls, content) -> ReplyLayout:
         """The layout of replies shaped like ``content`` (a ``RecordDict`` holding the largest reply an
-        honest node sends): its array chunks exactly (plus their header), every other object, and the
-        message itself, up to ``RECORD_BYTES``."""
+        honest node sends): its array chunks exactly (plus their header), every other object, the
+        message itself and ``EXTRA_OBJECTS`` more, up to ``RECORD_BYTES`` each. Bounds on what a reply
+        costs the SuperLink, not on its shape: a reply with a stray array still reaches the ServerApp,
+        whose checks (``server/replies.py``) refuse it with a reason of their own."""
         from flwr.app.message.arraychunk import ArrayChunk
         from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
         objects = get_all_nested_objects(content).values()
         chunks = [len(o.deflate()) + CHUNK_SLACK for o in objects if isinstance(o, ArrayChunk)]
-        records = len(objects) - len(chunks) + 1  # + the Message
+        # + the Message, and a few more: the ServerApp's checks say what is wrong with a reply's shape
+        records = len(objects) - len(chunks) + 1 + EXTRA_OBJECTS
         return cls(
             max_objects=len(chunks) + records,
             max_object_bytes=max([RECORD_BYTES, *chunks]),

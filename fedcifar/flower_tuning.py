@@ -57,6 +57,7 @@ import sys
 import time
 import types
 from collections.abc import Iterator
+from pathlib import Path
 
 VERIFIED_FLWR = "1.42"  # the Flower release these changes were read against and tested on
 ALLOW_UNVERIFIED_ENV = "FEDCIFAR_ALLOW_UNVERIFIED_FLWR"
@@ -156,16 +157,19 @@ def pulls_bounded_by(seconds: float, retry_cap: float = BOUNDED_PULL_RETRY_CAP) 
 
 
 def report_activation() -> None:
-    """Publish ``fedcifar_client_node{site, node_id}`` once the SuperLink has activated this node.
+    """Publish ``fedcifar_client_node{site} 1`` once the SuperLink has activated this node.
 
     Not a change in behaviour: the SuperNode sets its node id when activation succeeded, and
-    this also writes it to the node's metrics. ``fedcifar submit`` waits for it, because a node
+    this also marks the node's metrics (the id itself stays off them) and notes the id in
+    ``$FEDCIFAR_NODE_ID_FILE``, so that a restart after a kill can end this activation
+    (``security.retire_previous_activation``). ``fedcifar submit`` waits for it, because a node
     that only runs is not yet sampled: after a restart with the same key, activation waits
     until the SuperLink has given up on the previous activation.
     """
     from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
     from fedcifar.metrics import client_metrics
+    from fedcifar.security import NODE_ID_FILE_ENV
 
     set_node_id = InMemoryNodeState.set_node_id
 
@@ -173,7 +177,9 @@ def report_activation() -> None:
         set_node_id(self, node_id)
         if node_id is not None:
             metrics = client_metrics()
-            metrics.node.labels(metrics.site, str(node_id)).set(1)
+            metrics.node.labels(metrics.site).set(1)
+            if noted := os.environ.get(NODE_ID_FILE_ENV):  # for the restart of a killed node
+                Path(noted).write_text(str(node_id))
 
     InMemoryNodeState.set_node_id = set_and_report
 

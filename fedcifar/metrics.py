@@ -158,10 +158,13 @@ class ClientMetrics:
             "Always 1; labels: this node's site, partition (slot), the slot count, its device.",
             ["site", "partition", "num_partitions", "device"],
         )
+        # Not the node id Flower gave it: a Fleet request names its node by that id, so a federation-wide
+        # Prometheus would hand every site the ids of the others (the Fleet guard does not rely on them
+        # being secret, but they need not be published either)
         self.node = gauge(
             "fedcifar_client_node",
-            "1 once the SuperLink has activated this SuperNode; labels: its site, Flower node id.",
-            ["site", "node_id"],
+            "1 once the SuperLink has activated this SuperNode; label: its site.",
+            ["site"],
         )
         self.train_loss = gauge(
             "fedcifar_client_train_loss",

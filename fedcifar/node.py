@@ -39,7 +39,13 @@ from fedcifar.fleet_guard import GuardSettings
 from fedcifar.flower_tuning import INTERNAL_GRPC_PREFIX
 from fedcifar.metrics import MULTIPROC_ENV, serve_multiprocess
 from fedcifar.protocol import TRAINER_ENV, TRAINER_KEY_ENV
-from fedcifar.security import flag_value, rewrite_private_key_arg, superlink_registrar
+from fedcifar.security import (
+    NODE_ID_FILE_ENV,
+    flag_value,
+    retire_previous_activation,
+    rewrite_private_key_arg,
+    superlink_registrar,
+)
 
 POD_INDEX_ENV = "POD_INDEX"
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
@@ -155,6 +161,10 @@ def run_node(
         signal.signal(sig, stop)
     try:
         if trainer:
+            noted = directory.parent / "node-id"  # kept across restarts of the node, with the private folder
+            os.environ[NODE_ID_FILE_ENV] = str(noted)
+            if (retired := retire_previous_activation(command, noted)) is not None:
+                print(f"fedcifar: ended node {retired}'s activation, which this node's killed process left", flush=True)
             socket_path = directory.parent / f"{directory.name}.trainer.sock"
             socket_path.unlink(missing_ok=True)  # left by a previous container of the same pod
             os.environ[TRAINER_ENV] = str(socket_path)

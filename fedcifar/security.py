@@ -50,6 +50,7 @@ PUBLIC_KEYS_ENV = "FEDCIFAR_SUPERNODE_PUBLIC_KEYS"
 SITE_KEYS_ENV = "FEDCIFAR_SITE_PUBLIC_KEYS"
 OFFSET_ENV = "FEDCIFAR_PARTITION_OFFSET"  # this release's first node slot
 READY_FILE_ENV = "FEDCIFAR_READY_FILE"
+NODE_ID_FILE_ENV = "FEDCIFAR_NODE_ID_FILE"  # where a SuperNode notes the node id its activation got
 ALREADY_REGISTERED = "Public key already in use"
 
 
@@ -135,6 +136,39 @@ def rewrite_private_key_arg(command: list[str], workdir: Path) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # connections
+
+
+def retire_previous_activation(command: list[str], node_id_file: Path) -> int | None:
+    """End the activation this SuperNode's previous process left behind, killed before it could end it
+    itself (Flower's SuperNode deactivates on the way out): the SuperLink keeps a node online, and
+    refuses to activate its key again, until it has missed two heartbeats (a minute). The request is
+    signed with the node's own key, as its own shutdown's would be, for the node id its previous
+    process noted (``flower_tuning.report_activation``); returns that id, or None (nothing noted, no
+    key, or the SuperLink refused)."""
+    import httpx
+    from flwr.proto.fleet_pb2 import DeactivateNodeRequest
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    key_path, address = flag_value(command, "--auth-supernode-private-key"), flag_value(command, "--superlink")
+    try:
+        node_id = int(node_id_file.read_text())
+    except (OSError, ValueError):
+        return None
+    node_id_file.unlink()
+    if not key_path or not address:
+        return None
+    key = load_private_key(Path(key_path).read_bytes())
+    root_certificates = flag_value(command, "--root-certificates")
+    interceptors = [NodeAuthHttpInterceptor(key, key.public_key())]
+    with FleetHttpClient.from_server_address(
+        address, "--insecure" in command, root_certificates, interceptors
+    ) as fleet:
+        try:
+            fleet.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
+        except httpx.HTTPError:
+            return None
+    return node_id
 
 
 def health_url(address: str, root_certificates: str | None) -> str:

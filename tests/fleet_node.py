@@ -94,10 +94,15 @@ class FleetNode:
             return None
         return message_from_proto(reply.messages_list[0]), reply.message_object_trees[0]
 
-    def wait_for_instruction(self, timeout: float = 120) -> tuple[Message, ObjectTree]:
+    def wait_for_instruction(self, timeout: float = 120, latencies: list | None = None) -> tuple[Message, ObjectTree]:
+        """Poll every 0.1 s until an instruction comes; each poll's seconds into ``latencies``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if pulled := self.pull():
+            started = time.perf_counter()
+            pulled = self.pull()
+            if latencies is not None:
+                latencies.append(time.perf_counter() - started)
+            if pulled:
                 return pulled
             time.sleep(0.1)
         raise AssertionError(f"node {self.node_id} got no instruction within {timeout:.0f}s")

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
 
-from fedcifar.metrics import ClientMetrics, ServerMetrics
+from fedcifar.metrics import ClientMetrics, ServerMetrics, SuperLinkMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "fedcifar"
@@ -958,14 +958,14 @@ def test_notes_render(tmp_path: Path) -> None:
 DASHBOARD_FILES = sorted((CHART / "dashboards").glob("*.json"))
 # Labels a Prometheus with the standard kubernetes pod relabeling adds, plus the series' own labels.
 ALLOWED_LABELS = {"namespace", "pod", "site", "partition", "num_partitions", "device", "kind", "le", "reason"}
-# series that carry the site (client metrics; the server's per-node failures and refused updates)
-SITE_SERIES = ("fedcifar_client_", "fedcifar_rejected_updates")
+# series that carry the site (client metrics; the server's per-node failures, refused updates, Fleet refusals)
+SITE_SERIES = ("fedcifar_client_", "fedcifar_rejected_updates", "fedcifar_fleet_refused")
 
 
 def exported_series() -> set[str]:
     """Every series name fedcifar exports, read from its own metric definitions."""
     registry = CollectorRegistry()
-    ServerMetrics(registry), ClientMetrics(registry)
+    ServerMetrics(registry), SuperLinkMetrics(registry), ClientMetrics(registry)
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     return {family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]}
 

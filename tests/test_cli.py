@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,9 +12,9 @@ import pytest
 from tests.conftest import ROOT
 
 
-def fedcifar(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def fedcifar(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "fedcifar", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "fedcifar", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
     )
 
 
@@ -51,6 +52,12 @@ def test_centralized_prints_json_last(mini_dir):
             ["supernode", "--num-partitions", "2", "--partition-id", "0", "--site", "Hospital A"],
             "site must be a DNS label",
         ),
+        # a SuperLink whose APIs would open beside its proxy and the Fleet guard
+        (["superlink", "--behind-proxy", "--host", "0.0.0.0"], "--behind-proxy refuses --host 0.0.0.0"),
+        (["superlink", "--host=10.0.0.5", "--behind-proxy"], "--behind-proxy refuses --host 10.0.0.5"),
+        (["superlink", "--fleet-api-address", "0.0.0.0:9092"], "refuses --fleet-api-address"),
+        (["superlink", "--control-api-address=0.0.0.0:9093"], "refuses --control-api-address"),
+        (["superlink", "--fleet-max-reply-bytes", "0"], "the Fleet guard's budgets must be positive numbers"),
     ],
 )
 def test_bad_input_is_refused_with_a_clear_message(args, message, tmp_path, mini_dir):
@@ -62,3 +69,11 @@ def test_bad_input_is_refused_with_a_clear_message(args, message, tmp_path, mini
     assert done.returncode == 2
     assert message in " ".join(done.stderr.split()), done.stderr
     assert not (tmp_path / "out" / "logs").exists()  # nothing was started
+
+
+def test_the_superlink_refuses_flowers_legacy_grpc_apis():
+    done = fedcifar("superlink", "--insecure", env={**os.environ, "FLWR_INTERNAL_GRPC_FLEET_API": "1"}, timeout=60)
+    assert done.returncode == 2
+    assert "refuses FLWR_INTERNAL_GRPC_FLEET_API: it would open Flower's legacy gRPC API" in " ".join(
+        done.stderr.split()
+    )

@@ -10,7 +10,7 @@ V's node id and pending instruction in hand, A tries each attack of issue 19 in 
 - store a message to the SuperLink itself that never expires;
 - pull V's instruction by its id;
 - answer V's instruction in V's name (source: V);
-- answer its own instruction with a reply far above the app's (24 MiB in chunks under 5 MiB).
+- answer its own instruction with a reply far above the app's (64 MiB in chunks of 5 MiB).
 
 With Flower's own SuperLink (``flower-superlink``: the guard off) each attack succeeds, and the
 ServerApp credits A's reply to V's slot; with ``fedcifar superlink`` (in memory, and with
@@ -21,7 +21,11 @@ global model after round 1 is the example-weighted mean of the honest replies.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -32,10 +36,14 @@ from flwr.app.message import Message
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedcifar import flwr_cli, security
+from fedcifar.fleet_guard import GuardSettings, ReplyLayout
 from fedcifar.local import TOKEN_ENV, free_port, processes_with_token
 from fedcifar.pki import PUBLIC, write_pki
+from fedcifar.procfs import process_kind, process_memory
 from fedcifar.protocol import Task
-from fedcifar.task import MODEL_KEY
+from fedcifar.server.replies import Expected
+from fedcifar.server_app import largest_reply
+from fedcifar.task import MODEL_KEY, Net, flat_weights
 from fedcifar.trainer import Trainer
 from tests.conftest import MINI, ROOT
 from tests.fleet_node import SUPERLINK, FleetNode, Refused, forged, train_reply_content
@@ -43,6 +51,7 @@ from tests.support import BIN, FLOWER_ENV, secure_superlink, wait
 
 pytestmark = pytest.mark.integration
 SLOTS, VICTIM, ATTACKER = 4, 2, 3
+FLOODER = 4  # a fifth key, site-c's, bound to no slot: a registered node that floods
 RUN_CONFIG = {
     "num-partitions": SLOTS,
     "min-nodes": SLOTS,
@@ -55,7 +64,7 @@ RUN_CONFIG = {
     "seed": 7,
     "device": "cpu",
 }
-BIG_REPLY_BYTES = 24 * 2**20
+BIG_REPLY_BYTES = 64 * 2**20  # in 13 chunks of 5 MiB: 18 objects
 ATTACKS = ("inject instruction", "message to the SuperLink", "pull instruction", "reply in its name", "big reply")
 # what the guard answers each attack with
 REASONS = {
@@ -73,7 +82,7 @@ class Federation:
 
     def __init__(self, work: Path, guard: bool, database: bool = False) -> None:
         self.work, self.guard = work, guard
-        self.pki = write_pki(work / "pki", supernodes=SLOTS)
+        self.pki = write_pki(work / "pki", supernodes=SLOTS + 1)
         self.port, self.metrics_port, self.token = free_port(), free_port(), uuid.uuid4().hex
         self.address = f"127.0.0.1:{self.port}"
         self.admin = work / "admin"
@@ -128,19 +137,19 @@ class Federation:
             self.procs.append(subprocess.Popen(command, cwd=self.work, env=env, stdout=log, stderr=subprocess.STDOUT))
 
     def register_keys(self) -> None:
-        """Slots 0-2 as site-a's keys, slot 3 as site-b's, as a server operator registers them."""
+        """Slots 0-2 as site-a's keys, slot 3 as site-b's, the flooder as site-c's, as a server operator
+        registers them."""
         own, sites = self.work / "keys", self.work / "site-keys"
         own.mkdir(), sites.mkdir()
         for slot in range(SLOTS - 1):
             (own / f"supernode-{slot}.pub").write_bytes((self.pki / PUBLIC / f"supernode-{slot}.pub").read_bytes())
-        (sites / f"site-b.slot-{ATTACKER}.pub").write_bytes(
-            (self.pki / PUBLIC / f"supernode-{ATTACKER}.pub").read_bytes()
-        )
+        for key, name in ((ATTACKER, f"site-b.slot-{ATTACKER}"), (FLOODER, "site-c.flooder")):
+            (sites / f"{name}.pub").write_bytes((self.pki / PUBLIC / f"supernode-{key}.pub").read_bytes())
         folders = [security.KeyFolder(own, "site-a", 0), security.KeyFolder(sites)]
-        assert len(security.register_public_keys(folders, self.admin)) == SLOTS
+        assert len(security.register_public_keys(folders, self.admin)) == SLOTS + 1
 
-    def submit(self, out: Path) -> int:
-        pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in {**RUN_CONFIG, "out-dir": str(out)}.items())
+    def submit(self, out: Path, **config) -> int:
+        pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in {**RUN_CONFIG, **config, "out-dir": str(out)}.items())
         admin = {"env": FLOWER_ENV, "flwr_home": self.admin}
         reply = flwr_cli.flwr_json("run", str(ROOT), flwr_cli.CONNECTION, "--run-config", pairs, **admin)
         assert reply.get("success"), reply
@@ -158,6 +167,11 @@ class Federation:
             if s.name.endswith("_total")
         }
 
+    def superlink_rss(self) -> int:
+        """Resident bytes of the SuperLink's process (Flower's, where the guard lives)."""
+        (pid,) = [p for p in processes_with_token(self.token) if process_kind(p) == "flower-superlink"]
+        return process_memory(pid)
+
     def log(self, name: str) -> str:
         return (self.work / "logs" / f"{name}.log").read_text(errors="replace")
 
@@ -171,9 +185,6 @@ class Federation:
                 proc.kill()
         for pid in processes_with_token(self.token):  # the SuperExec and the ServerApp
             try:
-                import os
-                import signal
-
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
@@ -281,10 +292,7 @@ def attacked_run(fed: Federation, out: Path) -> dict:
         answer(fed.attacker, attacker_instruction, None)
     content, trained, examples = honest_reply(victim_instruction, VICTIM)
     victim_stored = answer(fed.victim, victim_instruction, content)
-    # round 2: the victim answers honestly, the attacker with an error
-    second = fed.victim.receive(*fed.victim.wait_for_instruction())
-    answer(fed.attacker, fed.attacker.receive(*fed.attacker.wait_for_instruction()), None)
-    answer(fed.victim, second, honest_reply(second, VICTIM)[0])
+    second = serve_round(fed)
     history = wait("the run", lambda: completed(out), 180)
     return {
         "outcome": outcome,
@@ -295,6 +303,15 @@ def attacked_run(fed: Federation, out: Path) -> dict:
         "victim_update": (trained, examples),
         "config": history["config"],
     }
+
+
+def serve_round(fed: Federation, latencies: list | None = None) -> Message:
+    """One round of the test-driven nodes: the victim trains and answers, the attacker answers an error;
+    the victim's instruction (its polls' seconds into ``latencies``)."""
+    instruction = fed.victim.receive(*fed.victim.wait_for_instruction(latencies=latencies))
+    answer(fed.attacker, fed.attacker.receive(*fed.attacker.wait_for_instruction()), None)
+    answer(fed.victim, instruction, honest_reply(instruction, VICTIM)[0])
+    return instruction
 
 
 def completed(out: Path) -> dict | None:
@@ -333,16 +350,28 @@ def unguarded(tmp_path_factory):
         fed.close()
 
 
-@pytest.fixture(scope="module", params=["memory", "database"])
-def guarded(request, tmp_path_factory):
-    fed = Federation(
-        tmp_path_factory.mktemp(f"guarded-{request.param}"), guard=True, database=request.param == "database"
-    )
+def guarded_federation(tmp_path_factory, state: str):
+    fed = Federation(tmp_path_factory.mktemp(f"guarded-{state}"), guard=True, database=state == "database")
     try:
         before = fed.refused()
         yield fed, run_under_attack(fed), before
     finally:
         fed.close()
+
+
+@pytest.fixture(scope="module")
+def guarded_in_memory(tmp_path_factory):
+    yield from guarded_federation(tmp_path_factory, "memory")
+
+
+@pytest.fixture(scope="module")
+def guarded_with_database(tmp_path_factory):
+    yield from guarded_federation(tmp_path_factory, "database")
+
+
+@pytest.fixture(params=["in_memory", "with_database"])
+def guarded(request):
+    return request.getfixturevalue(f"guarded_{request.param}")
 
 
 def test_without_the_guard_every_attack_succeeds(unguarded):
@@ -377,3 +406,63 @@ def test_the_guard_refuses_every_attack_and_the_model_is_the_mean_of_the_honest_
     for reason in set(REASONS.values()):  # once per node and reason
         assert log.count(f": {reason}: ") == 1, reason
     print("\nwith the guard: " + json.dumps(result["outcome"]))
+
+
+def rounds_served(fed: Federation, name: str, rounds: int, latencies: list) -> dict:
+    out = fed.work / name
+    fed.submit(out, **{"num-server-rounds": rounds})
+    for _ in range(rounds):
+        serve_round(fed, latencies)
+    return wait(name, lambda: completed(out), 180)
+
+
+def test_a_flood_from_one_node_is_refused_and_costs_the_others_little(guarded_in_memory):
+    """A registered node (never sampled) sends signed polls as fast as one core lets it: the requests
+    beyond its budget get 503, the run goes on with every honest node in every round, and the
+    SuperLink holds no more than the budgets of the nodes present. The figures (the honest node's poll
+    p50/p99 and the rounds, quiet and flooded) are printed: benchmarks/RESULTS.md compares them."""
+    fed, _, _ = guarded_in_memory
+    flooder = FleetNode(fed.address, fed.pki / "ca.crt", fed.pki / f"supernode-{FLOODER}.key")
+    flooder.activate()
+    flooder.deactivate()  # registered and signing, but never sampled
+    quiet_polls: list[float] = []
+    quiet = rounds_served(fed, "quiet", 2, quiet_polls)
+    quiet_rss = fed.superlink_rss()
+    before = fed.refused()
+    attacker = subprocess.Popen(
+        [sys.executable, "-m", "tests.fleet_flood", fed.address, str(fed.pki / "ca.crt")]
+        + [str(fed.pki / f"supernode-{FLOODER}.key"), str(flooder.node_id), "600", str(os.cpu_count() - 1)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(2)  # at full speed before the run starts
+        flooded_polls: list[float] = []
+        flooded = rounds_served(fed, "flooded", 2, flooded_polls)
+        flooded_rss = fed.superlink_rss()
+    finally:
+        attacker.send_signal(signal.SIGINT)
+        report = json.loads(attacker.communicate(timeout=60)[0])
+    refused = fed.refused()
+    busy = refused.get(("rate_limited", "site-c"), 0) - before.get(("rate_limited", "site-c"), 0)
+    assert report["status"].get("503", 0) == busy > 0.5 * report["requests"], report
+    for history in (quiet, flooded):
+        assert [r["partitions"] for r in history["rounds"]] == [[0, 1, VICTIM]] * 2
+    model = ArrayRecord({MODEL_KEY: Array(flat_weights(Net()))})
+    layout = ReplyLayout.of(largest_reply(Expected(Expected.layout_of(model), (1,), (1,), 1, 1.0), model))
+    budgets = (SLOTS + 1) * GuardSettings().held_replies * layout.max_reply_bytes
+    assert flooded_rss <= quiet_rss + budgets, (quiet_rss, flooded_rss, budgets)
+
+    def summary(polls: list[float], history: dict) -> str:
+        p50, p99 = np.percentile(polls, [50, 99]) * 1000
+        seconds = ", ".join(f"{r['round_seconds']:.2f}" for r in history["rounds"])
+        return f"poll p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(polls)} polls), rounds {seconds} s"
+
+    print(
+        f"\nflood: {report['requests']} signed polls in {report['seconds']:.1f} s from one core "
+        f"({report['per_second']:.0f}/s), answers {report['status']}"
+        f"\nquiet:   {summary(quiet_polls, quiet)}, SuperLink RSS {quiet_rss / 2**20:.0f} MiB"
+        f"\nflooded: {summary(flooded_polls, flooded)}, SuperLink RSS {flooded_rss / 2**20:.0f} MiB"
+        f" (bound: quiet + {budgets / 2**20:.0f} MiB of budgets)"
+    )

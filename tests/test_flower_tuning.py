@@ -363,5 +363,41 @@ def test_the_changes_run_only_on_the_flower_release_they_were_verified_on(monkey
     monkeypatch.setenv(ALLOW_UNVERIFIED_ENV, "1")
     check_flower_version("1.43.0")  # the user's explicit override
     assert "going on as FEDCIFAR_ALLOW_UNVERIFIED_FLWR=1 says" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="no Flower tuning for 'superlink'"):
-        tune("superlink")
+    with pytest.raises(ValueError, match="no Flower tuning for 'gateway'"):
+        tune("gateway")
+
+
+GUARD_CHECK = """
+import sys
+from flwr.superlink.routers.fleet import router
+from flwr.superlink.servicer.fleet import fleet_handlers
+from fedcifar import fleet_guard
+from fedcifar.flower_tuning import GuardNotInPlace, guard_fleet_api
+if sys.argv[1] == "renamed":  # a Flower release whose router reaches push-messages some other way
+    router.fleet_push_messages = lambda request, state: fleet_handlers.store_reply(request, state)
+try:
+    guard_fleet_api()
+except GuardNotInPlace as err:
+    sys.exit(str(err))
+print(" ".join(sorted(n for n in fleet_guard.GUARDED if getattr(fleet_handlers, n).__name__ == "guarded_" + n)))
+"""
+
+
+@pytest.mark.parametrize("case", ["flower", "renamed", "grpc"])
+def test_the_fleet_guard_stands_in_front_of_every_fleet_handler_or_the_superlink_does_not_start(case, tmp_path):
+    """Flower's HTTP Fleet router looks each handler up on ``fleet_handlers`` at every call: the guard
+    wraps all of them there, and refuses to start where the router reaches one another way or Flower's
+    legacy gRPC Fleet API would open beside it."""
+    from fedcifar import fleet_guard
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    if case == "grpc":
+        env["FLWR_INTERNAL_GRPC_FLEET_API"] = "1"
+    done = subprocess.run([sys.executable, "-c", GUARD_CHECK, case], env=env, capture_output=True, text=True)
+    if case == "flower":
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == sorted(fleet_guard.GUARDED)
+    elif case == "renamed":
+        assert "no longer calls fleet_handlers.push_messages" in done.stderr
+    else:
+        assert "FLWR_INTERNAL_GRPC_FLEET_API would open Flower's legacy gRPC APIs" in done.stderr

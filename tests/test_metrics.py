@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedcifar.local import free_port
-from fedcifar.metrics import ClientMetrics, ServerMetrics, serve_multiprocess
+from fedcifar.metrics import ClientMetrics, ServerMetrics, SuperLinkMetrics, serve_multiprocess
 from fedcifar.node import prepare_multiprocess_dir
 
 
@@ -30,6 +30,7 @@ def sample(fams: dict, name: str, **labels) -> float:
 def exposition() -> dict:
     registry = CollectorRegistry()
     server, client = ServerMetrics(registry), ClientMetrics(registry)
+    SuperLinkMetrics(registry).fleet_refused.labels("other_node", "site-b").inc()
     server.train_loss.set(1.5)
     server.round_duration.observe(3.0)
     server.rounds_completed.inc()

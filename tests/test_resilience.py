@@ -89,7 +89,8 @@ def test_killed_and_frozen_clients_cost_no_round(tmp_path, mini_dir):
     seen = repr(([(r["round"], r["partitions"], r["failures"], round(r["round_seconds"], 1)) for r in rounds], faults))
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1)) and history["status"] == "completed", seen
     # each fault costs its partition, not the round. Partition 1's dead node is missed in a round
-    # after the kill; its restarted node (a new node id) may already fill in that same round.
+    # after the kill; its restarted node (the same key: it ends the activation its killed process
+    # left, and joins again) may already fill in that same round.
     missed_1 = [r for r in rounds if faults["killed_after"] < r["round"] <= faults["frozen_after"] and r["failures"]]
     assert missed_1, seen
     without_0 = [r for r in rounds if r["partitions"] == [1] and r["failures"] >= 1]
@@ -102,12 +103,12 @@ def test_killed_and_frozen_clients_cost_no_round(tmp_path, mini_dir):
     # the dead node's reply is missing (timeout), or the SuperLink answers for it (error)
     assert (
         sum(
-            value(server, "fedcifar_client_failures_total", partition="1", site="unknown", reason=r)
+            value(server, "fedcifar_client_failures_total", partition="1", site="local", reason=r)
             for r in ("timeout", "error")
         )
         >= 1
     )
-    assert value(server, "fedcifar_client_failures_total", partition="0", site="unknown", reason="timeout") >= 1
+    assert value(server, "fedcifar_client_failures_total", partition="0", site="local", reason="timeout") >= 1
     log = client_1.log_path.read_text()
     assert log.count("fedcifar: site local, slot 1 of 2") == 2  # the restarted node took its partition again
     print(

@@ -47,18 +47,16 @@ def node_endpoint(tmp_path, monkeypatch):
     server.shutdown()
 
 
-def activate(node_id: str) -> None:
+def activate() -> None:
     """What the SuperNode process writes once the SuperLink activated it (flower_tuning.report_activation)."""
-    writer = (
-        f"from fedcifar.metrics import client_metrics; m = client_metrics(); m.node.labels(m.site, '{node_id}').set(1)"
-    )
+    writer = "from fedcifar.metrics import client_metrics; m = client_metrics(); m.node.labels(m.site).set(1)"
     subprocess.run([sys.executable, "-c", writer], check=True)
 
 
 def test_clients_ready_only_once_activated_with_the_expected_partition_count(node_endpoint):
     assert client_partitions(node_endpoint) is None  # running, but not yet in the federation
     assert not clients_ready([node_endpoint], 3)()
-    activate("1234")
+    activate()
     assert client_partitions(node_endpoint) == 3
     assert clients_ready([node_endpoint], 3)()
     assert not clients_ready([node_endpoint], 4)()  # e.g. a pod not yet replaced by helm upgrade

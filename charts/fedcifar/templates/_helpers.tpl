@@ -534,6 +534,18 @@ every release renders.
 {{- if and .Values.clients.gpu.enabled (lt (int .Values.clients.gpu.count) 1) }}
 {{- fail "clients.gpu.enabled is true but clients.gpu.count is below 1: request at least one GPU per client." }}
 {{- end }}
+{{- range .Values.superlink.extraArgs }}
+{{- if regexMatch "^--(host|fleet-api-address|control-api-address)(=|$)" . }}
+{{- fail (printf "superlink.extraArgs holds %s: Flower would serve its APIs beside the proxy and the Fleet guard. Flower listens on the pod's loopback (superlink.controlPort) and the proxy is its public face (superlink.port)." .) }}
+{{- end }}
+{{- end }}
+{{- range $where, $env := dict "extraEnv" .Values.extraEnv "superlink.extraEnv" .Values.superlink.extraEnv }}
+{{- range $name, $_ := $env }}
+{{- if hasPrefix "FLWR_INTERNAL_GRPC_" $name }}
+{{- fail (printf "%s sets %s: Flower would open its legacy gRPC API beside the guarded one; remove it." $where $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
