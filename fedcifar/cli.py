@@ -2,7 +2,7 @@
 
 fedcifar run --clients 2 --rounds 3              # local federation: SuperLink + 2 SuperNodes
 fedcifar centralized --epochs 2 --json           # the centralized baseline
-fedcifar superlink --metrics-port 9400 --insecure --host 0.0.0.0   # a node, e.g. in a pod
+fedcifar superlink --metrics-port 9400 --insecure --host 0.0.0.0   # a node, e.g. in a pod (Fleet guard inside)
 fedcifar supernode --partition-id auto --num-partitions 3 --superlink HOST:8000 --insecure
 """
 

@@ -31,6 +31,7 @@ before, so a reply to one is refused (the ServerApp that sent it is gone with it
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -45,6 +46,8 @@ from typing import Any
 
 from fedcifar.atomic import write_bytes
 from fedcifar.flower_tuning import DEFAULT_POLL_SECONDS, POLL_ENV
+from fedcifar.metrics import UNKNOWN_SITE
+from fedcifar.security import site_of_node
 
 log = logging.getLogger("flwr.fedcifar.fleet")
 SETTINGS_ENV = "FEDCIFAR_FLEET_GUARD"  # GuardSettings as JSON, set by `fedcifar superlink`
@@ -171,6 +174,10 @@ class Refusal(Exception):
 class TokenBucket:
     """``rate`` requests a second on average, ``capacity`` at once."""
 
+    def next_token(self) -> float:
+        """When (``clock``) the next request will be allowed."""
+        return self.at + max(0.0, 1 - self.tokens) / self.rate
+
     def __init__(self, rate: float, capacity: float, clock: Callable[[], float]) -> None:
         self.rate, self.capacity, self.clock = rate, capacity, clock
         self.tokens, self.at = capacity, clock()
@@ -210,6 +217,7 @@ class HeldReply:
 class NodeBook:
     node_id: int
     site: str
+    public_key: bytes  # as registered: what the gate matches a request's key header against
     bucket: TokenBucket
     instructions: OrderedDict[str, Instruction] = field(default_factory=OrderedDict)
     answered: OrderedDict[str, str] = field(default_factory=OrderedDict)  # instruction id -> reply id
@@ -251,14 +259,18 @@ class FleetGuard:
         count: Callable[[str, str], None] = lambda reason, site: None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        seen: Callable[[str], None] = lambda site: None,
     ) -> None:
-        self.settings, self.count, self.clock, self.wall = settings, count, clock, wall
+        """``count(reason, site)`` for every refusal; ``seen(site)`` when a site's first node calls."""
+        self.settings, self.count, self.clock, self.wall, self.seen = settings, count, clock, wall, seen
         self.ceiling = ReplyLayout.ceiling(settings)
         self.lock = threading.Lock()
         self.books: dict[int, NodeBook] = {}
         self.layouts: dict[int, ReplyLayout] = {}
         self.unpublished: dict[int, float] = {}  # run id -> when its layout was last looked for
         self.logged: set[tuple[int, str]] = set()
+        self.busy: dict[bytes, tuple[float, NodeBook]] = {}  # public key -> (until, its node): over budget
+        self.rate_limit = f"above {settings.requests_per_second:g} requests/s (bursts of {settings.burst})"
 
     # -- the handlers ------------------------------------------------------------------------
 
@@ -273,10 +285,9 @@ class FleetGuard:
             try:
                 with self.lock:
                     if not book.bucket.take():
-                        raise Refusal(
-                            "rate_limited",
-                            f"above {self.settings.requests_per_second:g} requests/s (bursts of {self.settings.burst})",
-                        )
+                        # until its next token, the gate refuses the node's requests before Flower reads them
+                        self.busy[book.public_key] = (book.bucket.next_token(), book)
+                        raise Refusal("rate_limited", self.rate_limit)
                 return check(book, handler, request=request, state=state, **kwargs)
             except Refusal as refusal:
                 raise self.refuse(book, name, refusal) from None
@@ -381,6 +392,16 @@ class FleetGuard:
                 )
         return handler(request=request, **kwargs)
 
+    def over_budget(self, public_key: bytes) -> NodeBook | None:
+        """The node of ``public_key`` while it is over its request budget (``BusyGate``), counted."""
+        with self.lock:
+            until, book = self.busy.get(public_key, (0.0, None))
+            if book is None or self.clock() >= until:
+                self.busy.pop(public_key, None)
+                return None
+        self.count("rate_limited", book.site)
+        return book
+
     @staticmethod
     def metered(_book: NodeBook, handler, **kwargs):
         return handler(**kwargs)
@@ -391,10 +412,15 @@ class FleetGuard:
         with self.lock:
             book = self.books.get(node_id)
         if book is None:
-            site = site_of(node_id, state)
+            info = state.get_node_info(node_ids=[node_id])
+            site = site_of_node(info[0].name) if info and info[0].name else UNKNOWN_SITE
+            key = info[0].public_key if info else b""
             bucket = TokenBucket(self.settings.requests_per_second, self.settings.burst, self.clock)
             with self.lock:
-                book = self.books.setdefault(node_id, NodeBook(node_id, site, bucket))
+                first = all(b.site != site for b in self.books.values())
+                book = self.books.setdefault(node_id, NodeBook(node_id, site, key, bucket))
+            if first:
+                self.seen(site)
         return book
 
     def release(self, book: NodeBook, state) -> None:
@@ -467,14 +493,6 @@ def node_of(request, state) -> int | None:
     return request.node.node_id
 
 
-def site_of(node_id: int, state) -> str:
-    from fedcifar.metrics import UNKNOWN_SITE
-    from fedcifar.security import site_of_node
-
-    infos = state.get_node_info(node_ids=[node_id])
-    return site_of_node(infos[0].name) if infos and infos[0].name else UNKNOWN_SITE
-
-
 # Flower's Fleet handlers the guard wraps (registration is Flower's to refuse under authentication)
 GUARDED: Iterable[str] = (
     "pull_messages",
@@ -488,3 +506,39 @@ GUARDED: Iterable[str] = (
     "get_run",
     "get_fab",
 )
+
+
+class BusyGate:
+    """Refuses, before Flower reads them, the Fleet requests of a node the guard found over its request
+    budget, until its next token: a flood from one node then costs the SuperLink little more than
+    reading the request (Flower's way: verifying the signature, parsing, its middleware and handler,
+    about 4 ms of CPU a request here). Keyed by the request's public-key header, but only a node's own
+    signed requests put its key here, so a forged header cannot make another node busy (a replayed
+    one can, within the signature's five minutes: the README's limits). A pure ASGI middleware,
+    outermost (``flower_tuning.guard_fleet_api`` puts it there)."""
+
+    def __init__(self, app, guard: FleetGuard) -> None:
+        self.app, self.guard = app, guard
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/fleet/") and self.guard.busy:
+            header = dict(scope["headers"]).get(b"flwr-public-key")
+            try:
+                key = base64.b64decode(header, validate=True) if header else b""
+            except ValueError:
+                key = b""
+            if key and self.guard.over_budget(key) is not None:
+                while (await receive()).get("more_body"):  # the body, read and dropped
+                    pass
+                body = json.dumps(
+                    {
+                        "code": BUSY_CODE,
+                        "detail": BUSY_MESSAGE,
+                        "extra": f"fedcifar Fleet guard: rate_limited: {self.guard.rate_limit}",
+                    }
+                ).encode()
+                headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
+                await send({"type": "http.response.start", "status": 503, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)

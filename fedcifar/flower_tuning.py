@@ -251,9 +251,11 @@ def guard_fleet_api(settings=None):
 
     from fastapi import status
     from flwr.supercore.error.catalog import API_ERROR_MAP, ApiErrorSpec
+    from flwr.superlink import main as superlink_main
     from flwr.superlink.routers.fleet import router
     from flwr.superlink.servicer.fleet import fleet_handlers
     from grpc import StatusCode
+    from starlette.middleware import Middleware
 
     from fedcifar import fleet_guard
     from fedcifar.metrics import superlink_metrics
@@ -266,6 +268,8 @@ def guard_fleet_api(settings=None):
     guard = fleet_guard.FleetGuard(
         settings or fleet_guard.GuardSettings.from_env(),
         count=lambda reason, site: metrics.fleet_refused.labels(reason, site).inc(),
+        # zero series, so that a site's panel shows 0 until its first refusal (and alerts see it)
+        seen=lambda site: [metrics.fleet_refused.labels(reason, site) for reason in fleet_guard.REASONS],
     )
     for name in fleet_guard.GUARDED:
         handler = getattr(fleet_handlers, name, None)
@@ -278,6 +282,11 @@ def guard_fleet_api(settings=None):
         setattr(fleet_handlers, name, guard.wrap(name, handler))
     if router.fleet_handlers is not fleet_handlers:
         raise GuardNotInPlace("Flower's Fleet router reads another handlers module than the one guarded")
+    # the gate in front of Flower's middleware (create_app reads the list when the SuperLink starts)
+    if "_get_middleware" not in superlink_main.create_app.__code__.co_names:
+        raise GuardNotInPlace("Flower's SuperLink no longer builds its middleware with _get_middleware")
+    flower_middleware = superlink_main._get_middleware
+    superlink_main._get_middleware = lambda: [Middleware(fleet_guard.BusyGate, guard=guard), *flower_middleware()]
     API_ERROR_MAP[fleet_guard.REFUSED_CODE] = ApiErrorSpec(
         StatusCode.PERMISSION_DENIED, status.HTTP_403_FORBIDDEN, fleet_guard.REFUSED_MESSAGE
     )

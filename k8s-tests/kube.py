@@ -173,6 +173,45 @@ print("RESULT " + json.dumps(out))
 """
 
 
+# Run inside a site's SuperNode pod (python3 -c): that site, holding its node's registered key
+# ($KEY, its node id in $NODE_ID_FILE), tries to act for another site's node ($VICTIM) through the
+# public face ($SUPERLINK, $SUPERLINK_CA) with Flower's own Fleet client and signer: an instruction
+# injected to the victim, and a reply in the victim's name; prints "RESULT <json>" (status, Flower error).
+FLEET_ATTACK_PROBE = r"""
+import json, os, time
+from pathlib import Path
+import httpx
+from flwr.app import MetricRecord, RecordDict
+from flwr.app.message.message import make_message, remove_content_from_message
+from flwr.app.metadata import Metadata
+from flwr.common.serde import message_to_proto
+from flwr.proto.fleet_pb2 import PushMessagesRequest
+from flwr.proto.node_pb2 import Node
+from flwr.supercore.inflatable.inflatable_object import get_object_tree
+from flwr.supernode.fleet_http_client import FleetHttpClient
+from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+from fedcifar.security import load_private_key
+key = load_private_key(Path(os.environ["KEY"]).read_bytes())
+own, victim = int(Path(os.environ["NODE_ID_FILE"]).read_text()), int(os.environ["VICTIM"])
+client = FleetHttpClient.from_server_address(
+    os.environ["SUPERLINK"], False, os.environ["SUPERLINK_CA"], [NodeAuthHttpInterceptor(key, key.public_key())]
+)
+def push(src, dst, reply_to=""):
+    meta = Metadata(1, "", src, dst, reply_to, "1", time.time(), 3600.0, "train")
+    message = make_message(meta, RecordDict({"metrics": MetricRecord({"partition-id": 2})}))
+    message.metadata.__dict__["_message_id"] = message.object_id
+    request = PushMessagesRequest(node=Node(node_id=own), messages_list=[message_to_proto(
+        remove_content_from_message(message))], message_object_trees=[get_object_tree(message)])
+    try:
+        client.PushMessages(request)
+        return [200, "stored"]
+    except httpx.HTTPStatusError as err:
+        return [err.response.status_code, err.response.json()]
+out = {"instruction to the victim": push(1, victim), "reply in the victim's name": push(victim, 1, "0" * 64)}
+print("RESULT " + json.dumps(out))
+"""
+
+
 def assert_fleet_api_alone(out: dict) -> None:
     """PUBLIC_FACE_PROBE's result: /health answers, everything but the Fleet API gets 403 with a sentence."""
     assert out["/health"][0] == 200, out

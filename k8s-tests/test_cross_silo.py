@@ -25,7 +25,19 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SERVER_NS, SITE_NAMESPACES, recreate_namespace
 from cryptography import x509
-from kube import CHART, PUBLIC_FACE_PROBE, ROOT, assert_fleet_api_alone, helm, pod_logs, pods, prom_query, run, wait_for
+from kube import (
+    CHART,
+    FLEET_ATTACK_PROBE,
+    PUBLIC_FACE_PROBE,
+    ROOT,
+    assert_fleet_api_alone,
+    helm,
+    pod_logs,
+    pods,
+    prom_query,
+    run,
+    wait_for,
+)
 
 EXTRA_NAMESPACES = (SERVER_NS, *SITE_NAMESPACES)
 SERVER = "fed"
@@ -127,6 +139,55 @@ def superlink_log(kube) -> str:
 def trained(prometheus: str, site: str) -> float:
     series = prom_query(prometheus, f'sum(fedcifar_client_examples_trained_total{{site="{site}"}})')
     return float(series[0]["value"][1]) if series else 0.0
+
+
+def node_ids(kube) -> dict[str, int]:
+    """The SuperLink's nodes by registered name, asked by the server's operator (the key registrar's
+    Control API connection, on the pod's loopback)."""
+    listing = (
+        "import json; from fedcifar.security import control_nodes; "
+        "print(json.dumps({n.name: n.node_id for n in control_nodes()}))"
+    )
+    done = run(
+        "kubectl",
+        "-n",
+        SERVER_NS,
+        "exec",
+        f"deploy/{SUPERLINK}",
+        "-c",
+        "superlink",
+        "--",
+        "env",
+        "FLWR_HOME=/var/run/fedcifar/registrar-flwr",
+        "python3",
+        "-c",
+        listing,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def site_a_acts_for_site_b(kube, address: str) -> dict:
+    """Site A's pod, with its own node's key, through the NodePort: an instruction injected to site B's
+    node, and a reply in its name (FLEET_ATTACK_PROBE), while the run goes on."""
+    done = run(
+        "kubectl",
+        "-n",
+        SITES["site-a"][0],
+        "exec",
+        "site-a-fedcifar-clients-0",
+        "--",
+        "env",
+        f"SUPERLINK={address}:{NODE_PORT}",
+        "SUPERLINK_CA=/etc/fedcifar/tls/ca.crt",
+        "KEY=/etc/fedcifar/supernode/supernode.key",
+        "NODE_ID_FILE=/var/run/fedcifar/node-id",
+        f"VICTIM={node_ids(kube)['site-b/slot-2']}",
+        "python3",
+        "-c",
+        FLEET_ATTACK_PROBE,
+        timeout=120,
+    )
+    return json.loads(done.stdout.split("RESULT ", 1)[1])
 
 
 def job_done(batch) -> bool:
@@ -251,6 +312,7 @@ def federation(kube, image, prometheus, batch):
         )
         assert trained(prometheus, "site-b") > 0, "the run ended before site B joined it"
         facts["join_seconds"] = (registered_at - applied_at, time.monotonic() - registered_at)
+        facts["attack"] = site_a_acts_for_site_b(kube, address)
         wait_for("the run Job to succeed", lambda: job_done(batch), 600, 3)
         history = run(
             "kubectl",
@@ -294,6 +356,8 @@ def test_one_run_trained_on_every_sites_supernodes_and_names_their_sites(kube, f
     assert rounds[-1]["partitions"] == [0, 1, 2] and rounds[-1]["sites"] == ["site-a", "site-a", "site-b"]
     joined = next(r["round"] for r in rounds if 2 in r["partitions"])
     assert joined > federation["round_b_registered"] >= 1  # B joined the running run, after its registration
+    # ... and trained every round from then on: site A's attempts to act for it (below) cost it nothing
+    assert all(r["partitions"] == [0, 1, 2] for r in rounds[joined - 1 :]), [r["partitions"] for r in rounds]
     registration, training = federation["join_seconds"]
     print(
         f"\nsite B's keys applied after round {federation['round_b_registered']:.0f}; "
@@ -367,3 +431,13 @@ def test_the_site_helm_test_sees_its_supernodes_activated(federation):
     for site, (namespace, *_rest) in SITES.items():
         done = helm("test", site, "-n", namespace, "--timeout", "3m")
         assert "Succeeded" in done.stdout, done.stdout
+
+
+def test_a_site_cannot_act_for_another_sites_node(federation, prometheus):
+    """Site A's pod, signing with its own registered key through the NodePort, injects an instruction to
+    site B's node and replies in its name: the SuperLink's Fleet guard refuses both, counted for site A."""
+    for attempt, (status, error) in federation["attack"].items():
+        assert status == 403 and error["code"] == 9101, (attempt, status, error)
+        assert error["extra"].startswith("fedcifar Fleet guard: other_node: "), (attempt, error)
+    refused = prom_query(prometheus, f'fedcifar_fleet_refused_total{{namespace="{SERVER_NS}", reason="other_node"}}')
+    assert {s["metric"]["site"]: float(s["value"][1]) for s in refused}.get("site-a") == 2, refused

@@ -1,6 +1,7 @@
 """A registered node that floods the SuperLink with signed ``pull-messages`` requests, as fast as one
-process on one core sends them (``python -m tests.fleet_flood ADDRESS CA KEY NODE_ID SECONDS CPU``):
-prints, as JSON, how many it sent, in how long, and the HTTP status of the answers. Test helper."""
+process on one core sends them (``python -m tests.fleet_flood ADDRESS CA KEY NODE_ID SECONDS CPU``),
+until SECONDS pass or SIGINT: prints, as JSON, how many it sent, in how long, and the HTTP status
+of the answers. Test helper."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ def flood(address: str, ca: Path, key: Path, node_id: int, seconds: float) -> di
     node.node_id = node_id  # activated (and deactivated) by the test: a registered node, never sampled
     answers: Counter[int] = Counter()
     started = time.monotonic()
-    while time.monotonic() - started < seconds:
-        try:
-            node.pull()
-            answers[200] += 1
-        except Refused as refused:
-            answers[refused.status] += 1
+    try:
+        while time.monotonic() - started < seconds:
+            try:
+                node.pull()
+                answers[200] += 1
+            except Refused as refused:
+                answers[refused.status] += 1
+    except KeyboardInterrupt:  # the test says stop
+        pass
     elapsed = time.monotonic() - started
     total = sum(answers.values())
     return {"requests": total, "seconds": elapsed, "per_second": total / elapsed, "status": dict(answers)}

@@ -3,6 +3,9 @@ handlers and state; ``test_fleet_guard.py`` runs it for real inside a SuperLink.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import itertools
 import json
 import logging
@@ -27,6 +30,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, 
 from fedcifar.fleet_guard import (
     BUSY_CODE,
     REFUSED_CODE,
+    BusyGate,
     FleetGuard,
     GuardSettings,
     ReplyLayout,
@@ -46,7 +50,7 @@ class State:
         self.object_store: set[str] = set()
 
     def get_node_info(self, node_ids):
-        return [NodeInfo(node_id=n, name=SITES[n]) for n in node_ids if n in SITES]
+        return [NodeInfo(node_id=n, name=SITES[n], public_key=f"key-{n}".encode()) for n in node_ids if n in SITES]
 
 
 class Clock:
@@ -279,3 +283,49 @@ def test_the_layout_of_fedcifars_replies(tmp_path, monkeypatch):
 def test_settings_must_be_positive():
     with pytest.raises(ValueError, match="burst=0"):
         GuardSettings(burst=0)
+
+
+def test_each_site_is_announced_once_for_its_zero_series():
+    state, sites = State(), []
+    guard = FleetGuard(GuardSettings(), seen=sites.append)
+    poll = guard.wrap("pull_messages", Flower(state).pull_messages)
+    for node in (5, 6, 9, 5):
+        poll(request=PullMessagesRequest(node=Node(node_id=node)), state=state, store=None)
+    assert sites == ["site-a", "site-b"]
+
+
+def test_a_node_over_its_budget_is_refused_at_the_gate_before_flower_reads_its_requests(rig):
+    state, _, guard, handlers, clock, counted = rig
+    poll = PullMessagesRequest(node=Node(node_id=9))
+    for _ in range(101):  # the burst, and one more: refused after Flower's authentication
+        with contextlib.suppress(FlowerError):
+            handlers["pull_messages"](request=poll, state=state, store=None)
+    reached = []
+
+    async def flower(scope, receive, send):
+        reached.append(dict(scope["headers"])[b"flwr-public-key"])
+
+    gate = BusyGate(flower, guard)
+
+    def call(key: bytes, path: str = "/v1/fleet/pull-messages") -> list[dict]:
+        scope = {"type": "http", "path": path, "headers": [(b"flwr-public-key", base64.b64encode(key))]}
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"x", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(gate(scope, receive, send))
+        return sent
+
+    refused = call(b"key-9")
+    assert refused[0]["status"] == 503 and (b"retry-after", b"1") in refused[0]["headers"]
+    assert json.loads(refused[1]["body"])["code"] == BUSY_CODE
+    assert counted == [("rate_limited", "site-b")] * 2  # once by the guard, once at the gate
+    call(b"key-5")  # another node's requests pass
+    call(b"key-9", "/health")  # and what is not the Fleet API
+    clock.now += 1.0  # its next token
+    call(b"key-9")
+    assert reached == [base64.b64encode(k) for k in (b"key-5", b"key-9", b"key-9")]

@@ -10,7 +10,7 @@ V's node id and pending instruction in hand, A tries each attack of issue 19 in 
 - store a message to the SuperLink itself that never expires;
 - pull V's instruction by its id;
 - answer V's instruction in V's name (source: V);
-- answer its own instruction with a reply far above the app's (64 MiB in chunks of 5 MiB).
+- answer its own instruction with a reply far above the app's (64 MiB in objects of 4 MiB).
 
 With Flower's own SuperLink (``flower-superlink``: the guard off) each attack succeeds, and the
 ServerApp credits A's reply to V's slot; with ``fedcifar superlink`` (in memory, and with
@@ -64,7 +64,7 @@ RUN_CONFIG = {
     "seed": 7,
     "device": "cpu",
 }
-BIG_REPLY_BYTES = 64 * 2**20  # in 13 chunks of 5 MiB: 18 objects
+BIG_REPLY_BYTES, PIECE_BYTES = 64 * 2**20, 4 * 2**20  # 16 arrays and their chunks: 36 objects
 ATTACKS = ("inject instruction", "message to the SuperLink", "pull instruction", "reply in its name", "big reply")
 # what the guard answers each attack with
 REASONS = {
@@ -262,9 +262,10 @@ def attack(fed: Federation, victim_instruction: Message, attacker_instruction: M
         return f"accepted: {stored} objects stored as the victim's reply"
 
     def big_reply() -> str:
-        big = ArrayRecord({MODEL_KEY: Array(np.ones(BIG_REPLY_BYTES // 4, np.float32))})
+        pieces = BIG_REPLY_BYTES // PIECE_BYTES  # arrays of 4 MiB: every request under the proxy's 6 MiB
+        big = ArrayRecord({f"a{i}": Array(np.full(PIECE_BYTES // 4, i, np.float32)) for i in range(pieces)})
         asked, stored = answer(attacker, attacker_instruction, train_reply_content(big, {"num-examples": 1}))
-        assert asked == stored > 5
+        assert asked == stored > 2 * pieces
         return f"accepted: {stored} objects of a {BIG_REPLY_BYTES >> 20} MiB reply"
 
     for name, action in zip(ATTACKS, (inject, to_superlink, pull, in_its_name, big_reply), strict=True):
@@ -409,6 +410,14 @@ def test_the_guard_refuses_every_attack_and_the_model_is_the_mean_of_the_honest_
 
 
 def rounds_served(fed: Federation, name: str, rounds: int, latencies: list) -> dict:
+    """``rounds`` rounds of a new run, after 15 s of the victim's idle polls (each poll's seconds into
+    ``latencies``, and those of the run)."""
+    idle_until = time.monotonic() + 15
+    while time.monotonic() < idle_until:
+        started = time.perf_counter()
+        assert fed.victim.pull() is None
+        latencies.append(time.perf_counter() - started)
+        time.sleep(0.1)
     out = fed.work / name
     fed.submit(out, **{"num-server-rounds": rounds})
     for _ in range(rounds):
