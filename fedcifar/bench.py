@@ -58,6 +58,7 @@ class BenchConfig:
     device: str = "auto"
     augment: bool = False  # fedcifar and centralized only (the stock app has no augmentation)
     stock: bool = True
+    signed: bool = True  # fedcifar's federation with TLS and SuperNode authentication, as `fedcifar run`'s
     scale: tuple[int, ...] = ()
     scale_examples: int = 500
 
@@ -78,10 +79,13 @@ def make_subset(data: str | None, train: int, test: int, dest: Path) -> Path:
     return dest
 
 
-def run_federation(stock: bool, clients: int, data: Path, out: Path, run_config: dict[str, Any]) -> tuple[dict, dict]:
+def run_federation(
+    stock: bool, clients: int, data: Path, out: Path, run_config: dict[str, Any], signed: bool = True
+) -> tuple[dict, dict]:
     app = STOCK_APP if stock else PROJECT
     label = "stock" if stock else "fedcifar"
-    with LocalFederation(clients=clients, app_dir=app, work_dir=out, data=str(data), stock=stock) as fed:
+    local = LocalFederation(clients=clients, app_dir=app, work_dir=out, data=str(data), stock=stock, signed=signed)
+    with local as fed:
         run_id = fed.submit({**run_config, "out-dir": str(out)})
         history = fed.follow(
             run_id,
@@ -148,7 +152,7 @@ def bench(config: BenchConfig, data: str | None, out: Path) -> dict[str, Any]:
 
     console.print("[bold](b) fedcifar[/]")
     fed_config = {**run_config, "num-partitions": config.clients, "device": config.device, "augment": config.augment}
-    history, peaks = run_federation(False, config.clients, subset, out / "fedcifar", fed_config)
+    history, peaks = run_federation(False, config.clients, subset, out / "fedcifar", fed_config, config.signed)
     fed = summarize(history["rounds"])
     result.update({f"fedcifar_{k}": v for k, v in fed.items()})
     rest = steady(history["rounds"])
@@ -177,6 +181,7 @@ def bench(config: BenchConfig, data: str | None, out: Path) -> dict[str, Any]:
     result["device"] = central.device
     result["accuracy_ratio"] = fed["accuracy"] / central.test_accuracy
     result["augment"] = config.augment
+    result["signed"] = config.signed
 
     if config.scale:
         result["scale_round_seconds"] = scale_table(config, data, out / "scale")
@@ -197,7 +202,7 @@ def scale_table(config: BenchConfig, data: str | None, out: Path) -> dict[int, f
             "min-nodes": n,
             "num-partitions": n,
         }
-        history, _ = run_federation(False, n, subset, out / f"nodes-{n}", run_config)
+        history, _ = run_federation(False, n, subset, out / f"nodes-{n}", run_config, config.signed)
         table[n] = statistics.mean(r["round_seconds"] for r in steady(history["rounds"]))
     return table
 

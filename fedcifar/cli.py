@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=RunConfig.batch_size)
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     b.add_argument("--no-stock", action="store_true", help="skip the stock Flower baseline")
+    b.add_argument(
+        "--insecure", action="store_true", help="fedcifar's federation without TLS and SuperNode authentication"
+    )
     b.add_argument("--augment", action="store_true", help="augmentation for fedcifar and centralized")
     b.add_argument("--scale", default="", help="also time rounds for these SuperNode counts, e.g. 2,4,8,16")
     b.add_argument("--data", help="CIFAR-10 parquet folder; default $FEDCIFAR_DATA or the hub")
@@ -297,6 +300,7 @@ def cmd_bench(args: argparse.Namespace, _extra: list[str]) -> int:
         device=args.device,
         augment=args.augment,
         stock=not args.no_stock,
+        signed=not args.insecure,
         scale=scale,
     )
     print_report(bench(config, args.data, timestamped_out(args.out)))

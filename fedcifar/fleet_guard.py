@@ -32,6 +32,7 @@ before, so a reply to one is refused (the ServerApp that sent it is gone with it
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import logging
 import math
@@ -71,6 +72,7 @@ REASONS = (
     "node_budget",  # more replies held for this node than its budget
     "site_budget",  # more bytes held for this node's site than its budget
     "rate_limited",  # more requests than the node's request budget
+    "unknown_node",  # a node id the SuperLink does not know (claimed, without SuperNode authentication)
 )
 CHUNK_BYTES = 5 * 2**20  # Flower's largest ArrayChunk (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)
 CHUNK_SLACK = 1024  # an array chunk's object header and a little more
@@ -174,13 +176,13 @@ class Refusal(Exception):
 class TokenBucket:
     """``rate`` requests a second on average, ``capacity`` at once."""
 
-    def next_token(self) -> float:
-        """When (``clock``) the next request will be allowed."""
-        return self.at + max(0.0, 1 - self.tokens) / self.rate
-
     def __init__(self, rate: float, capacity: float, clock: Callable[[], float]) -> None:
         self.rate, self.capacity, self.clock = rate, capacity, clock
         self.tokens, self.at = capacity, clock()
+
+    def next_token(self) -> float:
+        """When (``clock``) the next request will be allowed."""
+        return self.at + max(0.0, 1 - self.tokens) / self.rate
 
     def take(self) -> bool:
         now = self.clock()
@@ -244,10 +246,11 @@ def remember(book: OrderedDict, key: str, value: Any) -> None:
         book.popitem(last=False)
 
 
-def tree_ids(tree) -> list[str]:
+def tree_ids(tree, most: int) -> list[str]:
+    """The object ids of ``tree``, but no more than ``most`` + 1 of them (enough to refuse it)."""
     from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
 
-    return [node.object_id for node in iterate_object_tree(tree)]
+    return [node.object_id for node in itertools.islice(iterate_object_tree(tree), most + 1)]
 
 
 class FleetGuard:
@@ -283,6 +286,9 @@ class FleetGuard:
                 return handler(request=request, state=state, **kwargs)
             book = self.book(node_id, state)
             try:
+                if book is None:  # a node id no key was registered for (claimed without authentication)
+                    book = NodeBook(node_id, UNKNOWN_SITE, b"", TokenBucket(0, 0, self.clock))
+                    raise Refusal("unknown_node", f"node {node_id} is not registered")
                 with self.lock:
                     if not book.bucket.take():
                         # until its next token, the gate refuses the node's requests before Flower reads them
@@ -301,7 +307,8 @@ class FleetGuard:
         with self.lock:
             for message, tree in zip(response.messages_list, response.message_object_trees, strict=False):
                 meta = message.metadata
-                instruction = Instruction(meta.run_id, frozenset(tree_ids(tree)), meta.created_at + meta.ttl)
+                objects = frozenset(tree_ids(tree, MEMORY_CAP))  # the ServerApp's: a handful
+                instruction = Instruction(meta.run_id, objects, meta.created_at + meta.ttl)
                 remember(book.instructions, meta.message_id, instruction)
         return response
 
@@ -316,11 +323,13 @@ class FleetGuard:
             raise Refusal("not_a_reply", f"a message to node {meta.dst_node_id} that answers no instruction")
         if trees[0].object_id != meta.message_id:
             raise Refusal("not_a_reply", "an object tree whose root is not the message")
-        ids = tree_ids(trees[0])
         with self.lock:
             layout = self.layout(meta.run_id)
+            ids = tree_ids(trees[0], layout.max_objects)
             if len(ids) > layout.max_objects:
-                raise Refusal("too_many_objects", f"{len(ids)} objects, a reply of this run holds {layout.max_objects}")
+                raise Refusal(
+                    "too_many_objects", f"over {layout.max_objects} objects, as many as a reply of this run holds"
+                )
             book.expire(self.wall())
             self.release(book, state)
             instruction = book.instructions.get(meta.reply_to_message_id)
@@ -408,13 +417,16 @@ class FleetGuard:
 
     # -- books, layouts, refusals --------------------------------------------------------------
 
-    def book(self, node_id: int, state) -> NodeBook:
+    def book(self, node_id: int, state) -> NodeBook | None:
+        """The node's book (made on its first call); None for a node the SuperLink does not know."""
         with self.lock:
             book = self.books.get(node_id)
         if book is None:
             info = state.get_node_info(node_ids=[node_id])
-            site = site_of_node(info[0].name) if info and info[0].name else UNKNOWN_SITE
-            key = info[0].public_key if info else b""
+            if not info:
+                return None
+            site = site_of_node(info[0].name) if info[0].name else UNKNOWN_SITE
+            key = info[0].public_key
             bucket = TokenBucket(self.settings.requests_per_second, self.settings.burst, self.clock)
             with self.lock:
                 first = all(b.site != site for b in self.books.values())

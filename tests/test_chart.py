@@ -415,8 +415,12 @@ def test_superlink(default_docs: list[dict]) -> None:
         ("--metrics-dir", "/var/run/fedcifar/metrics"),
         ("--host", "127.0.0.1"),
         ("--port", "9093"),
+        ("--fleet-max-reply-bytes", "16777216"),  # the Fleet guard's ceiling for other apps' runs
+        ("--fleet-max-reply-objects", "1024"),
+        ("--fleet-site-held-bytes", "268435456"),
     ):
         assert args[args.index(flag) + 1] == value  # Flower on the loopback: the proxy is its public face
+    assert "--behind-proxy" in args  # so fedcifar superlink refuses any other --host
     assert "--insecure" not in args and "--disable-runtime-dependency-installation" in args  # TLS by default
     assert "--database" not in args
     assert c["workingDir"] == "/var/lib/fedcifar"
@@ -1564,6 +1568,13 @@ PASS_THROUGH = {
         (("--set", "run.proximalMu=-0.1"), r"run\.proximalMu: Must validate at least one schema"),
         (("--set", "run.numMaliciousNodes=-1"), r"run\.numMaliciousNodes: Must be greater than or equal to 0"),
         (("--set", "run.maxExamples=-1"), r"run\.maxExamples: Must be greater than or equal to 0"),
+        # what would open Flower's APIs beside the proxy and the Fleet guard
+        (("--set", "superlink.extraArgs[0]=--host", "--set", "superlink.extraArgs[1]=0.0.0.0"), r"extraArgs\.0"),
+        (("--set", "superlink.extraArgs[0]=--fleet-api-address=0.0.0.0:9092"), r"extraArgs\.0"),
+        (("--set", "superlink.extraArgs[0]=--control-api-address"), r"extraArgs\.0"),
+        (("--set", "superlink.extraEnv.FLWR_INTERNAL_GRPC_FLEET_API=1"), r"FLWR_INTERNAL_GRPC_FLEET_API"),
+        (("--set", "extraEnv.FLWR_INTERNAL_GRPC_CONTROL_API=1"), r"FLWR_INTERNAL_GRPC_CONTROL_API"),
+        (("--set", "superlink.fleetGuard.maxReplyBytes=0"), r"maxReplyBytes: Must be greater than or equal to 1"),
     ],
 )
 def test_schema_rejects(args: tuple[str, ...], expected: str) -> None:
@@ -1623,6 +1634,19 @@ def test_schema_rejects(args: tuple[str, ...], expected: str) -> None:
             "run.numPartitions (3) differs from clients.partitions.total (4)",
         ),
         (("--set", "superlink.ingress.enabled=true"), "superlink.ingress.enabled needs superlink.ingress.host"),
+        # the same as the schema refuses, for a helm run without it
+        (
+            ("--skip-schema-validation", "--set", "superlink.extraArgs[0]=--host=0.0.0.0"),
+            "superlink.extraArgs holds --host=0.0.0.0: Flower would serve its APIs beside the proxy",
+        ),
+        (
+            ("--skip-schema-validation", "--set", "extraEnv.FLWR_INTERNAL_GRPC_FLEET_API=1"),
+            "extraEnv sets FLWR_INTERNAL_GRPC_FLEET_API: Flower would open its legacy gRPC API",
+        ),
+        (
+            ("--skip-schema-validation", "--set", "superlink.extraEnv.FLWR_INTERNAL_GRPC_CONTROL_API=1"),
+            "superlink.extraEnv sets FLWR_INTERNAL_GRPC_CONTROL_API",
+        ),
         (
             (
                 "--set",

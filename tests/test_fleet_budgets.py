@@ -329,3 +329,14 @@ def test_a_node_over_its_budget_is_refused_at_the_gate_before_flower_reads_its_r
     clock.now += 1.0  # its next token
     call(b"key-9")
     assert reached == [base64.b64encode(k) for k in (b"key-5", b"key-9", b"key-9")]
+
+
+def test_a_node_the_superlink_does_not_know_is_refused_without_a_book_of_its_own(rig):
+    state, _, guard, handlers, _, counted = rig
+    for claimed in range(1000, 1100):  # without authentication a node is whoever it claims to be
+        poll = PullMessagesRequest(node=Node(node_id=claimed))
+        assert refusal(lambda poll=poll: handlers["pull_messages"](request=poll, state=state, store=None)) == (
+            REFUSED_CODE,
+            "unknown_node",
+        )
+    assert not guard.books and counted == [("unknown_node", "unknown")] * 100
