@@ -159,11 +159,10 @@ def retire_previous_activation(command: list[str], node_id_file: Path) -> int | 
     if not key_path or not address:
         return None
     key = load_private_key(Path(key_path).read_bytes())
-    root_certificates = flag_value(command, "--root-certificates")
-    interceptors = [NodeAuthHttpInterceptor(key, key.public_key())]
-    with FleetHttpClient.from_server_address(
-        address, "--insecure" in command, root_certificates, interceptors
-    ) as fleet:
+    ca = flag_value(command, "--root-certificates")
+    signed = [NodeAuthHttpInterceptor(key, key.public_key())]
+    tls = Path(ca).read_bytes() if ca else None
+    with FleetHttpClient.from_server_address(address, "--insecure" in command, tls, signed) as fleet:
         try:
             fleet.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
         except httpx.HTTPError:

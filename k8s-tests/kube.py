@@ -194,7 +194,8 @@ from fedcifar.security import load_private_key
 key = load_private_key(Path(os.environ["KEY"]).read_bytes())
 own, victim = int(Path(os.environ["NODE_ID_FILE"]).read_text()), int(os.environ["VICTIM"])
 client = FleetHttpClient.from_server_address(
-    os.environ["SUPERLINK"], False, os.environ["SUPERLINK_CA"], [NodeAuthHttpInterceptor(key, key.public_key())]
+    os.environ["SUPERLINK"], False, Path(os.environ["SUPERLINK_CA"]).read_bytes(),
+    [NodeAuthHttpInterceptor(key, key.public_key())]
 )
 def push(src, dst, reply_to=""):
     meta = Metadata(1, "", src, dst, reply_to, "1", time.time(), 3600.0, "train")

@@ -64,7 +64,7 @@ class FleetNode:
         key = load_private_key(private_key.read_bytes())
         self.public_key = public_key_to_bytes(key.public_key())
         self.client = FleetHttpClient.from_server_address(
-            address, False, str(ca), [NodeAuthHttpInterceptor(key, key.public_key())]
+            address, False, ca.read_bytes(), [NodeAuthHttpInterceptor(key, key.public_key())]
         )
         self.node_id = 0
 
