@@ -13,15 +13,20 @@ installs it) and holds the node N a request names to:
   layout's object size and the reply within its total;
 - **pull-object / confirm-message-received**: only objects of the messages delivered to N (or of
   N's own replies), in that run;
-- **budgets**: replies held per node (stored and not yet taken by the ServerApp), bytes held per site,
-  and requests per node: ``requests_per_poll`` per poll interval of the SuperNodes, bursts of ``burst``.
+- **budgets**: replies held per node (stored and not yet taken by the ServerApp: beyond
+  ``held_replies``, its oldest go, from Flower's store too), bytes held per site, and requests per
+  node: ``requests_per_poll`` per poll interval of the SuperNodes, bursts of ``burst`` (beyond them,
+  ``BusyGate`` refuses the node's requests before Flower reads them, until its next token).
 
 The layout is the app's: fedcifar's ServerApp writes the shape its replies take
 (``publish_reply_layout``: the model as one float32 vector and a metrics record, a handful of
 objects) to ``$FEDCIFAR_FLEET_LAYOUTS/<run id>.json``; runs of other apps get the ceiling of
-``GuardSettings``. A refusal is a Flower API error — HTTP 403, or 503 with ``Retry-After`` for the
-request budget, which Flower's SuperNode retries — with the reason in its ``extra``, counted in
-``fedcifar_fleet_refused_total{reason, site}`` and logged once per node and reason.
+``GuardSettings``. Every ServerApp the SuperLink runs can write any run's layout, and the guard
+keeps the first it reads: the SuperLink's runs are its operator's. A refusal is a Flower API error
+— HTTP 403 (Flower's SuperNode logs any 403 as a run that is no longer running, and drops the
+message), or 503 with ``Retry-After`` for the request budget, which it retries — with the reason in
+its ``extra``, counted in ``fedcifar_fleet_refused_total{reason, site}`` and logged once per node
+and reason.
 
 Without SuperNode authentication a request's node is whoever it claims to be: the guard then keeps
 each claimed node to itself, but cannot tell a node from one that claims its id. What the guard
@@ -31,6 +36,7 @@ before, so a reply to one is refused (the ServerApp that sent it is gone with it
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import json
@@ -46,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcifar.atomic import write_bytes
-from fedcifar.flower_tuning import DEFAULT_POLL_SECONDS, POLL_ENV
+from fedcifar.flower_tuning import DEFAULT_POLL_SECONDS
 from fedcifar.metrics import UNKNOWN_SITE
 from fedcifar.security import site_of_node
 
@@ -69,12 +75,10 @@ REASONS = (
     "reply_too_large",  # a reply's objects above the layout's total
     "not_own_object",  # push or pull of an object (or a push session) that is not this node's
     "not_own_message",  # confirm-message-received of a message not delivered to this node
-    "node_budget",  # more replies held for this node than its budget
     "site_budget",  # more bytes held for this node's site than its budget
     "rate_limited",  # more requests than the node's request budget
     "unknown_node",  # a node id the SuperLink does not know (claimed, without SuperNode authentication)
 )
-CHUNK_BYTES = 5 * 2**20  # Flower's largest ArrayChunk (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)
 CHUNK_SLACK = 1024  # an array chunk's object header and a little more
 RECORD_BYTES = 64 * 2**10  # any object that is no array chunk: a message with its error text, a metrics record
 EXTRA_OBJECTS = 4  # beyond the honest reply's (an extra array and its chunk, ...), within RECORD_BYTES each
@@ -98,7 +102,8 @@ class GuardSettings:
 
     def __post_init__(self) -> None:
         positive = {k: v for k, v in asdict(self).items() if k != "layouts"}
-        bad = [f"{k}={v}" for k, v in positive.items() if not (isinstance(v, int | float) and v > 0)]
+        number = lambda v: isinstance(v, int | float) and not isinstance(v, bool)  # noqa: E731
+        bad = [f"{k}={v}" for k, v in positive.items() if not (number(v) and v > 0)]
         if bad:
             raise ValueError(f"the Fleet guard's budgets must be positive numbers, got {', '.join(bad)}")
 
@@ -111,11 +116,9 @@ class GuardSettings:
 
     @classmethod
     def from_env(cls) -> GuardSettings:
+        """What ``fedcifar superlink`` set, else the defaults."""
         raw = os.environ.get(SETTINGS_ENV)
-        settings = cls(**json.loads(raw)) if raw else cls()
-        if not raw and os.environ.get(POLL_ENV):
-            settings = cls(poll_interval=float(os.environ[POLL_ENV]))
-        return settings
+        return cls(**json.loads(raw)) if raw else cls()
 
 
 @dataclass(frozen=True)
@@ -148,11 +151,8 @@ class ReplyLayout:
 
     @classmethod
     def ceiling(cls, settings: GuardSettings) -> ReplyLayout:
-        return cls(
-            settings.max_reply_objects,
-            min(settings.max_reply_bytes, CHUNK_BYTES + CHUNK_SLACK),
-            settings.max_reply_bytes,
-        )
+        # any object up to the reply's bound: other apps may send records larger than Flower's chunks
+        return cls(settings.max_reply_objects, settings.max_reply_bytes, settings.max_reply_bytes)
 
 
 def publish_reply_layout(run_id: int, layout: ReplyLayout) -> Path | None:
@@ -205,13 +205,14 @@ class Instruction:
 
 @dataclass
 class HeldReply:
-    """A reply of the node the SuperLink stores until the ServerApp takes it (or it expires)."""
+    """A reply of the node the SuperLink stores until the ServerApp takes it (or its run ends)."""
 
     message_id: str
     run_id: int
-    session_id: str
+    reply_to: str
     objects: frozenset[str]
     layout: ReplyLayout
+    sessions: set[str] = field(default_factory=set)  # Flower's push sessions for it (one more per retry)
     bytes: int = 0
 
 
@@ -221,9 +222,8 @@ class NodeBook:
     site: str
     public_key: bytes  # as registered: what the gate matches a request's key header against
     bucket: TokenBucket
-    instructions: OrderedDict[str, Instruction] = field(default_factory=OrderedDict)
-    answered: OrderedDict[str, str] = field(default_factory=OrderedDict)  # instruction id -> reply id
-    held: OrderedDict[str, HeldReply] = field(default_factory=OrderedDict)  # by reply message id
+    instructions: OrderedDict[str, Instruction] = field(default_factory=OrderedDict)  # delivered, unanswered
+    held: OrderedDict[str, HeldReply] = field(default_factory=OrderedDict)  # by reply message id, oldest first
 
     def expire(self, wall: float) -> None:
         for message_id in [m for m, i in self.instructions.items() if i.expires <= wall]:
@@ -246,11 +246,11 @@ def remember(book: OrderedDict, key: str, value: Any) -> None:
         book.popitem(last=False)
 
 
-def tree_ids(tree, most: int) -> list[str]:
-    """The object ids of ``tree``, but no more than ``most`` + 1 of them (enough to refuse it)."""
+def tree_ids(tree, most: int | None = None) -> list[str]:
+    """The object ids of ``tree``; of a node's tree, no more than ``most`` + 1 (enough to refuse it)."""
     from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
 
-    return [node.object_id for node in itertools.islice(iterate_object_tree(tree), most + 1)]
+    return [node.object_id for node in itertools.islice(iterate_object_tree(tree), None if most is None else most + 1)]
 
 
 class FleetGuard:
@@ -278,7 +278,13 @@ class FleetGuard:
     # -- the handlers ------------------------------------------------------------------------
 
     def wrap(self, name: str, handler: Callable[..., Any]) -> Callable[..., Any]:
-        check = getattr(self, name, self.metered)  # heartbeats, activation, runs, FABs: metered only
+        check = {
+            "pull_messages": self.pull_messages,
+            "push_messages": self.push_messages,
+            "push_object": self.push_object,
+            "pull_object": self.pull_object,
+            "confirm_message_received": self.confirm_message_received,
+        }.get(name, self.metered)  # heartbeats, activation, runs, FABs: metered only
 
         def guarded(*, request, state, **kwargs):
             node_id = node_of(request, state)
@@ -307,8 +313,7 @@ class FleetGuard:
         with self.lock:
             for message, tree in zip(response.messages_list, response.message_object_trees, strict=False):
                 meta = message.metadata
-                objects = frozenset(tree_ids(tree, MEMORY_CAP))  # the ServerApp's: a handful
-                instruction = Instruction(meta.run_id, objects, meta.created_at + meta.ttl)
+                instruction = Instruction(meta.run_id, frozenset(tree_ids(tree)), meta.created_at + meta.ttl)
                 remember(book.instructions, meta.message_id, instruction)
         return response
 
@@ -323,48 +328,68 @@ class FleetGuard:
             raise Refusal("not_a_reply", f"a message to node {meta.dst_node_id} that answers no instruction")
         if trees[0].object_id != meta.message_id:
             raise Refusal("not_a_reply", "an object tree whose root is not the message")
+        store = state.object_store
         with self.lock:
-            layout = self.layout(meta.run_id)
+            self.release(book, state)
+            held = book.held.get(meta.message_id)
+            again = held is not None and held.reply_to == meta.reply_to_message_id  # a retried push
+            if not again:
+                book.expire(self.wall())
+                instruction = book.instructions.get(meta.reply_to_message_id)
+                if instruction is None or instruction.run_id != meta.run_id:
+                    raise Refusal(
+                        "unknown_instruction",
+                        f"a reply to {meta.reply_to_message_id!r} in run {meta.run_id}: no instruction the "
+                        "SuperLink delivered to this node in that run and that it has not answered",
+                    )
+                # its id, the root of its object tree, must be new: Flower gives a tree's root to the last
+                # push session that registered it, so a "reply" named after a held message (the round's
+                # instructions) would take over the ServerApp's own push session
+                if meta.message_id in store:
+                    raise Refusal("not_a_reply", f"message {meta.message_id!r}: the SuperLink holds it already")
+            layout = held.layout if again else self.layout(meta.run_id)
             ids = tree_ids(trees[0], layout.max_objects)
             if len(ids) > layout.max_objects:
                 raise Refusal(
-                    "too_many_objects", f"over {layout.max_objects} objects, as many as a reply of this run holds"
+                    "too_many_objects", f"more than the {layout.max_objects} objects a reply of this run holds"
                 )
-            book.expire(self.wall())
-            self.release(book, state)
-            instruction = book.instructions.get(meta.reply_to_message_id)
-            again = book.answered.get(meta.reply_to_message_id) == meta.message_id  # a retried push
-            if not again and (instruction is None or instruction.run_id != meta.run_id):
-                raise Refusal(
-                    "unknown_instruction",
-                    f"a reply to {meta.reply_to_message_id!r} in run {meta.run_id}: no instruction the SuperLink "
-                    "delivered to this node in that run and that it has not answered",
-                )
-            if not again and len(book.held) >= self.settings.held_replies:
-                raise Refusal("node_budget", f"{len(book.held)} replies held, at most {self.settings.held_replies}")
-        response = handler(request=request, state=state, **kwargs)
+            if not again:  # the instruction is answered now: a concurrent push for it is refused
+                del book.instructions[meta.reply_to_message_id]
+                self.make_room(book, state)
+                held = HeldReply(meta.message_id, meta.run_id, meta.reply_to_message_id, frozenset(ids), layout)
+                book.held[meta.message_id] = held
+        try:
+            response = handler(request=request, state=state, **kwargs)
+        except BaseException:
+            if not again:
+                with self.lock:
+                    book.held.pop(meta.message_id, None)
+                    book.instructions[meta.reply_to_message_id] = instruction
+            raise
         with self.lock:
-            book.instructions.pop(meta.reply_to_message_id, None)
-            remember(book.answered, meta.reply_to_message_id, meta.message_id)
-            reply = HeldReply(meta.message_id, meta.run_id, response.session_id, frozenset(ids), layout)
-            if again and meta.message_id in book.held:
-                reply.bytes = book.held[meta.message_id].bytes
-            remember(book.held, meta.message_id, reply)
+            held.sessions.add(response.session_id)
         return response
 
     def push_object(self, book: NodeBook, handler, *, request, state, **kwargs):
         size = len(request.object_content)
         with self.lock:
-            reply = next((r for r in book.held.values() if r.session_id == request.session_id), None)
-            if reply is None or reply.run_id != request.run_id or request.object_id not in reply.objects:
-                raise Refusal("not_own_object", f"object {request.object_id!r} of no pending reply of this node")
+            reply = next((r for r in book.held.values() if request.session_id in r.sessions), None)
+            if reply is None or reply.run_id != request.run_id:
+                raise Refusal(
+                    "not_own_object", f"push session {request.session_id!r}: of no pending reply of this node"
+                )
+            if request.object_id not in reply.objects:
+                raise Refusal("not_own_object", f"object {request.object_id!r}: not in this node's reply")
             if size > reply.layout.max_object_bytes:
                 raise Refusal("object_too_large", f"{size} bytes, at most {reply.layout.max_object_bytes}")
             if reply.bytes + size > reply.layout.max_reply_bytes:
                 raise Refusal(
                     "reply_too_large", f"{reply.bytes + size} bytes in a reply, at most {reply.layout.max_reply_bytes}"
                 )
-            site_bytes = sum(b.held_bytes() for b in self.books.values() if b.site == book.site)
+            site = [b for b in self.books.values() if b.site == book.site]
+            for other in site:
+                self.release(other, state)
+            site_bytes = sum(b.held_bytes() for b in site)
             if site_bytes + size > self.settings.site_held_bytes:
                 raise Refusal(
                     "site_budget",
@@ -401,15 +426,17 @@ class FleetGuard:
                 )
         return handler(request=request, **kwargs)
 
-    def over_budget(self, public_key: bytes) -> NodeBook | None:
-        """The node of ``public_key`` while it is over its request budget (``BusyGate``), counted."""
+    def over_budget(self, public_key: bytes) -> float | None:
+        """Seconds until the next token of ``public_key``'s node while it is over its request budget
+        (``BusyGate``: the refusal is counted), else None."""
         with self.lock:
             until, book = self.busy.get(public_key, (0.0, None))
-            if book is None or self.clock() >= until:
+            wait = until - self.clock()
+            if book is None or wait <= 0:
                 self.busy.pop(public_key, None)
                 return None
         self.count("rate_limited", book.site)
-        return book
+        return wait
 
     @staticmethod
     def metered(_book: NodeBook, handler, **kwargs):
@@ -436,11 +463,28 @@ class FleetGuard:
         return book
 
     def release(self, book: NodeBook, state) -> None:
-        """Forget the node's replies that the SuperLink no longer stores (the ServerApp took them, they
-        expired, or their run ended)."""
+        """Forget the node's replies that the SuperLink no longer stores (the ServerApp took them, or a
+        push session expired) or stores only until Flower cleans up their ended run."""
         store = state.object_store
-        for message_id in [m for m in book.held if m not in store]:
+        runs = {r.run_id for r in book.held.values()}
+        statuses = state.get_run_status(runs) if runs else {}
+        ended = {run for run in runs if run not in statuses or statuses[run].status == "finished"}
+        # a reply whose push is under way has no session yet, nor its root in the store: it stays
+        gone = [m for m, r in book.held.items() if r.sessions and (m not in store or r.run_id in ended)]
+        for message_id in gone:
             del book.held[message_id]
+
+    def make_room(self, book: NodeBook, state) -> None:
+        """Keep at most ``held_replies`` - 1 replies of the node held, before it holds a new one: the
+        oldest go, from Flower's store too. The ServerApp takes a reply as soon as it is stored, so one that newer
+        replies have overtaken is one it gave up on (it came after the round's deadline), and the
+        SuperLink would keep it until the run ends: a straggler holds a few, never more."""
+        while len(book.held) >= self.settings.held_replies:
+            _, oldest = book.held.popitem(last=False)
+            state.object_store.delete(oldest.message_id)
+            log.info(
+                "Fleet guard: dropped node %d's untaken reply %s (newer ones came)", book.node_id, oldest.message_id
+            )
 
     def layout(self, run_id: int) -> ReplyLayout:
         if run_id in self.layouts:
@@ -524,10 +568,13 @@ class BusyGate:
     """Refuses, before Flower reads them, the Fleet requests of a node the guard found over its request
     budget, until its next token: a flood from one node then costs the SuperLink little more than
     reading the request (Flower's way: verifying the signature, parsing, its middleware and handler,
-    about 4 ms of CPU a request here). Keyed by the request's public-key header, but only a node's own
-    signed requests put its key here, so a forged header cannot make another node busy (a replayed
-    one can, within the signature's five minutes: the README's limits). A pure ASGI middleware,
-    outermost (``flower_tuning.guard_fleet_api`` puts it there)."""
+    about 4 ms of CPU a request here). The refusal is sent when that token comes (at most a second
+    later; an asyncio sleep, no thread): a client that waits for its answers, as Flower's does, is
+    slowed to its budget instead of sending as fast as the SuperLink can answer. Keyed by the request's
+    public-key header, but only a node's own signed requests put its key here, so a forged header
+    cannot make another node busy (a replayed one can, within the signature's five minutes: the
+    README's limits). A pure ASGI middleware, outermost (``flower_tuning.guard_fleet_api`` puts it
+    there)."""
 
     def __init__(self, app, guard: FleetGuard) -> None:
         self.app, self.guard = app, guard
@@ -539,9 +586,10 @@ class BusyGate:
                 key = base64.b64decode(header, validate=True) if header else b""
             except ValueError:
                 key = b""
-            if key and self.guard.over_budget(key) is not None:
+            if key and (wait := self.guard.over_budget(key)) is not None:
                 while (await receive()).get("more_body"):  # the body, read and dropped
                     pass
+                await asyncio.sleep(min(wait, 1.0))
                 body = json.dumps(
                     {
                         "code": BUSY_CODE,

@@ -41,7 +41,6 @@ from fedcifar.metrics import MULTIPROC_ENV, serve_multiprocess
 from fedcifar.protocol import TRAINER_ENV, TRAINER_KEY_ENV
 from fedcifar.security import (
     NODE_ID_FILE_ENV,
-    flag_value,
     retire_previous_activation,
     rewrite_private_key_arg,
     superlink_registrar,
@@ -95,23 +94,29 @@ def node_config(
 
 def check_superlink_args(args: list[str], env: Mapping[str, str], behind_proxy: bool) -> None:
     """Refuse, with a sentence, Flower options and variables that would open a port beside the one the
-    Fleet guard (and, ``behind_proxy``, the proxy) stands in front of."""
-    for flag in ("--fleet-api-address", "--control-api-address"):
-        if flag_value(args, flag) is not None:
+    Fleet guard (and, ``behind_proxy``, the proxy) stands in front of. The options are read with
+    Flower's own parser, as Flower will read them (the last one wins, abbreviations count)."""
+    from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
+
+    parser = _parse_args_run_superlink()
+    absent = object()  # Flower gives --control-api-address a default: whether it was given at all
+    parser.set_defaults(fleet_api_address=absent, control_api_address=absent)
+    flower, _ = parser.parse_known_args(args)
+    for option in ("fleet_api_address", "control_api_address"):
+        if getattr(flower, option) is not absent:
             raise ValueError(
-                f"fedcifar superlink refuses {flag}: it serves Flower's legacy gRPC API, which the Fleet guard "
-                "does not stand in front of; Flower 1.42 serves every API on --host/--port"
+                f"fedcifar superlink refuses --{option.replace('_', '-')}: it serves Flower's legacy gRPC API, which "
+                "the Fleet guard does not stand in front of; Flower 1.42 serves every API on --host/--port"
             )
     if opened := sorted(name for name in env if name.startswith(INTERNAL_GRPC_PREFIX)):
         raise ValueError(
             f"fedcifar superlink refuses {', '.join(opened)}: it would open Flower's legacy gRPC API beside the "
             "guarded one; unset it"
         )
-    host = flag_value(args, "--host")
-    if behind_proxy and host is not None and host not in LOOPBACK:
+    if behind_proxy and flower.host not in LOOPBACK:
         raise ValueError(
-            f"fedcifar superlink --behind-proxy refuses --host {host}: Flower serves its Control and runtime APIs "
-            "on that port too, so it listens on the loopback (127.0.0.1) and the proxy is the public face"
+            f"fedcifar superlink --behind-proxy refuses --host {flower.host}: Flower serves its Control and runtime "
+            "APIs on that port too, so it listens on the loopback (127.0.0.1) and the proxy is the public face"
         )
 
 

@@ -155,7 +155,6 @@ def retire_previous_activation(command: list[str], node_id_file: Path) -> int | 
         node_id = int(node_id_file.read_text())
     except (OSError, ValueError):
         return None
-    node_id_file.unlink()
     if not key_path or not address:
         return None
     key = load_private_key(Path(key_path).read_bytes())
@@ -165,8 +164,9 @@ def retire_previous_activation(command: list[str], node_id_file: Path) -> int | 
     with FleetHttpClient.from_server_address(address, "--insecure" in command, tls, signed) as fleet:
         try:
             fleet.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
-        except httpx.HTTPError:
+        except httpx.HTTPError:  # unreachable, or nothing to end: the note stays for the next start
             return None
+    node_id_file.unlink()
     return node_id
 
 

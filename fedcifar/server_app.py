@@ -144,11 +144,9 @@ def expected_replies(config: RunConfig, source: DataSource, arrays: ArrayRecord)
 
 
 def largest_reply(expected: Expected, arrays: ArrayRecord) -> RecordDict:
-    """The largest training reply of this run: the model and every metric, each at its widest."""
-    widest = {int: 2**63 - 1, float: 1.0}
-    return RecordDict(
-        {"arrays": arrays, "metrics": MetricRecord({k: widest[t] for k, t in expected.train_metrics.items()})}
-    )
+    """The largest training reply of this run: the model and its metrics (``ReplyLayout.of`` charges a
+    record the most any record may take, whatever its values)."""
+    return RecordDict({"arrays": arrays, "metrics": MetricRecord({k: t() for k, t in expected.train_metrics.items()})})
 
 
 def output_dir(config: RunConfig, run_id: int) -> Path:

@@ -1572,6 +1572,7 @@ PASS_THROUGH = {
         (("--set", "superlink.extraArgs[0]=--host", "--set", "superlink.extraArgs[1]=0.0.0.0"), r"extraArgs\.0"),
         (("--set", "superlink.extraArgs[0]=--fleet-api-address=0.0.0.0:9092"), r"extraArgs\.0"),
         (("--set", "superlink.extraArgs[0]=--control-api-address"), r"extraArgs\.0"),
+        (("--set", "superlink.extraArgs[0]=--ho=0.0.0.0"), r"extraArgs\.0"),  # Flower's parser takes abbreviations
         (("--set", "superlink.extraEnv.FLWR_INTERNAL_GRPC_FLEET_API=1"), r"FLWR_INTERNAL_GRPC_FLEET_API"),
         (("--set", "extraEnv.FLWR_INTERNAL_GRPC_CONTROL_API=1"), r"FLWR_INTERNAL_GRPC_CONTROL_API"),
         (("--set", "superlink.fleetGuard.maxReplyBytes=0"), r"maxReplyBytes: Must be greater than or equal to 1"),

@@ -56,6 +56,8 @@ def test_centralized_prints_json_last(mini_dir):
         (["superlink", "--behind-proxy", "--host", "0.0.0.0"], "--behind-proxy refuses --host 0.0.0.0"),
         (["superlink", "--host=10.0.0.5", "--behind-proxy"], "--behind-proxy refuses --host 10.0.0.5"),
         (["superlink", "--fleet-api-address", "0.0.0.0:9092"], "refuses --fleet-api-address"),
+        # as Flower's parser reads them: the last one wins, abbreviations count
+        (["superlink", "--behind-proxy", "--host", "127.0.0.1", "--ho", "0.0.0.0"], "refuses --host 0.0.0.0"),
         (["superlink", "--control-api-address=0.0.0.0:9093"], "refuses --control-api-address"),
         (["superlink", "--fleet-max-reply-bytes", "0"], "the Fleet guard's budgets must be positive numbers"),
     ],

@@ -26,6 +26,7 @@ from flwr.proto.message_pb2 import (
 from flwr.proto.node_pb2 import Node, NodeInfo
 from flwr.supercore.error import FlowerError
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+from flwr.supercore.run import RunStatus
 
 from fedcifar.fleet_guard import (
     BUSY_CODE,
@@ -43,14 +44,24 @@ RUN = 7
 SITES = {5: "site-a/slot-0", 6: "site-a/slot-1", 9: "site-b/slot-2"}
 
 
+class Store(set):
+    """The object store's keys (what the guard asks of it: ``in`` and ``delete``)."""
+
+    def delete(self, object_id: str) -> None:
+        self.discard(object_id)
+
+
 class State:
-    """What the guard reads of Flower's LinkState: node names and the object store's keys."""
+    """What the guard reads of Flower's LinkState: node names, runs' status, the object store."""
 
     def __init__(self) -> None:
-        self.object_store: set[str] = set()
+        self.object_store, self.finished = Store(), set()
 
     def get_node_info(self, node_ids):
         return [NodeInfo(node_id=n, name=SITES[n], public_key=f"key-{n}".encode()) for n in node_ids if n in SITES]
+
+    def get_run_status(self, run_ids):
+        return {r: RunStatus("finished" if r in self.finished else "running", "", "") for r in run_ids}
 
 
 class Clock:
@@ -162,6 +173,16 @@ def test_a_node_answers_only_the_instructions_delivered_to_it(rig):
     push(rig, 5, answer)
     push(rig, 5, answer)  # retried after a lost answer: the same reply again is fine
     assert refusal(lambda: push(rig, 5, reply(sent, size=3))) == (REFUSED_CODE, "unknown_instruction")  # answered
+    rig[0].object_store.discard(answer.metadata.message_id)  # the ServerApp took it: pushed again, it is refused
+    assert refusal(lambda: push(rig, 5, answer)) == (REFUSED_CODE, "unknown_instruction")
+    # a "reply" named after a message the SuperLink holds (its root would take over that message's push session)
+    held = deliver(rig, 5)
+    rig[0].object_store.add(held.metadata.message_id)
+    named_after = forged(RUN, 5, SUPERLINK, RecordDict(), reply_to=held.metadata.message_id)
+    named_after.metadata.__dict__["_message_id"] = held.metadata.message_id
+    tree = get_object_tree(named_after)
+    tree.object_id = held.metadata.message_id
+    assert refusal(lambda: push(rig, 5, named_after, tree=tree)) == (REFUSED_CODE, "not_a_reply")
     expired = deliver(rig, 5, created=-200.0)  # its ttl (100 s) ran out before it was answered
     assert refusal(lambda: push(rig, 5, reply(expired))) == (REFUSED_CODE, "unknown_instruction")
 
@@ -222,12 +243,17 @@ def test_an_unpublished_layout_is_the_ceiling_and_the_object_count_is_checked_fi
 
 
 def test_replies_held_per_node_and_bytes_per_site_are_budgeted(rig):
-    state, _, _, handlers, _, _ = rig
-    first, second = push(rig, 5, reply(deliver(rig, 5))), push(rig, 5, reply(deliver(rig, 5)))
-    third = reply(deliver(rig, 5))
-    assert refusal(lambda: push(rig, 5, third)) == (REFUSED_CODE, "node_budget")  # held_replies = 2
-    state.object_store.clear()  # the ServerApp took them
-    push(rig, 5, third)
+    state, _, guard, handlers, _, _ = rig
+    first, second, third = (reply(deliver(rig, 5)) for _ in range(3))
+    for answer in (first, second, third):
+        push(rig, 5, answer)
+    # held_replies = 2: the oldest untaken reply made room, from Flower's store too
+    assert first.metadata.message_id not in state.object_store
+    assert list(guard.books[5].held) == [second.metadata.message_id, third.metadata.message_id]
+    state.finished.add(RUN)  # a run that ended holds nothing of the node's (Flower cleans it up)
+    guard.release(guard.books[5], state)
+    assert not guard.books[5].held
+    state.finished.clear()
 
     def fill(node: int, response, size: int):
         request = PushObjectRequest(
@@ -239,7 +265,6 @@ def test_replies_held_per_node_and_bytes_per_site_are_budgeted(rig):
         )
         return handlers["push_object"](request=request, state=state)
 
-    assert first and second
     held = push(rig, 5, reply(deliver(rig, 5)))
     assert fill(5, held, 600).stored
     other = push(rig, 6, reply(deliver(rig, 6)))  # the same site: 600 + 600 > 1000
@@ -340,3 +365,20 @@ def test_a_node_the_superlink_does_not_know_is_refused_without_a_book_of_its_own
             "unknown_node",
         )
     assert not guard.books and counted == [("unknown_node", "unknown")] * 100
+
+
+def test_a_reply_whose_push_is_under_way_is_not_taken_for_gone(rig):
+    """Another request of the site forgets the node's replies the SuperLink no longer holds while Flower
+    is still storing this one (its id not yet in the store): it must stay held."""
+    state, flower, guard, handlers, _, _ = rig
+    sent = deliver(rig, 5)
+    storing = flower.push_messages
+
+    def racing(**kwargs):
+        guard.release(guard.books[5], state)
+        return storing(**kwargs)
+
+    handlers["push_messages"] = guard.wrap("push_messages", racing)
+    answer = reply(sent)
+    push(rig, 5, answer)
+    assert answer.metadata.message_id in guard.books[5].held

@@ -455,7 +455,11 @@ def test_a_flood_from_one_node_is_refused_and_costs_the_others_little(guarded_in
         report = json.loads(attacker.communicate(timeout=60)[0])
     refused = fed.refused()
     busy = refused.get(("rate_limited", "site-c"), 0) - before.get(("rate_limited", "site-c"), 0)
-    assert report["status"].get("503", 0) == busy > 0.5 * report["requests"], report
+    # every 503 counted (one more when the stop came while an answer was on its way); no more served
+    # than the node's budget: its burst and its rate over the flood
+    settings, refused_503 = GuardSettings(), report["status"].get("503", 0)
+    assert busy - 1 <= refused_503 <= busy and refused_503 > 0, (report, busy)
+    assert report["status"].get("200", 0) <= settings.burst + settings.requests_per_second * report["seconds"] + 5
     for history in (quiet, flooded):
         assert [r["partitions"] for r in history["rounds"]] == [[0, 1, VICTIM]] * 2
     model = ArrayRecord({MODEL_KEY: Array(flat_weights(Net()))})

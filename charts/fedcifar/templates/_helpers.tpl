@@ -535,7 +535,7 @@ every release renders.
 {{- fail "clients.gpu.enabled is true but clients.gpu.count is below 1: request at least one GPU per client." }}
 {{- end }}
 {{- range .Values.superlink.extraArgs }}
-{{- if regexMatch "^--(host|fleet-api-address|control-api-address)(=|$)" . }}
+{{- if regexMatch "^--(ho|fleet-api-a|control-api-a)" . }}{{/* and their abbreviations, as Flower's parser takes them */}}
 {{- fail (printf "superlink.extraArgs holds %s: Flower would serve its APIs beside the proxy and the Fleet guard. Flower listens on the pod's loopback (superlink.controlPort) and the proxy is its public face (superlink.port)." .) }}
 {{- end }}
 {{- end }}
