@@ -1,11 +1,11 @@
 """The server's checkpoint: everything needed to resume a run after its last completed round.
 
 ``model.pt`` in the run's output folder holds the global model, the round it completed, the
-run's history up to that round, the training part of the run config, the server's random
-states (Flower samples clients with ``random``; its DP wrappers draw noise from numpy's global
-generator), what the strategy carries between rounds (``server/strategies.py``: moments,
-momentum, the adaptive clipping norm) and the privacy accountant's compositions. It is written
-after every round, atomically,
+run's history up to that round, the training part of the run config, the server's random state
+(Flower samples clients with ``random``), what the strategy carries between rounds
+(``server/strategies.py``: moments, momentum, the adaptive clipping norm) and how many noised
+aggregates its rounds released (central DP; the DP noise's generator is never kept:
+``server/privacy.py``). It is written after every round, atomically,
 and read with ``weights_only=True``, so a checkpoint from elsewhere cannot run code.
 
 A checkpoint that cannot be read, that holds another model, or that was trained with other
@@ -19,14 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedcifar import atomic
 from fedcifar.history import CHECKPOINT_FILE
 
-FORMAT = 2  # 2: strategy and privacy accountant states, and noise-state.pt beside it
-NOISE_FILE = "noise-state.pt"
+FORMAT = 3  # 2: strategy and privacy accountant states; 3: no DP noise state (drawn afresh on resume)
 MODEL_CLASS = "Net"
 
 
@@ -41,7 +39,6 @@ class Checkpoint:
     history: dict[str, Any]
     fingerprint: dict[str, Any]
     rng_state: Any
-    numpy_rng_state: Any
     strategy_state: dict[str, Any]
     privacy_state: dict[str, Any] | None
 
@@ -58,18 +55,12 @@ class Checkpoint:
             "strategy_state": self.strategy_state,
             "privacy_state": self.privacy_state,
         }
-        # the noise state first: a crash between the two files must never let a resumed run draw the
-        # noise of a round already released again (two aggregates with one noise give the difference away)
-        kind, key, *rest = self.numpy_rng_state
-        with atomic.replacing(out_dir / NOISE_FILE, mode=0o600) as tmp:
-            torch.save([kind, key.tolist(), *rest], tmp)  # the key as ints: weights_only loads no numpy arrays
         with atomic.replacing(path) as tmp:
             torch.save(payload, tmp)
         return path
 
     def restore_rng(self) -> None:
         random.setstate(_as_rng_state(self.rng_state))
-        np.random.set_state(self.numpy_rng_state)
 
 
 def load_checkpoint(out_dir: Path, reference: dict[str, torch.Tensor]) -> Checkpoint | None:
@@ -97,7 +88,6 @@ def load_checkpoint(out_dir: Path, reference: dict[str, torch.Tensor]) -> Checkp
         history=payload["history"],
         fingerprint=payload["fingerprint"],
         rng_state=payload["rng_state"],
-        numpy_rng_state=_noise_state(out_dir / NOISE_FILE, advice),
         strategy_state=payload["strategy_state"],
         privacy_state=payload["privacy_state"],
     )
@@ -132,14 +122,6 @@ def _state_dict_problems(model: Any, reference: dict[str, torch.Tensor]) -> str:
         if not torch.isfinite(got).all():
             return f"{name} holds NaN or Inf"
     return ""
-
-
-def _noise_state(path: Path, advice: str) -> Any:
-    try:
-        kind, key, *rest = torch.load(path, weights_only=True)
-    except Exception as err:  # noqa: BLE001 -- missing, truncated or foreign
-        raise CheckpointError(f"{path}, the DP noise generator's state, is unreadable ({err}); {advice}") from err
-    return (kind, np.asarray(key, dtype=np.uint32), *rest)
 
 
 def _as_rng_state(state: Any) -> tuple:

@@ -7,6 +7,7 @@ they are rewritten after every round.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,7 +72,20 @@ class History:
         self.rounds = self.rounds[:after_round]
 
     def save(self, out_dir: Path) -> Path:
-        return atomic.write_bytes(out_dir / HISTORY_FILE, json.dumps(asdict(self), indent=2).encode())
+        """Strict JSON: a figure that is not finite (no reply, an unusable aggregate) is written as null."""
+        return atomic.write_bytes(
+            out_dir / HISTORY_FILE, json.dumps(_finite(asdict(self)), indent=2, allow_nan=False).encode()
+        )
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def load_history(out_dir: Path) -> dict[str, Any] | None:

@@ -76,14 +76,13 @@ def main(grid: Grid, context: Context) -> None:
     model = ServerModel(Net(), load_full(source, "test").to(device), device, config.normalize)
     checkpoint = load_checkpoint(out_dir, model.net.state_dict()) if config.resume else None
     strategy = build_strategy(config)
-    privacy = PrivacyAccount.of(strategy, config)
+    privacy = PrivacyAccount.of(strategy, config, out_dir)
     if checkpoint:
         check_same_training(checkpoint, config.training_fingerprint(), out_dir)
         history = History.from_dict(checkpoint.history)
         history.resumed(context.run_id, checkpoint.round, config.to_flower())
-        checkpoint.restore_rng()  # the central-DP noise goes on where it stopped: it never depends on the seed
+        checkpoint.restore_rng()
         restore_strategy_state(strategy, checkpoint.strategy_state)
-        privacy.load_state_dict(checkpoint.privacy_state)
         model.net.load_state_dict(checkpoint.model)
         log.info("Resuming from %s after round %d", out_dir, checkpoint.round)
     else:
@@ -95,6 +94,8 @@ def main(grid: Grid, context: Context) -> None:
             privacy=privacy.in_force(),
         )
         model.net = initial_model(config.seed)
+    # every noised aggregate released in this folder is spent, also one the nodes saw before a crash
+    privacy.resume(checkpoint.privacy_state if checkpoint else None)
     arrays = ArrayRecord({MODEL_KEY: Array(flat_weights(model.net))})
     expected = expected_replies(config, source, arrays)
     # the SuperLink's Fleet guard bounds every reply of this run by the largest an honest node sends

@@ -111,7 +111,7 @@ def loop_for(tmp_path, script, names=None, **config) -> RoundLoop:
         ),
         config=config,
         metrics=metrics,
-        privacy=PrivacyAccount.of(strategy, config),
+        privacy=PrivacyAccount.of(strategy, config, tmp_path),
     )
 
 

@@ -11,7 +11,6 @@ import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedcifar.checkpoint import Checkpoint
@@ -107,7 +106,6 @@ def checkpoint_of(round_: int, config: RunConfig) -> Checkpoint:
         history=asdict(history),
         fingerprint=config.training_fingerprint(),
         rng_state=random.getstate(),
-        numpy_rng_state=np.random.get_state(),
         strategy_state={},
         privacy_state=None,
     )

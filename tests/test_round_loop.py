@@ -5,11 +5,15 @@ aggregate what passed the checks."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
 from fedcifar.config import ConfigError, RunConfig
+from fedcifar.history import History, RoundRecord
 from fedcifar.server import rounds
 from fedcifar.server.polling import PollingGrid
 from fedcifar.server.rounds import RoundFailed
@@ -249,3 +253,39 @@ def test_federated_evaluation_that_fails_costs_the_round_nothing(tmp_path, model
     loop.run(ArrayRecord({MODEL_KEY: Array(model)}), 1)
     record = loop.recorder.history.rounds[0]
     assert record.partitions == [0] and record.client_eval_loss is None
+
+
+def test_losses_near_the_float_limit_are_averaged_without_overflow_and_saved_as_json(tmp_path, model):
+    """A diverged client's honest loss (1e308) is accepted, never refused; the round's
+    example-weighted means stay finite in history.json (strict JSON) and in Prometheus."""
+    huge = 1e308
+
+    def diverged(slot: int, examples: int):
+        evaluate = lambda m: evaluate_reply(slot, eval_loss=huge, **{"num-examples": examples})  # noqa: E731
+        return by_kind(trained(slot, examples=examples, train_loss=huge), evaluate)
+
+    loop = loop_for(tmp_path, {11: diverged(0, 40), 12: diverged(1, 20)}, fraction_evaluate=1.0, num_server_rounds=1)
+    loop.run(ArrayRecord({MODEL_KEY: Array(model)}), 1)
+    record = loop.recorder.history.rounds[0]
+    assert record.partitions == [0, 1] and not record.refusals
+    assert record.train_loss == pytest.approx(huge) and record.client_eval_loss == pytest.approx(huge)
+    saved = json.loads((tmp_path / "history.json").read_text(), parse_constant=not_json)
+    assert saved["rounds"][0]["train_loss"] == pytest.approx(huge)
+    assert saved["rounds"][0]["client_eval_loss"] == pytest.approx(huge)
+    assert math.isfinite(loop.metrics.train_loss._value.get())
+
+
+def test_a_figure_that_is_not_finite_is_saved_as_null(tmp_path):
+    history = History(run_id=1, config={}, data="test", device="cpu", initial_eval_loss=float("inf"))
+    history.rounds.append(
+        RoundRecord(1, float("nan"), float("inf"), 0.1, 1.0, 0, [], 0, 0, 0, client_eval_loss=float("-inf"))
+    )
+    history.save(tmp_path)
+    saved = json.loads((tmp_path / "history.json").read_text(), parse_constant=not_json)
+    assert saved["initial_eval_loss"] is None
+    assert (saved["rounds"][0]["train_loss"], saved["rounds"][0]["eval_loss"]) == (None, None)
+    assert saved["rounds"][0]["client_eval_loss"] is None
+
+
+def not_json(constant: str):
+    raise ValueError(f"history.json holds {constant}, which is not JSON")

@@ -15,17 +15,17 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
-from fedcifar.checkpoint import NOISE_FILE, CheckpointError, load_checkpoint
+from fedcifar.checkpoint import CheckpointError, load_checkpoint
 from fedcifar.config import CENTRAL_DP, STRATEGIES, ConfigError, RunConfig
 from fedcifar.flower_tuning import clip_zero_updates
 from fedcifar.protocol import LOSS_BEFORE_TRAINING
-from fedcifar.server.privacy import PrivacyAccount
+from fedcifar.server.privacy import RELEASES_FILE, PrivacyAccount
 from fedcifar.server.recorder import RoundTally
 from fedcifar.server.rounds import RoundLoop
 from fedcifar.server.strategies import build_strategy, restore_strategy_state
 from fedcifar.task import MODEL_KEY, flat_weights, initial_model
-from tests.hostile import train_reply
-from tests.scripted import SILENT, loop_for
+from tests.hostile import evaluate_reply, train_reply
+from tests.scripted import SILENT, by_kind, loop_for
 
 pytestmark = pytest.mark.usefixtures("task_identity", "serverapp_tuning")
 
@@ -89,18 +89,11 @@ def run_loop(tmp_path, rounds: int, **config) -> tuple[RoundLoop, np.ndarray]:
 
 
 def resume(killed: Path, rounds: int, restore_state: bool = True, **config) -> np.ndarray:
-    """What ``server_app.main`` does with ``resume = true``: a new loop from the checkpoint (of a
-    copy of the killed run's folder, so that every resume starts from the same one)."""
+    """The killed run resumed (from a copy of its folder, so that every resume starts from the same one)."""
     out = Path(tempfile.mkdtemp(dir=killed.parent))
     shutil.copytree(killed, out, dirs_exist_ok=True)
-    checkpoint = load_checkpoint(out, {MODEL_KEY: torch.zeros(START.size)})
-    loop = loop_for(out, NODES, num_server_rounds=rounds, round_timeout=5.0, **config)
-    checkpoint.restore_rng()  # the DP noise goes on from where it stopped
-    loop.privacy.load_state_dict(checkpoint.privacy_state)
-    if restore_state:
-        restore_strategy_state(loop.strategy, checkpoint.strategy_state)
-    arrays = ArrayRecord({MODEL_KEY: Array(checkpoint.model[MODEL_KEY].numpy())})
-    return loop.run(arrays, checkpoint.round + 1)[MODEL_KEY].numpy()
+    loop = resumed_loop(out, NODES, restore_state, num_server_rounds=rounds, **config)
+    return loop.final[MODEL_KEY].numpy()
 
 
 @pytest.fixture
@@ -112,21 +105,22 @@ def run_config(request):
 
 
 @pytest.mark.parametrize("run_config", list(CONFIGS), indirect=True)
-def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, run_config, request):
+def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, run_config, request, monkeypatch):
     name = request.node.callspec.id
-    np.random.seed(3)  # the DP noise: the ServerApp leaves numpy's generator seeded by the OS
+    # the noise is drawn afresh for every release (the next test): here the k-th release's noise is
+    # the same in every run, so that the runs can be compared
+    monkeypatch.setattr(PrivacyAccount, "fresh_noise", lambda self: np.random.seed(len(self.releases)))
     _, uninterrupted = run_loop(tmp_path / "whole", 4, **run_config)
     assert not np.allclose(uninterrupted, START)  # it trained
-    np.random.seed(3)
     run_loop(tmp_path / "killed", 2, **run_config)  # "killed" after round 2: its checkpoint is all that is left
-    np.random.seed(99)  # a new process: another generator state until the checkpoint's is restored
+    np.random.seed(99)  # a new process
     resumed = resume(tmp_path / "killed", 4, **run_config)
     np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5, atol=1e-7)
     if name in STATEFUL:  # the test can fail: without the strategy's state the run goes elsewhere
         assert not np.allclose(resume(tmp_path / "killed", 4, restore_state=False, **run_config), uninterrupted)
-    if name.startswith("dp "):  # and without the noise generator's state
-        (tmp_path / "killed" / NOISE_FILE).unlink()
-        with pytest.raises(CheckpointError, match="noise generator's state"):
+    if name.startswith("dp "):  # and without the record of the releases, the privacy spent is unknown
+        (tmp_path / "killed" / RELEASES_FILE).unlink()
+        with pytest.raises(CheckpointError, match="record of every noised release"):
             resume(tmp_path / "killed", 4, **run_config)
 
 
@@ -245,7 +239,7 @@ def test_local_dp_and_no_dp_say_that_epsilon_is_not_computed():
     for dp in ("none", "local"):
         account = PrivacyAccount(RunConfig(num_partitions=3, dp=dp))
         assert account.in_force()["epsilon"].startswith("not computed")
-        assert account.release() is None
+        assert account.release(1, 1) is None
     assert PrivacyAccount(RunConfig(num_partitions=3, dp="server-fixed")).in_force()["epsilon"].startswith("RDP")
 
 
@@ -293,3 +287,60 @@ def test_under_client_side_clipping_an_unclipped_update_is_refused(tmp_path):
     RUN.clear()
     assert [(r["slot"], r["reason"]) for r in tally.refusals] == [("2", "unclipped")]
     assert [a.slot for a in tally.accepted] == [0, 1]
+
+
+class ServerAppStopped(BaseException):
+    """The ServerApp process ending where nothing catches it (killed, out of memory)."""
+
+
+def test_a_round_released_before_a_crash_gets_fresh_noise_on_resume_and_both_releases_count(tmp_path):
+    """With federated evaluation, round 2's noised model reaches the nodes before round 2 is
+    checkpointed. The ServerApp stops right there; the resumed run trains round 2 again: its
+    release must carry other noise (the same noise would give away the noise-free difference of
+    the two aggregates) and epsilon must count the release the nodes already saw."""
+    config = {"dp": "server-fixed", "noise_multiplier": 1.0, "clipping_norm": 1.0, "fraction_evaluate": 1.0}
+    RUN.update(num_partitions=3, **config)
+    released: list[np.ndarray] = []  # round 2's noised model, as a node received it to evaluate
+
+    def nodes(stop: bool) -> dict:
+        def evaluate(slot):
+            def answer(message):
+                if message.content["config"]["server-round"] == 2:
+                    released.append(message.content["arrays"][MODEL_KEY].numpy().copy())
+                    if stop and slot == 0:
+                        raise ServerAppStopped
+                return evaluate_reply(slot)
+
+            return answer
+
+        return {n: by_kind(train, evaluate(slot)) for slot, (n, train) in enumerate(NODES.items())}
+
+    with pytest.raises(ServerAppStopped):
+        loop_for(tmp_path, nodes(stop=True), num_server_rounds=2, round_timeout=5.0, **config).run(
+            ArrayRecord({MODEL_KEY: Array(START)}), 1
+        )
+    first_release = released[0]
+    released.clear()
+    loop = resumed_loop(tmp_path, nodes(stop=False), num_server_rounds=2, **config)
+    RUN.clear()
+    second_release = released[0]
+    difference = second_release - first_release  # the same aggregate: what is left is noise
+    assert not np.allclose(difference, 0)
+    sigma = config["noise_multiplier"] * config["clipping_norm"] / 3  # per release, over 3 slots
+    assert np.std(difference) == pytest.approx(np.sqrt(2) * sigma, rel=0.05)
+    reference = PrivacyAccount(RunConfig(num_partitions=3, **config)).accountant
+    reference.compose(GaussianPrivacyEvent(1.0, 3, 3), 3)  # round 1, round 2 seen by the nodes, round 2 again
+    assert loop.recorder.history.rounds[-1].epsilon == pytest.approx(reference.get_privacy_spent().epsilon)
+
+
+def resumed_loop(out: Path, script: dict, restore_state: bool = True, **config) -> RoundLoop:
+    """What ``server_app.main`` does with ``resume = true``, over ``script``, run to its end
+    (``loop.final``: the last global model)."""
+    checkpoint = load_checkpoint(out, {MODEL_KEY: torch.zeros(START.size)})
+    loop = loop_for(out, script, round_timeout=5.0, **config)
+    checkpoint.restore_rng()
+    if restore_state:
+        restore_strategy_state(loop.strategy, checkpoint.strategy_state)
+    loop.privacy.resume(checkpoint.privacy_state)
+    loop.final = loop.run(ArrayRecord({MODEL_KEY: Array(checkpoint.model[MODEL_KEY].numpy())}), checkpoint.round + 1)
+    return loop

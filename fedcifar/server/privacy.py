@@ -11,12 +11,22 @@ epsilon spent is reported at ``dp-delta``. Adaptive clipping also releases a noi
 clipped updates: the multiplier accounted is that of both releases together, which is below the
 run's ``noise-multiplier`` (``effective_noise_multiplier``). Local DP (``dp = local``) is each
 client's own (epsilon, delta) per update, and no accountant composes it: reported as not computed.
+
+No noise is ever drawn twice, whatever crashes where. Flower's wrappers draw it from numpy's global
+generator; it is seeded afresh from the OS (128 bits, numpy's ``SeedSequence``) before every
+release, and no generator state is kept anywhere: a resumed run draws new noise for a round the
+nodes may have seen already (the same noise twice would give away the noise-free difference of the
+two aggregates). Every release is written to ``privacy-releases.json`` (atomically, before the
+noised model can leave the ServerApp: its evaluation, the next round's messages), and a resumed run
+composes every release recorded there, those of a round that crashed included.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,9 +46,12 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant  # dp-accounting, loaded when built
 
+from fedcifar import atomic
+from fedcifar.checkpoint import CheckpointError
 from fedcifar.config import CENTRAL_DP, RunConfig
 from fedcifar.server.replies import Refused
 
+RELEASES_FILE = "privacy-releases.json"
 NOT_COMPUTED = {
     "none": "no differential privacy",
     "local": "local DP: each client's update is (local-epsilon, local-delta)-DP; no accountant composes the rounds",
@@ -161,7 +174,9 @@ def effective_noise_multiplier(strategy: Strategy) -> float:
 class PrivacyAccount:
     config: RunConfig
     noise_multiplier: float = 0.0  # the effective one of the run's wrapper (central DP)
+    out_dir: Path | None = None  # where ``privacy-releases.json`` is kept (None: nowhere, in tests)
     accountant: Any = field(init=False, default=None)
+    releases: list[dict[str, Any]] = field(init=False, default_factory=list)  # every noised aggregate, in order
 
     def __post_init__(self) -> None:
         if self.config.dp in CENTRAL_DP:
@@ -175,9 +190,9 @@ class PrivacyAccount:
             )
 
     @classmethod
-    def of(cls, strategy: Strategy, config: RunConfig) -> PrivacyAccount:
+    def of(cls, strategy: Strategy, config: RunConfig, out_dir: Path | None = None) -> PrivacyAccount:
         central = isinstance(strategy, CENTRAL_DP_WRAPPERS)
-        return cls(config, effective_noise_multiplier(strategy) if central else 0.0)
+        return cls(config, effective_noise_multiplier(strategy) if central else 0.0, out_dir)
 
     def in_force(self) -> dict[str, Any]:
         """What ``history.json`` says about the run's privacy."""
@@ -190,6 +205,7 @@ class PrivacyAccount:
                 "clipping_norm": c.clipping_norm,
                 "clipping": "adaptive" if c.dp.endswith("adaptive") else "fixed",
                 "epsilon": f"RDP accountant, no amplification, add-or-remove-one, at delta={c.dp_delta}",
+                "noise": "drawn afresh from the OS's entropy for every release, never twice (also after a resume)",
                 "not_covered": "metrics (losses, example counts, client evaluation) are published without noise",
             }
         described = {"dp": c.dp, "epsilon": f"not computed: {NOT_COMPUTED[c.dp]}"}
@@ -197,17 +213,52 @@ class PrivacyAccount:
             described |= {"local_epsilon": c.local_epsilon, "local_delta": c.local_delta, "sensitivity": c.sensitivity}
         return described
 
-    def release(self) -> float | None:
-        """One more noised aggregate of the run's slots: the epsilon spent so far (None: not computed)."""
+    def fresh_noise(self) -> None:
+        """Before an aggregate is noised: numpy's global generator (Flower's wrappers draw from it)
+        seeded from the OS, so that no state of it, saved or inherited, can draw the same noise again."""
+        if self.accountant is not None:
+            np.random.seed()
+
+    def release(self, server_round: int, attempt: int) -> float | None:
+        """One more noised aggregate of the run's slots, recorded before it can leave the ServerApp:
+        the epsilon spent so far (None: not computed)."""
         if self.accountant is None:
             return None
         n = self.config.num_partitions
-        self.accountant.compose(GaussianPrivacyEvent(self.noise_multiplier, n, n))
-        return float(self.accountant.get_privacy_spent().epsilon)
+        event = {"noise_multiplier": self.noise_multiplier, "sample_size": n, "population_size": n}
+        self.accountant.compose(GaussianPrivacyEvent(**event))
+        epsilon = float(self.accountant.get_privacy_spent().epsilon)
+        self.releases.append({"round": server_round, "attempt": attempt, **event, "epsilon": epsilon})
+        if self.out_dir is not None:
+            atomic.write_bytes(self.out_dir / RELEASES_FILE, json.dumps({"releases": self.releases}, indent=1).encode())
+        return epsilon
 
     def state_dict(self) -> dict[str, Any] | None:
-        return self.accountant.state_dict() if self.accountant else None
+        """What the checkpoint keeps: how many releases its rounds made (resuming checks the record against it)."""
+        return {"releases": len(self.releases)} if self.accountant else None
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if self.accountant and state:
-            self.accountant.load_state_dict(state)
+    def resume(self, checkpointed: dict[str, Any] | None) -> None:
+        """Before the first round: every release ``privacy-releases.json`` records is spent, those
+        after the checkpoint ``checkpointed`` (a round the nodes saw before a crash) included."""
+        if self.accountant is None:
+            return
+        path = self.out_dir / RELEASES_FILE
+        advice = "without it the privacy already spent is unknown; start a new run (a new --out) instead"
+        if not path.exists() and not (checkpointed or {}).get("releases"):
+            return  # nothing released yet
+        try:
+            releases = json.loads(path.read_text())["releases"]
+            events = [
+                GaussianPrivacyEvent(r["noise_multiplier"], r["sample_size"], r["population_size"]) for r in releases
+            ]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            unreadable = f"{path}, the record of every noised release, is unreadable ({err})"
+            raise CheckpointError(f"{unreadable}; {advice}") from err
+        if len(releases) < (checkpointed or {}).get("releases", 0):
+            raise CheckpointError(
+                f"{path} records {len(releases)} releases, fewer than the checkpoint's rounds made "
+                f"({checkpointed['releases']}): it is older than the checkpoint; {advice}"
+            )
+        for event in events:
+            self.accountant.compose(event)
+        self.releases = releases

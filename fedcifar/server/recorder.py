@@ -11,8 +11,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fedcifar.checkpoint import Checkpoint
 from fedcifar.history import History, RoundRecord
 from fedcifar.metrics import ServerMetrics
@@ -104,7 +102,6 @@ class Recorder:
             history=asdict(self.history),
             fingerprint=self.fingerprint,
             rng_state=random.getstate(),
-            numpy_rng_state=np.random.get_state(),
             strategy_state=strategy_state,
             privacy_state=privacy_state,
         ).save(self.out_dir)

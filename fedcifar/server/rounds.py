@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -136,7 +137,7 @@ class RoundLoop:
             else:
                 # released (noised, under central DP) whether or not it becomes the global model:
                 # its test loss is logged, its attempt recorded
-                tally.epsilon = self.privacy.release()
+                tally.epsilon = self.privacy.release(server_round, attempt)
                 loss, accuracy = self.model.evaluate(aggregated)
                 if math.isfinite(loss):
                     return aggregated, loss, accuracy
@@ -167,13 +168,13 @@ class RoundLoop:
         try:  # the round's training is aggregated already: nothing here may lose it
             messages = self._configure(self.strategy.configure_evaluate, server_round, arrays, ConfigRecord())
             answers = self._accept(self._exchange(messages, tally), "evaluate", tally)
-            metrics = self.strategy.aggregate_evaluate(server_round, [a.message for a in answers]) if answers else None
         except Exception:
             log.exception("round %d: federated evaluation failed; the round is kept without it", server_round)
             return
-        if metrics:
-            tally.client_eval_loss = float(metrics["eval_loss"])
-            tally.client_eval_accuracy = float(metrics["eval_accuracy"])
+        if answers:  # Flower's aggregate_evaluate would multiply before dividing, and overflow
+            examples = [a.reply.num_examples for a in answers]
+            tally.client_eval_loss = weighted_mean([a.reply.loss for a in answers], examples)
+            tally.client_eval_accuracy = weighted_mean([a.reply.accuracy for a in answers], examples)
 
     # -- the steps ------------------------------------------------------------------------------
 
@@ -287,11 +288,11 @@ class RoundLoop:
         """The strategy's aggregate of the accepted replies (None: nothing to aggregate, or it failed)."""
         if not answers:
             return None
-        examples = sum(a.reply.num_examples for a in answers)
-        tally.train_loss = sum(a.reply.train_loss * a.reply.num_examples for a in answers) / examples
+        tally.train_loss = weighted_mean([a.reply.train_loss for a in answers], [a.reply.num_examples for a in answers])
         tally.clipping_norm = clipping_norm(self.strategy)  # before adaptive clipping moves it
         try:
             replies = private_replies(self.strategy, [a.message for a in answers], arrays)
+            self.privacy.fresh_noise()
             aggregated, _ = self.strategy.aggregate_train(server_round, replies)
         except Exception:  # checked replies, so a fault of the strategy: this attempt aggregated nothing
             log.exception(
@@ -308,6 +309,14 @@ class RoundLoop:
                 for name, want in self.expected.layout.items()
             }
         )
+
+
+def weighted_mean(values: list[float], weights: list[int]) -> float:
+    """The weighted mean of checked figures (finite, >= 0), without overflow: each weight is divided
+    by the total before it multiplies (a diverged client's honest loss may be near the float limit),
+    and the figure is clamped to the largest float."""
+    total = sum(weights)
+    return min(math.fsum(v * (w / total) for v, w in zip(values, weights, strict=True)), sys.float_info.max)
 
 
 def _payload_bytes(message: Message) -> int:
