@@ -215,9 +215,8 @@ class LocalFederation:
                 wait_for_port(node.metrics_port, deadline, node)
 
     def metrics_dir(self, client: int) -> Path:
-        """Client ``client``'s metrics folder; its parent also holds the node's converted key and
-        trainer socket, in a folder private to this user (0700, short enough for a socket path)
-        that is removed with the federation."""
+        """Client ``client``'s metrics folder, in a folder private to this user (0700) that is removed
+        with the federation (the node keeps its key and trainer socket in a private folder of its own)."""
         return self.nodes_dir / f"supernode-{client}" / "metrics"
 
     def _spawn(

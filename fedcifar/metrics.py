@@ -43,6 +43,18 @@ REJECT_REASONS = (
     "unclipped",
     "unreadable",
 )
+# why the SuperLink's key registrar did not register a key file (security.py): no usable key in it, a
+# file name that says no site, a slot name spelt otherwise than slot-<k>, a public key in two files, two
+# keys for one slot, two keys for one (other) node name, a key the SuperLink holds under another name
+KEY_REFUSAL_REASONS = (
+    "not_a_key",
+    "bad_name",
+    "non_canonical_slot",
+    "same_key",
+    "same_slot",
+    "same_name",
+    "registered_as_other",
+)
 ROUND_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 TRAIN_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -131,7 +143,8 @@ class ServerMetrics:
 
 
 class SuperLinkMetrics:
-    """Series written by the SuperLink's own process (the Fleet guard, ``fleet_guard.py``)."""
+    """Series written by the SuperLink's own process (the Fleet guard, ``fleet_guard.py``) and by the key
+    registrar of ``fedcifar superlink`` (``security.py``)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         kw = {"registry": registry} if registry is not None else {}
@@ -140,6 +153,13 @@ class SuperLinkMetrics:
             "Fleet API requests the SuperLink's Fleet guard refused (fleet_guard.REASONS), by the site of "
             "the key that signed them.",
             ["reason", "site"],
+            **kw,
+        )
+        self.keys_refused = Counter(
+            "fedcifar_supernode_keys_refused",
+            "SuperNode public key files the key registrar refused to register (KEY_REFUSAL_REASONS); a refusal "
+            "is counted once, when it is logged.",
+            ["reason"],
             **kw,
         )
 
@@ -244,6 +264,18 @@ def superlink_metrics() -> SuperLinkMetrics:
 @lru_cache(maxsize=1)
 def client_metrics() -> ClientMetrics:
     return ClientMetrics()
+
+
+def write_multiprocess_values() -> None:
+    """Metrics this process creates from now on are written into ``$PROMETHEUS_MULTIPROC_DIR`` too.
+
+    prometheus_client picks the storage of its values once, when it is imported; the node process
+    (``node.run_node``) imported it before it set the folder, and its key registrar counts refusals."""
+    from prometheus_client import values
+
+    if not os.environ.get(MULTIPROC_ENV):
+        raise RuntimeError(f"{MULTIPROC_ENV} must be set before writing multiprocess metrics")
+    values.ValueClass = values.get_value_class()
 
 
 def serve_multiprocess(port: int, host: str = "0.0.0.0"):

@@ -15,6 +15,13 @@ TLS and SuperNode authentication flags go to Flower unchanged, with two adaptati
 in Kubernetes Secrets (see ``security.py``): a PEM ``--auth-supernode-private-key`` is converted to
 the OpenSSH format Flower reads, and a SuperLink with ``--enable-supernode-auth`` registers the
 public keys in ``$FEDCIFAR_SUPERNODE_PUBLIC_KEYS`` once it is healthy.
+
+What the node writes: the converted key, the trainer's socket, the key registrar's ``flwr`` home and
+the runs' reply layouts go in a folder private to the process (``tempfile.mkdtemp()``: 0700, under
+``$TMPDIR``; the chart's ``/tmp`` is an emptyDir), removed at the end. ``--metrics-dir DIR`` holds
+prometheus_client's files (``<type>_<pid>.db``, those of dead processes removed at start, nothing
+else) and the note of the node id (``NODE_ID_FILE``), which must outlive a killed process; nothing
+is written beside DIR, and DIR may be any folder.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from fedcifar import fleet_guard
 from fedcifar.config import check_partition
 from fedcifar.fleet_guard import GuardSettings
 from fedcifar.flower_tuning import INTERNAL_GRPC_PREFIX
-from fedcifar.metrics import MULTIPROC_ENV, serve_multiprocess
+from fedcifar.metrics import MULTIPROC_ENV, serve_multiprocess, write_multiprocess_values
 from fedcifar.protocol import TRAINER_ENV, TRAINER_KEY_ENV
 from fedcifar.security import (
     NODE_ID_FILE_ENV,
@@ -51,6 +58,9 @@ SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 SUPEREXEC_POLL_SECONDS = 0.1  # Flower's default: 1 s per app launch
 STOP_GRACE_SECONDS = 15
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+NODE_ID_FILE = "fedcifar-node-id"  # in the metrics folder: kept across restarts of the node's container
+# prometheus_client's multiprocess files: <type>_<pid>.db (gauges: gauge_<mode>_<pid>.db)
+PROMETHEUS_FILE = re.compile(r"(counter|histogram|summary|gauge_[a-z]+)_[0-9]+\.db")
 
 
 def resolve_ordinal(value: str) -> int:
@@ -135,22 +145,39 @@ def run_node(
     ``guard`` (a SuperLink), its settings and a private folder for the runs' reply layouts reach the
     SuperLink's process and, through it, the ServerApps (``fleet_guard.py``).
     """
-    # the metrics folder's parent also holds the converted key, the registrar's flwr home and the
-    # trainer's socket: without --metrics-dir, a private folder of this process (0700), removed at the end
-    owned = metrics_dir is None
-    directory = Path(tempfile.mkdtemp(prefix="fedcifar-node-")) / "metrics" if owned else Path(metrics_dir)
+    # the converted key, the trainer's socket, the registrar's flwr home, the reply layouts: a folder of
+    # this process (0700) that nobody else can create first or read, removed at the end; never beside
+    # the metrics folder, which may be anyone's (--metrics-dir ~, --metrics-dir /tmp/m)
+    private = Path(tempfile.mkdtemp(prefix="fedcifar-node-"))
+    try:
+        return _run_node(private, command, metrics_port, metrics_host, metrics_dir, trainer, guard)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _run_node(
+    private: Path,
+    command: list[str],
+    metrics_port: int,
+    metrics_host: str,
+    metrics_dir: str | None,
+    trainer: list[str] | None,
+    guard: GuardSettings | None,
+) -> int:
+    directory = private / "metrics" if metrics_dir is None else Path(metrics_dir)
     prepare_multiprocess_dir(directory)
     os.environ[MULTIPROC_ENV] = str(directory)  # inherited by Flower and the apps it spawns
+    write_multiprocess_values()  # and this process's own metrics (the key registrar's)
     os.environ.setdefault(SUPEREXEC_POLL_ENV, str(SUPEREXEC_POLL_SECONDS))
     # Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by name
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    command = rewrite_private_key_arg(command, directory.parent)  # a PEM SuperNode key -> OpenSSH
+    command = rewrite_private_key_arg(command, private)  # a PEM SuperNode key -> OpenSSH
     if guard:
-        layouts = directory.parent / "fleet-layouts"
-        layouts.mkdir(mode=0o700, exist_ok=True)
+        layouts = private / "fleet-layouts"
+        layouts.mkdir(mode=0o700)
         guard = replace(guard, layouts=str(layouts))
         os.environ.update({fleet_guard.SETTINGS_ENV: guard.to_env(), fleet_guard.LAYOUTS_ENV: str(layouts)})
-    registrar = superlink_registrar(command, directory.parent)
+    registrar = superlink_registrar(command, private)
     server = serve_multiprocess(metrics_port, metrics_host)
     print(f"fedcifar: metrics on http://{metrics_host}:{metrics_port}/metrics", flush=True)
     children: list[subprocess.Popen] = []
@@ -166,12 +193,11 @@ def run_node(
         signal.signal(sig, stop)
     try:
         if trainer:
-            noted = directory.parent / "node-id"  # kept across restarts of the node, with the private folder
+            noted = directory / NODE_ID_FILE  # kept across restarts of the node's container
             os.environ[NODE_ID_FILE_ENV] = str(noted)
             if (retired := retire_previous_activation(command, noted)) is not None:
                 print(f"fedcifar: ended node {retired}'s activation, which this node's killed process left", flush=True)
-            socket_path = directory.parent / f"{directory.name}.trainer.sock"
-            socket_path.unlink(missing_ok=True)  # left by a previous container of the same pod
+            socket_path = private / "trainer.sock"
             os.environ[TRAINER_ENV] = str(socket_path)
             os.environ[TRAINER_KEY_ENV] = secrets.token_hex(16)
             children.append(subprocess.Popen([*trainer, "--socket", str(socket_path)]))
@@ -194,8 +220,6 @@ def run_node(
                 except subprocess.TimeoutExpired:
                     child.kill()
         server.shutdown()
-        if owned:
-            shutil.rmtree(directory.parent, ignore_errors=True)
 
 
 def wait_for_socket(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -218,7 +242,10 @@ def wait_first(children: list[subprocess.Popen]) -> int:
 
 
 def prepare_multiprocess_dir(path: Path) -> None:
-    """Start from an empty directory: files of dead processes from a previous node would linger."""
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+    """The metrics folder, created if missing, without the files prometheus_client's multiprocess mode
+    left there (``PROMETHEUS_FILE``: a previous node's dead processes, which would linger in the sums);
+    every other file stays: the folder may be anyone's (``--metrics-dir``)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for entry in path.iterdir():
+        if PROMETHEUS_FILE.fullmatch(entry.name) and not entry.is_dir():
+            entry.unlink()

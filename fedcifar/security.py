@@ -11,10 +11,13 @@ This module adds what Kubernetes needs on top, nothing more:
   (``genPrivateKey "ecdsa"`` in Helm); it is converted to the OpenSSH format Flower reads;
   public keys may be OpenSSH lines, PEM public keys or PEM certificates;
 - ``register_public_keys``: registers every key of a folder, idempotently (a key already
-  registered counts as done), with the ``flwr`` CLI, under the node name ``<site>/<key name>``
-  (``<site>/slot-<k>`` for a key bound to node slot k): the ServerApp reads the site and the slot
-  from it (``site_of_node``, ``slot_of_node``), so they are what the operator registered, never what
-  a SuperNode claims;
+  registered under the same name counts as done), with the ``flwr`` CLI, under the node name
+  ``<site>/<key name>`` (``<site>/slot-<k>`` for a key bound to node slot k, k spelt one way only):
+  the ServerApp reads the site and the slot from it (``site_of_node``, ``slot_of_node``), so they are
+  what the operator registered, never what a SuperNode claims. What would make a name or a slot
+  ambiguous is refused, loudly (a line that says what to do, ``fedcifar_supernode_keys_refused_total``),
+  and registered under no name: a public key in two files, two keys for one slot or one name, a slot
+  spelt otherwise than ``slot-<k>``, a key the SuperLink holds under another name already;
 - ``KeyRegistrar``: the ``fedcifar superlink`` side: once the SuperLink answers ``/health``,
   register the folders' keys, write a ready file (the pod's readiness probe), and keep
   registering keys that appear later (``helm upgrade --set clients.replicas=N``, or another
@@ -28,12 +31,15 @@ Environment (set by the chart): ``FEDCIFAR_ROOT_CERTIFICATES`` (the CA), ``FEDCI
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import ssl
 import subprocess
+import sys
 import threading
 import urllib.request
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedcifar.config import SITE_NAME
 from fedcifar.flwr_cli import CONNECTION, flwr_json, write_connection
-from fedcifar.metrics import DEFAULT_SITE, SITE_ENV, UNKNOWN_SITE
+from fedcifar.metrics import DEFAULT_SITE, KEY_REFUSAL_REASONS, SITE_ENV, UNKNOWN_SITE, superlink_metrics
 
 ROOT_CERTIFICATES_ENV = "FEDCIFAR_ROOT_CERTIFICATES"
 PUBLIC_KEYS_ENV = "FEDCIFAR_SUPERNODE_PUBLIC_KEYS"
@@ -52,6 +58,15 @@ OFFSET_ENV = "FEDCIFAR_PARTITION_OFFSET"  # this release's first node slot
 READY_FILE_ENV = "FEDCIFAR_READY_FILE"
 NODE_ID_FILE_ENV = "FEDCIFAR_NODE_ID_FILE"  # where a SuperNode notes the node id its activation got
 ALREADY_REGISTERED = "Public key already in use"
+SLOT_NAME = re.compile(r"slot-(0|[1-9][0-9]*)")  # the one spelling of a key name bound to node slot k
+SLOT_LIKE = re.compile(r"slot(?![a-z])", re.IGNORECASE | re.ASCII)  # key names that read as a slot binding
+ORDINAL = re.compile(r"supernode-([0-9]+)")  # pod i's public key in this release's Secret
+CANONICAL = re.compile(r"0|[1-9][0-9]*")
+NO_SLOT = -1  # the slot of a key registered under a slot name spelt otherwise: bound, to no slot of any run
+SLOT_HINT = (
+    "a key bound to node slot k is named <site>.slot-<k>.pub, k in decimal without sign, space or leading "
+    "zero (hospital-a.slot-7.pub, not slot-007): rename the file (any other name binds no slot)"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +131,8 @@ def public_key_files(folder: Path) -> list[Path]:
 
 
 def rewrite_private_key_arg(command: list[str], workdir: Path) -> list[str]:
-    """``--auth-supernode-private-key PATH`` of a SuperNode command, pointing to an OpenSSH copy."""
+    """``--auth-supernode-private-key PATH`` of a SuperNode command, pointing to an OpenSSH copy in
+    ``workdir``, a folder private to this process (``node.run_node``'s ``tempfile.mkdtemp()``)."""
     flag = "--auth-supernode-private-key"
     command = list(command)
     for i, arg in enumerate(command):
@@ -186,7 +202,8 @@ def superlink_healthy(address: str, root_certificates: str | None = None) -> boo
 
 def register_public_key(openssh: bytes, flwr_home: Path, name: str, connection: str = CONNECTION) -> str:
     """Register one OpenSSH public key (the only format Flower reads) under the node ``name`` with
-    ``flwr supernode register``: "registered" or "already registered" (under its first name)."""
+    ``flwr supernode register``: "registered", or "already registered": under its first name, which
+    Flower keeps and does not say (``registered_names``)."""
     key_file = flwr_home / "keys" / f"{name.replace('/', '.')}.pub"
     key_file.parent.mkdir(parents=True, exist_ok=True)
     key_file.write_bytes(openssh)
@@ -200,6 +217,15 @@ def register_public_key(openssh: bytes, flwr_home: Path, name: str, connection: 
 
 
 @dataclass(frozen=True)
+class NamedKey:
+    """A file of a ``KeyFolder``: the node name it registers, or why its name is refused."""
+
+    path: Path
+    name: str | None  # ``<site>/<key name>``; None where the file's name says no site
+    refusal: tuple[str, str] | None = None  # (reason, what to do), when its name is refused
+
+
+@dataclass(frozen=True)
 class KeyFolder:
     """A folder of SuperNode public keys and the site they belong to; ``site=None``: every file is
     named ``<site>.<key name>.pub`` (the sites' Secret on the SuperLink side). With ``offset``, this
@@ -210,16 +236,28 @@ class KeyFolder:
     site: str | None = None
     offset: int | None = None
 
-    def named_files(self) -> list[tuple[Path, str | None]]:
-        """(file, node name ``<site>/<key name>``) pairs; the name is None where the file's name does
-        not say its site."""
+    def named_files(self) -> list[NamedKey]:
+        """Every file, named ``<site>/<key name>``, or refused: a name that says no site, a slot spelt
+        otherwise than ``slot-<k>`` (``slot_of_node`` would bind it to no slot)."""
         named = []
         for path in public_key_files(self.path):
             site, key = (self.site, path.stem) if self.site else path.stem.partition(".")[::2]
-            if self.offset is not None and (ordinal := re.fullmatch(r"supernode-(\d+)", key)):
+            if self.offset is not None and (ordinal := ORDINAL.fullmatch(key)):
+                if not CANONICAL.fullmatch(ordinal.group(1)):
+                    hint = (
+                        "pod i's key is supernode-<i>.pub, i in decimal without leading zero "
+                        "(it holds slot-<k>, k = offset + i)"
+                    )
+                    named.append(NamedKey(path, None, ("non_canonical_slot", hint)))
+                    continue
                 key = f"slot-{self.offset + int(ordinal.group(1))}"
-            sound = SITE_NAME.fullmatch(site) and key and (self.site or path.suffix == ".pub")
-            named.append((path, f"{site}/{key}" if sound else None))
+            if not (SITE_NAME.fullmatch(site) and key and (self.site or path.suffix == ".pub")):
+                hint = "name it <site>.<key name>.pub, the site a DNS label (hospital-a.slot-0.pub)"
+                named.append(NamedKey(path, None, ("bad_name", hint)))
+            elif slot_of_node(name := f"{site}/{key}") == NO_SLOT:
+                named.append(NamedKey(path, name, ("non_canonical_slot", SLOT_HINT)))
+            else:
+                named.append(NamedKey(path, name))
         return named
 
 
@@ -231,9 +269,16 @@ def site_of_node(name: str) -> str:
 
 
 def slot_of_node(name: str) -> int | None:
-    """The node slot a key registered as ``<site>/slot-<k>`` holds; None for other names."""
-    bound = re.fullmatch(r"[^/]+/slot-(\d+)", name)
-    return int(bound.group(1)) if bound else None
+    """The node slot a key registered as ``<site>/slot-<k>`` holds, k in decimal (ASCII digits, no sign,
+    space or leading zero); ``NO_SLOT`` (-1, no run's) for a key name that reads as a slot spelt otherwise
+    (``slot-007``, ``slot-+7``, ``Slot-7``, ``slot7``; the registrar refuses them, so only a key registered
+    by hand has one): it answers for no slot, rather than for the one ``int`` reads in it; None for
+    other names (bound to no slot)."""
+    site, _, key = name.partition("/")
+    if not site or not SLOT_LIKE.match(key):
+        return None
+    bound = SLOT_NAME.fullmatch(key)
+    return int(bound.group(1)) if bound else NO_SLOT
 
 
 def own_key_folder(path: Path) -> KeyFolder:
@@ -264,52 +309,141 @@ def register_missing_public_keys(folder: KeyFolder, flwr_home: Path) -> list[str
         listed = {node.name for node in control_nodes()}
     except Exception:  # noqa: BLE001 - unreachable or refused: registering says why
         listed = set()
-    names = [name for _, name in folder.named_files()]
+    names = [named.name for named in folder.named_files() if not named.refusal]
     if set(names) <= listed:
         print(f"fedcifar: the SuperLink lists all {len(names)} SuperNode keys of {folder.path}", flush=True)
         return []
     return register_public_keys([folder], flwr_home)
 
 
+LIST_KEYS = (
+    "import json; from fedcifar.security import control_nodes, openssh_public_key; "
+    "print(json.dumps([[openssh_public_key(n.public_key).decode(), n.name] for n in control_nodes()]))"
+)
+
+
+def registered_names(flwr_home: Path) -> dict[bytes, str]:
+    """The node name of each public key (OpenSSH) the SuperLink of ``flwr_home``'s connection holds, those
+    unregistered since included (Flower never frees a key); asked in a process of its own, since
+    Flower's client reads ``$FLWR_HOME``, which this process may not change under its other threads."""
+    done = subprocess.run(
+        [sys.executable, "-c", LIST_KEYS],
+        env={**os.environ, "FLWR_HOME": str(flwr_home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    try:
+        return {key.encode(): name for key, name in json.loads(done.stdout.strip().splitlines()[-1])}
+    except (ValueError, IndexError, TypeError):
+        raise RuntimeError(f"listing the SuperLink's nodes failed: {(done.stdout + done.stderr)[-500:]}") from None
+
+
+def refuse(refused: set[str], said: str, reason: str, line: str) -> None:
+    """Log ``line`` and count ``reason``, once for ``said`` (what it is about, as ``refused`` holds it)."""
+    if said in refused:
+        return
+    refused.add(said)
+    print(f"fedcifar: {line} (refused: {reason})", flush=True)
+    superlink_metrics().keys_refused.labels(reason).inc()
+
+
+def collisions(entries: list[tuple[NamedKey, bytes, str]], refused: set[str]) -> set[str]:
+    """The files (``seen``) of ``entries`` (file, OpenSSH key, ``seen``) that share a public key, a slot or
+    a node name with another: which of them is the owner's only the operator can say, so none is
+    registered; each collision is said and counted once."""
+    relations = (
+        ("same_key", lambda named, key: key),
+        ("same_slot", lambda named, key: slot_of_node(named.name)),
+        ("same_name", lambda named, key: named.name if slot_of_node(named.name) is None else None),
+    )
+    clashing = set()
+    for reason, of in relations:
+        groups = defaultdict(list)
+        for named, key, seen in entries:
+            if (shared := of(named, key)) is not None:
+                groups[shared].append((named, key, seen))
+        for shared, members in groups.items():
+            if len(members) < 2:
+                continue
+            clashing.update(seen for _, _, seen in members)
+            if reason != "same_key" and len({key for _, key, _ in members}) < 2:
+                continue  # one key in several files: said as such
+            files = ", ".join(f"{named.path} ({named.name})" for named, _, _ in members)
+            what = {
+                "same_key": "hold one public key, which is one node; neither is registered (one the SuperLink "
+                "took before keeps its name): delete the file that does not name the key's owner (a site "
+                "that hands in another site's key would take that node's name and slot)",
+                "same_slot": f"bind {len(members)} keys to slot {shared}, which one node holds; neither is "
+                f"registered: delete the file of the key that does not hold slot {shared}",
+                "same_name": f"name {len(members)} keys {shared}; neither is registered: delete or rename all "
+                "but the one that node signs with",
+            }[reason]
+            said = f"{reason}:" + "|".join(sorted(seen for _, _, seen in members))
+            refuse(refused, said, reason, f"SuperNode keys {files} not registered: they {what}")
+    return clashing
+
+
 def register_public_keys(
     folders: list[KeyFolder], flwr_home: Path, done: set[str] | None = None, refused: set[str] | None = None
 ) -> list[str]:
     """Register every key of ``folders`` not in ``done`` (key contents); returns the new file names.
-    A file that is no usable key is refused with a line, once (``refused``); a key the SuperLink did
-    not take is tried again on the next call: every other key is tried first, then a RuntimeError
-    names the ones that failed."""
+
+    Refused, with a line that says why and what to do, counted in ``fedcifar_supernode_keys_refused_total``
+    and said once (``refused`` holds what was said), not registered: a file that is no usable key, or
+    whose name says no site or spells a slot otherwise than ``slot-<k>``; files that share a public key,
+    a slot or a node name, each of them (``collisions``); a key the SuperLink holds under another name
+    already (Flower answers "already in use", and keeps the first name). A key the SuperLink did not
+    take is tried again on the next call: every other key is tried first, then a RuntimeError names the
+    ones that failed."""
     done = set() if done is None else done
     refused = set() if refused is None else refused
-    new, failed = [], []
+    entries = []
     for folder in folders:
-        for path, name in folder.named_files():
-            data = path.read_bytes()
-            seen = f"{path.name}:{hashlib.sha256(data).hexdigest()}"
-            if seen in refused:
-                continue
+        for named in folder.named_files():
+            data = named.path.read_bytes()
+            seen = f"{named.path}:{hashlib.sha256(data).hexdigest()}"
             try:
                 openssh = openssh_public_key(data)
             except ValueError as err:
-                problem = str(err)
-            else:
-                problem = (
-                    None if name else "name it <site>.<key name>.pub, the site a DNS label (hospital-a.slot-0.pub)"
-                )
-            if problem:
-                print(f"fedcifar: SuperNode key {path.name} not registered: {problem}", flush=True)
-                refused.add(seen)
+                refuse(refused, seen, "not_a_key", f"SuperNode key {named.path.name} not registered: {err}")
                 continue
-            fingerprint = openssh.decode()
-            if fingerprint in done:
+            if named.refusal:
+                reason, hint = named.refusal
+                called = f" ({named.name})" if named.name else ""
+                refuse(refused, seen, reason, f"SuperNode key {named.path.name}{called} not registered: {hint}")
                 continue
-            try:
-                outcome = register_public_key(openssh, flwr_home, name)
-            except (RuntimeError, subprocess.SubprocessError) as err:
-                failed.append(f"{path.name}: {err}")
-                continue
-            print(f"fedcifar: SuperNode key {path.name} ({name}): {outcome}", flush=True)
-            done.add(fingerprint)
-            new.append(path.name)
+            entries.append((named, openssh, seen))
+    clashing = collisions(entries, refused)
+    new, failed, listed = [], [], None
+    for named, openssh, seen in entries:
+        fingerprint = openssh.decode()
+        if seen in clashing or seen in refused or fingerprint in done:
+            continue
+        try:
+            outcome = register_public_key(openssh, flwr_home, named.name)
+            if outcome == "already registered":
+                listed = registered_names(flwr_home) if listed is None else listed
+                if (other := listed.get(openssh)) != named.name:
+                    called = f"as {other}" if other else "under a name it does not list"
+                    refuse(
+                        refused,
+                        seen,
+                        "registered_as_other",
+                        f"SuperNode key {named.path.name} ({named.name}) not registered: the SuperLink holds this "
+                        f"public key {called} already, and its node signs in as that, not as {named.name} (Flower "
+                        "keeps a key's first name, and never registers a key again): delete the file, or give "
+                        "that node a new key",
+                    )
+                    continue
+        except (RuntimeError, subprocess.SubprocessError) as err:
+            failed.append(f"{named.path.name}: {err}")
+            continue
+        print(f"fedcifar: SuperNode key {named.path.name} ({named.name}): {outcome}", flush=True)
+        done.add(fingerprint)
+        new.append(named.path.name)
     if failed:
         raise RuntimeError("; ".join(failed))
     return new
@@ -343,6 +477,9 @@ class KeyRegistrar(threading.Thread):
             ready_file.unlink(missing_ok=True)
 
     def run(self) -> None:
+        refusals = superlink_metrics().keys_refused
+        for reason in KEY_REFUSAL_REASONS:  # zero series: a refusal shows as an increase, alerts see it
+            refusals.labels(reason)
         write_connection(self.flwr_home, CONNECTION, self.address, self.root_certificates)
         while not self.stopped.is_set() and not superlink_healthy(self.address, self.root_certificates):
             self.stopped.wait(0.5)
@@ -376,7 +513,8 @@ def flag_value(command: list[str], flag: str) -> str | None:
 def superlink_registrar(command: list[str], run_dir: Path) -> KeyRegistrar | None:
     """A ``KeyRegistrar`` for a ``flower-superlink`` command with ``--enable-supernode-auth``, when
     ``$FEDCIFAR_SUPERNODE_PUBLIC_KEYS`` or ``$FEDCIFAR_SITE_PUBLIC_KEYS`` name keys to register
-    (else None: register by hand)."""
+    (else None: register by hand). Its ``flwr`` home goes in ``run_dir``, a folder private to this
+    process (``node.run_node``'s ``tempfile.mkdtemp()``)."""
     own, sites = os.environ.get(PUBLIC_KEYS_ENV), os.environ.get(SITE_KEYS_ENV)
     keys = ([own_key_folder(Path(own))] if own else []) + ([KeyFolder(Path(sites))] if sites else [])
     if "--enable-supernode-auth" not in command or not keys:

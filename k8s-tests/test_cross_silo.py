@@ -157,10 +157,10 @@ def node_ids(kube) -> dict[str, int]:
         "-c",
         "superlink",
         "--",
-        "env",
-        "FLWR_HOME=/var/run/fedcifar/registrar-flwr",
-        "python3",
-        "-c",
+        "sh",
+        "-c",  # the registrar's flwr home is in its private folder (node.py: mkdtemp under the pod's /tmp)
+        'FLWR_HOME="$(ls -dt /tmp/fedcifar-node-*/registrar-flwr | head -1)" exec python3 -c "$1"',
+        "sh",
         listing,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -180,7 +180,7 @@ def site_a_acts_for_site_b(kube, address: str) -> dict:
         f"SUPERLINK={address}:{NODE_PORT}",
         "SUPERLINK_CA=/etc/fedcifar/tls/ca.crt",
         "KEY=/etc/fedcifar/supernode/supernode.key",
-        "NODE_ID_FILE=/var/run/fedcifar/node-id",
+        "NODE_ID_FILE=/var/run/fedcifar/metrics/fedcifar-node-id",
         f"VICTIM={node_ids(kube)['site-b/slot-2']}",
         "python3",
         "-c",

@@ -2,10 +2,11 @@
 
 ``helm template`` renders the proxy ConfigMap; nginx (Debian's, as in the image) runs it in front of
 ``fedcifar superlink`` with TLS and SuperNode authentication, which listens on 127.0.0.1 only as in
-the pod. Through the proxy: the Fleet API and ``/health`` answer, everything else gets 403 with a
-sentence (the ``flwr`` CLI included); a registered SuperNode joins through it and a run moves a
-3 MiB array there and back (nginx's default 1 MiB body limit would refuse Flower's chunk); a body
-above ``superlink.proxy.maxBodySize`` gets 413; the access log holds no signature headers.
+the pod. Through the proxy: the Fleet API (POST) and ``/health`` (GET, HEAD) answer, every other path
+gets 403 with a sentence (the ``flwr`` CLI included) and another method on those two 405; a
+registered SuperNode joins through it and a run moves a 3 MiB array there and back (nginx's default
+1 MiB body limit would refuse Flower's chunk); a body above ``superlink.proxy.maxBodySize`` gets
+413; the access log holds no signature headers.
 
 Skipped where nginx or helm is missing; CI installs nginx (``.ci/run``) and has helm.
 """
@@ -36,6 +37,7 @@ HELM = shutil.which("helm") or (
     "/var/cache/local-k8s/bin/helm" if Path("/var/cache/local-k8s/bin/helm").exists() else None
 )
 REFUSAL = "fedcifar: this port serves only Flower's Fleet API (/v1/fleet/) and /health"
+METHOD_REFUSAL = "fedcifar: this port takes only POST on Flower's Fleet API (/v1/fleet/) and GET or HEAD on /health"
 
 pytestmark = [
     pytest.mark.integration,
@@ -112,16 +114,23 @@ def face(tmp_path_factory):
             proc.wait(30)
 
 
-def request(face: dict, method: str, path: str, body: bytes = b"") -> tuple[int, str]:
-    """One HTTPS request to the public port, verified with the CA (a raw path: no client-side cleanup)."""
+def exchange(face: dict, method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, str], str]:
+    """One HTTPS request to the public port, verified with the CA (a raw path: no client-side cleanup):
+    status, headers (lower-case names) and body."""
     context = ssl.create_default_context(cafile=str(face["pki"] / "ca.crt"))
     conn = http.client.HTTPSConnection("127.0.0.1", face["public"], context=context, timeout=30)
     try:
         conn.request(method, path, body=body, headers={"content-type": "application/protobuf"})
         reply = conn.getresponse()
-        return reply.status, reply.read().decode(errors="replace")
+        headers = {name.lower(): value for name, value in reply.getheaders()}
+        return reply.status, headers, reply.read().decode(errors="replace")
     finally:
         conn.close()
+
+
+def request(face: dict, method: str, path: str, body: bytes = b"") -> tuple[int, str]:
+    status, _, text = exchange(face, method, path, body)
+    return status, text
 
 
 def flwr(home: Path, *args: str) -> dict:
@@ -148,6 +157,22 @@ def test_only_the_fleet_api_and_health_pass(face):
         assert (status, body.startswith(REFUSAL)) == (403, True), (method, path, status, body)
     status, body = request(face, "POST", "/v1/fleet/pull-messages")  # Flower answers (an unsigned request)
     assert status != 403 and not body.startswith(REFUSAL), (status, body)
+
+
+def test_health_takes_get_and_head_only_and_the_fleet_api_post_only(face):
+    """The proxy itself answers 405 to any other method (Flower never sees the request): /health is
+    GET and HEAD (probes, ``helm test``, ``fedcifar submit``), every Fleet call is a POST."""
+    for method in ("GET", "HEAD"):
+        status, _, body = exchange(face, method, "/health")
+        assert status == 200 and not body.startswith(METHOD_REFUSAL), (method, status, body)
+    refused = [(m, "/health") for m in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS")]
+    refused += [(m, "/v1/fleet/pull-messages") for m in ("GET", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS")]
+    for method, path in refused:
+        status, headers, body = exchange(face, method, path, b"x" if method in ("POST", "PUT", "PATCH") else b"")
+        allowed = "GET, HEAD" if path == "/health" else "POST"
+        assert (status, headers.get("allow")) == (405, allowed), (method, path, status, headers, body)
+        if method != "HEAD":  # a HEAD reply has no body
+            assert body.startswith(METHOD_REFUSAL), (method, path, body)
 
 
 def test_the_flwr_cli_is_refused_on_the_public_port(face, tmp_path):

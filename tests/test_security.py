@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from support import BIN, FLOWER_ENV, secure_superlink, wait
+from prometheus_client import REGISTRY
+from support import BIN, FLOWER_ENV, scrape, secure_superlink, value, wait
 
 from fedcifar import flwr_cli, security, submit
 from fedcifar.local import free_port
@@ -83,6 +84,110 @@ def test_connection_with_root_certificates(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# what the registrar refuses (Flower's registration as a fake: a key registers once, under its first name)
+
+
+def ssh_key() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+
+
+def fake_flower(monkeypatch) -> dict[bytes, str]:
+    """``register_public_key`` and the SuperLink's node list as Flower 1.42 answers them: a public key
+    registers once, under the name it was first given; registering it again is "already in use"."""
+    nodes: dict[bytes, str] = {}
+
+    def register(openssh: bytes, flwr_home: Path, name: str, connection: str = flwr_cli.CONNECTION) -> str:
+        if openssh in nodes:
+            return "already registered"
+        nodes[openssh] = name
+        return "registered"
+
+    monkeypatch.setattr(security, "register_public_key", register)
+    monkeypatch.setattr(security, "registered_names", lambda flwr_home: dict(nodes), raising=False)
+    return nodes
+
+
+def refusals(reason: str) -> float:
+    return REGISTRY.get_sample_value("fedcifar_supernode_keys_refused_total", {"reason": reason}) or 0.0
+
+
+def test_a_key_in_two_files_registers_neither_and_says_which(tmp_path, monkeypatch, capsys):
+    """A site that hands in another site's public key under its own name: after a restart without
+    persistence the registrar used to register whichever file sorted first (here the thief's, which then
+    held the victim node's name and slot), and skip the other without a word."""
+    nodes = fake_flower(monkeypatch)
+    sites = tmp_path / "sites"
+    sites.mkdir()
+    victim, other = ssh_key(), ssh_key()
+    (sites / "hospital-a.slot-0.pub").write_bytes(victim)
+    (sites / "aaa.slot-9.pub").write_bytes(victim)  # sorts first
+    (sites / "hospital-b.slot-1.pub").write_bytes(other)
+    before = refusals("same_key")
+    done, refused = set(), set()
+    folders = [security.KeyFolder(sites)]
+    assert security.register_public_keys(folders, tmp_path / "home", done, refused) == ["hospital-b.slot-1.pub"]
+    assert nodes == {other: "hospital-b/slot-1"}  # neither of the colliding files: the victim's key is not taken
+    said = [line for line in capsys.readouterr().out.splitlines() if "same_key" in line]
+    assert len(said) == 1 and "aaa.slot-9.pub" in said[0] and "hospital-a.slot-0.pub" in said[0]
+    assert "neither is registered" in said[0] and "delete" in said[0]  # what to do
+    assert refusals("same_key") == before + 1
+    security.register_public_keys(folders, tmp_path / "home", done, refused)  # the next scan: said once
+    assert "same_key" not in capsys.readouterr().out and refusals("same_key") == before + 1
+    (sites / "aaa.slot-9.pub").unlink()  # the operator removes the thief's file: the owner's registers
+    assert security.register_public_keys(folders, tmp_path / "home", done, refused) == ["hospital-a.slot-0.pub"]
+    assert nodes[victim] == "hospital-a/slot-0"
+
+
+def test_two_keys_for_one_slot_and_slot_names_spelt_otherwise_are_refused(tmp_path, monkeypatch, capsys):
+    nodes = fake_flower(monkeypatch)
+    own, sites = tmp_path / "own", tmp_path / "sites"
+    own.mkdir(), sites.mkdir()
+    keys = {}
+    for folder, name in [
+        (own, "supernode-0.pub"),  # site-a/slot-3 (offset 3): the chart's naming
+        (own, "supernode-1.pub"),  # site-a/slot-4 ...
+        (sites, "site-b.slot-4.pub"),  # ... which site B's key claims too: neither
+        (own, "supernode-02.pub"),  # not an ordinal the chart writes
+        (sites, "site-c.slot-007.pub"),
+        (sites, "site-c.slot-+8.pub"),
+        (sites, "site-c.slot- 9.pub"),
+        (sites, "site-c.Slot-10.pub"),
+        (sites, "site-c.slot-\u0661\u0661.pub"),  # Arabic-Indic digits: int() reads 11
+        (sites, "site-c.slot-12.old.pub"),
+        (sites, "site-d.slot-12.pub"),  # fine
+        (sites, "site-d.slot-0.pub"),  # fine: slot 0 is spelt 0
+        (sites, "site-d.supernode-7.pub"),  # fine: a name bound to no slot
+    ]:
+        keys[name] = ssh_key()
+        (folder / name).write_bytes(keys[name])
+    before = {reason: refusals(reason) for reason in ("same_slot", "non_canonical_slot")}
+    folders = [security.KeyFolder(own, "site-a", offset=3), security.KeyFolder(sites)]
+    new = security.register_public_keys(folders, tmp_path / "home")
+    assert sorted(new) == ["site-d.slot-0.pub", "site-d.slot-12.pub", "site-d.supernode-7.pub", "supernode-0.pub"]
+    assert sorted(nodes.values()) == ["site-a/slot-3", "site-d/slot-0", "site-d/slot-12", "site-d/supernode-7"]
+    out = capsys.readouterr().out
+    (clash,) = [line for line in out.splitlines() if "same_slot" in line]
+    assert "supernode-1.pub" in clash and "site-b.slot-4.pub" in clash and "slot 4" in clash
+    assert "neither is registered" in clash
+    odd = [line for line in out.splitlines() if "non_canonical_slot" in line]
+    assert len(odd) == 7 and all("slot-<k>" in line for line in odd)  # how to name it
+    assert refusals("same_slot") == before["same_slot"] + 1
+    assert refusals("non_canonical_slot") == before["non_canonical_slot"] + 7
+
+
+def test_only_the_canonical_slot_name_binds_a_slot():
+    assert security.slot_of_node("site-a/slot-7") == 7 and security.slot_of_node("local/slot-0") == 0
+    assert security.slot_of_node("site-a/slot-12") == 12
+    for spelt in ("slot-007", "slot-00", "slot-+7", "slot- 7", "slot-7 ", "Slot-7", "SLOT-7", "slot_7", "slot7"):
+        # bound, to no slot of any run (it answers for none), rather than to 7 or to none at all
+        assert security.slot_of_node(f"site-a/{spelt}") == security.NO_SLOT, spelt
+    assert security.slot_of_node("site-a/slot-\u0667") == security.NO_SLOT  # int() reads 7
+    assert security.slot_of_node("site-b/supernode-7") is None  # another name: bound to no slot
+    assert security.slot_of_node("slot-7") is None and security.slot_of_node("/slot-7") is None
+
+
+# ---------------------------------------------------------------------------------------------
 # a real SuperLink
 
 
@@ -105,7 +210,7 @@ def superlink(pki, tmp_path_factory):
     keys.mkdir()
     for i in (0, 1):
         (keys / f"supernode-{i}.pub").write_bytes((pki / "public" / f"supernode-{i}.pub").read_bytes())
-    port, ready = free_port(), work / "run" / "ready"
+    port, metrics_port, ready = free_port(), free_port(), work / "run" / "ready"
     env = {
         **FLOWER_ENV,
         security.PUBLIC_KEYS_ENV: str(keys),
@@ -115,7 +220,7 @@ def superlink(pki, tmp_path_factory):
         "FLWR_HOME": str(work / "flwr"),
     }
     proc = subprocess.Popen(
-        secure_superlink(pki, port, free_port(), work / "run" / "metrics"),
+        secure_superlink(pki, port, metrics_port, work / "run" / "metrics"),
         cwd=work,
         env=env,
         stdout=open(work / "superlink.log", "w"),
@@ -125,7 +230,14 @@ def superlink(pki, tmp_path_factory):
     flwr_cli.write_connection(admin, flwr_cli.CONNECTION, f"127.0.0.1:{port}", str(pki / "ca.crt"))
     try:
         wait("the ready file (keys registered)", ready.exists, 90)
-        yield {"port": port, "admin": admin, "work": work, "keys": keys, "sites": work / "sites"}
+        yield {
+            "port": port,
+            "metrics_port": metrics_port,
+            "admin": admin,
+            "work": work,
+            "keys": keys,
+            "sites": work / "sites",
+        }
     finally:
         proc.terminate()
         proc.wait(30)
@@ -241,3 +353,50 @@ def test_other_sites_keys_are_registered_under_their_site_while_the_superlink_ru
     assert "SuperNode key Bad_Site.supernode-0.pub not registered" in log
     assert "SuperNode key hospital-c.key.pem not registered" in log  # not a .pub
     assert log.count("SuperNode key a-garbage.key.pub not registered: not an OpenSSH public key") == 1
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """As a Secret volume changes: the registrar never reads half a file (hidden files it skips)."""
+    hidden = path.with_name(f".{path.name}")
+    hidden.write_bytes(data)
+    hidden.rename(path)
+
+
+def test_the_superlink_refuses_a_key_handed_in_twice_loudly(pki, superlink, monkeypatch):
+    """Another site hands in site A's public key as its own: the SuperLink registers neither file,
+    says which collide, counts it, and site A's node keeps its name (registered before the thief came)."""
+    superlink["sites"].mkdir(exist_ok=True)
+    stolen = (pki / "public" / "supernode-0.pub").read_bytes()  # site-a/slot-0's, from this release's keys
+    write_atomically(superlink["sites"] / "hospital-x.slot-30.pub", stolen)
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_atomically(
+        superlink["sites"] / "hospital-z.slot-31.pub",
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH),
+    )
+    wait(
+        "a scan after the thief came",
+        lambda: "hospital-z/slot-31" in registered_names(superlink["admin"], monkeypatch),
+        30,
+    )
+    names = registered_names(superlink["admin"], monkeypatch)
+    assert "hospital-x/slot-30" not in names and "site-a/slot-0" in names
+    log = (superlink["work"] / "superlink.log").read_text()
+    (said,) = [line for line in log.splitlines() if "same_key" in line]
+    assert "supernode-0.pub" in said and "hospital-x.slot-30.pub" in said and "neither is registered" in said
+    metrics = wait("the metrics", lambda: scrape(superlink["metrics_port"]), 10)
+    assert value(metrics, "fedcifar_supernode_keys_refused_total", reason="same_key") == 1
+    assert value(metrics, "fedcifar_supernode_keys_refused_total", reason="registered_as_other") == 0
+
+
+def test_a_key_registered_under_another_name_is_said_not_taken_for_done(pki, superlink, tmp_path, monkeypatch, capsys):
+    """Flower keeps a key's first name: registering site A's key 0 again as site-z/slot-5 is "already in
+    use", which used to count as registered under the new name."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "supernode-0.pub").write_bytes((pki / "public" / "supernode-0.pub").read_bytes())
+    before = refusals("registered_as_other")
+    assert security.register_public_keys([security.KeyFolder(keys, "site-z", offset=5)], superlink["admin"]) == []
+    (said,) = [line for line in capsys.readouterr().out.splitlines() if "supernode-0.pub" in line]
+    assert "registered_as_other" in said and "site-a/slot-0" in said and "site-z/slot-5" in said
+    assert refusals("registered_as_other") == before + 1
+    assert "site-z/slot-5" not in registered_names(superlink["admin"], monkeypatch)

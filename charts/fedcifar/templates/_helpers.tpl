@@ -34,21 +34,21 @@ Create chart name and version as used by the chart label.
 Common labels
 */}}
 {{- define "fedcifar.labels" -}}
-helm.sh/chart: {{ include "fedcifar.chart" . }}
+helm.sh/chart: {{ include "fedcifar.chart" . | quote }}
 {{ include "fedcifar.selectorLabels" . }}
 {{- if .Chart.AppVersion }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 {{- end }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-app.kubernetes.io/part-of: {{ include "fedcifar.name" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service | quote }}
+app.kubernetes.io/part-of: {{ include "fedcifar.name" . | quote }}
 {{- end }}
 
 {{/*
 Selector labels
 */}}
 {{- define "fedcifar.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "fedcifar.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/name: {{ include "fedcifar.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 {{- end }}
 
 {{/*
@@ -56,12 +56,12 @@ Component labels and selector labels: call with (dict "root" $ "component" "supe
 */}}
 {{- define "fedcifar.componentLabels" -}}
 {{ include "fedcifar.labels" .root }}
-app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/component: {{ .component | quote }}
 {{- end }}
 
 {{- define "fedcifar.componentSelectorLabels" -}}
 {{ include "fedcifar.selectorLabels" .root }}
-app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/component: {{ .component | quote }}
 {{- end }}
 
 {{/*
@@ -155,14 +155,14 @@ with the CA they verify it with, the site they belong to, and the federation's n
 {{- end }}
 {{- end }}
 
-{{/* The metrics URLs of this release's SuperNodes (StatefulSet pod DNS names), space-separated. */}}
+{{/* The metrics URLs of this release's SuperNodes (StatefulSet pod DNS names), a JSON list. */}}
 {{- define "fedcifar.clients.metricsURLs" -}}
 {{- $name := include "fedcifar.clients.fullname" . }}
 {{- $urls := list }}
 {{- range $i := until (int .Values.clients.replicas) }}
 {{- $urls = append $urls (printf "http://%s-%d.%s:%d/metrics" $name $i $name (int $.Values.metrics.port)) }}
 {{- end }}
-{{- join " " $urls }}
+{{- toJson $urls }}
 {{- end }}
 
 {{- define "fedcifar.site" -}}
@@ -233,6 +233,13 @@ true
 {{- end -}}
 {{- end }}
 
+{{/* Helm generates the SuperLink's CA and TLS keys (tls-secret.yaml): neither tls.existingSecret nor cert-manager provides them. */}}
+{{- define "fedcifar.tls.helmGenerated" -}}
+{{- if and .Values.superlink.enabled .Values.tls.enabled (not .Values.tls.existingSecret) (not (include "fedcifar.tls.useCertManager" .)) -}}
+true
+{{- end -}}
+{{- end }}
+
 {{- define "fedcifar.tls.dir" -}}/etc/fedcifar/tls{{- end }}
 {{- define "fedcifar.tls.caFile" -}}{{ include "fedcifar.tls.dir" . }}/ca.crt{{- end }}
 
@@ -277,6 +284,13 @@ mounted by the client pods, each container seeing only its own through subPathEx
 {{- end }}
 {{- end }}
 
+{{/* Helm generates the SuperNode key pairs (supernode-keys.yaml): supernodeAuth.existingSecret is empty. */}}
+{{- define "fedcifar.auth.helmGenerated" -}}
+{{- if and .Values.clients.enabled .Values.supernodeAuth.enabled (not .Values.supernodeAuth.existingSecret) -}}
+true
+{{- end -}}
+{{- end }}
+
 {{- define "fedcifar.auth.keyDir" -}}/etc/fedcifar/supernode{{- end }}
 {{- define "fedcifar.auth.siteKeyDir" -}}/etc/fedcifar/site-public-keys{{- end }}
 {{- define "fedcifar.auth.publicKeyDir" -}}/etc/fedcifar/supernode-public-keys{{- end }}
@@ -286,7 +300,7 @@ mounted by the client pods, each container seeing only its own through subPathEx
 {{- define "fedcifar.tls.caVolume" -}}
 - name: tls-ca
   secret:
-    secretName: {{ include "fedcifar.caSecretName" . }}
+    secretName: {{ include "fedcifar.caSecretName" . | quote }}
     items:
       - key: ca.crt
         path: ca.crt
@@ -294,19 +308,19 @@ mounted by the client pods, each container seeing only its own through subPathEx
 
 {{- define "fedcifar.tls.caVolumeMount" -}}
 - name: tls-ca
-  mountPath: {{ include "fedcifar.tls.dir" . }}
+  mountPath: {{ include "fedcifar.tls.dir" . | quote }}
   readOnly: true
 {{- end }}
 
 {{- define "fedcifar.auth.publicKeysVolume" -}}
 - name: supernode-public-keys
   secret:
-    secretName: {{ include "fedcifar.auth.publicSecretName" . }}
+    secretName: {{ include "fedcifar.auth.publicSecretName" . | quote }}
 {{- end }}
 
 {{- define "fedcifar.auth.publicKeysVolumeMount" -}}
 - name: supernode-public-keys
-  mountPath: {{ include "fedcifar.auth.publicKeyDir" . }}
+  mountPath: {{ include "fedcifar.auth.publicKeyDir" . | quote }}
   readOnly: true
 {{- end }}
 
@@ -534,6 +548,21 @@ every release renders.
 {{- if and .Values.clients.gpu.enabled (lt (int .Values.clients.gpu.count) 1) }}
 {{- fail "clients.gpu.enabled is true but clients.gpu.count is below 1: request at least one GPU per client." }}
 {{- end }}
+{{- if not .Values.allowHelmGeneratedKeys }}
+{{- $generated := list }}
+{{- if include "fedcifar.tls.helmGenerated" . }}
+{{- $generated = append $generated (printf "the SuperLink's CA and TLS keys (Secrets %s, %s): set tls.existingSecret to a Secret with ca.crt, tls.crt and tls.key, or let cert-manager issue the certificate (tls.certManager.enabled, on a cluster that serves cert-manager.io/v1)" (include "fedcifar.tls.caKeySecretName" .) (include "fedcifar.tls.secretName" .)) }}
+{{- end }}
+{{- if include "fedcifar.auth.helmGenerated" . }}
+{{- $generated = append $generated (printf "the SuperNode private keys (Secret %s): set supernodeAuth.existingSecret and supernodeAuth.existingPublicKeysSecret" (include "fedcifar.auth.privateSecretName" .)) }}
+{{- end }}
+{{- with $generated }}
+{{- fail (printf "allowHelmGeneratedKeys is false, but Helm would generate %s. Helm keeps every manifest it renders, keys included, in each release revision (Secrets sh.helm.release.v1.%s.v<revision>)." (join "; and " .) $.Release.Name) }}
+{{- end }}
+{{- end }}
+{{- if not (regexMatch "^[1-9][0-9]*[kKmM]?$" (toString .Values.superlink.proxy.maxBodySize)) }}
+{{- fail (printf "superlink.proxy.maxBodySize must be an nginx size (bytes, or a number with k or m, e.g. 6m), got %q: it is written into the proxy's nginx.conf." (toString .Values.superlink.proxy.maxBodySize)) }}
+{{- end }}
 {{- range .Values.superlink.extraArgs }}
 {{- if regexMatch "^--(ho|fleet-api-a|control-api-a)" . }}{{/* and their abbreviations, as Flower's parser takes them */}}
 {{- fail (printf "superlink.extraArgs holds %s: Flower would serve its APIs beside the proxy and the Fleet guard. Flower listens on the pod's loopback (superlink.controlPort) and the proxy is its public face (superlink.port)." .) }}
@@ -564,9 +593,9 @@ Writable emptyDirs every fedcifar pod mounts: /tmp, the run folder (metrics, FLW
 - name: tmp
   mountPath: /tmp
 - name: run
-  mountPath: {{ include "fedcifar.runDir" . }}
+  mountPath: {{ include "fedcifar.runDir" . | quote }}
 - name: cache
-  mountPath: {{ include "fedcifar.cacheDir" . }}
+  mountPath: {{ include "fedcifar.cacheDir" . | quote }}
 {{- end }}
 
 {{/*
@@ -576,21 +605,21 @@ The read-only data volume (data.source=volume).
 - name: data
   {{- if .Values.data.volume.existingClaim }}
   persistentVolumeClaim:
-    claimName: {{ .Values.data.volume.existingClaim }}
+    claimName: {{ .Values.data.volume.existingClaim | quote }}
     readOnly: true
   {{- else }}
   hostPath:
-    path: {{ .Values.data.volume.hostPath }}
+    path: {{ .Values.data.volume.hostPath | quote }}
     type: Directory
   {{- end }}
 {{- end }}
 
 {{- define "fedcifar.dataVolumeMount" -}}
 - name: data
-  mountPath: {{ .Values.data.mountPath }}
+  mountPath: {{ .Values.data.mountPath | quote }}
   readOnly: true
   {{- with .Values.data.volume.subPath }}
-  subPath: {{ . }}
+  subPath: {{ . | quote }}
   {{- end }}
 {{- end }}
 
@@ -599,7 +628,7 @@ A map of NAME: value as a container env list.
 */}}
 {{- define "fedcifar.envList" -}}
 {{- range $name := keys . | sortAlpha }}
-- name: {{ $name }}
+- name: {{ $name | quote }}
   value: {{ get $ $name | toString | quote }}
 {{- end }}
 {{- end }}
@@ -618,11 +647,11 @@ the JSON comes from dashboards/<name>.json.
 apiVersion: v1
 kind: ConfigMap
 metadata:
-  name: {{ printf "%s-dashboard-%s" (include "fedcifar.fullname" $root | trunc 40 | trimSuffix "-") .name }}
-  namespace: {{ default $root.Release.Namespace $root.Values.dashboards.namespace }}
+  name: {{ printf "%s-dashboard-%s" (include "fedcifar.fullname" $root | trunc 40 | trimSuffix "-") .name | quote }}
+  namespace: {{ default $root.Release.Namespace $root.Values.dashboards.namespace | quote }}
   labels:
     {{- include "fedcifar.componentLabels" (dict "root" $root "component" "dashboard") | nindent 4 }}
-    {{ $root.Values.dashboards.label }}: {{ $root.Values.dashboards.labelValue | quote }}
+    {{ $root.Values.dashboards.label | quote }}: {{ $root.Values.dashboards.labelValue | quote }}
   {{- with $root.Values.dashboards.annotations }}
   annotations:
     {{- toYaml . | nindent 4 }}
