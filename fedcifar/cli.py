@@ -23,6 +23,7 @@ from rich.table import Table
 from fedcifar.config import SPLITS, RunConfig, app_defaults, check_site, parse_overrides
 from fedcifar.fleet_guard import GuardSettings
 from fedcifar.flower_tuning import DEFAULT_POLL_SECONDS, POLL_ENV
+from fedcifar.isolation import IsolationError
 from fedcifar.metrics import DEFAULT_SITE, SITE_ENV
 from fedcifar.niid_bench import CELLS, Protocol
 
@@ -33,11 +34,12 @@ APP_DIR = Path(__file__).resolve().parent.parent  # the project holding [tool.fl
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to execute again in a private network
     if extra and args.command not in ("superlink", "supernode"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args, extra)
-    except (ValueError, FileNotFoundError) as err:  # ConfigError, DataError: messages say what to do
+    except (ValueError, FileNotFoundError, IsolationError) as err:  # ConfigError, DataError: messages say what to do
         console.print(f"[bold red]error:[/] {err}")
         return 2
     except KeyboardInterrupt:
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="plain HTTP and no SuperNode authentication (default: TLS with a throwaway CA, signed nodes); "
         "without authentication a node is whoever it claims to be",
     )
+    add_shared_network(run)
     run.set_defaults(handler=cmd_run)
 
     cen = sub.add_parser("centralized", help="train the CNN centrally (the original cifar.py)")
@@ -121,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scale", default="", help="also time rounds for these SuperNode counts, e.g. 2,4,8,16")
     b.add_argument("--data", help="CIFAR-10 parquet folder; default $FEDCIFAR_DATA or the hub")
     b.add_argument("--out", type=Path, help="work folder (default: a new folder under runs/)")
+    add_shared_network(b)
     b.set_defaults(handler=cmd_bench)
 
     nb = sub.add_parser("niid-bench", help="the NIID-Bench table: FedAvg, FedProx, FedAdam on IID and Dirichlet(0.5)")
@@ -133,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     nb.add_argument("--data", help="CIFAR-10 parquet folder; default $FEDCIFAR_DATA or the hub")
     nb.add_argument("--out", type=Path, help="work folder (default: a new folder under runs/)")
+    add_shared_network(nb)
     nb.set_defaults(handler=cmd_niid_bench)
 
     so = sub.add_parser("soak", help="many rounds locally: failed rounds and node memory growth (JSON last line)")
@@ -144,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--max-growth", type=float, default=0.10, help="fail above this memory growth (0.10: 10%%)")
     so.add_argument("--data", help="CIFAR-10 parquet folder; default $FEDCIFAR_DATA or the hub")
     so.add_argument("--out", type=Path, help="work folder (default: a new folder under runs/)")
+    add_shared_network(so)
     so.set_defaults(handler=cmd_soak)
 
     sub_ = sub.add_parser("submit", help="wait for a SuperLink and its clients, then flwr run (the chart's run Job)")
@@ -185,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
         node.add_argument("--metrics-port", type=int, default=9400)
         node.add_argument("--metrics-host", default="0.0.0.0")
         node.add_argument("--metrics-dir", help="multiprocess metrics folder (default: a temporary one)")
+        node.add_argument(
+            "--metrics-fd",
+            type=int,
+            help="serve metrics on this inherited listening socket instead (fedcifar run's private network)",
+        )
         if role == "superlink":
             guard = GuardSettings()
             node.add_argument(
@@ -237,6 +248,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_shared_network(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shared-network",
+        action="store_true",
+        help="run the federation on this machine's own loopback, where every local user can reach its "
+        "SuperLink (default: a private network namespace; see the README's Security)",
+    )
+
+
+def own_network(args: argparse.Namespace, data: str | None, metrics_ports: list[int] | None = None) -> None:
+    """Go on in a private network namespace, where no other user reaches the federation's Flower ports
+    (``isolation.py``): this process is executed again there, unless --shared-network."""
+    from fedcifar import isolation
+    from fedcifar.data import load_split, resolve_source
+
+    if isolation.inside():
+        isolation.enter_loopback()
+        return
+    if args.shared_network:
+        return
+    source = resolve_source(data)
+    if source.kind == "hub":  # the namespace has no route out: fill the cache first
+        for split in ("train", "test"):
+            load_split(source, split)
+    isolation.reexecute(args.argv, metrics_ports)
+
+
 def cmd_node(args: argparse.Namespace, extra: list[str]) -> int:
     from fedcifar.flwr_cli import flower_binary
     from fedcifar.node import check_superlink_args, node_config, resolve_ordinal, run_node
@@ -278,13 +316,14 @@ def cmd_node(args: argparse.Namespace, extra: list[str]) -> int:
             "--num-partitions",
             str(args.num_partitions),
         ]
-    return run_node(command, args.metrics_port, args.metrics_host, args.metrics_dir, trainer, guard)
+    return run_node(command, args.metrics_port, args.metrics_host, args.metrics_dir, trainer, guard, args.metrics_fd)
 
 
 def cmd_bench(args: argparse.Namespace, _extra: list[str]) -> int:
     from fedcifar.bench import BenchConfig, bench, print_report, timestamped_out
 
     signal.signal(signal.SIGTERM, _interrupt)
+    own_network(args, args.data)
     if args.quick:
         args.clients, args.rounds, args.examples_per_client, args.local_epochs = 2, 2, 5000, 1
     scale = tuple(int(n) for n in args.scale.split(",") if n.strip())
@@ -312,6 +351,7 @@ def cmd_niid_bench(args: argparse.Namespace, _extra: list[str]) -> int:
     from fedcifar.niid_bench import niid_bench, print_table
 
     signal.signal(signal.SIGTERM, _interrupt)
+    own_network(args, args.data)
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
     unknown = [c for c in cells if c not in CELLS]
     if unknown or not cells:
@@ -330,6 +370,7 @@ def cmd_soak(args: argparse.Namespace, _extra: list[str]) -> int:
     from fedcifar.soak import SoakConfig, report, soak
 
     signal.signal(signal.SIGTERM, _interrupt)
+    own_network(args, args.data)
     if args.clients < 1 or args.rounds <= args.baseline_round or args.baseline_round < 1:
         raise ValueError("soak needs --clients >= 1 and --rounds > --baseline-round >= 1")
     config = SoakConfig(
@@ -397,11 +438,13 @@ def _interrupt(_signum: int, _frame: object) -> None:
 
 
 def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
+    from fedcifar import isolation
     from fedcifar.data import load_split, resolve_source
     from fedcifar.local import FederationError, LocalFederation
 
     signal.signal(signal.SIGTERM, _interrupt)  # a stop request cleans up like Ctrl-C
 
+    said = isolation.inside()  # what the checks below say was said once, before the private network
     app_dir = args.app.resolve()
     if not (app_dir / "pyproject.toml").is_file():
         raise FileNotFoundError(f"{app_dir} holds no pyproject.toml: pass --app with the fedcifar project folder")
@@ -415,7 +458,7 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
         history = resumed_history(out_dir)
         overrides = {**history["config"], "resume": True, **overrides}
         clients = args.clients if args.clients is not None else overrides.get("num-partitions") or 2
-        if not data_arg and (data_arg := recorded_data(history)):
+        if not data_arg and (data_arg := recorded_data(history)) and not said:
             console.print(f"data: {data_arg}, as recorded in {out_dir / 'history.json'} (--data PATH overrides it)")
     else:
         out_dir = (args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
@@ -430,13 +473,17 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
     overrides["out-dir"] = str(out_dir)
     config = RunConfig.from_flower({**defaults, **overrides})
     if args.resume:
-        check_resumable(out_dir, config)
+        done = check_resumable(out_dir, config)
+        if not said:
+            console.print(f"resuming {out_dir} after round {done} of {config.num_server_rounds}")
     source = resolve_source(data_arg)  # refuse a bad path before starting anything
     load_split(source, "test")  # ... and data that is not CIFAR-10, or a Hub out of reach
     data = source.location if source.kind != "hub" else None
-
+    own_network(args, data_arg, metrics_ports(args.metrics_port, clients) or [0] * (clients + 1))
+    metrics_sockets = isolation.inherited_metrics_sockets()
+    network = "a private network" if isolation.inside() else "this machine's loopback, open to every local user"
     console.print(
-        f"fedcifar: {clients} SuperNodes, {config.num_server_rounds} rounds, "
+        f"fedcifar: {clients} SuperNodes on {network}, {config.num_server_rounds} rounds, "
         f"{config.partitioner} partitions, data {source.describe()}, outputs in {out_dir}"
     )
     fed = LocalFederation(
@@ -444,7 +491,8 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
         app_dir=app_dir,
         work_dir=out_dir,
         data=data,
-        metrics_ports=metrics_ports(args.metrics_port, clients),
+        metrics_ports=None if metrics_sockets else metrics_ports(args.metrics_port, clients),
+        metrics_sockets=metrics_sockets,
         signed=not args.insecure,
     )
     if args.insecure:
@@ -490,8 +538,9 @@ def recorded_data(history: dict) -> str | None:
     return location if kind in ("parquet", "cifar-python") and location else None
 
 
-def check_resumable(out_dir: Path, config: RunConfig) -> None:
-    """Refuse, before anything starts, what the ServerApp would refuse: a bad checkpoint, nothing left to do."""
+def check_resumable(out_dir: Path, config: RunConfig) -> int:
+    """Refuse, before anything starts, what the ServerApp would refuse: a bad checkpoint, nothing left to do;
+    return the last completed round."""
     from fedcifar.checkpoint import check_same_training, load_checkpoint
     from fedcifar.task import Net
 
@@ -503,7 +552,7 @@ def check_resumable(out_dir: Path, config: RunConfig) -> None:
         raise ValueError(
             f"the run in {out_dir} completed {done} of {rounds} rounds: pass --rounds N (> {done}) to train further"
         )
-    console.print(f"resuming {out_dir} after round {done} of {rounds}")
+    return done
 
 
 def federation_defaults(clients: int) -> dict:

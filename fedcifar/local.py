@@ -51,6 +51,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _port_of(listening_fd: int) -> int:
+    with socket.socket(fileno=os.dup(listening_fd)) as sock:
+        return sock.getsockname()[1]
+
+
 def wait_for_port(port: int, deadline: float, node: NodeProcess) -> None:
     while time.monotonic() < deadline:
         if not node.alive():
@@ -80,6 +85,7 @@ class NodeProcess:
     metrics_port: int | None
     command: list[str]
     env: dict[str, str]
+    inherited: tuple[int, ...] = ()  # file descriptors it is handed (its metrics socket)
     restarts: int = 0
 
     def alive(self) -> bool:
@@ -101,6 +107,9 @@ class LocalFederation:
     work_dir: Path
     data: str | None = None
     metrics_ports: list[int] | None = None  # [server, client 0, client 1, ...]; None: free ports
+    # or listening sockets (fds) to serve them on, in that order: fedcifar run binds them outside its
+    # private network (isolation.py), where 127.0.0.1:port is another interface than the nodes'
+    metrics_sockets: list[int] | None = None
     superlink_port: int | None = None
     stock: bool = False  # plain flower-superlink/-supernode, no fedcifar wrappers (benchmark baseline)
     # TLS (a throwaway CA in the private folder) and SuperNode authentication, so that the SuperLink's
@@ -113,6 +122,10 @@ class LocalFederation:
     def __post_init__(self) -> None:
         if self.clients < 1:
             raise ValueError(f"--clients must be >= 1, got {self.clients}")
+        if self.metrics_sockets is not None:
+            if self.metrics_ports is not None or len(self.metrics_sockets) != self.clients + 1:
+                raise ValueError("metrics_sockets needs one socket for the server and one per client, and no ports")
+            self.metrics_ports = [_port_of(fd) for fd in self.metrics_sockets]
         if self.metrics_ports is not None and len(self.metrics_ports) != self.clients + 1:
             raise ValueError("metrics_ports needs one port for the server and one per client")
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -176,8 +189,7 @@ class LocalFederation:
         if self.stock:
             server = self._spawn("superlink", [flower_binary("flower-superlink"), *link], None)
         else:
-            metrics = ["--metrics-port", str(self.metrics_ports[0]), "--metrics-host", "127.0.0.1"]
-            server = self._spawn("superlink", [*FEDCIFAR, "superlink", *metrics, *link], self.metrics_ports[0], keys)
+            server = self._spawn("superlink", [*FEDCIFAR, "superlink", *self._metrics(0), *link], 0, keys)
         deadline = time.monotonic() + timeout
         wait_for_port(self.superlink_port, deadline, server)
         if self.secure:  # a SuperNode whose key is not registered yet is refused, and exits
@@ -195,10 +207,7 @@ class LocalFederation:
             args = [
                 *FEDCIFAR,
                 "supernode",
-                "--metrics-port",
-                str(self.metrics_ports[i + 1]),
-                "--metrics-host",
-                "127.0.0.1",
+                *self._metrics(i + 1),
                 "--metrics-dir",
                 str(self.metrics_dir(i)),
                 "--partition-id",
@@ -209,10 +218,16 @@ class LocalFederation:
             ]
             if self.data:
                 args += ["--data", str(self.data)]
-            self._spawn(f"supernode-{i}", args, self.metrics_ports[i + 1])
+            self._spawn(f"supernode-{i}", args, i + 1)
         for node in self.nodes:
-            if node.metrics_port is not None:
+            if node.metrics_port is not None and not self.metrics_sockets:  # a socket listens already
                 wait_for_port(node.metrics_port, deadline, node)
+
+    def _metrics(self, index: int) -> list[str]:
+        """The options of node ``index`` (0: the SuperLink) for its metrics endpoint."""
+        if self.metrics_sockets:
+            return ["--metrics-fd", str(self.metrics_sockets[index])]
+        return ["--metrics-port", str(self.metrics_ports[index]), "--metrics-host", "127.0.0.1"]
 
     def metrics_dir(self, client: int) -> Path:
         """Client ``client``'s metrics folder, in a folder private to this user (0700) that is removed
@@ -220,8 +235,9 @@ class LocalFederation:
         return self.nodes_dir / f"supernode-{client}" / "metrics"
 
     def _spawn(
-        self, name: str, command: list[str], metrics_port: int | None, extra_env: dict[str, str] | None = None
+        self, name: str, command: list[str], metrics: int | None, extra_env: dict[str, str] | None = None
     ) -> NodeProcess:
+        """Start node ``name``; ``metrics``: its index in ``metrics_ports``, None for a stock node."""
         log_path = self.work_dir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**self.env(), **(extra_env or {})}
@@ -230,14 +246,21 @@ class LocalFederation:
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.clients)))
             for key, value in idle_polling(self.clients, os.cpu_count() or 1).items():
                 env.setdefault(key, value)
-        node = NodeProcess(name, self._popen(command, env, log_path), log_path, metrics_port, command, env)
+        port = None if metrics is None else self.metrics_ports[metrics]
+        inherited = (self.metrics_sockets[metrics],) if self.metrics_sockets and metrics is not None else ()
+        node = NodeProcess(
+            name, self._popen(command, env, log_path, inherited), log_path, port, command, env, inherited
+        )
         self.nodes.append(node)
         return node
 
-    def _popen(self, command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    def _popen(
+        self, command: list[str], env: dict[str, str], log_path: Path, inherited: tuple[int, ...] = ()
+    ) -> subprocess.Popen:
         with open(log_path, "ab") as log_file:
             return subprocess.Popen(
                 command,
+                pass_fds=inherited,
                 cwd=self.work_dir,
                 env=env,
                 stdout=log_file,
@@ -254,7 +277,7 @@ class LocalFederation:
                 continue
             code = node.popen.returncode
             node.restarts += 1
-            node.popen = self._popen(node.command, node.env, node.log_path)
+            node.popen = self._popen(node.command, node.env, node.log_path, node.inherited)
             notices.append(f"{node.name} exited with code {code}; restarted it (restart {node.restarts})")
         return notices
 

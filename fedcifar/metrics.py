@@ -20,9 +20,21 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
+import threading
 from functools import lru_cache
+from wsgiref.simple_server import WSGIRequestHandler
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    make_wsgi_app,
+    multiprocess,
+    start_http_server,
+)
+from prometheus_client.exposition import ThreadingWSGIServer
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SITE_ENV = "FEDCIFAR_SITE"
@@ -278,11 +290,29 @@ def write_multiprocess_values() -> None:
     values.ValueClass = values.get_value_class()
 
 
-def serve_multiprocess(port: int, host: str = "0.0.0.0"):
-    """Serve the metrics that the node's child processes write into ``$PROMETHEUS_MULTIPROC_DIR``."""
+def serve_multiprocess(port: int, host: str = "0.0.0.0", listening_fd: int | None = None):
+    """Serve the metrics that the node's child processes write into ``$PROMETHEUS_MULTIPROC_DIR``, on
+    ``host:port`` or on the listening socket ``listening_fd`` this process inherited (``fedcifar run``
+    binds it outside the federation's private network: ``isolation.py``)."""
     if not os.environ.get(MULTIPROC_ENV):
         raise RuntimeError(f"{MULTIPROC_ENV} must be set before serving multiprocess metrics")
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    if listening_fd is None:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+        return server
+    # prometheus_client's own server (start_wsgi_server), given a socket instead of an address to bind
+    listening = socket.socket(fileno=listening_fd)
+    server = ThreadingWSGIServer(listening.getsockname()[:2], _QuietHandler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = listening
+    server.server_name, server.server_port = "localhost", listening.getsockname()[1]
+    server.setup_environ()
+    server.set_app(make_wsgi_app(registry))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # a scrape is not worth a log line
+        pass

@@ -137,8 +137,10 @@ def run_node(
     metrics_dir: str | None,
     trainer: list[str] | None = None,
     guard: GuardSettings | None = None,
+    metrics_fd: int | None = None,
 ) -> int:
-    """Serve metrics and run ``command`` to its end (forwarding SIGTERM/SIGINT); return its code.
+    """Serve metrics (on ``metrics_fd``, an inherited listening socket, when given) and run ``command`` to
+    its end (forwarding SIGTERM/SIGINT); return its code.
 
     With ``trainer`` (a SuperNode), that long-lived trainer process is started first, and the
     Flower node, whose ClientApps reach it over ``$FEDCIFAR_TRAINER``, only once it listens. With
@@ -150,7 +152,7 @@ def run_node(
     # the metrics folder, which may be anyone's (--metrics-dir ~, --metrics-dir /tmp/m)
     private = Path(tempfile.mkdtemp(prefix="fedcifar-node-"))
     try:
-        return _run_node(private, command, metrics_port, metrics_host, metrics_dir, trainer, guard)
+        return _run_node(private, command, metrics_port, metrics_host, metrics_dir, trainer, guard, metrics_fd)
     finally:
         shutil.rmtree(private, ignore_errors=True)
 
@@ -163,6 +165,7 @@ def _run_node(
     metrics_dir: str | None,
     trainer: list[str] | None,
     guard: GuardSettings | None,
+    metrics_fd: int | None,
 ) -> int:
     directory = private / "metrics" if metrics_dir is None else Path(metrics_dir)
     prepare_multiprocess_dir(directory)
@@ -178,8 +181,9 @@ def _run_node(
         guard = replace(guard, layouts=str(layouts))
         os.environ.update({fleet_guard.SETTINGS_ENV: guard.to_env(), fleet_guard.LAYOUTS_ENV: str(layouts)})
     registrar = superlink_registrar(command, private)
-    server = serve_multiprocess(metrics_port, metrics_host)
-    print(f"fedcifar: metrics on http://{metrics_host}:{metrics_port}/metrics", flush=True)
+    server = serve_multiprocess(metrics_port, metrics_host, metrics_fd)
+    host, port = server.socket.getsockname()[:2]
+    print(f"fedcifar: metrics on http://{host}:{port}/metrics", flush=True)
     children: list[subprocess.Popen] = []
     signalled: set[int] = set()  # pids already asked to stop
 
