@@ -23,8 +23,8 @@ from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_m
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedcifar.config import ConfigError, RunConfig, check_partition
-from fedcifar.flower_tuning import tune
-from fedcifar.protocol import TRAINER_ENV, TRAINER_KEY_ENV, Reply, Task
+from fedcifar.flower.tuning import tune
+from fedcifar.node.protocol import TRAINER_ENV, TRAINER_KEY_ENV, Reply, Task
 
 
 def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -100,7 +100,7 @@ def run_task(task: Task, timeout: float | None = None) -> Reply:
                 raise TrainerError(f"the node's trainer gave no reply within {timeout:.0f}s (the run's round-timeout)")
             reply = conn.recv()
     else:
-        from fedcifar.trainer import Trainer  # imports torch: only on this cold path
+        from fedcifar.node.trainer import Trainer  # imports torch: only on this cold path
 
         reply = Trainer().run(task)
     if reply.error:

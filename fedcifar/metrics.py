@@ -55,7 +55,7 @@ REJECT_REASONS = (
     "unclipped",
     "unreadable",
 )
-# why the SuperLink's key registrar did not register a key file (security.py): no usable key in it, a
+# why the SuperLink's key registrar did not register a key file (deploy/registrar.py): no usable key in it, a
 # file name that says no site, a slot name spelt otherwise than slot-<k>, a public key in two files, two
 # keys for one slot, two keys for one (other) node name, a key the SuperLink holds under another name
 KEY_REFUSAL_REASONS = (
@@ -156,7 +156,7 @@ class ServerMetrics:
 
 class SuperLinkMetrics:
     """Series written by the SuperLink's own process (the Fleet guard, ``fleet_guard.py``) and by the key
-    registrar of ``fedcifar superlink`` (``security.py``)."""
+    registrar of ``fedcifar superlink`` (``deploy/registrar.py``)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         kw = {"registry": registry} if registry is not None else {}

@@ -22,13 +22,12 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedcifar.checkpoint import check_same_training, load_checkpoint
 from fedcifar.config import CENTRAL_DP, ConfigError, RunConfig
 from fedcifar.data import DataSource, ImageTensors, load_full, partition_sizes, resolve_source
-from fedcifar.fleet_guard import ReplyLayout, publish_reply_layout
-from fedcifar.flower_tuning import tune
-from fedcifar.history import PLOT_FILE, History, plot_history
+from fedcifar.flower.tuning import tune
 from fedcifar.metrics import server_metrics
+from fedcifar.server.checkpoint import check_same_training, load_checkpoint
+from fedcifar.server.history import PLOT_FILE, History, plot_history
 from fedcifar.server.ledger import NodeLedger
 from fedcifar.server.polling import PollingGrid
 from fedcifar.server.privacy import PrivacyAccount
@@ -36,6 +35,7 @@ from fedcifar.server.recorder import Recorder
 from fedcifar.server.replies import Expected
 from fedcifar.server.rounds import RoundLoop
 from fedcifar.server.strategies import build_strategy, restore_strategy_state
+from fedcifar.superlink.fleet_budgets import ReplyLayout, publish_reply_layout
 from fedcifar.task import MODEL_KEY, Net, evaluate, flat_weights, initial_model, load_flat_weights, pick_device
 
 log = logging.getLogger("flwr.fedcifar")

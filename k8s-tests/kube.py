@@ -190,7 +190,7 @@ from flwr.proto.node_pb2 import Node
 from flwr.supercore.inflatable.inflatable_object import get_object_tree
 from flwr.supernode.fleet_http_client import FleetHttpClient
 from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
-from fedcifar.security import load_private_key
+from fedcifar.deploy.key_formats import load_private_key
 key = load_private_key(Path(os.environ["KEY"]).read_bytes())
 own, victim = int(Path(os.environ["NODE_ID_FILE"]).read_text()), int(os.environ["VICTIM"])
 client = FleetHttpClient.from_server_address(

@@ -145,7 +145,7 @@ def node_ids(kube) -> dict[str, int]:
     """The SuperLink's nodes by registered name, asked by the server's operator (the key registrar's
     Control API connection, on the pod's loopback)."""
     listing = (
-        "import json; from fedcifar.security import control_nodes; "
+        "import json; from fedcifar.deploy.control import control_nodes; "
         "print(json.dumps({n.name: n.node_id for n in control_nodes()}))"
     )
     done = run(

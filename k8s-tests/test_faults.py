@@ -98,8 +98,8 @@ def test_a_killed_client_pod_and_a_killed_superlink_lose_no_round(kube, faults_r
     assert done_before_crash < ROUNDS, "the run ended before the SuperLink could be killed"
 
     # the SuperLink's processes die (a crash: the container restarts, its state volume stays)
-    kill = (  # Flower's SuperLink: run by fedcifar superlink, with the Fleet guard, as fedcifar.flower_tuning
-        "import os, signal\nfrom fedcifar.procfs import pids, process_kind\n"
+    kill = (  # Flower's SuperLink: run by fedcifar superlink, with the Fleet guard, as fedcifar.flower.tuning
+        "import os, signal\nfrom fedcifar.common.procfs import pids, process_kind\n"
         "for p in pids():\n"
         "    if process_kind(p) == 'flower-superlink':\n"
         "        os.kill(p, signal.SIGKILL)"

@@ -22,7 +22,7 @@ CLIENTS, ROUNDS, BASELINE_ROUND, MAX_GROWTH = 16, 10, 5, 0.10
 DATA = ROOT / "tests" / "data" / "cifar10-mini"
 pytestmark = pytest.mark.e2e
 # the pod's process tree under PID 1 (`fedcifar supernode`), measured as `fedcifar soak` measures nodes
-POD_RSS = "from fedcifar.procfs import tree_rss; print(tree_rss(1))"
+POD_RSS = "from fedcifar.common.procfs import tree_rss; print(tree_rss(1))"
 
 
 def client_memory() -> dict[str, int]:

@@ -30,7 +30,7 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from flwr.supernode.fleet_http_client import FleetHttpClient
 from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
-from fedcifar.security import load_private_key
+from fedcifar.deploy.key_formats import load_private_key
 
 SUPERLINK = 1
 

@@ -182,7 +182,7 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["supernode"]:
         from flwr.supernode.cli import flower_supernode
 
-        from fedcifar.flower_tuning import shorten_supernode_polling
+        from fedcifar.flower.polling import shorten_supernode_polling
 
         shorten_supernode_polling(0.1)
         sys.argv = ["flower-supernode", *argv[1:]]

@@ -12,8 +12,8 @@ from flwr.common import Error
 from prometheus_client import CollectorRegistry
 
 from fedcifar.config import RunConfig
-from fedcifar.history import History
 from fedcifar.metrics import ServerMetrics
+from fedcifar.server.history import History
 from fedcifar.server.ledger import NodeLedger
 from fedcifar.server.polling import PollingGrid
 from fedcifar.server.privacy import PrivacyAccount

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedcifar.checkpoint import Checkpoint
 from fedcifar.config import RunConfig
-from fedcifar.history import History, RoundRecord
+from fedcifar.server.checkpoint import Checkpoint
+from fedcifar.server.history import History, RoundRecord
 from fedcifar.task import initial_model
 
 BIN = Path(sys.executable).parent

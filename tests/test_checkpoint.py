@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedcifar.checkpoint import CheckpointError, check_same_training, load_checkpoint
 from fedcifar.config import RunConfig
-from fedcifar.history import History
+from fedcifar.server.checkpoint import CheckpointError, check_same_training, load_checkpoint
+from fedcifar.server.history import History
 from fedcifar.task import Net, initial_model
 from tests.support import checkpoint_of
 

@@ -18,9 +18,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from fedcifar import client_app
 from fedcifar.client_app import TrainerError, privacy_mod, run_task
 from fedcifar.data import load_partition, resolve_source
-from fedcifar.protocol import LOSS_BEFORE_TRAINING, TRAINER_ENV, TRAINER_KEY_ENV, Reply, Task
+from fedcifar.node.protocol import LOSS_BEFORE_TRAINING, TRAINER_ENV, TRAINER_KEY_ENV, Reply, Task
+from fedcifar.node.trainer import Trainer
 from fedcifar.task import MODEL_KEY, evaluate, flat_weights, initial_model, pick_device
-from fedcifar.trainer import Trainer
 
 
 def task(mini_dir, kind: str = "train", **run_config) -> Task:
@@ -39,14 +39,14 @@ def task(mini_dir, kind: str = "train", **run_config) -> Task:
 
 @pytest.fixture
 def node_trainer(tmp_path, monkeypatch):
-    """A real `python -m fedcifar.trainer` process, as `fedcifar supernode` starts it."""
+    """A real `python -m fedcifar.node.trainer` process, as `fedcifar supernode` starts it."""
     socket_path, key = tmp_path / "trainer.sock", secrets.token_hex(16)
     env = {**os.environ, TRAINER_KEY_ENV: key, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "fedcifar.trainer",
+            "fedcifar.node.trainer",
             "--socket",
             str(socket_path),
             "--partition-id",

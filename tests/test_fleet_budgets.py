@@ -1,4 +1,4 @@
-"""The Fleet guard's rules one by one (``fedcifar/fleet_guard.py``), around stand-ins for Flower's
+"""The Fleet guard's rules one by one (``fedcifar/superlink/fleet_guard.py``), around stand-ins for Flower's
 handlers and state; ``test_fleet_guard.py`` runs it for real inside a SuperLink."""
 
 from __future__ import annotations
@@ -28,15 +28,9 @@ from flwr.supercore.error import FlowerError
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.run import RunStatus
 
-from fedcifar.fleet_guard import (
-    BUSY_CODE,
-    REFUSED_CODE,
-    BusyGate,
-    FleetGuard,
-    GuardSettings,
-    ReplyLayout,
-    publish_reply_layout,
-)
+from fedcifar.superlink.busy_gate import BUSY_CODE, BusyGate
+from fedcifar.superlink.fleet_budgets import GuardSettings, ReplyLayout, publish_reply_layout
+from fedcifar.superlink.fleet_guard import REFUSED_CODE, FleetGuard
 from fedcifar.task import MODEL_KEY, Net, flat_weights
 from tests.fleet_node import SUPERLINK, forged
 

@@ -1,4 +1,4 @@
-"""The Fleet guard (``fedcifar/fleet_guard.py``) against a registered node that acts for another.
+"""The Fleet guard (``fedcifar/superlink/fleet_guard.py``) against a registered node that acts for another.
 
 A real local federation with TLS and SuperNode authentication: two honest ``fedcifar supernode``s
 (slots 0 and 1), a victim V (slot 2) and an attacker A (site-b, slot 3), both driven by this test
@@ -35,16 +35,16 @@ from flwr.app import Array, ArrayRecord, Error, RecordDict
 from flwr.app.message import Message
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedcifar import flwr_cli, security
-from fedcifar.fleet_guard import GuardSettings, ReplyLayout
-from fedcifar.local import TOKEN_ENV, free_port, processes_with_token
-from fedcifar.pki import PUBLIC, write_pki
-from fedcifar.procfs import process_kind, process_memory
-from fedcifar.protocol import Task
+from fedcifar.common.procfs import process_kind, process_memory
+from fedcifar.deploy import control, flwr_cli, registrar
+from fedcifar.deploy.pki import PUBLIC, write_pki
+from fedcifar.local.federation import TOKEN_ENV, free_port, processes_with_token
+from fedcifar.node.protocol import Task
+from fedcifar.node.trainer import Trainer
 from fedcifar.server.replies import Expected
 from fedcifar.server_app import largest_reply
+from fedcifar.superlink.fleet_budgets import GuardSettings, ReplyLayout
 from fedcifar.task import MODEL_KEY, Net, flat_weights
-from fedcifar.trainer import Trainer
 from tests.conftest import MINI, ROOT
 from tests.fleet_node import SUPERLINK, FleetNode, Refused, forged, train_reply_content
 from tests.support import BIN, FLOWER_ENV, secure_superlink, wait
@@ -94,7 +94,7 @@ class Federation:
         if database:
             command += ["--database", str(work / "state.db")]
         self.start("superlink", command)
-        wait("the SuperLink", lambda: security.superlink_healthy(self.address, str(self.pki / "ca.crt")), 60)
+        wait("the SuperLink", lambda: control.superlink_healthy(self.address, str(self.pki / "ca.crt")), 60)
         flwr_cli.write_connection(self.admin, flwr_cli.CONNECTION, self.address, str(self.pki / "ca.crt"))
         self.register_keys()
         for slot in (0, 1):
@@ -145,8 +145,8 @@ class Federation:
             (own / f"supernode-{slot}.pub").write_bytes((self.pki / PUBLIC / f"supernode-{slot}.pub").read_bytes())
         for key, name in ((ATTACKER, f"site-b.slot-{ATTACKER}"), (FLOODER, "site-c.flooder")):
             (sites / f"{name}.pub").write_bytes((self.pki / PUBLIC / f"supernode-{key}.pub").read_bytes())
-        folders = [security.KeyFolder(own, "site-a", 0), security.KeyFolder(sites)]
-        assert len(security.register_public_keys(folders, self.admin)) == SLOTS + 1
+        folders = [registrar.KeyFolder(own, "site-a", 0), registrar.KeyFolder(sites)]
+        assert len(registrar.register_public_keys(folders, self.admin)) == SLOTS + 1
 
     def submit(self, out: Path, **config) -> int:
         pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in {**RUN_CONFIG, **config, "out-dir": str(out)}.items())

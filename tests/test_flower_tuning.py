@@ -31,23 +31,18 @@ from flwr.supercore.superexec.executor import ExecutionSpec, get_executor, subpr
 from flwr.superlink.grid.http_grid import HttpGrid
 from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
-import fedcifar.flower_tuning as flower_tuning
-from fedcifar.flower_tuning import (
-    ALLOW_UNVERIFIED_ENV,
-    CLIENTAPP,
+from fedcifar.common.procfs import process_memory, tree_rss
+from fedcifar.flower import processes
+from fedcifar.flower.patch import VERIFIED_FLWR
+from fedcifar.flower.polling import (
     LOCAL_CHECK_SECONDS,
     POLL_ENV,
-    SUPEREXEC_MAIN,
-    VERIFIED_FLWR,
-    ClientAppForkServer,
-    UnverifiedFlower,
     capped_time,
-    check_flower_version,
     pulls_bounded_by,
     shorten_supernode_polling,
-    tune,
 )
-from fedcifar.procfs import process_memory, tree_rss
+from fedcifar.flower.processes import CLIENTAPP, SUPEREXEC_MAIN, ClientAppForkServer
+from fedcifar.flower.tuning import ALLOW_UNVERIFIED_ENV, UnverifiedFlower, check_flower_version, tune
 from fedcifar.server.polling import PollingGrid
 
 PULLS = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
@@ -168,7 +163,7 @@ def test_the_superexec_starts_each_clientapp_from_the_fork_server(tuned, monkeyp
         def popen(self, args, **kwargs):
             forked.append((list(args), kwargs))
 
-    monkeypatch.setattr(flower_tuning, "ClientAppForkServer", ForkServer)
+    monkeypatch.setattr(processes, "ClientAppForkServer", ForkServer)
     tuned("superexec")
     spec = ExecutionSpec(
         task_type=TaskType.CLIENT_APP,
@@ -345,8 +340,8 @@ def test_pulls_bounded_by_only_shortens():
 
 
 def test_local_supernodes_poll_less_once_they_outnumber_the_cores():
-    from fedcifar.local import idle_polling
-    from fedcifar.node import SUPEREXEC_POLL_ENV
+    from fedcifar.local.federation import idle_polling
+    from fedcifar.node.process import SUPEREXEC_POLL_ENV
 
     defaults = {POLL_ENV: "0.25", SUPEREXEC_POLL_ENV: "0.1"}
     assert idle_polling(2, 2) == idle_polling(4, 2) == idle_polling(16, 16) == defaults
@@ -371,8 +366,8 @@ GUARD_CHECK = """
 import sys
 from flwr.superlink.routers.fleet import router
 from flwr.superlink.servicer.fleet import fleet_handlers
-from fedcifar import fleet_guard
-from fedcifar.flower_tuning import GuardNotInPlace, guard_fleet_api
+from fedcifar.superlink import fleet_guard
+from fedcifar.flower.fleet import GuardNotInPlace, guard_fleet_api
 if sys.argv[1] == "renamed":  # a Flower release whose router reaches push-messages some other way
     router.fleet_push_messages = lambda request, state: fleet_handlers.store_reply(request, state)
 try:
@@ -388,7 +383,7 @@ def test_the_fleet_guard_stands_in_front_of_every_fleet_handler_or_the_superlink
     """Flower's HTTP Fleet router looks each handler up on ``fleet_handlers`` at every call: the guard
     wraps all of them there, and refuses to start where the router reaches one another way or Flower's
     legacy gRPC Fleet API would open beside it."""
-    from fedcifar import fleet_guard
+    from fedcifar.superlink import fleet_guard
 
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     if case == "grpc":
@@ -401,3 +396,28 @@ def test_the_fleet_guard_stands_in_front_of_every_fleet_handler_or_the_superlink
         assert "no longer calls fleet_handlers.push_messages" in done.stderr
     else:
         assert "FLWR_INTERNAL_GRPC_FLEET_API would open Flower's legacy gRPC APIs" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# a change whose target Flower moved fails loudly, at start
+
+
+def test_a_change_whose_target_is_gone_fails_loudly_and_changes_nothing():
+    import types
+
+    from fedcifar.flower.patch import FlowerChanged, module_view, replace, replace_defaults
+
+    flower_module = types.ModuleType("flwr.some.module")
+    flower_module.kept = "Flower's"
+    with pytest.raises(FlowerChanged, match=r"flwr.some.module.renamed is gone: .* verified on flwr 1\.42"):
+        replace(flower_module, "renamed", "fedcifar's")
+    assert not hasattr(flower_module, "renamed")
+    assert replace(flower_module, "kept", "fedcifar's") == "Flower's" and flower_module.kept == "fedcifar's"
+    with pytest.raises(FlowerChanged, match="has no sleep"):
+        module_view(flower_module, sleep=print)
+
+    def pull(*, max_time: float = 1.0) -> None: ...
+
+    with pytest.raises(FlowerChanged, match="has no keyword initial_backoff"):
+        replace_defaults(pull, initial_backoff=0.02)
+    assert pull.__kwdefaults__ == {"max_time": 1.0}

@@ -24,14 +24,14 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedcifar import flwr_cli, security
-from fedcifar.checkpoint import load_checkpoint
-from fedcifar.local import TOKEN_ENV, free_port, processes_with_token
-from fedcifar.pki import write_pki
-from fedcifar.procfs import process_kind, process_memory
-from fedcifar.protocol import Task
+from fedcifar.common.procfs import process_kind, process_memory
+from fedcifar.deploy import flwr_cli, key_formats, registrar
+from fedcifar.deploy.pki import write_pki
+from fedcifar.local.federation import TOKEN_ENV, free_port, processes_with_token
+from fedcifar.node.protocol import Task
+from fedcifar.node.trainer import Trainer
+from fedcifar.server.checkpoint import load_checkpoint
 from fedcifar.task import MODEL_KEY, Net, flat_weights
-from fedcifar.trainer import Trainer
 from tests.conftest import MINI, ROOT
 from tests.hostile import EVALUATE_REPLIES, TRAIN_REPLIES, ZEROS
 from tests.support import BIN, FLOWER_ENV, secure_superlink, wait
@@ -83,8 +83,8 @@ def federation(tmp_path_factory):
         "superlink",
         secure_superlink(pki, port, metrics_port),
         **{
-            security.PUBLIC_KEYS_ENV: str(keys),
-            security.READY_FILE_ENV: str(ready),
+            registrar.PUBLIC_KEYS_ENV: str(keys),
+            registrar.READY_FILE_ENV: str(ready),
             "FEDCIFAR_SITE": "site-a",
             "FLWR_HOME": str(work / "superlink" / "flwr"),
         },
@@ -127,7 +127,7 @@ def federation(tmp_path_factory):
                 ],
                 FLWR_HOME=str(work / f"node-{i}"),
             )
-        hostile_key = security.rewrite_private_key_arg(
+        hostile_key = key_formats.rewrite_private_key_arg(
             ["--auth-supernode-private-key", str(pki / f"supernode-{HOSTILE_SLOT}.key")], work / "hostile-key"
         )
         start(

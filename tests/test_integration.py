@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedcifar.history import load_history
-from fedcifar.local import free_port
+from fedcifar.local.federation import free_port
+from fedcifar.server.history import load_history
 from fedcifar.task import Net
 from tests.conftest import ROOT
 from tests.support import scrape, value

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcifar.history import load_history
+from fedcifar.server.history import load_history
 from tests.conftest import ROOT
 from tests.support import scrape, value, wait
 
@@ -135,7 +135,7 @@ def test_without_a_private_network_the_run_is_refused_saying_what_to_do(tmp_path
 
 def test_the_refusal_names_the_failing_namespace(tmp_path, mini_dir, monkeypatch):
     """A kernel without user namespaces: unshare itself fails, and the run says so (as a user: no fallback)."""
-    from fedcifar import isolation
+    from fedcifar.local import isolation
 
     fake = tmp_path / "bin" / "unshare"
     fake.parent.mkdir()

@@ -10,9 +10,9 @@ import urllib.request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedcifar.local import free_port
+from fedcifar.local.federation import free_port
 from fedcifar.metrics import ClientMetrics, ServerMetrics, SuperLinkMetrics, serve_multiprocess
-from fedcifar.node import prepare_multiprocess_dir
+from fedcifar.node.process import prepare_multiprocess_dir
 
 
 def families(text: str) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedcifar.config import ConfigError
-from fedcifar.node import node_config, resolve_ordinal
+from fedcifar.node.process import node_config, resolve_ordinal
 
 
 def test_explicit_partition_id():
@@ -92,10 +92,10 @@ def test_a_metrics_dir_loses_only_stale_metrics_files_and_nothing_is_written_bes
         "print('SOCKET', os.environ['FEDCIFAR_TRAINER'])"
     )
     code = (
-        "import sys; from fedcifar.node import run_node; "
+        "import sys; from fedcifar.node.process import run_node; "
         f"sys.exit(run_node([sys.executable, '-c', {show!r}, '--auth-supernode-private-key', {str(key)!r}], 0, "
         f"'127.0.0.1', {str(metrics_dir)!r}, "
-        "[sys.executable, '-m', 'fedcifar.trainer', '--partition-id', '0', '--num-partitions', '1']))"
+        "[sys.executable, '-m', 'fedcifar.node.trainer', '--partition-id', '0', '--num-partitions', '1']))"
     )
     env = {**os.environ, "TMPDIR": str(scratch)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
@@ -118,8 +118,8 @@ def outside(files: dict[str, bytes | None]) -> dict[str, bytes | None]:
 
 
 def test_a_superlinks_registrar_home_and_reply_layouts_are_not_written_beside_its_metrics_dir(tmp_path):
-    from fedcifar.local import free_port
-    from fedcifar.pki import write_pki
+    from fedcifar.deploy.pki import write_pki
+    from fedcifar.local.federation import free_port
 
     pki = write_pki(tmp_path / "pki", supernodes=0)
     parent, scratch, keys = tmp_path / "parent", tmp_path / "scratch", tmp_path / "keys"
@@ -136,7 +136,8 @@ def test_a_superlinks_registrar_home_and_reply_layouts_are_not_written_beside_it
     command = [sys.executable, "-c", show, "--enable-supernode-auth", "--ssl-ca-certfile", str(pki / "ca.crt")]
     command += ["--port", str(free_port())]  # nothing listens there: the registrar waits, and stops with the node
     code = (
-        "import sys; from fedcifar.node import run_node; from fedcifar.fleet_guard import GuardSettings; "
+        "import sys; from fedcifar.node.process import run_node; "
+        "from fedcifar.superlink.fleet_budgets import GuardSettings; "
         f"sys.exit(run_node({command!r}, 0, '127.0.0.1', {str(parent / 'metrics')!r}, guard=GuardSettings()))"
     )
     env = {**os.environ, "TMPDIR": str(scratch), "FEDCIFAR_SUPERNODE_PUBLIC_KEYS": str(keys)}
@@ -149,7 +150,7 @@ def test_a_superlinks_registrar_home_and_reply_layouts_are_not_written_beside_it
 
 
 def test_superlink_registers_keys_only_with_auth_and_a_key_folder(tmp_path, monkeypatch):
-    from fedcifar.security import PUBLIC_KEYS_ENV, READY_FILE_ENV, superlink_registrar
+    from fedcifar.deploy.registrar import PUBLIC_KEYS_ENV, READY_FILE_ENV, superlink_registrar
 
     tls = ["--ssl-ca-certfile", "/tls/ca.crt", "--ssl-certfile", "/tls/tls.crt", "--ssl-keyfile", "/tls/tls.key"]
     monkeypatch.delenv(PUBLIC_KEYS_ENV, raising=False)
@@ -181,7 +182,7 @@ def test_supernode_pem_key_is_handed_to_flower_as_openssh(tmp_path):
     )
     show = "import sys; print(open(sys.argv[sys.argv.index('--auth-supernode-private-key') + 1]).read())"
     code = (
-        "import sys; from fedcifar.node import run_node; "
+        "import sys; from fedcifar.node.process import run_node; "
         f"sys.exit(run_node([sys.executable, '-c', {show!r}, '--auth-supernode-private-key', "
         f"{str(tmp_path / 'supernode.key')!r}], 0, '127.0.0.1', {str(tmp_path / 'run' / 'metrics')!r}))"
     )
@@ -211,7 +212,7 @@ def test_without_a_metrics_dir_keys_and_state_live_in_a_private_folder_removed_a
         "print(p, oct(os.stat(os.path.dirname(p)).st_mode & 0o777))"
     )
     code = (
-        "import sys; from fedcifar.node import run_node; "
+        "import sys; from fedcifar.node.process import run_node; "
         f"sys.exit(run_node([sys.executable, '-c', {show!r}, '--auth-supernode-private-key', "
         f"{str(tmp_path / 'supernode.key')!r}], 0, '127.0.0.1', None))"
     )

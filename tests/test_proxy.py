@@ -25,9 +25,9 @@ import pytest
 import yaml
 from support import BIN, FLOWER_ENV, secure_superlink, wait
 
-from fedcifar import flwr_cli, security
-from fedcifar.local import free_port
-from fedcifar.pki import write_pki
+from fedcifar.deploy import flwr_cli, key_formats, registrar
+from fedcifar.deploy.pki import write_pki
+from fedcifar.local.federation import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "fedcifar"
@@ -91,8 +91,8 @@ def face(tmp_path_factory):
         stderr=subprocess.STDOUT,
         env={
             **FLOWER_ENV,
-            security.PUBLIC_KEYS_ENV: str(keys),
-            security.READY_FILE_ENV: str(ready),
+            registrar.PUBLIC_KEYS_ENV: str(keys),
+            registrar.READY_FILE_ENV: str(ready),
             "FLWR_HOME": str(work / "flwr"),
         },
     )
@@ -186,7 +186,7 @@ def test_the_flwr_cli_is_refused_on_the_public_port(face, tmp_path):
 
 
 def test_a_registered_supernode_moves_3_mib_through_the_proxy(face, tmp_path):
-    key = security.rewrite_private_key_arg(
+    key = key_formats.rewrite_private_key_arg(
         ["--auth-supernode-private-key", str(face["pki"] / "supernode-0.key")], tmp_path
     )
     node = subprocess.Popen(

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedcifar.history import load_history
-from fedcifar.local import LocalFederation, processes_with_token
+from fedcifar.local.federation import LocalFederation, processes_with_token
+from fedcifar.server.history import load_history
 from tests.conftest import ROOT
 from tests.support import scrape, value
 
@@ -41,7 +41,7 @@ def cmdline(pid: int) -> list[str]:
 def trainer_pid(fed: LocalFederation, partition: int) -> int:
     for pid in processes_with_token(fed.token):
         args = cmdline(pid)
-        if "fedcifar.trainer" in args and args[args.index("--partition-id") + 1] == str(partition):
+        if "fedcifar.node.trainer" in args and args[args.index("--partition-id") + 1] == str(partition):
             return pid
     raise AssertionError(f"no trainer for partition {partition}")
 
@@ -219,7 +219,7 @@ def test_a_killed_server_resumes_after_its_last_completed_round(tmp_path, mini_d
 )
 def test_resume_refuses_a_damaged_checkpoint_and_keeps_it(damage, message, tmp_path, mini_dir):
     from fedcifar.config import RunConfig
-    from fedcifar.history import HISTORY_FILE
+    from fedcifar.server.history import HISTORY_FILE
     from tests.support import checkpoint_of
 
     config = RunConfig(num_server_rounds=3, num_partitions=2)
@@ -245,7 +245,7 @@ def test_resume_refuses_a_damaged_checkpoint_and_keeps_it(damage, message, tmp_p
 def multiprocess_dir(fed: LocalFederation) -> Path:
     """The metrics folder of the federation's SuperNode (its trainer inherits it)."""
     for pid in processes_with_token(fed.token):
-        if "fedcifar.trainer" in cmdline(pid):
+        if "fedcifar.node.trainer" in cmdline(pid):
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             return Path(
                 next(e for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1].decode()

@@ -13,8 +13,8 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from fedcifar.config import ConfigError, RunConfig
-from fedcifar.history import History, RoundRecord
 from fedcifar.server import rounds
+from fedcifar.server.history import History, RoundRecord
 from fedcifar.server.polling import PollingGrid
 from fedcifar.server.rounds import RoundFailed
 from fedcifar.task import MODEL_KEY, flat_weights, initial_model

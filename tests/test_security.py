@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from prometheus_client import REGISTRY
 from support import BIN, FLOWER_ENV, scrape, secure_superlink, value, wait
 
-from fedcifar import flwr_cli, security, submit
-from fedcifar.local import free_port
-from fedcifar.pki import certificate, pem_private, write_pki
+from fedcifar.deploy import control, flwr_cli, key_formats, registrar, submit
+from fedcifar.deploy.pki import certificate, pem_private, write_pki
+from fedcifar.local.federation import free_port
 
 # ---------------------------------------------------------------------------------------------
 # keys and certificates
@@ -39,16 +39,16 @@ def test_private_keys_in_pem_and_openssh(tmp_path):
     )
     for i, data in enumerate((pem_private(key), pkcs8)):
         (tmp_path / f"k{i}").write_bytes(data)
-        converted = security.openssh_private_key(tmp_path / f"k{i}", tmp_path / f"out{i}")
+        converted = key_formats.openssh_private_key(tmp_path / f"k{i}", tmp_path / f"out{i}")
         assert b"BEGIN OPENSSH PRIVATE KEY" in converted.read_bytes()
         assert converted.stat().st_mode & 0o777 == 0o600
         loaded = serialization.load_ssh_private_key(converted.read_bytes(), None)  # what Flower does
         assert loaded.private_numbers() == key.private_numbers()
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     with pytest.raises(ValueError, match="must be ECDSA"):
-        security.load_private_key(pem_private(rsa_key))
+        key_formats.load_private_key(pem_private(rsa_key))
     with pytest.raises(ValueError, match="not an unencrypted OpenSSH or PEM private key"):
-        security.load_private_key(b"garbage")
+        key_formats.load_private_key(b"garbage")
 
 
 def test_public_keys_from_every_format(tmp_path):
@@ -56,19 +56,21 @@ def test_public_keys_from_every_format(tmp_path):
     ssh = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     cert = certificate("n", key).public_bytes(serialization.Encoding.PEM)
-    assert {security.openssh_public_key(d) for d in (ssh, ssh + b" comment\n", pem, cert)} == {ssh}
+    assert {key_formats.openssh_public_key(d) for d in (ssh, ssh + b" comment\n", pem, cert)} == {ssh}
     (tmp_path / "..data").mkdir()  # Kubernetes' secret volume layout
     (tmp_path / "supernode-0.pub").write_bytes(cert)
     (tmp_path / ".hidden").write_bytes(b"x")
-    assert [p.name for p in security.public_key_files(tmp_path)] == ["supernode-0.pub"]
+    assert [p.name for p in key_formats.public_key_files(tmp_path)] == ["supernode-0.pub"]
 
 
 def test_private_key_argument_is_rewritten_only_for_pem(pki, tmp_path):
     command = ["flower-supernode", "--auth-supernode-private-key", str(pki / "supernode-0.key"), "--insecure"]
-    rewritten = security.rewrite_private_key_arg(command, tmp_path)
+    rewritten = key_formats.rewrite_private_key_arg(command, tmp_path)
     assert rewritten[2] == str(tmp_path / "supernode-auth.key") and rewritten[3] == "--insecure"
-    assert security.rewrite_private_key_arg([*command[:2], rewritten[2]], tmp_path)[2] == rewritten[2]  # OpenSSH: kept
-    assert security.rewrite_private_key_arg(["flower-supernode", "--insecure"], tmp_path) == [
+    assert (
+        key_formats.rewrite_private_key_arg([*command[:2], rewritten[2]], tmp_path)[2] == rewritten[2]
+    )  # OpenSSH: kept
+    assert key_formats.rewrite_private_key_arg(["flower-supernode", "--insecure"], tmp_path) == [
         "flower-supernode",
         "--insecure",
     ]
@@ -80,7 +82,7 @@ def test_connection_with_root_certificates(tmp_path):
         "address": "svc:8000",
         "root-certificates": "/etc/fedcifar/tls/ca.crt",
     }
-    assert security.health_url("svc:8000", "/ca.crt") == "https://svc:8000/health"
+    assert control.health_url("svc:8000", "/ca.crt") == "https://svc:8000/health"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,8 +105,8 @@ def fake_flower(monkeypatch) -> dict[bytes, str]:
         nodes[openssh] = name
         return "registered"
 
-    monkeypatch.setattr(security, "register_public_key", register)
-    monkeypatch.setattr(security, "registered_names", lambda flwr_home: dict(nodes), raising=False)
+    monkeypatch.setattr(registrar, "register_public_key", register)
+    monkeypatch.setattr(registrar, "registered_names", lambda flwr_home: dict(nodes), raising=False)
     return nodes
 
 
@@ -125,17 +127,17 @@ def test_a_key_in_two_files_registers_neither_and_says_which(tmp_path, monkeypat
     (sites / "hospital-b.slot-1.pub").write_bytes(other)
     before = refusals("same_key")
     done, refused = set(), set()
-    folders = [security.KeyFolder(sites)]
-    assert security.register_public_keys(folders, tmp_path / "home", done, refused) == ["hospital-b.slot-1.pub"]
+    folders = [registrar.KeyFolder(sites)]
+    assert registrar.register_public_keys(folders, tmp_path / "home", done, refused) == ["hospital-b.slot-1.pub"]
     assert nodes == {other: "hospital-b/slot-1"}  # neither of the colliding files: the victim's key is not taken
     said = [line for line in capsys.readouterr().out.splitlines() if "same_key" in line]
     assert len(said) == 1 and "aaa.slot-9.pub" in said[0] and "hospital-a.slot-0.pub" in said[0]
     assert "neither is registered" in said[0] and "delete" in said[0]  # what to do
     assert refusals("same_key") == before + 1
-    security.register_public_keys(folders, tmp_path / "home", done, refused)  # the next scan: said once
+    registrar.register_public_keys(folders, tmp_path / "home", done, refused)  # the next scan: said once
     assert "same_key" not in capsys.readouterr().out and refusals("same_key") == before + 1
     (sites / "aaa.slot-9.pub").unlink()  # the operator removes the thief's file: the owner's registers
-    assert security.register_public_keys(folders, tmp_path / "home", done, refused) == ["hospital-a.slot-0.pub"]
+    assert registrar.register_public_keys(folders, tmp_path / "home", done, refused) == ["hospital-a.slot-0.pub"]
     assert nodes[victim] == "hospital-a/slot-0"
 
 
@@ -162,8 +164,8 @@ def test_two_keys_for_one_slot_and_slot_names_spelt_otherwise_are_refused(tmp_pa
         keys[name] = ssh_key()
         (folder / name).write_bytes(keys[name])
     before = {reason: refusals(reason) for reason in ("same_slot", "non_canonical_slot")}
-    folders = [security.KeyFolder(own, "site-a", offset=3), security.KeyFolder(sites)]
-    new = security.register_public_keys(folders, tmp_path / "home")
+    folders = [registrar.KeyFolder(own, "site-a", offset=3), registrar.KeyFolder(sites)]
+    new = registrar.register_public_keys(folders, tmp_path / "home")
     assert sorted(new) == ["site-d.slot-0.pub", "site-d.slot-12.pub", "site-d.supernode-7.pub", "supernode-0.pub"]
     assert sorted(nodes.values()) == ["site-a/slot-3", "site-d/slot-0", "site-d/slot-12", "site-d/supernode-7"]
     out = capsys.readouterr().out
@@ -177,14 +179,14 @@ def test_two_keys_for_one_slot_and_slot_names_spelt_otherwise_are_refused(tmp_pa
 
 
 def test_only_the_canonical_slot_name_binds_a_slot():
-    assert security.slot_of_node("site-a/slot-7") == 7 and security.slot_of_node("local/slot-0") == 0
-    assert security.slot_of_node("site-a/slot-12") == 12
+    assert registrar.slot_of_node("site-a/slot-7") == 7 and registrar.slot_of_node("local/slot-0") == 0
+    assert registrar.slot_of_node("site-a/slot-12") == 12
     for spelt in ("slot-007", "slot-00", "slot-+7", "slot- 7", "slot-7 ", "Slot-7", "SLOT-7", "slot_7", "slot7"):
         # bound, to no slot of any run (it answers for none), rather than to 7 or to none at all
-        assert security.slot_of_node(f"site-a/{spelt}") == security.NO_SLOT, spelt
-    assert security.slot_of_node("site-a/slot-\u0667") == security.NO_SLOT  # int() reads 7
-    assert security.slot_of_node("site-b/supernode-7") is None  # another name: bound to no slot
-    assert security.slot_of_node("slot-7") is None and security.slot_of_node("/slot-7") is None
+        assert registrar.slot_of_node(f"site-a/{spelt}") == registrar.NO_SLOT, spelt
+    assert registrar.slot_of_node("site-a/slot-\u0667") == registrar.NO_SLOT  # int() reads 7
+    assert registrar.slot_of_node("site-b/supernode-7") is None  # another name: bound to no slot
+    assert registrar.slot_of_node("slot-7") is None and registrar.slot_of_node("/slot-7") is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +201,7 @@ def nodes(flwr_home: Path) -> list[dict]:
 
 def registered_names(flwr_home: Path, monkeypatch) -> set[str]:
     monkeypatch.setenv("FLWR_HOME", str(flwr_home))
-    return {node.name for node in security.control_nodes()}
+    return {node.name for node in control.control_nodes()}
 
 
 @pytest.fixture(scope="module")
@@ -213,9 +215,9 @@ def superlink(pki, tmp_path_factory):
     port, metrics_port, ready = free_port(), free_port(), work / "run" / "ready"
     env = {
         **FLOWER_ENV,
-        security.PUBLIC_KEYS_ENV: str(keys),
-        security.READY_FILE_ENV: str(ready),
-        security.SITE_KEYS_ENV: str(work / "sites"),
+        registrar.PUBLIC_KEYS_ENV: str(keys),
+        registrar.READY_FILE_ENV: str(ready),
+        registrar.SITE_KEYS_ENV: str(work / "sites"),
         "FEDCIFAR_SITE": "site-a",
         "FLWR_HOME": str(work / "flwr"),
     }
@@ -264,22 +266,22 @@ def supernode(pki, superlink, *args: str) -> subprocess.Popen:
 
 def test_superlink_serves_https_only_and_registered_the_keys(pki, superlink):
     address = f"127.0.0.1:{superlink['port']}"
-    assert security.superlink_healthy(address, str(pki / "ca.crt"))
-    assert not security.superlink_healthy(address)  # plain http is not served
+    assert control.superlink_healthy(address, str(pki / "ca.crt"))
+    assert not control.superlink_healthy(address)  # plain http is not served
     registered = nodes(superlink["admin"])
     assert len(registered) == 2 and {n["status"] for n in registered} == {"registered"}
 
 
 def test_registered_node_gets_in_unregistered_and_plaintext_do_not(pki, superlink, tmp_path, monkeypatch):
     ca = str(pki / "ca.crt")
-    key0 = security.rewrite_private_key_arg(["--auth-supernode-private-key", str(pki / "supernode-0.key")], tmp_path)
+    key0 = key_formats.rewrite_private_key_arg(["--auth-supernode-private-key", str(pki / "supernode-0.key")], tmp_path)
     good = supernode(pki, superlink, "--root-certificates", ca, *key0)
     unregistered = supernode(
         pki,
         superlink,
         "--root-certificates",
         ca,
-        *security.rewrite_private_key_arg(
+        *key_formats.rewrite_private_key_arg(
             ["--auth-supernode-private-key", str(pki / "supernode-2.key")], tmp_path / "2"
         ),
     )
@@ -314,16 +316,16 @@ def test_submit_registers_only_what_is_missing(pki, superlink, tmp_path, monkeyp
     for i in (0, 1):
         (keys / f"supernode-{i}.pub").write_bytes((pki / "public" / f"supernode-{i}.pub").read_bytes())
     monkeypatch.setenv("FLWR_HOME", str(superlink["admin"]))  # as in the run Job
-    own = security.KeyFolder(keys, "site-a", offset=0)
-    assert security.register_missing_public_keys(own, superlink["admin"]) == []  # listed by name already
+    own = registrar.KeyFolder(keys, "site-a", offset=0)
+    assert registrar.register_missing_public_keys(own, superlink["admin"]) == []  # listed by name already
     # helm upgrade: a new client
     (keys / "supernode-2.pub").write_bytes((pki / "public" / "supernode-2.pub").read_bytes())
-    assert security.register_missing_public_keys(own, superlink["admin"]) == [
+    assert registrar.register_missing_public_keys(own, superlink["admin"]) == [
         "supernode-0.pub",
         "supernode-1.pub",
         "supernode-2.pub",
     ]  # 0 and 1: "already registered"
-    assert "site-a/slot-2" in {node.name for node in security.control_nodes()}
+    assert "site-a/slot-2" in {node.name for node in control.control_nodes()}
 
 
 def test_a_key_added_later_is_registered_by_the_superlink(pki, superlink):
@@ -346,8 +348,8 @@ def test_other_sites_keys_are_registered_under_their_site_while_the_superlink_ru
     time.sleep(6)  # one more scan of the registrar: refusals are said once
     assert "hospital-b/supernode-0" in registered_names(superlink["admin"], monkeypatch)
     assert {"site-a/slot-0", "site-a/slot-1"} <= registered_names(superlink["admin"], monkeypatch)
-    assert security.site_of_node("hospital-b/supernode-0") == "hospital-b"
-    assert security.site_of_node("") == security.site_of_node("Bad_Site/x") == "unknown"
+    assert registrar.site_of_node("hospital-b/supernode-0") == "hospital-b"
+    assert registrar.site_of_node("") == registrar.site_of_node("Bad_Site/x") == "unknown"
     log = (superlink["work"] / "superlink.log").read_text()
     assert "SuperNode key nosite.pub not registered: name it <site>.<key name>.pub" in log
     assert "SuperNode key Bad_Site.supernode-0.pub not registered" in log
@@ -395,7 +397,7 @@ def test_a_key_registered_under_another_name_is_said_not_taken_for_done(pki, sup
     keys.mkdir()
     (keys / "supernode-0.pub").write_bytes((pki / "public" / "supernode-0.pub").read_bytes())
     before = refusals("registered_as_other")
-    assert security.register_public_keys([security.KeyFolder(keys, "site-z", offset=5)], superlink["admin"]) == []
+    assert registrar.register_public_keys([registrar.KeyFolder(keys, "site-z", offset=5)], superlink["admin"]) == []
     (said,) = [line for line in capsys.readouterr().out.splitlines() if "supernode-0.pub" in line]
     assert "registered_as_other" in said and "site-a/slot-0" in said and "site-z/slot-5" in said
     assert refusals("registered_as_other") == before + 1

@@ -15,10 +15,10 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
-from fedcifar.checkpoint import CheckpointError, load_checkpoint
 from fedcifar.config import CENTRAL_DP, STRATEGIES, ConfigError, RunConfig
-from fedcifar.flower_tuning import clip_zero_updates
-from fedcifar.protocol import LOSS_BEFORE_TRAINING
+from fedcifar.flower.clipping import clip_zero_updates
+from fedcifar.node.protocol import LOSS_BEFORE_TRAINING
+from fedcifar.server.checkpoint import CheckpointError, load_checkpoint
 from fedcifar.server.privacy import RELEASES_FILE, PrivacyAccount
 from fedcifar.server.recorder import RoundTally
 from fedcifar.server.rounds import RoundLoop

@@ -12,15 +12,23 @@ import tomllib
 import pytest
 from flwr.app import Context, RecordDict
 
-from fedcifar import flwr_cli, security
 from fedcifar.client_app import NodeSetup
 from fedcifar.config import ConfigError
-from fedcifar.flwr_cli import write_connection
-from fedcifar.local import free_port
+from fedcifar.deploy import control, flwr_cli
+from fedcifar.deploy.flwr_cli import write_connection
+from fedcifar.deploy.portforward import splice
+from fedcifar.deploy.submit import (
+    NotReady,
+    client_partitions,
+    clients_ready,
+    control_api,
+    follow_logs,
+    submit,
+    wait_until,
+)
+from fedcifar.local.federation import free_port
 from fedcifar.metrics import serve_multiprocess
-from fedcifar.node import prepare_multiprocess_dir
-from fedcifar.portforward import splice
-from fedcifar.submit import NotReady, client_partitions, clients_ready, control_api, follow_logs, submit, wait_until
+from fedcifar.node.process import prepare_multiprocess_dir
 from tests.conftest import ROOT
 
 
@@ -68,7 +76,7 @@ def test_clients_ready_only_once_activated_with_the_expected_partition_count(nod
 def test_wait_until_is_bounded():
     with pytest.raises(NotReady, match="SuperLink x not ready after 0s"):
         wait_until("SuperLink x", lambda: False, timeout=0.2, interval=0.05)
-    assert not security.superlink_healthy(f"127.0.0.1:{free_port()}")
+    assert not control.superlink_healthy(f"127.0.0.1:{free_port()}")
 
 
 def context(node_config: dict, run_config: dict) -> Context:

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedcifar.centralized import run_centralized
 from fedcifar.data import load_full, load_partition, resolve_source
+from fedcifar.experiments.centralized import run_centralized
 from fedcifar.task import (
     Net,
     Recipe,

@@ -1,7 +1,7 @@
 """Who holds which slot: the SuperNodes of a run, as the server has come to know them.
 
 A node's site, and with SuperNode authentication its slot, come from the name its key was
-registered under (``grid.get_nodes()``; ``security.site_of_node`` / ``slot_of_node``): a node
+registered under (``grid.get_nodes()``; ``registrar.site_of_node`` / ``slot_of_node``): a node
 cannot claim them. Without a key binding, a node's slot is the one its accepted replies
 answered for. Failures (an error reply, no reply by the deadline) are counted here, by slot
 and site; Prometheus labels name only the run's slots, anything else is ``unknown``.
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from flwr.app import Message
 
+from fedcifar.deploy.registrar import site_of_node, slot_of_node
 from fedcifar.metrics import FAILURE_REASONS, REJECT_REASONS, UNKNOWN_SITE, ServerMetrics
-from fedcifar.security import site_of_node, slot_of_node
 
 log = logging.getLogger("flwr.fedcifar")
 UNKNOWN_SLOT = "unknown"

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedcifar.flower_tuning import pulls_bounded_by
+from fedcifar.flower.polling import pulls_bounded_by
 from fedcifar.server.ledger import brief
 
 log = logging.getLogger("flwr.fedcifar")

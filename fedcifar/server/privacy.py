@@ -46,9 +46,9 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant  # dp-accounting, loaded when built
 
-from fedcifar import atomic
-from fedcifar.checkpoint import CheckpointError
+from fedcifar.common import atomic
 from fedcifar.config import CENTRAL_DP, RunConfig
+from fedcifar.server.checkpoint import CheckpointError
 from fedcifar.server.replies import Refused
 
 RELEASES_FILE = "privacy-releases.json"

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcifar.checkpoint import Checkpoint
-from fedcifar.history import History, RoundRecord
 from fedcifar.metrics import ServerMetrics
+from fedcifar.server.checkpoint import Checkpoint
+from fedcifar.server.history import History, RoundRecord
 
 log = logging.getLogger("flwr.fedcifar")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from fedcifar.protocol import LOSS_BEFORE_TRAINING
+from fedcifar.node.protocol import LOSS_BEFORE_TRAINING
 
 NUMPY_STYPE = "numpy.ndarray"  # how flwr serialises a numpy array (``np.save``, no pickle)
 TRAIN_METRICS = {

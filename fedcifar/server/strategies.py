@@ -38,7 +38,7 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedcifar.config import RunConfig
-from fedcifar.protocol import LOSS_BEFORE_TRAINING
+from fedcifar.node.protocol import LOSS_BEFORE_TRAINING
 from fedcifar.server.privacy import CENTRAL_DP_WRAPPERS, with_privacy
 from fedcifar.server.replies import NORM_BIT
 

@@ -34,9 +34,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedcifar import security
 from fedcifar.config import RunConfig, app_defaults, parse_overrides
-from fedcifar.flwr_cli import CONNECTION, flwr, flwr_json, write_connection
+from fedcifar.deploy import control, registrar
+from fedcifar.deploy.flwr_cli import CONNECTION, flwr, flwr_json, write_connection
 
 
 class NotReady(RuntimeError):
@@ -107,7 +107,7 @@ def stop_active_runs(timeout: float = 120) -> None:
 
 def online_nodes() -> list[str]:
     """The names (``<site>/<key name>``, else ids) of the SuperNodes the SuperLink lists as online."""
-    return sorted(node.name or str(node.node_id) for node in security.control_nodes() if node.status == ONLINE)
+    return sorted(node.name or str(node.node_id) for node in control.control_nodes() if node.status == ONLINE)
 
 
 def nodes_online(count: int) -> Callable[[], bool]:
@@ -155,7 +155,7 @@ def control_api(superlink: str, pod_selector: str | None, port: int) -> Iterator
     if not pod_selector:
         yield superlink
         return
-    from fedcifar.portforward import PortForward
+    from fedcifar.deploy.portforward import PortForward
 
     forward = PortForward(pod_selector, port)
     pod = forward.check()
@@ -186,15 +186,15 @@ def submit(
     """
     # a wrong run config (or a strategy its nodes cannot carry out) fails here, before any wait
     RunConfig.from_flower({**app_defaults(Path(app)), **parse_overrides([run_config])})
-    ca = os.environ.get(security.ROOT_CERTIFICATES_ENV) or None
-    wait_until(f"SuperLink {superlink}", lambda: security.superlink_healthy(superlink, ca), timeout)
+    ca = os.environ.get(registrar.ROOT_CERTIFICATES_ENV) or None
+    wait_until(f"SuperLink {superlink}", lambda: control.superlink_healthy(superlink, ca), timeout)
     print(f"fedcifar: SuperLink {superlink} is healthy{' (TLS)' if ca else ''}", flush=True)
     with control_api(superlink, control_pod_selector, control_port) as control:
         flwr_home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
         write_connection(flwr_home, CONNECTION, control, ca)
-        keys = os.environ.get(security.PUBLIC_KEYS_ENV)
+        keys = os.environ.get(registrar.PUBLIC_KEYS_ENV)
         if keys:
-            security.register_missing_public_keys(security.own_key_folder(Path(keys)), flwr_home)
+            registrar.register_missing_public_keys(registrar.own_key_folder(Path(keys)), flwr_home)
         if client_metrics:
             wait_until("clients", clients_ready(client_metrics, num_partitions or len(client_metrics)), timeout)
             print(f"fedcifar: {len(client_metrics)} clients ready", flush=True)

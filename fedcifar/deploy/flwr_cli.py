@@ -63,3 +63,13 @@ def write_connection(flwr_home: Path, name: str, address: str, root_certificates
     tls = f"root-certificates = {json.dumps(str(root_certificates))}\n" if root_certificates else "insecure = true\n"
     path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{tls}')
     return path
+
+
+def flag_value(command: list[str], flag: str) -> str | None:
+    """The value of ``--flag VALUE`` or ``--flag=VALUE`` in a command line."""
+    for i, arg in enumerate(command):
+        if arg == flag and i + 1 < len(command):
+            return command[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None

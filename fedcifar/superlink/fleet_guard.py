@@ -36,34 +36,26 @@ before, so a reply to one is refused (the ServerApp that sent it is gone with it
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import itertools
 import json
 import logging
 import math
-import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcifar.atomic import write_bytes
-from fedcifar.flower_tuning import DEFAULT_POLL_SECONDS
+from fedcifar.deploy.registrar import site_of_node
 from fedcifar.metrics import UNKNOWN_SITE
-from fedcifar.security import site_of_node
+from fedcifar.superlink.busy_gate import BUSY_CODE
+from fedcifar.superlink.fleet_books import HeldReply, Instruction, NodeBook, remember, tree_ids
+from fedcifar.superlink.fleet_budgets import GuardSettings, ReplyLayout, TokenBucket
 
 log = logging.getLogger("flwr.fedcifar.fleet")
-SETTINGS_ENV = "FEDCIFAR_FLEET_GUARD"  # GuardSettings as JSON, set by `fedcifar superlink`
-LAYOUTS_ENV = "FEDCIFAR_FLEET_LAYOUTS"  # where ServerApps publish their runs' reply layouts
 SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID: the source of every instruction
 # Flower's API error codes (flwr.supercore.error.ApiErrorCode) stay far below these
-REFUSED_CODE, BUSY_CODE = 9101, 9102
+REFUSED_CODE = 9101
 REFUSED_MESSAGE = "Refused by the SuperLink's Fleet guard: a SuperNode may act only as itself, within its budgets."
-BUSY_MESSAGE = "This SuperNode exceeded its request budget at the SuperLink; retry later."
 # why a Fleet request was refused (fedcifar_fleet_refused_total{reason})
 REASONS = (
     "not_one_message",  # push-messages with other than one message and one object tree
@@ -79,90 +71,8 @@ REASONS = (
     "rate_limited",  # more requests than the node's request budget
     "unknown_node",  # a node id the SuperLink does not know (claimed, without SuperNode authentication)
 )
-CHUNK_SLACK = 1024  # an array chunk's object header and a little more
-RECORD_BYTES = 64 * 2**10  # any object that is no array chunk: a message with its error text, a metrics record
-EXTRA_OBJECTS = 4  # beyond the honest reply's (an extra array and its chunk, ...), within RECORD_BYTES each
 LAYOUT_RECHECK_SECONDS = 1.0  # how often an unpublished layout is looked for again
-MEMORY_CAP = 1024  # entries a node's book keeps at most of each kind (oldest dropped)
 LOGGED_CAP = 100_000  # (node, reason) pairs logged; beyond that, refusals are only counted
-
-
-@dataclass(frozen=True)
-class GuardSettings:
-    """The guard's budgets; ``fedcifar superlink`` passes them to the SuperLink's process as JSON."""
-
-    poll_interval: float = DEFAULT_POLL_SECONDS  # the SuperNodes' idle poll (their shortest, where they differ)
-    requests_per_poll: float = 8.0  # a node's sustained request rate, per poll interval
-    burst: int = 256  # a node's burst (a round's object pulls and pushes come at once)
-    held_replies: int = 8  # replies of one node stored and not yet taken by the ServerApp
-    max_reply_bytes: int = 16 * 2**20  # the ceiling of a run that published no layout
-    max_reply_objects: int = 1024
-    site_held_bytes: int = 256 * 2**20  # bytes of one site's replies stored at a time
-    layouts: str | None = None  # the folder of published layouts ($FEDCIFAR_FLEET_LAYOUTS)
-
-    def __post_init__(self) -> None:
-        positive = {k: v for k, v in asdict(self).items() if k != "layouts"}
-        number = lambda v: isinstance(v, int | float) and not isinstance(v, bool)  # noqa: E731
-        bad = [f"{k}={v}" for k, v in positive.items() if not (number(v) and v > 0)]
-        if bad:
-            raise ValueError(f"the Fleet guard's budgets must be positive numbers, got {', '.join(bad)}")
-
-    @property
-    def requests_per_second(self) -> float:
-        return self.requests_per_poll / self.poll_interval
-
-    def to_env(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_env(cls) -> GuardSettings:
-        """What ``fedcifar superlink`` set, else the defaults."""
-        raw = os.environ.get(SETTINGS_ENV)
-        return cls(**json.loads(raw)) if raw else cls()
-
-
-@dataclass(frozen=True)
-class ReplyLayout:
-    """The most a reply of a run may hold: objects in its tree, bytes per object, bytes in all."""
-
-    max_objects: int
-    max_object_bytes: int
-    max_reply_bytes: int
-
-    @classmethod
-    def of(cls, content) -> ReplyLayout:
-        """The layout of replies shaped like ``content`` (a ``RecordDict`` holding the largest reply an
-        honest node sends): its array chunks exactly (plus their header), every other object, the
-        message itself and ``EXTRA_OBJECTS`` more, up to ``RECORD_BYTES`` each. Bounds on what a reply
-        costs the SuperLink, not on its shape: a reply with a stray array still reaches the ServerApp,
-        whose checks (``server/replies.py``) refuse it with a reason of their own."""
-        from flwr.app.message.arraychunk import ArrayChunk
-        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-
-        objects = get_all_nested_objects(content).values()
-        chunks = [len(o.deflate()) + CHUNK_SLACK for o in objects if isinstance(o, ArrayChunk)]
-        # + the Message, and a few more: the ServerApp's checks say what is wrong with a reply's shape
-        records = len(objects) - len(chunks) + 1 + EXTRA_OBJECTS
-        return cls(
-            max_objects=len(chunks) + records,
-            max_object_bytes=max([RECORD_BYTES, *chunks]),
-            max_reply_bytes=sum(chunks) + records * RECORD_BYTES,
-        )
-
-    @classmethod
-    def ceiling(cls, settings: GuardSettings) -> ReplyLayout:
-        # any object up to the reply's bound: other apps may send records larger than Flower's chunks
-        return cls(settings.max_reply_objects, settings.max_reply_bytes, settings.max_reply_bytes)
-
-
-def publish_reply_layout(run_id: int, layout: ReplyLayout) -> Path | None:
-    """Tell the SuperLink's guard the layout of this run's replies (a ServerApp beside a ``fedcifar
-    superlink``; elsewhere nothing listens and nothing is written)."""
-    folder = os.environ.get(LAYOUTS_ENV)
-    if not folder:
-        return None
-    path = Path(folder) / f"{int(run_id)}.json"
-    return write_bytes(path, json.dumps(asdict(layout)).encode())
 
 
 class Refusal(Exception):
@@ -171,86 +81,6 @@ class Refusal(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
-
-
-class TokenBucket:
-    """``rate`` requests a second on average, ``capacity`` at once."""
-
-    def __init__(self, rate: float, capacity: float, clock: Callable[[], float]) -> None:
-        self.rate, self.capacity, self.clock = rate, capacity, clock
-        self.tokens, self.at = capacity, clock()
-
-    def next_token(self) -> float:
-        """When (``clock``) the next request will be allowed."""
-        return self.at + max(0.0, 1 - self.tokens) / self.rate
-
-    def take(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
-@dataclass
-class Instruction:
-    """A message the SuperLink delivered to the node: the objects it may pull, until it answers."""
-
-    run_id: int
-    objects: frozenset[str]
-    expires: float  # wall clock: created_at + ttl
-
-
-@dataclass
-class HeldReply:
-    """A reply of the node the SuperLink stores until the ServerApp takes it (or its run ends)."""
-
-    message_id: str
-    run_id: int
-    reply_to: str
-    objects: frozenset[str]
-    layout: ReplyLayout
-    sessions: set[str] = field(default_factory=set)  # Flower's push sessions for it (one more per retry)
-    bytes: int = 0
-
-
-@dataclass
-class NodeBook:
-    node_id: int
-    site: str
-    public_key: bytes  # as registered: what the gate matches a request's key header against
-    bucket: TokenBucket
-    instructions: OrderedDict[str, Instruction] = field(default_factory=OrderedDict)  # delivered, unanswered
-    held: OrderedDict[str, HeldReply] = field(default_factory=OrderedDict)  # by reply message id, oldest first
-
-    def expire(self, wall: float) -> None:
-        for message_id in [m for m, i in self.instructions.items() if i.expires <= wall]:
-            del self.instructions[message_id]
-
-    def may_pull(self, run_id: int, object_id: str) -> bool:
-        return any(i.run_id == run_id and object_id in i.objects for i in self.instructions.values()) or any(
-            r.run_id == run_id and object_id in r.objects for r in self.held.values()
-        )
-
-    def held_bytes(self) -> int:
-        return sum(r.bytes for r in self.held.values())
-
-
-def remember(book: OrderedDict, key: str, value: Any) -> None:
-    """``book[key] = value``, dropping the oldest entries beyond ``MEMORY_CAP``."""
-    book[key] = value
-    book.move_to_end(key)
-    while len(book) > MEMORY_CAP:
-        book.popitem(last=False)
-
-
-def tree_ids(tree, most: int | None = None) -> list[str]:
-    """The object ids of ``tree``; of a node's tree, no more than ``most`` + 1 (enough to refuse it)."""
-    from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
-
-    return [node.object_id for node in itertools.islice(iterate_object_tree(tree), None if most is None else most + 1)]
 
 
 class FleetGuard:
@@ -562,43 +392,3 @@ GUARDED: Iterable[str] = (
     "get_run",
     "get_fab",
 )
-
-
-class BusyGate:
-    """Refuses, before Flower reads them, the Fleet requests of a node the guard found over its request
-    budget, until its next token: a flood from one node then costs the SuperLink little more than
-    reading the request (Flower's way: verifying the signature, parsing, its middleware and handler,
-    about 4 ms of CPU a request here). The refusal is sent when that token comes (at most a second
-    later; an asyncio sleep, no thread): a client that waits for its answers, as Flower's does, is
-    slowed to its budget instead of sending as fast as the SuperLink can answer. Keyed by the request's
-    public-key header, but only a node's own signed requests put its key here, so a forged header
-    cannot make another node busy (a replayed one can, within the signature's five minutes: the
-    README's limits). A pure ASGI middleware, outermost (``flower_tuning.guard_fleet_api`` puts it
-    there)."""
-
-    def __init__(self, app, guard: FleetGuard) -> None:
-        self.app, self.guard = app, guard
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/fleet/") and self.guard.busy:
-            header = dict(scope["headers"]).get(b"flwr-public-key")
-            try:
-                key = base64.b64decode(header, validate=True) if header else b""
-            except ValueError:
-                key = b""
-            if key and (wait := self.guard.over_budget(key)) is not None:
-                while (await receive()).get("more_body"):  # the body, read and dropped
-                    pass
-                await asyncio.sleep(min(wait, 1.0))
-                body = json.dumps(
-                    {
-                        "code": BUSY_CODE,
-                        "detail": BUSY_MESSAGE,
-                        "extra": f"fedcifar Fleet guard: rate_limited: {self.guard.rate_limit}",
-                    }
-                ).encode()
-                headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
-                await send({"type": "http.response.start", "status": 503, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)

@@ -1,15 +1,5 @@
-"""TLS and SuperNode authentication around Flower's own mechanisms (the chart's secure defaults).
+"""Registering SuperNode keys with the SuperLink (the chart's secure defaults).
 
-Flower 1.42 serves Fleet, Control and runtime APIs on one HTTPS port (``flower-superlink
---ssl-ca-certfile --ssl-certfile --ssl-keyfile``); clients verify it with ``--root-certificates``
-(SuperNodes) or ``root-certificates`` in ``$FLWR_HOME/config.toml`` (the ``flwr`` CLI). With
-``--enable-supernode-auth`` a SuperNode must sign its requests with an ECDSA key (NIST curve) whose
-public key a ``flwr`` user registered first through the Control API (``flwr supernode register``).
-This module adds what Kubernetes needs on top, nothing more:
-
-- keys in the formats a Secret can hold: ``--auth-supernode-private-key`` may name a PEM key
-  (``genPrivateKey "ecdsa"`` in Helm); it is converted to the OpenSSH format Flower reads;
-  public keys may be OpenSSH lines, PEM public keys or PEM certificates;
 - ``register_public_keys``: registers every key of a folder, idempotently (a key already
   registered under the same name counts as done), with the ``flwr`` CLI, under the node name
   ``<site>/<key name>`` (``<site>/slot-<k>`` for a key bound to node slot k, k spelt one way only):
@@ -31,24 +21,18 @@ Environment (set by the chart): ``FEDCIFAR_ROOT_CERTIFICATES`` (the CA), ``FEDCI
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-import ssl
 import subprocess
-import sys
 import threading
-import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from fedcifar.config import SITE_NAME
-from fedcifar.flwr_cli import CONNECTION, flwr_json, write_connection
+from fedcifar.deploy.control import control_nodes, register_public_key, registered_names, superlink_healthy
+from fedcifar.deploy.flwr_cli import CONNECTION, flag_value, write_connection
+from fedcifar.deploy.key_formats import openssh_public_key, public_key_files
 from fedcifar.metrics import DEFAULT_SITE, KEY_REFUSAL_REASONS, SITE_ENV, UNKNOWN_SITE, superlink_metrics
 
 ROOT_CERTIFICATES_ENV = "FEDCIFAR_ROOT_CERTIFICATES"
@@ -56,8 +40,6 @@ PUBLIC_KEYS_ENV = "FEDCIFAR_SUPERNODE_PUBLIC_KEYS"
 SITE_KEYS_ENV = "FEDCIFAR_SITE_PUBLIC_KEYS"
 OFFSET_ENV = "FEDCIFAR_PARTITION_OFFSET"  # this release's first node slot
 READY_FILE_ENV = "FEDCIFAR_READY_FILE"
-NODE_ID_FILE_ENV = "FEDCIFAR_NODE_ID_FILE"  # where a SuperNode notes the node id its activation got
-ALREADY_REGISTERED = "Public key already in use"
 SLOT_NAME = re.compile(r"slot-(0|[1-9][0-9]*)")  # the one spelling of a key name bound to node slot k
 SLOT_LIKE = re.compile(r"slot(?![a-z])", re.IGNORECASE | re.ASCII)  # key names that read as a slot binding
 ORDINAL = re.compile(r"supernode-([0-9]+)")  # pod i's public key in this release's Secret
@@ -69,154 +51,6 @@ SLOT_HINT = (
 )
 
 
-# ---------------------------------------------------------------------------------------------
-# keys
-
-
-def load_private_key(data: bytes) -> ec.EllipticCurvePrivateKey:
-    """An ECDSA private key from OpenSSH or PEM (SEC1 ``EC PRIVATE KEY`` or PKCS#8) bytes."""
-    try:
-        if b"OPENSSH PRIVATE KEY" in data:
-            key = serialization.load_ssh_private_key(data, None)
-        else:
-            key = serialization.load_pem_private_key(data, None)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"not an unencrypted OpenSSH or PEM private key: {err}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"SuperNode keys must be ECDSA (a NIST curve), got {type(key).__name__}")
-    return key
-
-
-def openssh_private_key(source: Path, target: Path) -> Path:
-    """``source`` as the OpenSSH private key Flower reads, written to ``target`` (mode 0600)."""
-    key = load_private_key(source.read_bytes())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.unlink(missing_ok=True)
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-            )
-        )
-    return target
-
-
-def load_public_key(data: bytes) -> ec.EllipticCurvePublicKey:
-    """An ECDSA public key from an OpenSSH line, a PEM public key or a PEM certificate."""
-    text = data.strip()
-    try:
-        if text.startswith(b"ecdsa-sha2-"):
-            key = serialization.load_ssh_public_key(text)
-        elif b"BEGIN CERTIFICATE" in text:
-            key = x509.load_pem_x509_certificate(text).public_key()
-        else:
-            key = serialization.load_pem_public_key(text)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"not an OpenSSH public key, PEM public key or PEM certificate: {err}") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise ValueError(f"SuperNode keys must be ECDSA (a NIST curve), got {type(key).__name__}")
-    return key
-
-
-def openssh_public_key(data: bytes) -> bytes:
-    return load_public_key(data).public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-
-
-def public_key_files(folder: Path) -> list[Path]:
-    """The key files of a folder, sorted; Kubernetes' ``..data`` links and hidden files skipped."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
-
-
-def rewrite_private_key_arg(command: list[str], workdir: Path) -> list[str]:
-    """``--auth-supernode-private-key PATH`` of a SuperNode command, pointing to an OpenSSH copy in
-    ``workdir``, a folder private to this process (``node.run_node``'s ``tempfile.mkdtemp()``)."""
-    flag = "--auth-supernode-private-key"
-    command = list(command)
-    for i, arg in enumerate(command):
-        if arg == flag and i + 1 < len(command):
-            source, at = Path(command[i + 1]), i + 1
-        elif arg.startswith(flag + "="):
-            source, at = Path(arg.split("=", 1)[1]), i
-        else:
-            continue
-        if b"OPENSSH PRIVATE KEY" in source.read_bytes():
-            return command
-        target = openssh_private_key(source, workdir / "supernode-auth.key")
-        command[at] = str(target) if at == i + 1 else f"{flag}={target}"
-        return command
-    return command
-
-
-# ---------------------------------------------------------------------------------------------
-# connections
-
-
-def retire_previous_activation(command: list[str], node_id_file: Path) -> int | None:
-    """End the activation this SuperNode's previous process left behind, killed before it could end it
-    itself (Flower's SuperNode deactivates on the way out): the SuperLink keeps a node online, and
-    refuses to activate its key again, until it has missed two heartbeats (a minute). The request is
-    signed with the node's own key, as its own shutdown's would be, for the node id its previous
-    process noted (``flower_tuning.report_activation``); returns that id, or None (nothing noted, no
-    key, or the SuperLink refused)."""
-    import httpx
-    from flwr.proto.fleet_pb2 import DeactivateNodeRequest
-    from flwr.supernode.fleet_http_client import FleetHttpClient
-    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
-
-    key_path, address = flag_value(command, "--auth-supernode-private-key"), flag_value(command, "--superlink")
-    try:
-        node_id = int(node_id_file.read_text())
-    except (OSError, ValueError):
-        return None
-    if not key_path or not address:
-        return None
-    key = load_private_key(Path(key_path).read_bytes())
-    ca = flag_value(command, "--root-certificates")
-    signed = [NodeAuthHttpInterceptor(key, key.public_key())]
-    tls = Path(ca).read_bytes() if ca else None
-    with FleetHttpClient.from_server_address(address, "--insecure" in command, tls, signed) as fleet:
-        try:
-            fleet.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
-        except httpx.HTTPError:  # unreachable, or nothing to end: the note stays for the next start
-            return None
-    node_id_file.unlink()
-    return node_id
-
-
-def health_url(address: str, root_certificates: str | None) -> str:
-    return f"{'https' if root_certificates else 'http'}://{address}/health"
-
-
-def superlink_healthy(address: str, root_certificates: str | None = None) -> bool:
-    """``GET /health`` answers 200; over HTTPS verified with ``root_certificates`` when given."""
-    context = ssl.create_default_context(cafile=root_certificates) if root_certificates else None
-    try:
-        with urllib.request.urlopen(health_url(address, root_certificates), timeout=5, context=context) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
-
-
-def register_public_key(openssh: bytes, flwr_home: Path, name: str, connection: str = CONNECTION) -> str:
-    """Register one OpenSSH public key (the only format Flower reads) under the node ``name`` with
-    ``flwr supernode register``: "registered", or "already registered": under its first name, which
-    Flower keeps and does not say (``registered_names``)."""
-    key_file = flwr_home / "keys" / f"{name.replace('/', '.')}.pub"
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.write_bytes(openssh)
-    reply = flwr_json("supernode", "register", str(key_file), connection, "--name", name, flwr_home=flwr_home)
-    if reply.get("success"):
-        return "registered"
-    message = str(reply.get("error-message", reply))
-    if ALREADY_REGISTERED in message:
-        return "already registered"
-    raise RuntimeError(f"flwr supernode register {name} failed: {message[-500:]}")
-
-
-@dataclass(frozen=True)
 class NamedKey:
     """A file of a ``KeyFolder``: the node name it registers, or why its name is refused."""
 
@@ -287,21 +121,6 @@ def own_key_folder(path: Path) -> KeyFolder:
     return KeyFolder(path, os.environ.get(SITE_ENV) or DEFAULT_SITE, int(os.environ.get(OFFSET_ENV) or 0))
 
 
-def control_nodes(connection: str = CONNECTION) -> list:
-    """Every SuperNode the SuperLink knows (Flower's ``NodeInfo``: id, name, status, ...), asked
-    through the Control API of the ``$FLWR_HOME`` connection with Flower's own client, as ``flwr
-    supernode ls`` does (whose output leaves the names out)."""
-    from flwr.cli.flower_config import read_superlink_connection
-    from flwr.cli.utils import init_http_client_from_connection
-    from flwr.proto.control_pb2 import ListNodesRequest
-
-    client = init_http_client_from_connection(read_superlink_connection(connection))
-    try:
-        return list(client.ListNodes(ListNodesRequest()).nodes_info)
-    finally:
-        client.close()
-
-
 def register_missing_public_keys(folder: KeyFolder, flwr_home: Path) -> list[str]:
     """``register_public_keys`` unless the SuperLink lists every node name of the folder already (the
     usual case: its own registrar was first), which keeps "already in use" errors out of its log."""
@@ -314,31 +133,6 @@ def register_missing_public_keys(folder: KeyFolder, flwr_home: Path) -> list[str
         print(f"fedcifar: the SuperLink lists all {len(names)} SuperNode keys of {folder.path}", flush=True)
         return []
     return register_public_keys([folder], flwr_home)
-
-
-LIST_KEYS = (
-    "import json; from fedcifar.security import control_nodes, openssh_public_key; "
-    "print(json.dumps([[openssh_public_key(n.public_key).decode(), n.name] for n in control_nodes()]))"
-)
-
-
-def registered_names(flwr_home: Path) -> dict[bytes, str]:
-    """The node name of each public key (OpenSSH) the SuperLink of ``flwr_home``'s connection holds, those
-    unregistered since included (Flower never frees a key); asked in a process of its own, since
-    Flower's client reads ``$FLWR_HOME``, which this process may not change under its other threads."""
-    done = subprocess.run(
-        [sys.executable, "-c", LIST_KEYS],
-        env={**os.environ, "FLWR_HOME": str(flwr_home)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    try:
-        return {key.encode(): name for key, name in json.loads(done.stdout.strip().splitlines()[-1])}
-    except (ValueError, IndexError, TypeError):
-        raise RuntimeError(f"listing the SuperLink's nodes failed: {(done.stdout + done.stderr)[-500:]}") from None
 
 
 def refuse(refused: set[str], said: str, reason: str, line: str) -> None:
@@ -498,16 +292,6 @@ class KeyRegistrar(threading.Thread):
 
     def stop(self) -> None:
         self.stopped.set()
-
-
-def flag_value(command: list[str], flag: str) -> str | None:
-    """The value of ``--flag VALUE`` or ``--flag=VALUE`` in a command line."""
-    for i, arg in enumerate(command):
-        if arg == flag and i + 1 < len(command):
-            return command[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def superlink_registrar(command: list[str], run_dir: Path) -> KeyRegistrar | None:

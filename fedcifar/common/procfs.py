@@ -50,16 +50,16 @@ def process_kind(pid: int) -> str | None:
     text = b" ".join(cmdline).decode(errors="replace")
     if "multiprocessing.forkserver" in text:
         return "clientapp forkserver"
-    if "fedcifar.flower_tuning" in text and "superexec" in text:
+    if "fedcifar.flower.tuning" in text and "superexec" in text:
         return "flower-superexec"
     words = [Path(w.decode(errors="replace")).name for w in cmdline[:5]]
     flower = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
     for kind in flower:
         if kind in words:
             return kind
-    if "fedcifar.flower_tuning" in words and words.index("fedcifar.flower_tuning") + 1 < len(words):
-        return "flower-" + words[words.index("fedcifar.flower_tuning") + 1]  # flower-superlink, flower-supernode
-    if "fedcifar.trainer" in words:
+    if "fedcifar.flower.tuning" in words and words.index("fedcifar.flower.tuning") + 1 < len(words):
+        return "flower-" + words[words.index("fedcifar.flower.tuning") + 1]  # flower-superlink, flower-supernode
+    if "fedcifar.node.trainer" in words:
         return "fedcifar trainer"
     if "fedcifar" in words and words.index("fedcifar") + 1 < len(words):
         return "fedcifar " + words[words.index("fedcifar") + 1]  # the metrics wrapper

@@ -28,9 +28,9 @@ from typing import Any
 
 from rich.console import Console
 
-from fedcifar.bench import PROJECT, machine, make_subset
-from fedcifar.local import LocalFederation
-from fedcifar.procfs import tree_rss
+from fedcifar.common.procfs import tree_rss
+from fedcifar.experiments.bench import PROJECT, machine, make_subset
+from fedcifar.local.federation import LocalFederation
 
 console = Console(stderr=True)
 SCRAPES = 10

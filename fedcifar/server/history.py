@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcifar import atomic
+from fedcifar.common import atomic
 
 HISTORY_FILE = "history.json"
 CHECKPOINT_FILE = "model.pt"

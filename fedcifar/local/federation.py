@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcifar.flower_tuning import DEFAULT_POLL_SECONDS, POLL_ENV
-from fedcifar.flwr_cli import CONNECTION, flower_binary, flwr, flwr_json, write_connection
-from fedcifar.history import load_history
+from fedcifar.common.procfs import process_kind, process_memory, processes_with_env
+from fedcifar.deploy.flwr_cli import CONNECTION, flower_binary, flwr, flwr_json, write_connection
+from fedcifar.deploy.pki import PUBLIC, write_pki
+from fedcifar.deploy.registrar import OFFSET_ENV, PUBLIC_KEYS_ENV, READY_FILE_ENV
+from fedcifar.flower.polling import DEFAULT_POLL_SECONDS, POLL_ENV
 from fedcifar.metrics import DEFAULT_SITE, SITE_ENV
-from fedcifar.node import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS, node_config
-from fedcifar.pki import PUBLIC, write_pki
-from fedcifar.procfs import process_kind, process_memory, processes_with_env
-from fedcifar.security import OFFSET_ENV, PUBLIC_KEYS_ENV, READY_FILE_ENV
+from fedcifar.node.process import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS, node_config
+from fedcifar.server.history import load_history
 
 TOKEN_ENV = "FEDCIFAR_LOCAL_TOKEN"
 FEDCIFAR = [sys.executable, "-m", "fedcifar"]

@@ -24,10 +24,10 @@ import torch
 from fedcifar.config import RunConfig
 from fedcifar.data import ImageTensors, resident_partition, resolve_source
 from fedcifar.metrics import client_metrics, message_bytes
-from fedcifar.protocol import LOSS_BEFORE_TRAINING, TRAINER_KEY_ENV, Reply, Task
+from fedcifar.node.protocol import LOSS_BEFORE_TRAINING, TRAINER_KEY_ENV, Reply, Task
 from fedcifar.task import MODEL_KEY, Net, Recipe, evaluate, flat_weights, load_flat_weights, pick_device, train
 
-log = logging.getLogger("fedcifar.trainer")
+log = logging.getLogger("fedcifar.node.trainer")
 
 
 @dataclass
@@ -170,7 +170,7 @@ def serve(trainer: Trainer, listener: Listener) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m fedcifar.trainer``: started by ``fedcifar supernode`` (key in $FEDCIFAR_TRAINER_KEY)."""
+    """``python -m fedcifar.node.trainer``: started by ``fedcifar supernode`` (key in $FEDCIFAR_TRAINER_KEY)."""
     parser = argparse.ArgumentParser(description="fedcifar node trainer")
     parser.add_argument("--socket", required=True)
     parser.add_argument("--partition-id", type=int, required=True)

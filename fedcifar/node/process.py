@@ -12,7 +12,7 @@ StatefulSet ordinal: the ``apps.kubernetes.io/pod-index`` label (exposed as ``PO
 through the downward API) where the cluster sets it, else the hostname's ``-<n>`` suffix.
 
 TLS and SuperNode authentication flags go to Flower unchanged, with two adaptations for keys held
-in Kubernetes Secrets (see ``security.py``): a PEM ``--auth-supernode-private-key`` is converted to
+in Kubernetes Secrets (see ``deploy/key_formats.py``): a PEM ``--auth-supernode-private-key`` is converted to
 the OpenSSH format Flower reads, and a SuperLink with ``--enable-supernode-auth`` registers the
 public keys in ``$FEDCIFAR_SUPERNODE_PUBLIC_KEYS`` once it is healthy.
 
@@ -40,18 +40,15 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from fedcifar import fleet_guard
 from fedcifar.config import check_partition
-from fedcifar.fleet_guard import GuardSettings
-from fedcifar.flower_tuning import INTERNAL_GRPC_PREFIX
+from fedcifar.deploy.control import NODE_ID_FILE_ENV, retire_previous_activation
+from fedcifar.deploy.key_formats import rewrite_private_key_arg
+from fedcifar.deploy.registrar import superlink_registrar
+from fedcifar.flower.fleet import INTERNAL_GRPC_PREFIX
 from fedcifar.metrics import MULTIPROC_ENV, serve_multiprocess, write_multiprocess_values
-from fedcifar.protocol import TRAINER_ENV, TRAINER_KEY_ENV
-from fedcifar.security import (
-    NODE_ID_FILE_ENV,
-    retire_previous_activation,
-    rewrite_private_key_arg,
-    superlink_registrar,
-)
+from fedcifar.node.protocol import TRAINER_ENV, TRAINER_KEY_ENV
+from fedcifar.superlink import fleet_budgets
+from fedcifar.superlink.fleet_budgets import GuardSettings
 
 POD_INDEX_ENV = "POD_INDEX"
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
@@ -179,7 +176,7 @@ def _run_node(
         layouts = private / "fleet-layouts"
         layouts.mkdir(mode=0o700)
         guard = replace(guard, layouts=str(layouts))
-        os.environ.update({fleet_guard.SETTINGS_ENV: guard.to_env(), fleet_guard.LAYOUTS_ENV: str(layouts)})
+        os.environ.update({fleet_budgets.SETTINGS_ENV: guard.to_env(), fleet_budgets.LAYOUTS_ENV: str(layouts)})
     registrar = superlink_registrar(command, private)
     server = serve_multiprocess(metrics_port, metrics_host, metrics_fd)
     host, port = server.socket.getsockname()[:2]

@@ -5,7 +5,7 @@
     defaults: every ClientApp process uses all cores);
 (b) **fedcifar**: this app on ``fedcifar superlink``/``supernode`` (warm trainer, short polling,
     the machine's cores split between the local SuperNodes);
-(c) **centralized**: ``fedcifar.centralized`` on the union of the clients' data, same epochs.
+(c) **centralized**: ``fedcifar.experiments.centralized`` on the union of the clients' data, same epochs.
 
 All three use the same subset of the data (``--examples-per-client`` x ``--clients`` train
 images, ``--test-examples`` test images), the same model initialisation and hyper-parameters,
@@ -28,12 +28,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fedcifar import procfs
+from fedcifar.common import procfs
 from fedcifar.data import DataError, load_split, resolve_source
-from fedcifar.local import LocalFederation
+from fedcifar.local.federation import LocalFederation
 
 console = Console(stderr=True)
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 STOCK_APP = PROJECT / "benchmarks" / "stock_app"
 NODE_KINDS = (
     "fedcifar supernode",
@@ -122,7 +122,7 @@ def client_images_per_second(rounds: list[dict], config: BenchConfig) -> float:
 
 
 def bench(config: BenchConfig, data: str | None, out: Path) -> dict[str, Any]:
-    from fedcifar.centralized import run_centralized
+    from fedcifar.experiments.centralized import run_centralized
     from fedcifar.task import Recipe
 
     subset = make_subset(data, config.examples_per_client * config.clients, config.test_examples, out / "data")

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from fedcifar import atomic
-from fedcifar.history import CHECKPOINT_FILE
+from fedcifar.common import atomic
+from fedcifar.server.history import CHECKPOINT_FILE
 
 FORMAT = 3  # 2: strategy and privacy accountant states; 3: no DP noise state (drawn afresh on resume)
 MODEL_CLASS = "Net"

@@ -1,0 +1,70 @@
+"""The Fleet guard (``superlink/fleet_guard.py``), put in front of Flower's Fleet handlers (``tuning.py``, item 5)."""
+
+from __future__ import annotations
+
+import os
+
+from fedcifar.flower.patch import VERIFIED_FLWR, replace
+
+INTERNAL_GRPC_PREFIX = "FLWR_INTERNAL_GRPC_"  # Flower's switches for its legacy gRPC Fleet and Control APIs
+
+
+class GuardNotInPlace(RuntimeError):
+    """The Fleet guard could not be put in front of every Fleet handler (or something would bypass it)."""
+
+
+def guard_fleet_api(settings=None):
+    """Put the Fleet guard (``fleet_guard.py``) around Flower's Fleet handlers in this process, the
+    SuperLink's, and check that Flower's HTTP router reaches them through it: the router looks each
+    handler up on the ``fleet_handlers`` module at every call. Its refusals are Flower API errors of
+    codes of its own (403, and 503 with Retry-After for the request budget), logged by the guard once
+    per node and reason, not once per request by Flower's error translator."""
+    import logging
+
+    from fastapi import status
+    from flwr.supercore.error.catalog import API_ERROR_MAP, ApiErrorSpec
+    from flwr.superlink import main as superlink_main
+    from flwr.superlink.routers.fleet import router
+    from flwr.superlink.servicer.fleet import fleet_handlers
+    from grpc import StatusCode
+    from starlette.middleware import Middleware
+
+    from fedcifar.metrics import superlink_metrics
+    from fedcifar.superlink import busy_gate, fleet_budgets, fleet_guard
+
+    if opened := sorted(name for name in os.environ if name.startswith(INTERNAL_GRPC_PREFIX)):
+        raise GuardNotInPlace(
+            f"{', '.join(opened)} would open Flower's legacy gRPC APIs beside the guarded HTTP one: unset it"
+        )
+    metrics = superlink_metrics()
+    guard = fleet_guard.FleetGuard(
+        settings or fleet_budgets.GuardSettings.from_env(),
+        count=lambda reason, site: metrics.fleet_refused.labels(reason, site).inc(),
+        # zero series, so that a site's panel shows 0 until its first refusal (and alerts see it)
+        seen=lambda site: [metrics.fleet_refused.labels(reason, site) for reason in fleet_guard.REASONS],
+    )
+    for name in fleet_guard.GUARDED:
+        handler = getattr(fleet_handlers, name, None)
+        endpoint = getattr(router, f"fleet_{name}", None)
+        if handler is None or endpoint is None or name not in endpoint.__code__.co_names:
+            raise GuardNotInPlace(
+                f"Flower's Fleet router no longer calls fleet_handlers.{name}: the Fleet guard cannot stand "
+                f"in front of it (flwr {VERIFIED_FLWR}.* is the release it was verified on)"
+            )
+        replace(fleet_handlers, name, guard.wrap(name, handler))
+    if router.fleet_handlers is not fleet_handlers:
+        raise GuardNotInPlace("Flower's Fleet router reads another handlers module than the one guarded")
+    # the gate in front of Flower's middleware (create_app reads the list when the SuperLink starts)
+    if "_get_middleware" not in superlink_main.create_app.__code__.co_names:
+        raise GuardNotInPlace("Flower's SuperLink no longer builds its middleware with _get_middleware")
+    gate = Middleware(busy_gate.BusyGate, guard=guard)
+    flower_middleware = replace(superlink_main, "_get_middleware", lambda: [gate, *flower_middleware()])
+    API_ERROR_MAP[fleet_guard.REFUSED_CODE] = ApiErrorSpec(
+        StatusCode.PERMISSION_DENIED, status.HTTP_403_FORBIDDEN, fleet_guard.REFUSED_MESSAGE
+    )
+    API_ERROR_MAP[busy_gate.BUSY_CODE] = ApiErrorSpec(
+        StatusCode.UNAVAILABLE, status.HTTP_503_SERVICE_UNAVAILABLE, busy_gate.BUSY_MESSAGE, {"Retry-After": "1"}
+    )
+    codes = tuple(f"[ApiError:{c}]" for c in (fleet_guard.REFUSED_CODE, busy_gate.BUSY_CODE))
+    logging.getLogger("flwr").addFilter(lambda record: not any(c in str(record.msg) for c in codes))
+    return guard
