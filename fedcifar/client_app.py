@@ -33,7 +33,7 @@ def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     dp = context.run_config.get("dp", "none")
     if msg.metadata.message_type != "train" or dp not in ("client-fixed", "client-adaptive", "local"):
         return call_next(msg, context)
-    tune("clientapp")  # an update of zeros is clipped to itself (flower_tuning.py)
+    tune("clientapp")  # an update of zeros is clipped to itself (flower/clipping.py)
     if dp == "client-fixed":
         return fixedclipping_mod(msg, context, call_next)
     if dp == "client-adaptive":

@@ -2,7 +2,7 @@
 
 Flower runs the ServerApp in a new process per run and the ClientApp in a new process per
 message, so an HTTP exporter inside them would come and go. Instead the long-lived node
-process (``fedcifar superlink`` / ``fedcifar supernode``, see ``node.py``) owns the HTTP
+process (``fedcifar superlink`` / ``fedcifar supernode``, see ``node/process.py``) owns the HTTP
 endpoint and serves prometheus_client's multiprocess collector over a directory that every
 process it spawns writes into (``PROMETHEUS_MULTIPROC_DIR``, inherited by the node's trainer and,
 through Flower's SuperExec, by the ServerApp and ClientApp processes). Counters and histograms

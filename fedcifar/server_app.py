@@ -62,7 +62,7 @@ class ServerModel:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    tune("serverapp")  # replies are pulled as soon as they are listed (flower_tuning.py)
+    tune("serverapp")  # replies are pulled as soon as they are listed (flower/)
     config = RunConfig.from_flower(context.run_config)
     if not config.num_partitions:
         raise ConfigError(

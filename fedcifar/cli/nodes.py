@@ -87,7 +87,7 @@ def cmd_node(args: argparse.Namespace, extra: list[str]) -> int:
             max_reply_objects=args.fleet_max_reply_objects,
             site_held_bytes=args.fleet_site_held_bytes,
         )
-        # stock flower-superlink, with the Fleet guard around its Fleet handlers (see flower_tuning.py)
+        # stock flower-superlink, with the Fleet guard around its Fleet handlers (see flower/)
         command = [sys.executable, "-m", "fedcifar.flower.tuning", "superlink", *extra]
     if args.role == "supernode":
         if any(a.startswith("--node-config") for a in extra):
@@ -102,7 +102,7 @@ def cmd_node(args: argparse.Namespace, extra: list[str]) -> int:
             data_partition = (ordinal, args.site_partitions)
         config = node_config(partition, args.num_partitions, args.data, data_partition)
         os.environ[SITE_ENV] = args.site  # the site label of every metric this node and its children write
-        # stock flower-supernode, with its idle polling shortened (see flower_tuning.py)
+        # stock flower-supernode, with its idle polling shortened (see flower/)
         command = [sys.executable, "-m", "fedcifar.flower.tuning", "supernode", *extra, "--node-config", config]
         trains = f", training slice {ordinal} of {args.site_partitions} of its data" if data_partition else ""
         print(f"fedcifar: site {args.site}, slot {partition} of {args.num_partitions}{trains}", flush=True)

@@ -44,7 +44,7 @@ def process_kind(pid: int) -> str | None:
         return None
     try:
         if Path(f"/proc/{pid}/comm").read_text().strip() == "flwr-clientapp":
-            return "flwr-clientapp"  # forked by fedcifar's SuperExec (flower_tuning.py)
+            return "flwr-clientapp"  # forked by fedcifar's SuperExec (flower/)
     except OSError:
         return None
     text = b" ".join(cmdline).decode(errors="replace")

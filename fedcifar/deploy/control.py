@@ -23,7 +23,7 @@ def retire_previous_activation(command: list[str], node_id_file: Path) -> int | 
     itself (Flower's SuperNode deactivates on the way out): the SuperLink keeps a node online, and
     refuses to activate its key again, until it has missed two heartbeats (a minute). The request is
     signed with the node's own key, as its own shutdown's would be, for the node id its previous
-    process noted (``flower_tuning.report_activation``); returns that id, or None (nothing noted, no
+    process noted (``flower.activation.report_activation``); returns that id, or None (nothing noted, no
     key, or the SuperLink refused)."""
     import httpx
     from flwr.proto.fleet_pb2 import DeactivateNodeRequest

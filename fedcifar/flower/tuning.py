@@ -79,7 +79,7 @@ def check_flower_version(installed: str | None = None) -> None:
         return
     if os.environ.get(ALLOW_UNVERIFIED_ENV) == "1":
         print(
-            f"fedcifar: flwr {installed} is not {VERIFIED_FLWR}.*, on which flower_tuning.py was verified; "
+            f"fedcifar: flwr {installed} is not {VERIFIED_FLWR}.*, on which fedcifar/flower/ was verified; "
             f"going on as {ALLOW_UNVERIFIED_ENV}=1 says",
             file=sys.stderr,
             flush=True,

@@ -1,7 +1,7 @@
 """Long-lived node processes: a Flower SuperLink or SuperNode with a Prometheus endpoint beside it.
 
 ``fedcifar superlink`` and ``fedcifar supernode`` start the Flower node as a child process (Flower's
-own, with ``flower_tuning.py``'s changes: the Fleet guard in the SuperLink, shorter polling in the
+own, with ``flower/``'s changes: the Fleet guard in the SuperLink, shorter polling in the
 SuperNode) and serve ``/metrics`` for as long as it lives, from the multiprocess directory that the
 Flower apps it spawns write into (see ``metrics.py``). Options they do not know are passed
 to ``flower-superlink`` / ``flower-supernode`` unchanged, so every Flower flag still works, but

@@ -21,7 +21,7 @@ class PollingGrid:
     Flower 1.42's ``send_and_receive`` sleeps 3 s between pulls, so a round waits up to 3 s
     after its last reply; this is the same push-then-pull loop at a shorter interval, which
     also stops early once ``done(replies)`` holds (e.g. every slot has answered), and
-    whose pulls end by the deadline too (``flower_tuning.pulls_bounded_by``).
+    whose pulls end by the deadline too (``flower.polling.pulls_bounded_by``).
     """
 
     def __init__(self, grid: Grid, interval: float) -> None:

@@ -24,7 +24,7 @@ class BusyGate:
     slowed to its budget instead of sending as fast as the SuperLink can answer. Keyed by the request's
     public-key header, but only a node's own signed requests put its key here, so a forged header
     cannot make another node busy (a replayed one can, within the signature's five minutes: the
-    README's limits). A pure ASGI middleware, outermost (``flower_tuning.guard_fleet_api`` puts it
+    README's limits). A pure ASGI middleware, outermost (``flower.fleet.guard_fleet_api`` puts it
     there)."""
 
     def __init__(self, app, guard: FleetGuard) -> None:

@@ -3,7 +3,7 @@
 Flower 1.42's Fleet API checks that a request is signed by a registered key and that the node id
 the request names is that key's node (``flwr/superlink/routers/fleet/node_auth.py``); nothing
 compares what the request *holds* with that node. The guard wraps Flower's Fleet handlers (its HTTP
-router looks each one up on ``fleet_handlers`` at every call; ``flower_tuning.guard_fleet_api``
+router looks each one up on ``fleet_handlers`` at every call; ``flower.fleet.guard_fleet_api``
 installs it) and holds the node N a request names to:
 
 - **push-messages**: exactly one message, a reply from N to the SuperLink answering an instruction
