@@ -18,7 +18,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # dirichlet-balanced: NIID-Bench's split (self-balancing: a client stops drawing once it holds its share)
 PARTITIONERS = ("iid", "dirichlet", "dirichlet-balanced")
 PADDINGS = ("zeros", "reflect")  # what ``augment`` crops from
-SPLITS = ("global", "site")  # what a node slot trains: its slice of the whole data, or of its site's
+NODE_DATA_SPLITS = ("global", "site")  # what a node slot trains: its slice of the whole data, or of its site's
 # flwr.serverapp.strategy, by the name of its class in lowercase
 STRATEGIES = (
     "fedavg",

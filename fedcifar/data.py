@@ -58,7 +58,7 @@ CLASSES = (
     "ship",
     "truck",
 )
-SPLITS = ("train", "test")
+DATASET_SPLITS = ("train", "test")
 _HOW_TO_FIX = (
     f"Pass --data PATH (or set {DATA_ENV}) to a folder holding train.parquet and "
     f"test.parquet in the {HUB_DATASET} schema, or to a cifar-10-batches-py folder."
@@ -144,8 +144,8 @@ def _parquet_files(root: Path, split: str) -> tuple[str, ...]:
 @lru_cache(maxsize=4)
 def load_split(source: DataSource, split: str) -> datasets.Dataset:
     """Load one whole split as a ``datasets.Dataset`` with ``img`` and ``label``."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in DATASET_SPLITS:
+        raise ValueError(f"split must be one of {DATASET_SPLITS}, got {split!r}")
     if source.kind == "hub":
         try:
             dataset = datasets.load_dataset(HUB_DATASET, split=split)

@@ -10,10 +10,11 @@ add up across processes; gauges keep the most recent value, so the last round's 
 visible between rounds and between runs.
 
 Names follow Prometheus conventions: one ``fedcifar_`` prefix, base units, ``_total`` on
-counters. Server-side series have no role infix; node-side series are ``fedcifar_client_*``
-and carry ``site`` and ``partition`` labels. A node's site is ``$FEDCIFAR_SITE`` (set by ``fedcifar
-supernode --site``, inherited by its trainer and ClientApps); the server's per-node series name the
-site the SuperNode's key was registered under (see ``server/ledger.py``).
+counters. Node-side series are ``fedcifar_client_*`` and carry ``site`` and ``partition`` labels;
+server-side series have no role infix, but for ``fedcifar_client_failures_total``, the server's count
+of the clients' failed replies (a name dashboards and alerts already use). A node's site is
+``$FEDCIFAR_SITE`` (set by ``fedcifar supernode --site``, inherited by its trainer and ClientApps); the
+server's per-node series name the site the SuperNode's key was registered under (``server/ledger.py``).
 """
 
 from __future__ import annotations

@@ -50,11 +50,11 @@ class ServerModel:
     net: Net
     test_data: ImageTensors
     device: torch.device
-    centred: bool  # the run config's ``normalize``
+    normalize: bool  # the run config's ``normalize``
 
     def evaluate(self, arrays: ArrayRecord) -> tuple[float, float]:
         load_flat_weights(self.net, arrays[MODEL_KEY].numpy())
-        return evaluate(self.net, self.test_data, self.device, centred=self.centred)
+        return evaluate(self.net, self.test_data, self.device, normalize=self.normalize)
 
     def state_dict(self) -> dict:
         return self.net.state_dict()

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedcifar.config import DEVICES
 from fedcifar.data import ImageTensors
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,8 @@ def initial_model(seed: int) -> Net:
 
 def pick_device(requested: str = "auto") -> torch.device:
     """'auto' picks CUDA when a device is visible; asking for CUDA without one falls back to CPU."""
-    if requested not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
+    if requested not in DEVICES:
+        raise ValueError(f"device must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}, got {requested!r}")
     if requested == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
@@ -63,10 +64,10 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def normalize(images: torch.Tensor, centred: bool = True) -> torch.Tensor:
+def scale_pixels(images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1], the tutorial's Normalize((0.5,)*3, (0.5,)*3); or, not
-    ``centred``, -> [0, 1], ToTensor alone (NIID-Bench's protocol)."""
-    if not centred:
+    ``normalize``, -> [0, 1], ToTensor alone (NIID-Bench's protocol)."""
+    if not normalize:
         return images.float().div_(255.0)
     return images.float().div_(127.5).sub_(1.0)
 
@@ -112,7 +113,7 @@ class Recipe:
     proximal_mu: float = 0.0  # FedProx; 0: none
     augmented: bool = False
     padding: str = "zeros"
-    centred: bool = True  # normalize() to [-1, 1]; false: [0, 1]
+    normalize: bool = True  # the run config's normalize: scale_pixels() to [-1, 1]; false: [0, 1]
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def train(
         generator = epoch_generator(seed, epoch)
         order = torch.randperm(len(data), generator=generator).to(device)
         for batch in order.split(recipe.batch_size):
-            images, labels = normalize(data.images[batch], recipe.centred), data.labels[batch]
+            images, labels = scale_pixels(data.images[batch], recipe.normalize), data.labels[batch]
             if recipe.augmented:
                 images = augment(images, generator, recipe.padding)
             optimizer.zero_grad(set_to_none=True)
@@ -173,7 +174,7 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def evaluate(
-    net: nn.Module, data: ImageTensors, device: torch.device, batch_size: int | None = None, centred: bool = True
+    net: nn.Module, data: ImageTensors, device: torch.device, batch_size: int | None = None, normalize: bool = True
 ) -> tuple[float, float]:
     """Mean cross-entropy loss and accuracy (0..1) of ``net`` on ``data``; ``net`` stays trainable."""
     # on a CPU, batches of 256 keep the activations in cache: 10,000 test images took 0.18 s
@@ -187,20 +188,20 @@ def evaluate(
     net.to(device, memory_format=layout).eval()
     try:
         with torch.inference_mode():
-            return _loss_and_accuracy(net, data.to(device), batch_size, layout, centred)
+            return _loss_and_accuracy(net, data.to(device), batch_size, layout, normalize)
     finally:
         net.to(memory_format=torch.contiguous_format)  # the layout train() and flat_weights() expect
 
 
 def _loss_and_accuracy(
-    net: nn.Module, data: ImageTensors, batch_size: int, layout: torch.memory_format, centred: bool
+    net: nn.Module, data: ImageTensors, batch_size: int, layout: torch.memory_format, normalize: bool
 ) -> tuple[float, float]:
     if len(data) == 0:
         return float("nan"), float("nan")
     total_loss = torch.zeros((), device=data.labels.device)
     correct = torch.zeros((), dtype=torch.int64, device=data.labels.device)
     for start in range(0, len(data), batch_size):
-        images = normalize(data.images[start : start + batch_size], centred).contiguous(memory_format=layout)
+        images = scale_pixels(data.images[start : start + batch_size], normalize).contiguous(memory_format=layout)
         labels = data.labels[start : start + batch_size]
         logits = net(images)
         total_loss += F.cross_entropy(logits, labels, reduction="sum")

@@ -19,8 +19,8 @@ from fedcifar.task import (
     flat_weights,
     initial_model,
     load_flat_weights,
-    normalize,
     pick_device,
+    scale_pixels,
     train,
 )
 
@@ -53,7 +53,7 @@ def test_the_model_travels_as_one_vector_and_comes_back_exactly():
 def test_normalize_matches_the_tutorial_transform():
     pixels = torch.tensor([0, 51, 255], dtype=torch.uint8)
     expected = (pixels.float() / 255 - 0.5) / 0.5  # ToTensor + Normalize((0.5,), (0.5,))
-    assert torch.allclose(normalize(pixels), expected)
+    assert torch.allclose(scale_pixels(pixels), expected)
 
 
 def test_pick_device_falls_back_to_cpu():
@@ -159,7 +159,7 @@ def test_augmented_training_runs_and_differs(mini_dir):
 
 def test_unnormalised_inputs_are_to_tensor_alone():
     pixels = torch.tensor([0, 51, 255], dtype=torch.uint8)
-    assert torch.allclose(normalize(pixels, centred=False), pixels.float() / 255)  # NIID-Bench: ToTensor
+    assert torch.allclose(scale_pixels(pixels, normalize=False), pixels.float() / 255)  # NIID-Bench: ToTensor
 
 
 def test_the_proximal_gradient_is_the_gradient_of_the_fedprox_term():

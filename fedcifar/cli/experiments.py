@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fedcifar.cli.common import add_shared_network, console, interrupt, own_network
-from fedcifar.config import RunConfig
+from fedcifar.config import DEVICES, RunConfig
 from fedcifar.experiments.niid_bench import CELLS, Protocol
 
 
@@ -21,7 +21,7 @@ def add_parsers(sub) -> None:
     cen.add_argument("--learning-rate", "--lr", type=float, default=RunConfig.learning_rate)
     cen.add_argument("--momentum", type=float, default=RunConfig.momentum)
     cen.add_argument("--seed", type=int, default=RunConfig.seed)
-    cen.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    cen.add_argument("--device", choices=DEVICES, default="auto")
     cen.add_argument("--augment", action="store_true", help="random crop + horizontal flip, batched on the device")
     cen.add_argument("--json", action="store_true", help="print the result as JSON (last line)")
     cen.set_defaults(handler=cmd_centralized)
@@ -34,7 +34,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--test-examples", type=int, default=10000, help="server-side test images (default: all)")
     b.add_argument("--local-epochs", type=int, default=1)
     b.add_argument("--batch-size", type=int, default=RunConfig.batch_size)
-    b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    b.add_argument("--device", choices=DEVICES, default="auto")
     b.add_argument("--no-stock", action="store_true", help="skip the stock Flower baseline")
     b.add_argument(
         "--insecure", action="store_true", help="fedcifar's federation without TLS and SuperNode authentication"
@@ -53,7 +53,7 @@ def add_parsers(sub) -> None:
     nb.add_argument("--local-epochs", type=int, default=Protocol.local_epochs)
     nb.add_argument("--train-examples", type=int, default=Protocol.train_examples, help="the first N (default: all)")
     nb.add_argument("--seed", type=int, default=Protocol.seed)
-    nb.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    nb.add_argument("--device", choices=DEVICES, default="auto")
     nb.add_argument("--data", help="CIFAR-10 parquet folder; default $FEDCIFAR_DATA or the hub")
     nb.add_argument("--out", type=Path, help="work folder (default: a new folder under runs/)")
     add_shared_network(nb)

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from fedcifar.config import SPLITS, check_site
+from fedcifar.config import NODE_DATA_SPLITS, check_site
 from fedcifar.flower.polling import DEFAULT_POLL_SECONDS, POLL_ENV
 from fedcifar.metrics import DEFAULT_SITE, SITE_ENV
 from fedcifar.superlink.fleet_budgets import GuardSettings
@@ -63,7 +63,7 @@ def add_parsers(sub) -> None:
             node.add_argument("--num-partitions", type=int, required=True, help="node slots in the federation")
             node.add_argument(
                 "--split",
-                choices=SPLITS,
+                choices=NODE_DATA_SPLITS,
                 default="global",
                 help="global: train the slot's slice of the data; site: slice <ordinal> of "
                 "--site-partitions of this site's own data",

@@ -55,7 +55,7 @@ def run_centralized(
         steady = len(train_data) * (len(epoch_ends) - 1) / (epoch_ends[-1] - epoch_ends[0])
     else:
         steady = result.examples / result.seconds
-    test_loss, test_accuracy = evaluate(net, test_data, torch_device, centred=recipe.centred)
+    test_loss, test_accuracy = evaluate(net, test_data, torch_device, normalize=recipe.normalize)
     return CentralizedResult(
         epochs=recipe.epochs,
         train_loss=result.loss,

@@ -79,7 +79,7 @@ class Trainer:
         data = self._data(task, config, "train", device)
         net = self._model(task)
         # q-FedAvg weighs each update by the loss of the model it started from on this node's data
-        before = evaluate(net, data, device, centred=config.normalize)[0] if config.strategy == "qfedavg" else None
+        before = evaluate(net, data, device, normalize=config.normalize)[0] if config.strategy == "qfedavg" else None
         recipe = Recipe(
             epochs=config.local_epochs,
             batch_size=config.batch_size,
@@ -89,7 +89,7 @@ class Trainer:
             proximal_mu=task.proximal_mu,
             augmented=config.augment,
             padding=config.augment_padding,
-            centred=config.normalize,
+            normalize=config.normalize,
         )
         first_epoch = (task.server_round - 1) * config.local_epochs
         result = train(net, data, recipe, device=device, seed=config.seed + task.partition_id, first_epoch=first_epoch)
@@ -124,7 +124,7 @@ class Trainer:
     def _evaluate(self, task: Task, config: RunConfig) -> Reply:
         device = pick_device(config.device)
         data = self._data(task, config, "test", device)
-        loss, accuracy = evaluate(self._model(task), data, device, centred=config.normalize)
+        loss, accuracy = evaluate(self._model(task), data, device, normalize=config.normalize)
         part, m = str(task.partition_id), client_metrics()
         m.eval_loss.labels(m.site, part).set(loss)
         m.eval_accuracy.labels(m.site, part).set(accuracy)
