@@ -14,27 +14,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedcifar.strategies import STRATEGIES
+
 DEVICES = ("auto", "cpu", "cuda")
 # dirichlet-balanced: NIID-Bench's split (self-balancing: a client stops drawing once it holds its share)
 PARTITIONERS = ("iid", "dirichlet", "dirichlet-balanced")
 PADDINGS = ("zeros", "reflect")  # what ``augment`` crops from
 NODE_DATA_SPLITS = ("global", "site")  # what a node slot trains: its slice of the whole data, or of its site's
-# flwr.serverapp.strategy, by the name of its class in lowercase
-STRATEGIES = (
-    "fedavg",
-    "fedprox",
-    "fedavgm",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "qfedavg",
-    "fedmedian",
-    "fedtrimmedavg",
-    "krum",
-    "multikrum",
-    "bulyan",
-)
-SERVER_OPTIMISERS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad", "qfedavg")  # move the model by more than the mean
 # differential privacy: Flower's central-DP wrappers (clipping on the server or, through the ClientApp's
 # mods, on the clients) or its LocalDpMod (each client noises its own update)
 DP_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive", "local")
@@ -125,7 +111,7 @@ class RunConfig:
             raise ConfigError(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
         _one_of("partitioner", self.partitioner, PARTITIONERS)
         _one_of("device", self.device, DEVICES)
-        _one_of("strategy", self.strategy, STRATEGIES)
+        _one_of("strategy", self.strategy, tuple(STRATEGIES))
         _at_least("num-malicious-nodes", self.num_malicious_nodes, 0)
         _at_least("num-nodes-to-select", self.num_nodes_to_select, 1)
         _at_least("max-examples", self.max_examples, 0)
@@ -191,10 +177,10 @@ def check_known_keys(values: Mapping[str, Any]) -> None:
 
 def check_private(config: RunConfig) -> None:
     """Refuse a differential-privacy setting whose guarantee would not hold."""
-    if config.dp in CENTRAL_DP and config.strategy not in ("fedavg", "fedprox"):
+    if config.dp in CENTRAL_DP and not STRATEGIES[config.strategy].central_dp:
         why = (
             "its server optimiser would see the un-noised mean (Flower adds the noise after the wrapped strategy)"
-            if config.strategy in SERVER_OPTIMISERS
+            if STRATEGIES[config.strategy].server_optimiser
             else "the noise is scaled for a mean of clipped updates, and this rule can move the model by one update"
         )
         raise ConfigError(
@@ -232,33 +218,13 @@ def check_private(config: RunConfig) -> None:
 
 def check_strategy_fits(config: RunConfig) -> None:
     """Refuse a robust strategy that the run's replies per round cannot carry out."""
-    n, f = config.replies_per_round, config.num_malicious_nodes
+    n = config.replies_per_round
     where = (
         f"the run asks {n} node(s) per round "
         f"(num-partitions={config.num_partitions} x fraction-train={config.fraction_train})"
     )
-    need = {
-        "fedmedian": (3, "a median of fewer than 3 replies is their mean"),
-        "krum": (2 * f + 3, f"Krum tolerates num-malicious-nodes={f} only among at least 2f + 3 = {2 * f + 3} replies"),
-        "multikrum": (
-            max(2 * f + 3, config.num_nodes_to_select + f),
-            (
-                f"MultiKrum needs at least 2f + 3 = {2 * f + 3} replies and num-nodes-to-select "
-                f"({config.num_nodes_to_select}) + num-malicious-nodes ({f})"
-            ),
-        ),
-        "bulyan": (4 * f + 3, f"Bulyan needs at least 4f + 3 = {4 * f + 3} replies for num-malicious-nodes={f}"),
-    }.get(config.strategy)
-    if need and n < need[0]:
-        raise ConfigError(
-            f"strategy={config.strategy} cannot run: {need[1]}, and {where}. Add nodes, "
-            "lower num-malicious-nodes, or choose another strategy (fedavg, fedmedian, ...)."
-        )
-    if config.strategy == "fedtrimmedavg" and int(config.trim_beta * n) < 1:
-        raise ConfigError(
-            f"strategy=fedtrimmedavg with trim-beta={config.trim_beta} trims nothing from {n} replies "
-            f"({where}): raise trim-beta to at least {1 / n:.3g} (below 0.5), or add nodes."
-        )
+    if why := STRATEGIES[config.strategy].refuse(config, n, where):
+        raise ConfigError(why)
 
 
 def check_partition(partition_id: int, num_partitions: int) -> None:

@@ -18,8 +18,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from fedcifar import client_app
 from fedcifar.client_app import TrainerError, privacy_mod, run_task
 from fedcifar.data import load_partition, resolve_source
-from fedcifar.node.protocol import LOSS_BEFORE_TRAINING, TRAINER_ENV, TRAINER_KEY_ENV, Reply, Task
+from fedcifar.node.protocol import TRAINER_ENV, TRAINER_KEY_ENV, Reply, Task
 from fedcifar.node.trainer import Trainer
+from fedcifar.strategies import LOSS_BEFORE_TRAINING
 from fedcifar.task import MODEL_KEY, evaluate, flat_weights, initial_model, pick_device
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from fedcifar.node.protocol import LOSS_BEFORE_TRAINING
 from fedcifar.server.replies import Expected, Refused, check_evaluate_reply, check_train_reply
+from fedcifar.strategies import LOSS_BEFORE_TRAINING
 from fedcifar.task import MODEL_KEY, flat_weights, initial_model
 from tests.hostile import EVALUATE_REPLIES, TRAIN_REPLIES, WELL_FORMED, ZEROS, evaluate_reply, train_reply
 

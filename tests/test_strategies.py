@@ -15,14 +15,14 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
-from fedcifar.config import CENTRAL_DP, STRATEGIES, ConfigError, RunConfig
+from fedcifar.config import CENTRAL_DP, ConfigError, RunConfig
 from fedcifar.flower.clipping import clip_zero_updates
-from fedcifar.node.protocol import LOSS_BEFORE_TRAINING
 from fedcifar.server.checkpoint import CheckpointError, load_checkpoint
 from fedcifar.server.privacy import RELEASES_FILE, PrivacyAccount
 from fedcifar.server.recorder import RoundTally
 from fedcifar.server.rounds import RoundLoop
 from fedcifar.server.strategies import build_strategy, restore_strategy_state
+from fedcifar.strategies import LOSS_BEFORE_TRAINING, STRATEGIES
 from fedcifar.task import MODEL_KEY, flat_weights, initial_model
 from tests.hostile import evaluate_reply, train_reply
 from tests.scripted import SILENT, by_kind, loop_for
@@ -344,3 +344,23 @@ def resumed_loop(out: Path, script: dict, restore_state: bool = True, **config) 
     loop.privacy.resume(checkpoint.privacy_state)
     loop.final = loop.run(ArrayRecord({MODEL_KEY: Array(checkpoint.model[MODEL_KEY].numpy())}), checkpoint.round + 1)
     return loop
+
+
+# ---------------------------------------------------------------------------------------------
+# the table of strategies (strategies.py) against Flower's classes and the chart
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_each_entry_builds_its_flower_class_and_names_exactly_the_state_it_keeps(name):
+    spec = STRATEGIES[name]
+    built = build_strategy(RunConfig(strategy=name, num_partitions=20, min_nodes=20))
+    assert type(built).__name__ == spec.flower_class and spec.flower_class.lower() == name
+    kept = {attr for attr in vars(built) if attr in {"m_t", "v_t", "momentum_vector", "current_arrays"}}
+    assert kept == set(spec.state)  # saved in the checkpoint: a resumed run would lose what is missing
+
+
+def test_the_charts_strategy_enum_is_the_table():
+    import json
+
+    schema = json.loads((Path(__file__).parent.parent / "charts/fedcifar/values.schema.json").read_text())
+    assert schema["properties"]["run"]["properties"]["strategy"]["enum"] == list(STRATEGIES)

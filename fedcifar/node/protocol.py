@@ -12,7 +12,6 @@ import numpy as np
 
 TRAINER_ENV = "FEDCIFAR_TRAINER"  # the socket path of the node's trainer
 TRAINER_KEY_ENV = "FEDCIFAR_TRAINER_KEY"  # its authentication key, hex
-LOSS_BEFORE_TRAINING = "loss-before-training"  # the train reply's metric q-FedAvg weighs updates by
 
 
 @dataclass

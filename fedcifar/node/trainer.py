@@ -24,7 +24,8 @@ import torch
 from fedcifar.config import RunConfig
 from fedcifar.data import ImageTensors, resident_partition, resolve_source
 from fedcifar.metrics import client_metrics, message_bytes
-from fedcifar.node.protocol import LOSS_BEFORE_TRAINING, TRAINER_KEY_ENV, Reply, Task
+from fedcifar.node.protocol import TRAINER_KEY_ENV, Reply, Task
+from fedcifar.strategies import LOSS_BEFORE_TRAINING, STRATEGIES
 from fedcifar.task import MODEL_KEY, Net, Recipe, evaluate, flat_weights, load_flat_weights, pick_device, train
 
 log = logging.getLogger("fedcifar.node.trainer")
@@ -79,7 +80,11 @@ class Trainer:
         data = self._data(task, config, "train", device)
         net = self._model(task)
         # q-FedAvg weighs each update by the loss of the model it started from on this node's data
-        before = evaluate(net, data, device, normalize=config.normalize)[0] if config.strategy == "qfedavg" else None
+        before = (
+            evaluate(net, data, device, normalize=config.normalize)[0]
+            if STRATEGIES[config.strategy].loss_before_training
+            else None
+        )
         recipe = Recipe(
             epochs=config.local_epochs,
             batch_size=config.batch_size,

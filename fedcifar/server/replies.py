@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from fedcifar.node.protocol import LOSS_BEFORE_TRAINING
+from fedcifar.strategies import LOSS_BEFORE_TRAINING, STRATEGIES
 
 NUMPY_STYPE = "numpy.ndarray"  # how flwr serialises a numpy array (``np.save``, no pickle)
 TRAIN_METRICS = {
@@ -33,7 +33,7 @@ NORM_BIT = "norm_bit"
 # make one node's model the global one, a claimed 1e-10 would freeze the model. A cross-entropy over
 # 10 classes outside these bounds is not a model's loss on real data.
 LOSS_BEFORE_TRAINING_RANGE = (1e-3, 100.0)
-EXTRA_TRAIN_METRICS = {"qfedavg": {LOSS_BEFORE_TRAINING: float}, "client-adaptive": {NORM_BIT: int}}
+EXTRA_DP_TRAIN_METRICS = {"client-adaptive": {NORM_BIT: int}}  # a strategy's are in strategies.py
 EVALUATE_METRICS = {"eval_loss": float, "eval_accuracy": float, "num-examples": int, "partition-id": int}
 
 
@@ -69,7 +69,7 @@ class Expected:
     @staticmethod
     def train_metrics_for(strategy: str, dp: str) -> dict[str, type]:
         """The metric keys a training reply carries in a run of ``strategy`` with ``dp``."""
-        return {**TRAIN_METRICS, **EXTRA_TRAIN_METRICS.get(strategy, {}), **EXTRA_TRAIN_METRICS.get(dp, {})}
+        return {**TRAIN_METRICS, **STRATEGIES[strategy].extra_train_metrics, **EXTRA_DP_TRAIN_METRICS.get(dp, {})}
 
     @property
     def num_partitions(self) -> int:

@@ -20,30 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy import (
-    Bulyan,
-    FedAdagrad,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    FedYogi,
-    Krum,
-    MultiKrum,
-    QFedAvg,
-    Strategy,
-)
+from flwr.serverapp import strategy as flower_strategies
+from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedcifar.config import RunConfig
-from fedcifar.node.protocol import LOSS_BEFORE_TRAINING
 from fedcifar.server.privacy import CENTRAL_DP_WRAPPERS, with_privacy
 from fedcifar.server.replies import NORM_BIT
+from fedcifar.strategies import LOSS_BEFORE_TRAINING, STRATEGIES
 
-# what a strategy carries from one round to the next; the others are set again every round
-STATE = ("m_t", "v_t", "momentum_vector", "current_arrays", "clipping_norm")
+# what a strategy (``strategies.py``) or a DP wrapper carries from one round to the next
+STATE = (*dict.fromkeys(a for spec in STRATEGIES.values() for a in spec.state), "clipping_norm")
 BOOKKEEPING_METRICS = ("partition-id", "train-seconds", "examples-trained", LOSS_BEFORE_TRAINING, NORM_BIT)
 
 
@@ -65,25 +52,8 @@ def build_strategy(config: RunConfig) -> Strategy:
         "train_metrics_aggr_fn": aggregate_client_metrics,
         "evaluate_metrics_aggr_fn": aggregate_client_metrics,
     }
-    f, lr = config.num_malicious_nodes, config.learning_rate
-    fedopt = {"eta": config.eta, "eta_l": lr, "tau": config.tau}
-    moments = {"beta_1": config.beta_1, "beta_2": config.beta_2}
-    aggregation = {
-        "fedavg": lambda: FedAvg(**common),
-        "fedprox": lambda: FedProx(**common, proximal_mu=config.proximal_mu),
-        "fedavgm": lambda: FedAvgM(
-            **common, server_learning_rate=config.server_learning_rate, server_momentum=config.server_momentum
-        ),
-        "fedadam": lambda: FedAdam(**common, **fedopt, **moments),
-        "fedyogi": lambda: FedYogi(**common, **fedopt, **moments),
-        "fedadagrad": lambda: FedAdagrad(**common, **fedopt),
-        "qfedavg": lambda: QFedAvg(lr, q=config.q, train_loss_key=LOSS_BEFORE_TRAINING, **common),
-        "fedmedian": lambda: FedMedian(**common),
-        "fedtrimmedavg": lambda: FedTrimmedAvg(**common, beta=config.trim_beta),
-        "krum": lambda: Krum(**common, num_malicious_nodes=f),
-        "multikrum": lambda: MultiKrum(**common, num_malicious_nodes=f, num_nodes_to_select=config.num_nodes_to_select),
-        "bulyan": lambda: Bulyan(**common, num_malicious_nodes=f),
-    }[config.strategy]()
+    spec = STRATEGIES[config.strategy]
+    aggregation = getattr(flower_strategies, spec.flower_class)(**common, **spec.parameters(config))
     return with_privacy(aggregation, config)
 
 
