@@ -73,7 +73,8 @@ def add_parsers(sub) -> None:
 
 
 def cmd_bench(args: argparse.Namespace, _extra: list[str]) -> int:
-    from fedcifar.experiments.bench import BenchConfig, bench, print_report, timestamped_out
+    from fedcifar.experiments.bench import BenchConfig, bench, print_report
+    from fedcifar.experiments.harness import timestamped_out
 
     signal.signal(signal.SIGTERM, interrupt)
     own_network(args, args.data)
@@ -100,7 +101,7 @@ def cmd_bench(args: argparse.Namespace, _extra: list[str]) -> int:
 
 
 def cmd_niid_bench(args: argparse.Namespace, _extra: list[str]) -> int:
-    from fedcifar.experiments.bench import timestamped_out
+    from fedcifar.experiments.harness import timestamped_out
     from fedcifar.experiments.niid_bench import niid_bench, print_table
 
     signal.signal(signal.SIGTERM, interrupt)
@@ -119,7 +120,7 @@ def cmd_niid_bench(args: argparse.Namespace, _extra: list[str]) -> int:
 
 
 def cmd_soak(args: argparse.Namespace, _extra: list[str]) -> int:
-    from fedcifar.experiments.bench import timestamped_out
+    from fedcifar.experiments.harness import timestamped_out
     from fedcifar.experiments.soak import SoakConfig, report, soak
 
     signal.signal(signal.SIGTERM, interrupt)

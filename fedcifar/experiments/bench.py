@@ -17,10 +17,7 @@ throughput: epochs 2 and later). The last line printed is one JSON object with e
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +25,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fedcifar.common import procfs
-from fedcifar.data import DataError, load_split, resolve_source
-from fedcifar.local.federation import LocalFederation
+from fedcifar.data import resolve_source
+from fedcifar.experiments.harness import machine, make_subset, run_federation
 
 console = Console(stderr=True)
-PROJECT = Path(__file__).resolve().parents[2]
-STOCK_APP = PROJECT / "benchmarks" / "stock_app"
 NODE_KINDS = (
     "fedcifar supernode",
     "fedcifar trainer",
@@ -61,42 +55,6 @@ class BenchConfig:
     signed: bool = True  # fedcifar's federation with TLS and SuperNode authentication, as `fedcifar run`'s
     scale: tuple[int, ...] = ()
     scale_examples: int = 500
-
-
-def make_subset(data: str | None, train: int, test: int, dest: Path) -> Path:
-    """The first ``train``/``test`` images of each split, as a parquet folder both apps read."""
-    source = resolve_source(data)
-    if source.kind == "cifar-python":
-        raise DataError(
-            "fedcifar bench needs parquet data (uoft-cs/cifar10 schema) or the hub, not cifar-10-batches-py"
-        )
-    dest.mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", train), ("test", test)):
-        full = load_split(source, split)
-        if count > len(full):
-            raise DataError(f"asked for {count} {split} images, the data has {len(full)}")
-        full.select(range(count)).to_parquet(str(dest / f"{split}.parquet"))
-    return dest
-
-
-def run_federation(
-    stock: bool, clients: int, data: Path, out: Path, run_config: dict[str, Any], signed: bool = True
-) -> tuple[dict, dict]:
-    app = STOCK_APP if stock else PROJECT
-    label = "stock" if stock else "fedcifar"
-    local = LocalFederation(clients=clients, app_dir=app, work_dir=out, data=str(data), stock=stock, signed=signed)
-    with local as fed:
-        run_id = fed.submit({**run_config, "out-dir": str(out)})
-        history = fed.follow(
-            run_id,
-            out,
-            lambda r: console.print(
-                f"  {label} round {r['round']}: {r['round_seconds']:.2f}s, "
-                f"eval accuracy {100 * r['eval_accuracy']:.2f}%"
-            ),
-        )
-        fed.sample_memory()
-        return history, dict(fed.peak_rss)
 
 
 def steady(rounds: list[dict]) -> list[dict]:
@@ -207,19 +165,6 @@ def scale_table(config: BenchConfig, data: str | None, out: Path) -> dict[int, f
     return table
 
 
-def machine() -> str:
-    """Where the figures come from: the same code runs ~3x slower on some 2-core CPUs than on others."""
-    import torch
-
-    model = next((line.split(":", 1)[1].strip() for line in procfs.cpu_info() if line.startswith("model name")), "")
-    cpu = f"{model}, " if model else ""
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (
-        f"{platform.machine()}, {cpu}{os.cpu_count()} CPUs ({torch.backends.cpu.get_cpu_capability()}), "
-        f"Python {platform.python_version()}{gpu}"
-    )
-
-
 def print_report(result: dict[str, Any]) -> None:
     table = Table(title=f"fedcifar bench ({result['machine']}, device {result['device']})", title_justify="left")
     table.add_column("figure")
@@ -233,7 +178,3 @@ def print_report(result: dict[str, Any]) -> None:
     for n, seconds in result.get("scale_round_seconds", {}).items():
         console.print(f"  {n:>2} SuperNodes: {seconds:.2f} s per round")
     print(json.dumps(result), flush=True)
-
-
-def timestamped_out(base: Path | None) -> Path:
-    return (base or Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}").resolve()

@@ -80,7 +80,7 @@ class Protocol:
 
 
 def run_cell(protocol: Protocol, cell: str, data: Path, out: Path) -> dict[str, Any]:
-    from fedcifar.experiments.bench import run_federation  # the local federation: imports the data stack
+    from fedcifar.experiments.harness import run_federation  # the local federation: imports the data stack
 
     strategy, split = cell.split("-")
     run_config = protocol.run_config(strategy, split)
@@ -104,7 +104,7 @@ def run_cell(protocol: Protocol, cell: str, data: Path, out: Path) -> dict[str, 
 
 
 def niid_bench(protocol: Protocol, cells: list[str], data: str | None, out: Path) -> dict[str, Any]:
-    from fedcifar.experiments.bench import machine, make_subset
+    from fedcifar.experiments.harness import machine, make_subset
 
     subset = make_subset(data, protocol.train_examples, protocol.test_examples, out / "data")
     rows = [run_cell(protocol, cell, subset, out) for cell in cells]

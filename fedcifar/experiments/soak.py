@@ -29,7 +29,7 @@ from typing import Any
 from rich.console import Console
 
 from fedcifar.common.procfs import tree_rss
-from fedcifar.experiments.bench import PROJECT, machine, make_subset
+from fedcifar.experiments.harness import PROJECT, machine, make_subset
 from fedcifar.local.federation import LocalFederation
 
 console = Console(stderr=True)
