@@ -51,6 +51,7 @@ SLOT_HINT = (
 )
 
 
+@dataclass(frozen=True)
 class NamedKey:
     """A file of a ``KeyFolder``: the node name it registers, or why its name is refused."""
 
