@@ -29,6 +29,14 @@ CENTRAL_DP = ("server-fixed", "server-adaptive", "client-fixed", "client-adaptiv
 CLIENT_LEARNING_RATE_ALIASES = ("eta-l", "client-learning-rate")
 SITE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a DNS label, like a Helm release name
 
+# The chart: every run-config key is a chart value of its own, run.<the key in camelCase> (``beta-1``:
+# ``run.beta1``), but for the keys below; run.extraConfig is for other apps' keys. The chart's table of
+# them (``templates/_runconfig_keys.tpl``) is written from here by ``scripts/chart_run_config.py``;
+# ``tests/test_run_config_keys.py`` holds values.yaml, its schema and both READMEs to it.
+CHART_VALUE_NAMES = {"num-server-rounds": "rounds"}  # named before the rule
+CHART_COMPUTED = ("min-nodes", "num-partitions")  # from run.minNodes, run.numPartitions and the release's shape
+CHART_SETS_ITSELF = ("out-dir",)  # per revision, on the SuperLink's state volume (run.extraConfig may override)
+
 
 class ConfigError(ValueError):
     """A run-config value is wrong; the message names the key and how to set it."""
@@ -315,3 +323,17 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             overrides[key] = raw  # bare words are strings, as in `-c partitioner=dirichlet`
     return overrides
+
+
+def chart_values() -> list[tuple[str, str, str]]:
+    """(chart value under run, run-config key, kind) for every key the chart sets from a value of its
+    own, in the run config's order; kind: int, float, str, bool, or computed (a helper's)."""
+    found = []
+    for field in dataclasses.fields(RunConfig):
+        key = field.name.replace("_", "-")
+        if key in CHART_SETS_ITSELF:
+            continue
+        head, *rest = key.split("-")
+        value = CHART_VALUE_NAMES.get(key) or head + "".join(word.capitalize() for word in rest)
+        found.append((value, key, "computed" if key in CHART_COMPUTED else field.type))
+    return found

@@ -30,39 +30,28 @@ time bounds.
 {{- end -}}
 {{- end }}
 
-{{/* The Flower run config: every run.* value as its kebab-case key, then run.extraConfig (sorted). */}}
+{{/* The Flower run config: the run.* value of every key in fedcifar.runConfig.keys (int, float, str,
+bool, or computed by the fedcifar.run.<value> helper), then run.extraConfig (sorted). */}}
 {{- define "fedcifar.runConfig" -}}
+{{- $root := . -}}
 {{- $run := .Values.run -}}
-{{- $pairs := list
-  (printf "num-server-rounds=%d" (int $run.rounds))
-  (printf "local-epochs=%d" (int $run.localEpochs))
-  (printf "batch-size=%d" (int $run.batchSize))
-  (printf "learning-rate=%s" (include "fedcifar.tomlFloat" $run.learningRate))
-  (printf "momentum=%s" (include "fedcifar.tomlFloat" $run.momentum))
-  (printf "partitioner=%s" (toJson $run.partitioner))
-  (printf "dirichlet-alpha=%s" (include "fedcifar.tomlFloat" $run.dirichletAlpha))
-  (printf "fraction-train=%s" (include "fedcifar.tomlFloat" $run.fractionTrain))
-  (printf "fraction-evaluate=%s" (include "fedcifar.tomlFloat" $run.fractionEvaluate))
-  (printf "min-nodes=%d" (include "fedcifar.run.minNodes" . | int))
-  (printf "num-partitions=%d" (include "fedcifar.run.numPartitions" . | int))
-  (printf "round-timeout=%s" (include "fedcifar.tomlFloat" $run.roundTimeout))
-  (printf "seed=%d" (int $run.seed))
-  (printf "device=%s" (toJson $run.device))
-  (printf "round-retries=%d" (int $run.roundRetries))
-  (printf "resume=%t" $run.resume)
-  (printf "strategy=%s" (toJson $run.strategy))
-  (printf "trim-beta=%s" (include "fedcifar.tomlFloat" $run.trimBeta))
-  (printf "num-malicious-nodes=%d" (int $run.numMaliciousNodes))
-  (printf "num-nodes-to-select=%d" (int $run.numNodesToSelect))
-  (printf "max-examples=%d" (int $run.maxExamples))
-  (printf "proximal-mu=%s" (include "fedcifar.tomlFloat" $run.proximalMu))
-  (printf "eta=%s" (include "fedcifar.tomlFloat" $run.eta))
-  (printf "server-momentum=%s" (include "fedcifar.tomlFloat" $run.serverMomentum))
-  (printf "dp=%s" (toJson $run.dp))
-  (printf "noise-multiplier=%s" (include "fedcifar.tomlFloat" $run.noiseMultiplier))
-  (printf "clipping-norm=%s" (include "fedcifar.tomlFloat" $run.clippingNorm))
-  (printf "dp-delta=%s" (include "fedcifar.tomlFloat" $run.dpDelta))
--}}
+{{- $pairs := list -}}
+{{- range $line := splitList "\n" (include "fedcifar.runConfig.keys" .) }}
+{{- $entry := splitList ":" $line }}
+{{- $name := index $entry 0 }}{{- $key := index $entry 1 }}{{- $kind := index $entry 2 }}
+{{- $value := get $run $name }}
+{{- if eq $kind "computed" }}
+{{- $pairs = append $pairs (printf "%s=%d" $key (include (printf "fedcifar.run.%s" $name) $root | int)) }}
+{{- else if eq $kind "int" }}
+{{- $pairs = append $pairs (printf "%s=%d" $key (int $value)) }}
+{{- else if eq $kind "float" }}
+{{- $pairs = append $pairs (printf "%s=%s" $key (include "fedcifar.tomlFloat" $value)) }}
+{{- else if eq $kind "bool" }}
+{{- $pairs = append $pairs (printf "%s=%t" $key $value) }}
+{{- else }}
+{{- $pairs = append $pairs (printf "%s=%s" $key (toJson $value)) }}
+{{- end }}
+{{- end }}
 {{- if not (hasKey $run.extraConfig "out-dir") }}
 {{- /* per revision, on the SuperLink's state volume: a Job retry resumes from its checkpoint */}}
 {{- $pairs = append $pairs (printf "out-dir=%s" (toJson (printf "%s/runs/revision-%d" (include "fedcifar.stateDir" .) (int .Release.Revision)))) }}
@@ -75,7 +64,11 @@ time bounds.
 
 {{/* The run-config keys fedcifar.runConfig sets from run.* (run.extraConfig may not repeat them), a JSON list. */}}
 {{- define "fedcifar.runConfig.builtinKeys" -}}
-{{- list "num-server-rounds" "local-epochs" "batch-size" "learning-rate" "momentum" "partitioner" "dirichlet-alpha" "fraction-train" "fraction-evaluate" "min-nodes" "num-partitions" "round-timeout" "seed" "device" "round-retries" "resume" "strategy" "trim-beta" "num-malicious-nodes" "num-nodes-to-select" "max-examples" "proximal-mu" "eta" "server-momentum" "dp" "noise-multiplier" "clipping-norm" "dp-delta" | toJson }}
+{{- $keys := list -}}
+{{- range $line := splitList "\n" (include "fedcifar.runConfig.keys" .) }}
+{{- $keys = append $keys (index (splitList ":" $line) 1) }}
+{{- end }}
+{{- toJson $keys }}
 {{- end }}
 
 {{/* The longest one run attempt may take: every round's training attempts, its evaluation and its
