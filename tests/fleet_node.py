@@ -5,6 +5,7 @@ attacker holding a registered key. Test helper, never shipped.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,29 +97,35 @@ class FleetNode:
 
     def wait_for_instruction(self, timeout: float = 120, latencies: list | None = None) -> tuple[Message, ObjectTree]:
         """Poll every 0.1 s until an instruction comes; each poll's seconds into ``latencies``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        from tests.support import wait  # not at the top: tests.fleet_flood's process needs none of it (torch)
+
+        def poll() -> tuple[Message, ObjectTree] | None:
             started = time.perf_counter()
             pulled = self.pull()
             if latencies is not None:
                 latencies.append(time.perf_counter() - started)
-            if pulled:
-                return pulled
-            time.sleep(0.1)
-        raise AssertionError(f"node {self.node_id} got no instruction within {timeout:.0f}s")
+            return pulled
+
+        return wait(f"an instruction for node {self.node_id}", poll, timeout, interval=0.1)
 
     def pull_object(self, run_id: int, object_id: str):
         return self.call("PullObject", PullObjectRequest(node=self.node, run_id=run_id, object_id=object_id))
 
+    def available_object(self, run_id: int, object_id: str):
+        """``pull_object``'s answer where the object is available, else None."""
+        reply = self.pull_object(run_id, object_id)
+        return reply if reply.object_available else None
+
     def receive(self, message: Message, tree: ObjectTree) -> Message:
         """Pull an instruction's objects, confirm it, and return it whole (as Flower's SuperNode does)."""
+        from tests.support import wait  # not at the top: tests.fleet_flood's process needs none of it (torch)
+
         run_id = message.metadata.run_id
         contents = {}
         for tree_node in iterate_object_tree(tree):
-            deadline = time.monotonic() + 30  # the sender may still be pushing it: Flower retries too
-            while not (reply := self.pull_object(run_id, tree_node.object_id)).object_available:
-                assert time.monotonic() < deadline, f"object {tree_node.object_id} never became available"
-                time.sleep(0.05)
+            # the sender may still be pushing it: Flower retries too
+            probe = functools.partial(self.available_object, run_id, tree_node.object_id)
+            reply = wait(f"object {tree_node.object_id} to become available", probe, 30, interval=0.05)
             contents[tree_node.object_id] = reply.object_content
         self.confirm(run_id, tree.object_id)
         whole = inflate_object_from_contents(tree.object_id, contents, keep_object_contents=False)

@@ -50,14 +50,16 @@ def secure_superlink(pki: Path, port: int, metrics_port: int, metrics_dir: Path 
     ]
 
 
-def wait(what: str, probe, timeout: float = 60):
-    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
+def wait(what: str, probe, timeout: float = 60, interval: float = 0.3):
+    """Poll ``probe`` every ``interval`` seconds until it returns something truthy, and return that;
+    fail after ``timeout`` seconds. A probe may raise (an AssertionError: what it waits for can no
+    longer come) to fail at once."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = probe()
         if value:
             return value
-        time.sleep(0.3)
+        time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
 
 

@@ -8,7 +8,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from multiprocessing import AuthenticationError
 
 import numpy as np
@@ -22,6 +21,7 @@ from fedcifar.node.protocol import TRAINER_ENV, TRAINER_KEY_ENV, Reply, Task
 from fedcifar.node.trainer import Trainer
 from fedcifar.strategies import LOSS_BEFORE_TRAINING
 from fedcifar.task import MODEL_KEY, evaluate, flat_weights, initial_model, pick_device
+from tests.support import wait
 
 
 def task(mini_dir, kind: str = "train", **run_config) -> Task:
@@ -57,10 +57,14 @@ def node_trainer(tmp_path, monkeypatch):
         ],
         env=env,
     )
-    deadline = time.monotonic() + 120
-    while not socket_path.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "trainer did not start"
-        time.sleep(0.05)
+
+    def started() -> bool:
+        if socket_path.exists():
+            return True
+        assert proc.poll() is None, "trainer did not start"  # it exited: the socket will never come
+        return False
+
+    wait("the trainer's socket", started, 120, interval=0.05)
     monkeypatch.setenv(TRAINER_ENV, str(socket_path))
     monkeypatch.setenv(TRAINER_KEY_ENV, key)
     yield proc

@@ -446,7 +446,8 @@ def test_a_flood_from_one_node_is_refused_and_costs_the_others_little(guarded_in
         text=True,
     )
     try:
-        time.sleep(2)  # at full speed before the run starts
+        rate_limited = ("rate_limited", "site-c")  # at full speed before the run starts: past its burst
+        wait("the flood refused", lambda: fed.refused().get(rate_limited, 0) > before.get(rate_limited, 0), 60)
         flooded_polls: list[float] = []
         flooded = rounds_served(fed, "flooded", 2, flooded_polls)
         flooded_rss = fed.superlink_rss()

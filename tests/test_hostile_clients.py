@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -176,17 +175,22 @@ def run(federation, name: str, plan: dict, **config) -> tuple[dict, int]:
     admin = {"env": FLOWER_ENV, "flwr_home": federation["admin"]}
     reply = flwr_cli.flwr_json("run", str(ROOT), flwr_cli.CONNECTION, "--run-config", pairs, **admin)
     assert reply.get("success"), reply
-    run_id, peak, deadline = reply["run-id"], 0, time.monotonic() + 600
-    while time.monotonic() < deadline:
+    run_id, peak = reply["run-id"], 0
+
+    def completed() -> dict | None:
+        nonlocal peak
         for pid in processes_with_token(federation["token"]):
             if process_kind(pid) == "flwr-serverapp":
                 peak = max(peak, process_memory(pid, "VmHWM"))  # 0 if it ended since it was listed
         history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else {}
-        if history.get("status") == "completed":
-            return history, peak
-        time.sleep(0.2)
-    logs = flwr_cli.flwr("log", str(run_id), flwr_cli.CONNECTION, "--show", **admin)
-    raise AssertionError(f"run {name} did not complete:\n{logs.stdout[-4000:]}")
+        return history if history.get("status") == "completed" else None
+
+    try:
+        history = wait(f"run {name} to complete", completed, 600, interval=0.2)
+    except AssertionError:
+        logs = flwr_cli.flwr("log", str(run_id), flwr_cli.CONNECTION, "--show", **admin)
+        raise AssertionError(f"run {name} did not complete:\n{logs.stdout[-4000:]}") from None
+    return history, peak
 
 
 def global_models(federation, history: dict) -> list[np.ndarray]:

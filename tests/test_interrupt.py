@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.support import wait
 
 pytestmark = pytest.mark.integration
 
@@ -58,11 +58,14 @@ def test_ctrl_c_mid_run_stops_everything(tmp_path, mini_dir):
         text=True,
         preexec_fn=as_foreground_job,
     )
-    deadline = time.monotonic() + 180
-    while not (out / "history.json").exists():  # the run is under way: the ServerApp wrote round 0
+
+    def started() -> bool:
+        if (out / "history.json").exists():  # the run is under way: the ServerApp wrote round 0
+            return True
         assert run.poll() is None, run.communicate()[1]
-        assert time.monotonic() < deadline, "the run did not start"
-        time.sleep(0.2)
+        return False
+
+    wait("the run to start", started, 180, interval=0.2)
     assert len(processes_in(out)) >= 7  # superlink + 2 supernodes, their Flower children, trainers
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=60)

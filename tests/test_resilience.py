@@ -23,7 +23,7 @@ import torch
 from fedcifar.local.federation import LocalFederation, processes_with_token
 from fedcifar.server.history import load_history
 from tests.conftest import ROOT
-from tests.support import scrape, value
+from tests.support import scrape, value, wait
 
 pytestmark = pytest.mark.integration
 ROUND_TIMEOUT = 8  # seconds a round waits for replies; a healthy round here takes ~1 s
@@ -97,9 +97,9 @@ def test_killed_and_frozen_clients_cost_no_round(tmp_path, mini_dir):
     assert without_0 and without_0[0]["round"] > faults["frozen_after"], seen  # while 0's trainer was frozen
     assert any(0 in r["partitions"] for r in rounds[without_0[0]["round"] :]), seen  # thawed, it trains again
     assert rounds[-1]["partitions"] == [0, 1], seen  # both back
-    # the 8 s deadline ended the faulty rounds, not Flower's default hour (a loose bound: the
-    # machine may be busy; under CI load with 16 pods beside it one round took over 13 s)
-    assert all(r["round_seconds"] < 60 for r in rounds)
+    # the 8 s deadline ended the faulty rounds, not Flower's default hour (a loose bound, a tenth of
+    # that hour: the machine may be busy; under CI load with 16 pods beside it one round took over 13 s)
+    assert all(r["round_seconds"] < 360 for r in rounds)
     # the dead node's reply is missing (timeout), or the SuperLink answers for it (error)
     assert (
         sum(
@@ -157,10 +157,7 @@ def test_a_killed_server_resumes_after_its_last_completed_round(tmp_path, mini_d
     out, adam = tmp_path / "out", {"strategy": "fedadam", "eta": 0.01}
     with LocalFederation(clients=2, app_dir=ROOT, work_dir=tmp_path, data=str(mini_dir)) as fed:
         fed.submit(run_config(out, rounds=3) | adam)
-        deadline = time.monotonic() + 120
-        while not (load_history(out) or {}).get("rounds"):
-            assert time.monotonic() < deadline, "round 1 never completed"
-            time.sleep(0.1)
+        wait("round 1 to complete", lambda: (load_history(out) or {}).get("rounds"), 120, interval=0.1)
         server_side = [
             pid
             for pid in processes_with_token(fed.token)
@@ -271,13 +268,8 @@ def test_a_nodes_metrics_folder_does_not_grow_with_its_messages(tmp_path, mini_d
         def rounds_done() -> int:
             return len((load_history(out) or {}).get("rounds", []))
 
-        deadline = time.monotonic() + 300
-        while rounds_done() < 2:
-            assert time.monotonic() < deadline, "round 2 never completed"
-            time.sleep(0.1)
+        wait("round 2 to complete", lambda: rounds_done() >= 2, 300, interval=0.1)
         early = sorted(p.name for p in folder.iterdir())
-        while (load_history(out) or {}).get("status") != "completed":
-            assert time.monotonic() < deadline, "the run never completed"
-            time.sleep(0.1)
+        wait("the run to complete", lambda: (load_history(out) or {}).get("status") == "completed", 300, interval=0.1)
         late = sorted(p.name for p in folder.iterdir())
     assert late == early, f"{len(early)} files after 2 rounds, {len(late)} after {rounds} (2 messages a round)"

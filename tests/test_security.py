@@ -345,7 +345,11 @@ def test_other_sites_keys_are_registered_under_their_site_while_the_superlink_ru
         key = ec.generate_private_key(ec.SECP256R1())
         (superlink["sites"] / name).write_bytes(certificate("n", key).public_bytes(serialization.Encoding.PEM))
     wait("the site's key registered", lambda: len(nodes(superlink["admin"])) == before + 1, 30)
-    time.sleep(6)  # one more scan of the registrar: refusals are said once
+    # one more scan of the registrar (refusals are said once): the first to see a file put there now
+    marker = superlink["sites"] / "zz-next-scan.pub"
+    marker.write_bytes(b"not a key either")
+    said = f"SuperNode key {marker.name} not registered"
+    wait("another scan of the registrar", lambda: said in (superlink["work"] / "superlink.log").read_text())
     assert "hospital-b/supernode-0" in registered_names(superlink["admin"], monkeypatch)
     assert {"site-a/slot-0", "site-a/slot-1"} <= registered_names(superlink["admin"], monkeypatch)
     assert registrar.site_of_node("hospital-b/supernode-0") == "hospital-b"

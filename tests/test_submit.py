@@ -140,7 +140,7 @@ def test_following_the_run_is_bounded(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(flwr_cli, "flower_binary", lambda name: str(hung))
     started = time.monotonic()
     assert not follow_logs(7, timeout=0.5)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 20  # well before the hung stream's 30 s: it gave up at 0.5 s
     assert "gave up following run 7 after 0s" in capsys.readouterr().out
     monkeypatch.setattr(flwr_cli, "flower_binary", lambda name: "/bin/true")
     assert follow_logs(7, timeout=5)  # the stream ended: the run's status decides
