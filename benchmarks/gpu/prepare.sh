@@ -37,7 +37,7 @@ python - "$DATA" "$TRAIN" "$TEST" <<'PY'
 import sys
 from pathlib import Path
 
-from fedcifar.experiments.bench import make_subset
+from fedcifar.experiments.harness import make_subset
 
 make_subset(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(".gpu/data"))
 PY
