@@ -46,7 +46,7 @@ stage | run)
     OUT=${OUT:-$PWD/gpu-out}
     mkdir -p "$OUT"
     status=0
-    timeout -k 10 "${NIID_TIMEOUT:-520}" python -m fedcifar niid-bench --cells "${2:-fedavg-iid}" --device cuda \
+    timeout -k 10 "${NIID_TIMEOUT:-520}" python -m fedcifar niid-bench --shared-network --cells "${2:-fedavg-iid}" --device cuda \
         --data "$STAGE" --out /tmp/niid-bench >"$OUT/niid.log" 2>&1 || status=$?
     find /tmp/niid-bench -name history.json -exec cp {} "$OUT/" \; -quit
     grep -E "round [0-9]+:" "$OUT/niid.log" | tail -n 60

@@ -2,6 +2,7 @@
 # Run on the GPU machine (benchmarks/gpu/prepare.sh first, here), in the project's root, e.g. with
 # the device tool: run(command="bash benchmarks/gpu/run.sh", carry=[".gpu"], timeout_s=600).
 # Installs the carried wheels into a venv layered over the image's PyTorch, then runs
+# (--shared-network: the lent machine is ours alone, and a container there may refuse user namespaces)
 # `fedcifar bench` twice: 2 clients sharing the GPU, with the stock baseline and the centralized
 # loop (throughput_ratio, data_path_speedup, round_speedup), and 1 client alone on it. Logs and
 # the JSON lines go to $OUT (or ./gpu-out). Extra arguments replace the bench's sizes (local checks).
@@ -23,7 +24,7 @@ SIZES=("$@")
 bench() {  # a failed or hung bench is reported and the next one still runs (device time is scarce)
     local name=$1
     shift
-    if timeout -k 20 "${BENCH_TIMEOUT:-270}" python -m fedcifar bench --data .gpu/data --out "/tmp/bench-$name" "$@" 2>&1 | tee "$OUT/bench-$name.log"; then
+    if timeout -k 20 "${BENCH_TIMEOUT:-270}" python -m fedcifar bench --shared-network --data .gpu/data --out "/tmp/bench-$name" "$@" 2>&1 | tee "$OUT/bench-$name.log"; then
         tail -n 1 "$OUT/bench-$name.log" >"$OUT/bench-$name.json"
     else
         echo "bench $name FAILED (log: $OUT/bench-$name.log)"
