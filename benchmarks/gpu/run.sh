@@ -2,10 +2,10 @@
 # Run on the GPU machine (benchmarks/gpu/prepare.sh first, here), in the project's root, e.g. with
 # the device tool: run(command="bash benchmarks/gpu/run.sh", carry=[".gpu"], timeout_s=600).
 # Installs the carried wheels into a venv layered over the image's PyTorch, then runs
-# (--shared-network: the lent machine is ours alone, and a container there may refuse user namespaces)
 # `fedcifar bench` twice: 2 clients sharing the GPU, with the stock baseline and the centralized
 # loop (throughput_ratio, data_path_speedup, round_speedup), and 1 client alone on it. Logs and
 # the JSON lines go to $OUT (or ./gpu-out). Extra arguments replace the bench's sizes (local checks).
+# (--shared-network: the lent machine is ours alone, and a container there may refuse user namespaces.)
 set -euo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
