@@ -28,14 +28,14 @@ class RoundRecord:
     eval_accuracy: float
     round_seconds: float
     participating_clients: int
-    partitions: list[int]  # the slots aggregated, in order
+    partitions: list[int]  # the slots aggregated, in order (history.json calls them partitions)
     examples_trained: int
     sent_bytes: int
     received_bytes: int
     failures: int = 0  # replies missing by the deadline or carrying an error
     rejected_updates: int = 0  # replies refused (train and evaluate): see ``refusals``
     attempts: int = 1  # training attempts; more than 1 when an attempt aggregated nothing
-    client_train_seconds: list[float] = field(default_factory=list)  # per reply, partition order
+    client_train_seconds: list[float] = field(default_factory=list)  # per reply, in the order of the slots
     client_eval_loss: float | None = None
     client_eval_accuracy: float | None = None
     sites: list[str] = field(default_factory=list)  # the site of each slot in ``partitions``
