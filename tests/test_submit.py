@@ -157,3 +157,16 @@ def test_a_run_config_the_run_cannot_carry_out_is_refused_before_any_wait():
             timeout=1,
             run_config="num-partitions=4 strategy='bulyan' num-malicious-nodes=1",
         )
+
+
+def test_a_superlink_that_never_answers_ends_the_wait_with_a_sentence():
+    """The run Job's wait for /health, through submit() itself (a SuperLink nobody listens for)."""
+    with pytest.raises(NotReady, match=r"SuperLink 127\.0\.0\.1:\d+ not ready after 1s"):
+        submit(
+            app=str(ROOT),
+            superlink=f"127.0.0.1:{free_port()}",
+            client_metrics=[],
+            num_partitions=2,
+            timeout=1,
+            run_config="num-partitions=2",
+        )

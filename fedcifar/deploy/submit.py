@@ -189,9 +189,9 @@ def submit(
     ca = os.environ.get(registrar.ROOT_CERTIFICATES_ENV) or None
     wait_until(f"SuperLink {superlink}", lambda: control.superlink_healthy(superlink, ca), timeout)
     print(f"fedcifar: SuperLink {superlink} is healthy{' (TLS)' if ca else ''}", flush=True)
-    with control_api(superlink, control_pod_selector, control_port) as control:
+    with control_api(superlink, control_pod_selector, control_port) as control_address:
         flwr_home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
-        write_connection(flwr_home, CONNECTION, control, ca)
+        write_connection(flwr_home, CONNECTION, control_address, ca)
         keys = os.environ.get(registrar.PUBLIC_KEYS_ENV)
         if keys:
             registrar.register_missing_public_keys(registrar.own_key_folder(Path(keys)), flwr_home)
