@@ -63,6 +63,18 @@ def wait(what: str, probe, timeout: float = 60, interval: float = 0.3):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def processes_in(folder: Path) -> list[int]:
+    """Every process whose working directory is ``folder`` (all of a federation's processes)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cwd").resolve() == folder.resolve():
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
 # -- metrics endpoints
 
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from fedcifar.local.federation import free_port
 from fedcifar.server.history import load_history
 from fedcifar.task import Net
 from tests.conftest import ROOT
-from tests.support import scrape, value
+from tests.support import processes_in, scrape, value
 
 pytestmark = pytest.mark.integration
 CLIENTS, ROUNDS = 2, 2
@@ -173,13 +172,7 @@ def test_console_shows_rounds_and_nothing_is_left_running(federation):
     out, ports, _, done = federation
     assert "round 2/2" in done.stderr and "final eval accuracy" in done.stderr
     assert all(scrape(port) is None for port in ports)  # endpoints are gone
-    leftovers = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if Path(f"/proc/{pid}/cwd").resolve() == out.resolve():
-                leftovers.append(pid)
-        except OSError:
-            continue
+    leftovers = processes_in(out)
     assert leftovers == [], f"processes still running in {out}: {leftovers}"
     # each SuperNode left the federation properly: a restarted one could rejoin at once
     assert (out / "logs" / "superlink.log").read_text().count("Deactivated node_id") == CLIENTS

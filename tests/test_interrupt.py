@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
-from tests.support import wait
+from tests.support import processes_in, wait
 
 pytestmark = pytest.mark.integration
-
-
-def processes_in(folder: Path) -> list[int]:
-    """Every process whose working directory is ``folder`` (all of a federation's processes)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if Path(f"/proc/{pid}/cwd").resolve() == folder.resolve():
-                found.append(int(pid))
-        except OSError:
-            continue
-    return found
 
 
 def as_foreground_job() -> None:

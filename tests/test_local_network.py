@@ -18,7 +18,7 @@ import pytest
 
 from fedcifar.server.history import load_history
 from tests.conftest import ROOT
-from tests.support import scrape, value, wait
+from tests.support import processes_in, scrape, value, wait
 
 pytestmark = pytest.mark.integration
 NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
@@ -42,17 +42,6 @@ def listening_ports(pid: int) -> set[int]:
             if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
                 ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
-
-
-def processes_in(folder: Path) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if Path(f"/proc/{pid}/cwd").resolve() == folder:
-                found.append(int(pid))
-        except OSError:
-            continue
-    return found
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to act as a second uid")

@@ -36,8 +36,9 @@ def module_view(module: types.ModuleType, **changed: Any) -> types.SimpleNamespa
     return types.SimpleNamespace(**{**public, **changed})
 
 
-def replace_defaults(function: Any, **defaults: Any) -> None:
-    """Change keyword-only defaults of ``function``; FlowerChanged if it has no such parameter."""
+def replace_defaults(function: Any, **defaults: Any) -> dict[str, Any]:
+    """Change keyword-only defaults of ``function`` and return what they were; FlowerChanged if it has
+    no such parameter."""
     current = function.__kwdefaults__ or {}
     missing = sorted(set(defaults) - set(current))
     if missing:
@@ -45,4 +46,6 @@ def replace_defaults(function: Any, **defaults: Any) -> None:
             f"{function.__module__}.{function.__qualname__} has no keyword {', '.join(missing)} "
             f"(verified on flwr {VERIFIED_FLWR}.*)"
         )
+    old = {key: current[key] for key in defaults}
     current.update(defaults)
+    return old

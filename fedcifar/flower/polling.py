@@ -4,6 +4,7 @@ pull, and reply pulls bounded by the round's deadline (``tuning.py``, items 1, 3
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 
@@ -42,12 +43,14 @@ def pulls_bounded_by(seconds: float, retry_cap: float = BOUNDED_PULL_RETRY_CAP) 
     every ``retry_cap`` s, so it does not sleep far past them); defaults restored after it."""
     from flwr.supercore.inflatable import inflatable_utils
 
-    defaults = inflatable_utils.pull_objects.__kwdefaults__
-    saved = dict(defaults)
-    defaults.update(
-        max_time=min(max(seconds, 0.0), saved["max_time"]), backoff_cap=min(retry_cap, saved["backoff_cap"])
+    pull = inflatable_utils.pull_objects
+    limits = pull.__kwdefaults__ or {}
+    saved = replace_defaults(
+        pull,
+        max_time=min(max(seconds, 0.0), limits.get("max_time", math.inf)),
+        backoff_cap=min(retry_cap, limits.get("backoff_cap", math.inf)),
     )
     try:
         yield
     finally:
-        defaults.update(saved)
+        replace_defaults(pull, **saved)
