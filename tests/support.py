@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
 import time
 import urllib.request
@@ -61,6 +62,13 @@ def wait(what: str, probe, timeout: float = 60, interval: float = 0.3):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def as_foreground_job() -> None:
+    """For ``preexec_fn``: Ctrl-C's disposition at a terminal. A job started in the background by a
+    non-interactive shell (``cmd &``, as a CI runner may start pytest) ignores SIGINT, and its children
+    inherit that; fedcifar rightly keeps it, so a test must not depend on how pytest was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def processes_in(folder: Path) -> list[int]:

@@ -47,7 +47,7 @@ from fedcifar.superlink.fleet_budgets import GuardSettings, ReplyLayout
 from fedcifar.task import MODEL_KEY, Net, flat_weights
 from tests.conftest import MINI, ROOT
 from tests.fleet_node import SUPERLINK, FleetNode, Refused, forged, train_reply_content
-from tests.support import BIN, FLOWER_ENV, secure_superlink, wait
+from tests.support import BIN, FLOWER_ENV, as_foreground_job, secure_superlink, wait
 
 pytestmark = pytest.mark.integration
 SLOTS, VICTIM, ATTACKER = 4, 2, 3
@@ -444,6 +444,7 @@ def test_a_flood_from_one_node_is_refused_and_costs_the_others_little(guarded_in
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
+        preexec_fn=as_foreground_job,  # SIGINT ends the flood and makes it report
     )
     try:
         rate_limited = ("rate_limited", "site-c")  # at full speed before the run starts: past its burst

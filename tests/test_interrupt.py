@@ -9,16 +9,9 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from tests.support import processes_in, wait
+from tests.support import as_foreground_job, processes_in, wait
 
 pytestmark = pytest.mark.integration
-
-
-def as_foreground_job() -> None:
-    """Ctrl-C's disposition at a terminal. A job started in the background by a non-interactive
-    shell (``cmd &``, as a CI runner may start pytest) ignores SIGINT, and its children inherit
-    that; fedcifar rightly keeps it, so the test must not depend on how pytest was started."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_ctrl_c_mid_run_stops_everything(tmp_path, mini_dir):

@@ -18,7 +18,7 @@ import pytest
 
 from fedcifar.server.history import load_history
 from tests.conftest import ROOT
-from tests.support import processes_in, scrape, value, wait
+from tests.support import as_foreground_job, processes_in, scrape, value, wait
 
 pytestmark = pytest.mark.integration
 NOBODY = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
@@ -54,6 +54,7 @@ def test_another_user_cannot_reach_the_flower_apis_only_the_metrics(tmp_path, mi
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=as_foreground_job,
     )
     try:
         wait("the run to end, its federation lingering", lambda: completed(out), timeout=180)
