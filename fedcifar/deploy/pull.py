@@ -38,7 +38,10 @@ def pull(
     """Fetch the run of ``revision`` (default: the latest) of ``release`` into ``out_dir``; returns the files."""
     from kubernetes import client, config
 
-    config.load_kube_config(context=context)
+    try:
+        config.load_kube_config(context=context)
+    except config.ConfigException as err:
+        raise PullError(f"no usable kubeconfig ({err}): set KUBECONFIG, or pass --context") from None
     if namespace is None:
         _, active = config.list_kube_config_contexts()
         namespace = active["context"].get("namespace", "default")
