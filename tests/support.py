@@ -130,5 +130,4 @@ def checkpoint_of(round_: int, config: RunConfig) -> Checkpoint:
         rng_state=random.getstate(),
         strategy_state={},
         privacy_state=None,
-        best_model=None,
     )
