@@ -469,23 +469,12 @@ def test_fedcifar_pull_fetches_a_runs_outputs_with_the_port_forward_right_alone(
     assert history["status"] == "completed"
     assert torch_load(fetched / "best-model.pt")["round"] == history["best"]["round"]
     run("kubectl", "-n", APP_NS, "create", "serviceaccount", "viewer")
-    run(
-        "kubectl",
-        "-n",
-        APP_NS,
-        "create",
-        "rolebinding",
-        "viewer",
-        "--clusterrole=view",
-        f"--serviceaccount={APP_NS}:viewer",
-    )
+    run("kubectl", "-n", APP_NS, "create", "rolebinding", "viewer", "--clusterrole=view", f"--serviceaccount={APP_NS}:viewer")
     try:
         denied = pull(str(viewer_kubeconfig(kube, tmp_path)), tmp_path / "viewer")
     finally:
         run("kubectl", "-n", APP_NS, "delete", "rolebinding/viewer", "serviceaccount/viewer", check=False)
-    assert denied.returncode == 1 and "refused a port-forward" in " ".join(
-        denied.stdout.split() + denied.stderr.split()
-    )
+    assert denied.returncode == 1 and "refused a port-forward" in " ".join(denied.stdout.split() + denied.stderr.split())
     assert not (tmp_path / "viewer").exists()
 
 

@@ -38,10 +38,7 @@ def pull(
     """Fetch the run of ``revision`` (default: the latest) of ``release`` into ``out_dir``; returns the files."""
     from kubernetes import client, config
 
-    try:
-        config.load_kube_config(context=context)
-    except config.ConfigException as err:
-        raise PullError(f"no usable kubeconfig ({err}): set KUBECONFIG, or pass --context") from None
+    config.load_kube_config(context=context)
     if namespace is None:
         _, active = config.list_kube_config_contexts()
         namespace = active["context"].get("namespace", "default")
