@@ -437,53 +437,6 @@ def test_control_api_answers_through_port_forward_only_with_the_rights(kube, rel
         assert answer.stdout.strip() == allowed, (question, answer.stdout, answer.stderr)
 
 
-def pull(kubeconfig: str, out: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "fedcifar", "pull", RELEASE, "-n", APP_NS, "--out", str(out), *args]
-    return run(*command, check=False, timeout=120, env={**os.environ, "KUBECONFIG": kubeconfig})
-
-
-def viewer_kubeconfig(kube, folder: Path) -> Path:
-    """A kubeconfig that acts as ServiceAccount ``viewer`` (its token; Kubernetes 1.20 makes one)."""
-    name = wait_for(
-        "viewer's token",
-        lambda: [s.name for s in kube.read_namespaced_service_account("viewer", APP_NS).secrets or []],
-        30,
-    )[0]
-    token = base64.b64decode(kube.read_namespaced_secret(name, APP_NS).data["token"]).decode()
-    config = json.loads(run("kubectl", "config", "view", "--raw", "--minify", "-o", "json").stdout)
-    config["users"] = [{"name": "viewer", "user": {"token": token}}]
-    config["contexts"][0]["context"]["user"] = "viewer"
-    path = folder / "viewer.kubeconfig"
-    path.write_text(json.dumps(config))
-    return path
-
-
-def test_fedcifar_pull_fetches_a_runs_outputs_with_the_port_forward_right_alone(kube, release, tmp_path):
-    """The operator fetches the run's four files through the outputs port on the pod's loopback; the
-    built-in `view` role, which may read the pods but not forward to them, is refused."""
-    admin = pull(os.environ["KUBECONFIG"], tmp_path / "admin", "--revision", "1")
-    assert admin.returncode == 0, admin.stderr
-    fetched = tmp_path / "admin"
-    assert sorted(p.name for p in fetched.iterdir()) == ["best-model.pt", "history.json", "history.png", "model.pt"]
-    history = json.loads((fetched / "history.json").read_text())
-    assert history["status"] == "completed"
-    assert torch_load(fetched / "best-model.pt")["round"] == history["best"]["round"]
-    run("kubectl", "-n", APP_NS, "create", "serviceaccount", "viewer")
-    run("kubectl", "-n", APP_NS, "create", "rolebinding", "viewer", "--clusterrole=view", f"--serviceaccount={APP_NS}:viewer")
-    try:
-        denied = pull(str(viewer_kubeconfig(kube, tmp_path)), tmp_path / "viewer")
-    finally:
-        run("kubectl", "-n", APP_NS, "delete", "rolebinding/viewer", "serviceaccount/viewer", check=False)
-    assert denied.returncode == 1 and "refused a port-forward" in " ".join(denied.stdout.split() + denied.stderr.split())
-    assert not (tmp_path / "viewer").exists()
-
-
-def torch_load(path: Path) -> dict:
-    import torch
-
-    return torch.load(path, weights_only=True)
-
-
 def test_network_policies_exist(release):
     names = run(
         "kubectl", "-n", APP_NS, "get", "networkpolicy", "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "name"

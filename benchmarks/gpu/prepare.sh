@@ -26,34 +26,8 @@ PROVIDED='torch|scipy|ruff|numpy|pandas|pyarrow|matplotlib|contourpy|kiwisolver|
 
 rm -rf .gpu
 mkdir -p .gpu/wheels
-# fedcifar's own dependencies, transitively, as this venv resolved them (never the test or tracking
-# extras: MLflow's server alone is larger than the 64 MiB a call carries)
-python - <<'PY' | grep -vE "^($PROVIDED)==" >.gpu/requirements.txt
-import re
-from importlib.metadata import PackageNotFoundError, distribution, requires
-
-def name(requirement: str) -> str:
-    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement)[0]).lower()
-
-def needed(requirement: str) -> bool:  # no extra's requirement, unless it is flwr[dp]'s
-    marker = requirement.partition(";")[2]
-    return "extra" not in marker or '"dp"' in marker
-
-seen, todo = set(), [name(r) for r in requires("fedcifar") if needed(r)]
-while todo:
-    if (package := todo.pop()) in seen:
-        continue
-    seen.add(package)
-    try:
-        todo += [name(r) for r in distribution(package).requires or [] if needed(r)]
-    except PackageNotFoundError:
-        continue
-for package in sorted(seen):
-    try:
-        print(f"{package}=={distribution(package).version}")
-    except PackageNotFoundError:
-        pass
-PY
+python -m pip freeze --exclude-editable | awk -F== '{n = tolower($1); gsub(/[_.]/, "-", n); print n "==" $2}' |
+    grep -vE "^($PROVIDED)==" >.gpu/requirements.txt
 python -m pip download -q --no-deps --only-binary=:all: --implementation cp --python-version "$PY" \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 \

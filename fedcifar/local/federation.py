@@ -98,9 +98,6 @@ class NodeProcess:
             return "(no log)"
 
 
-SERVER_ONLY_ENV = ("MLFLOW_", "FEDCIFAR_MLFLOW_")  # experiment tracking: the ServerApp's, never a node's
-
-
 @dataclass
 class LocalFederation:
     """Start with ``with LocalFederation(...) as fed:``; everything stops when the block ends."""
@@ -118,9 +115,6 @@ class LocalFederation:
     # TLS (a throwaway CA in the private folder) and SuperNode authentication, so that the SuperLink's
     # Fleet guard knows which node sent a request; the stock baseline runs as Flower's quickstart does
     signed: bool = True
-    # the SuperLink's (and so the ServerApp's) alone, e.g. MLflow's URI and credentials: every other
-    # process gets this process's environment without any MLFLOW_* or FEDCIFAR_MLFLOW_* variable
-    server_env: dict[str, str] = field(default_factory=dict)
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     nodes: list[NodeProcess] = field(default_factory=list)
     peak_rss: dict[str, int] = field(default_factory=dict)  # bytes per kind of process
@@ -154,7 +148,7 @@ class LocalFederation:
         self.close()
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(SERVER_ONLY_ENV)}
+        env = dict(os.environ)
         # Flower starts flower-superexec & co. by name: find them beside this interpreter
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.update(
@@ -195,9 +189,7 @@ class LocalFederation:
         if self.stock:
             server = self._spawn("superlink", [flower_binary("flower-superlink"), *link], None)
         else:
-            server = self._spawn(
-                "superlink", [*FEDCIFAR, "superlink", *self._metrics(0), *link], 0, keys | self.server_env
-            )
+            server = self._spawn("superlink", [*FEDCIFAR, "superlink", *self._metrics(0), *link], 0, keys)
         deadline = time.monotonic() + timeout
         wait_for_port(self.superlink_port, deadline, server)
         if self.secure:  # a SuperNode whose key is not registered yet is refused, and exits

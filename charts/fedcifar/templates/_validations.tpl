@@ -116,9 +116,6 @@ renders, includes it.
 {{- if lt (float64 .Values.run.momentum) 0.0 }}
 {{- fail (printf "run.momentum must not be negative, got %v." .Values.run.momentum) }}
 {{- end }}
-{{- if and .Values.tracking.mlflow.perSlot (has .Values.run.dp (list "server-fixed" "server-adaptive" "client-fixed" "client-adaptive")) }}
-{{- fail (printf "tracking.mlflow.perSlot is refused under central DP (run.dp=%s): each slot's figures are un-noised figures of a site's data; set it to false." .Values.run.dp) }}
-{{- end }}
 {{- end }}
 
 {{/* Images have fixed tags. */}}
