@@ -52,6 +52,7 @@ def run_config(out: Path, rounds: int) -> dict:
         "min-nodes": 2,
         "num-partitions": 2,
         "round-timeout": ROUND_TIMEOUT,
+        "round-retries": 4,  # a killed node's restart (~12 s here, more under load) costs attempts, not the run
         "out-dir": str(out),
     }
 
@@ -93,8 +94,9 @@ def test_killed_and_frozen_clients_cost_no_round(tmp_path, mini_dir):
     # left, and joins again) may already fill in that same round.
     missed_1 = [r for r in rounds if faults["killed_after"] < r["round"] <= faults["frozen_after"] and r["failures"]]
     assert missed_1, seen
-    without_0 = [r for r in rounds if r["partitions"] == [1] and r["failures"] >= 1]
-    assert without_0 and without_0[0]["round"] > faults["frozen_after"], seen  # while 0's trainer was frozen
+    # while 0's trainer was frozen (a round before may have missed it too: its first training warms up)
+    without_0 = [r for r in rounds[faults["frozen_after"] :] if r["partitions"] == [1] and r["failures"] >= 1]
+    assert without_0, seen
     assert any(0 in r["partitions"] for r in rounds[without_0[0]["round"] :]), seen  # thawed, it trains again
     assert rounds[-1]["partitions"] == [0, 1], seen  # both back
     # the 8 s deadline ended the faulty rounds, not Flower's default hour (a loose bound, a tenth of
@@ -155,8 +157,11 @@ def test_diverged_updates_are_refused_and_the_run_stops_with_a_clear_error(tmp_p
 def test_a_killed_server_resumes_after_its_last_completed_round(tmp_path, mini_dir):
     """FedAdam: its moments live in the ServerApp; the resumed run ends with the uninterrupted run's model."""
     out, adam = tmp_path / "out", {"strategy": "fedadam", "eta": 0.01}
+    # both runs must aggregate both slots every round: no reply may miss a deadline on a busy machine
+    # (a round ends as soon as both have answered)
+    patient = {"round-timeout": 300}
     with LocalFederation(clients=2, app_dir=ROOT, work_dir=tmp_path, data=str(mini_dir)) as fed:
-        fed.submit(run_config(out, rounds=3) | adam)
+        fed.submit(run_config(out, rounds=3) | adam | patient)
         wait("round 1 to complete", lambda: (load_history(out) or {}).get("rounds"), 120, interval=0.1)
         server_side = [
             pid
@@ -193,7 +198,9 @@ def test_a_killed_server_resumes_after_its_last_completed_round(tmp_path, mini_d
 
     whole = tmp_path / "whole"
     with LocalFederation(clients=2, app_dir=ROOT, work_dir=tmp_path / "w", data=str(mini_dir)) as fed:
-        fed.follow(fed.submit(run_config(whole, rounds=3) | adam), whole, on_round=lambda r: None)
+        fed.follow(fed.submit(run_config(whole, rounds=3) | adam | patient), whole, on_round=lambda r: None)
+    slots = [[r["partitions"] for r in h["rounds"]] for h in (after, load_history(whole))]
+    assert slots == [[[0, 1]] * 3] * 2, slots
     uninterrupted = torch.load(whole / "model.pt", weights_only=True)["model"]
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed_model["model"][name], tensor, rtol=1e-4, atol=1e-6)

@@ -110,6 +110,33 @@ def test_a_round_without_any_sound_update_is_retried_then_fails(tmp_path, model)
     assert len(calls) == 2 and counter(loop, "failed_round_attempts") == 2
 
 
+class LateNodes(ScriptedGrid):
+    """Node 12 connects only after ``hidden`` looks at the node list (a pod restarting)."""
+
+    def __init__(self, script: dict, hidden: int) -> None:
+        super().__init__(script)
+        self.hidden = hidden
+
+    def get_nodes(self):
+        self.hidden -= 1
+        return [n for n in super().get_nodes() if self.hidden < 0 or n.node_id != 12]
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_too_few_nodes_cost_an_attempt_not_the_run(tmp_path, model, retries):
+    script = {11: trained(0), 12: trained(1)}
+    loop = loop_for(tmp_path, script, min_nodes=2, round_retries=retries)
+    loop.grid = PollingGrid(LateNodes(script, hidden=2), 0.01)  # connects after attempt 1's wait
+    if retries == 0:
+        with pytest.raises(RoundFailed, match="aggregated no client update in 1 attempts"):
+            train_round(loop, model)
+    else:
+        aggregate, tally = train_round(loop, model)
+        assert tally.attempts == 2 and sorted(a.slot for a in tally.accepted) == [0, 1]
+        np.testing.assert_allclose(aggregate, model * 2.0, rtol=1e-6)
+    assert counter(loop, "failed_round_attempts") == 1
+
+
 def test_a_node_cannot_answer_for_a_slot_its_key_is_not_bound_to(tmp_path, model):
     """Keys registered as <site>/slot-<k>: node 13 (site-b's slot 2) claims slot 0 and answers first."""
     loop = loop_for(

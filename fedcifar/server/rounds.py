@@ -6,8 +6,8 @@ messages the strategy configures, skipping dead nodes whose slot a newer node an
 collect replies until the deadline or until every slot has answered; count each error or
 missing reply as a failure (``ledger.py``) and refuse each reply that fails a check
 (``replies.py``) or answers a slot twice; aggregate the rest with the strategy and evaluate the
-aggregate on the server's test split. A training attempt that aggregates nothing, or whose
-aggregate has no finite test loss, is tried again, up to ``round-retries`` times. Then the
+aggregate on the server's test split. A training attempt that finds too few nodes, aggregates
+nothing, or whose aggregate has no finite test loss, is tried again, up to ``round-retries`` times. Then the
 strategy's evaluate messages, if any (a failure there costs the round nothing), and the record
 (``recorder.py``: checkpoint, history, metrics). Nothing one reply holds, and no exception
 while handling one, ends the run: it is one refused reply.
@@ -61,6 +61,10 @@ class NodeList:
 
 class RoundFailed(RuntimeError):
     """A round could not be completed; the last completed one is checkpointed."""
+
+
+class TooFewNodes(RuntimeError):
+    """Fewer than ``min-nodes`` SuperNodes connected within ``round-timeout``: the attempt fails."""
 
 
 class GlobalModel(Protocol):
@@ -124,7 +128,12 @@ class RoundLoop:
             state_before = strategy_state(self.strategy)
             self._sent = arrays
             config = ConfigRecord({"lr": self.config.learning_rate})
-            messages = self._configure(self.strategy.configure_train, server_round, arrays, config)
+            try:
+                messages = self._configure(self.strategy.configure_train, server_round, arrays, config)
+            except TooFewNodes as short:  # e.g. a pod restarting: the next attempt waits for it again
+                log.warning("round %d, attempt %d: %s", server_round, attempt, short)
+                self.metrics.failed_round_attempts.inc()
+                continue
             every_slot = self._every_slot_in if self.config.fraction_train == 1 else None
             answers = self._accept(self._exchange(messages, tally, every_slot), "train", tally)
             tally.accepted = [
@@ -158,7 +167,7 @@ class RoundLoop:
         )
         raise RoundFailed(
             f"round {server_round} aggregated no client update in {self.config.round_retries + 1} attempts "
-            f"(see the failures and refused replies above); {where}"
+            f"(see the missing nodes, failures and refused replies above); {where}"
         )
 
     def evaluate(self, server_round: int, arrays: ArrayRecord, tally: RoundTally) -> None:
@@ -193,9 +202,9 @@ class RoundLoop:
         deadline = time.monotonic() + self.config.round_timeout
         while len(nodes := list(self.grid.get_nodes())) < self.config.min_nodes:
             if time.monotonic() >= deadline:
-                raise RoundFailed(
+                raise TooFewNodes(
                     f"only {len(nodes)} of min-nodes={self.config.min_nodes} SuperNodes connected after "
-                    f"{self.config.round_timeout:.0f}s: start the missing ones (or lower -c min-nodes), then resume"
+                    f"{self.config.round_timeout:g}s: start the missing ones (or lower -c min-nodes)"
                 )
             time.sleep(NODE_POLL_SECONDS)
         return nodes
