@@ -153,6 +153,13 @@ class ServerMetrics:
             "fedcifar_dp_epsilon",
             "Central differential privacy: the epsilon spent so far (RDP accountant) at the run's dp-delta.",
         )
+        self.tracking_errors = Counter(
+            "fedcifar_tracking_errors",
+            "Experiment tracking (MLflow): attempts that failed and were retried (failed), operations given "
+            "up (lost: the buffer was full, or the run's end could not wait longer).",
+            ["reason"],
+            **kw,
+        )
 
 
 class SuperLinkMetrics:

@@ -9,19 +9,26 @@ that dies, errors or is slow costs its own reply; a reply that fails a check (it
 the model's exact layout and bytes, finite values, its metrics, a weight above its slot's
 size, a slot that is not its key's) is refused and counted; neither ends the run. With
 ``resume = true`` the run continues from the checkpoint in ``out-dir`` (``checkpoint.py``),
-after the last completed round.
+after the last completed round. The best global model (the server's own test accuracy) is kept
+beside the checkpoint as ``best-model.pt``; with ``MLFLOW_TRACKING_URI`` in its environment the run is
+tracked in MLflow (``server/tracking.py``).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+import os
+import re
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import flwr
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+import fedcifar
 from fedcifar.config import CENTRAL_DP, ConfigError, RunConfig
 from fedcifar.data import DataSource, ImageTensors, load_full, partition_sizes, resolve_source
 from fedcifar.flower.tuning import tune
@@ -35,8 +42,18 @@ from fedcifar.server.recorder import Recorder
 from fedcifar.server.replies import Expected
 from fedcifar.server.rounds import RoundLoop
 from fedcifar.server.strategies import build_strategy, restore_strategy_state
+from fedcifar.server.tracking import FinalModels, Settings, per_slot_refusal, start_tracking
 from fedcifar.superlink.fleet_budgets import ReplyLayout, publish_reply_layout
-from fedcifar.task import MODEL_KEY, Net, evaluate, flat_weights, initial_model, load_flat_weights, pick_device
+from fedcifar.task import (
+    MODEL_KEY,
+    Net,
+    evaluate,
+    flat_weights,
+    initial_model,
+    load_flat_weights,
+    pick_device,
+    scale_pixels,
+)
 
 log = logging.getLogger("flwr.fedcifar")
 REPLY_POLL_SECONDS = 0.05  # Flower's handler prints it in the app's log
@@ -58,6 +75,10 @@ class ServerModel:
 
     def state_dict(self) -> dict:
         return self.net.state_dict()
+
+    def example(self) -> np.ndarray:
+        """A few test images as the model takes them (a tracked model's input example)."""
+        return scale_pixels(self.test_data.images[:4].cpu(), self.normalize).numpy()
 
 
 @app.main()
@@ -104,22 +125,68 @@ def main(grid: Grid, context: Context) -> None:
     metrics.strategy.labels(config.strategy, config.dp).set(1)
     if config.dp in CENTRAL_DP:
         metrics.dp_noise_multiplier.set(config.noise_multiplier)
+    tracker = start_tracking(tracking_settings(config), out_dir, metrics, history, run_tags(context.run_id, out_dir))
+    recorder = Recorder(history, out_dir, metrics, config.training_fingerprint(), tracker)
+    if checkpoint:
+        recorder.resumed(checkpoint.best_model)
     loop = RoundLoop(
         strategy=strategy,
         grid=PollingGrid(grid, REPLY_POLL_SECONDS),
         ledger=NodeLedger(config.num_partitions, metrics),
-        recorder=Recorder(history, out_dir, metrics, config.training_fingerprint()),
+        recorder=recorder,
         model=model,
         expected=expected,
         config=config,
         metrics=metrics,
         privacy=privacy,
     )
-    loop.run(arrays, checkpoint.round + 1 if checkpoint else 1)
+    try:
+        loop.run(arrays, checkpoint.round + 1 if checkpoint else 1)
+    except BaseException:
+        if tracker:
+            tracker.finish("FAILED", None)
+        raise
     history.status = "completed"
     history.save(out_dir)
     plot_history(asdict(history), out_dir / PLOT_FILE)
+    if tracker:
+        tracker.finish("FINISHED", final_models(model, recorder, history))
     log.info("Run %s completed; outputs in %s", context.run_id, out_dir)
+
+
+def tracking_settings(config: RunConfig) -> Settings | None:
+    """MLflow tracking as the server's environment asks, without what the run's DP forbids."""
+    settings = Settings.from_env()
+    if settings and (refusal := per_slot_refusal(settings.per_slot, config.dp)):
+        log.warning("MLflow tracking: %s", refusal)
+        settings = replace(settings, per_slot=False)
+    return settings
+
+
+def run_tags(run_id: int, out_dir: Path) -> dict[str, str]:
+    """The MLflow run's tags: versions, and on Kubernetes the image and release (the chart's environment)
+    and the revision (its output folder)."""
+    tags = {
+        "fedcifar.version": fedcifar.__version__,
+        "flwr.version": flwr.__version__,
+        "torch.version": torch.__version__,
+        "fedcifar.out_dir": str(out_dir),
+        "flwr.run_id": str(run_id),
+    }
+    if revision := re.fullmatch(r"revision-(\d+)", out_dir.name):  # the chart's out-dir: runs/revision-<N>
+        tags["fedcifar.revision"] = revision[1]
+    chart = {"fedcifar.image": "FEDCIFAR_IMAGE", "fedcifar.release": "FEDCIFAR_RELEASE"}
+    return tags | {tag: os.environ[env] for tag, env in chart.items() if os.environ.get(env)}
+
+
+def final_models(model: ServerModel, recorder: Recorder, history: History) -> FinalModels:
+    return FinalModels(
+        net=Net(),
+        last={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        best={k: v.cpu() for k, v in recorder.best_model.items()},
+        history=history,
+        example=model.example(),
+    )
 
 
 def expected_replies(config: RunConfig, source: DataSource, arrays: ArrayRecord) -> Expected:

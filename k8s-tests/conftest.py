@@ -22,6 +22,8 @@ SERVER_NS, SITE_NAMESPACES = "fedcifar-e2e-server", ("fedcifar-e2e-site-a", "fed
 SHARED_K8S = ROOT.parent / "shared" / "k8s"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 IMAGE_REPO, IMAGE_TAG = "local/fedcifar", f"{VERSION}-cpu"
+MLFLOW_IMAGE_REPO = "local/fedcifar-mlflow"
+MLFLOW_IMAGE_TAG = (ROOT / "images" / "requirements-mlflow.txt").read_text().split("mlflow==")[1].split()[0]
 
 
 def pytest_runtest_makereport(item, call):
@@ -51,6 +53,18 @@ def image(kube) -> tuple[str, str]:
         assert done.returncode == 0, f"image build failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     run("docker", "image", "inspect", f"{IMAGE_REPO}:{IMAGE_TAG}")
     return IMAGE_REPO, IMAGE_TAG
+
+
+@pytest.fixture(scope="session")
+def mlflow_image(kube) -> tuple[str, str]:
+    """The chart's MLflow server image (tracking.mlflow.server), built as the CPU image is."""
+    if os.environ.get("FEDCIFAR_E2E_SKIP_BUILD") != "1":
+        done = subprocess.run(
+            ["bash", str(ROOT / "images" / "build"), "mlflow"], capture_output=True, text=True, timeout=1800
+        )
+        assert done.returncode == 0, f"image build failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    run("docker", "image", "inspect", f"{MLFLOW_IMAGE_REPO}:{MLFLOW_IMAGE_TAG}")
+    return MLFLOW_IMAGE_REPO, MLFLOW_IMAGE_TAG
 
 
 @pytest.fixture(scope="session")

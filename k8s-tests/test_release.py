@@ -46,15 +46,21 @@ EXTRA_NAMESPACES = (GPU_NS,)
 DATA = ROOT / "tests" / "data" / "cifar10-mini"  # 500 train + 200 test real images
 CLIENTS_SELECTOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=clients"
 RUN_SELECTOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=run"
+SUPERLINK_SELECTOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=superlink"
 pytestmark = pytest.mark.e2e
 
 
-def chart_values(image: tuple[str, str], clients: int) -> list[str]:
-    """Small requests so 4 clients fit a 2-core node; real data from a hostPath volume."""
+def chart_values(image: tuple[str, str], mlflow_image: tuple[str, str], clients: int) -> list[str]:
+    """Small requests so 4 clients fit a 2-core node; real data from a hostPath volume; the release's
+    own MLflow server."""
     repo, tag = image
     sets = {
         "image.repository": repo,
         "image.tag": tag,
+        "tracking.mlflow.server.enabled": "true",
+        "tracking.mlflow.server.image.repository": mlflow_image[0],
+        "tracking.mlflow.server.image.tag": mlflow_image[1],
+        "tracking.mlflow.server.resources.requests.cpu": "10m",
         "clients.replicas": clients,
         "run.rounds": 2,
         "run.fractionEvaluate": "1.0",
@@ -101,8 +107,10 @@ def check_partitions(kube, prometheus: str, clients: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def release(kube, image, prometheus, batch):
-    helm("install", RELEASE, str(CHART), "-n", APP_NS, *chart_values(image, 3), "--wait", "--timeout", "5m")
+def release(kube, image, mlflow_image, prometheus, batch):
+    helm(
+        "install", RELEASE, str(CHART), "-n", APP_NS, *chart_values(image, mlflow_image, 3), "--wait", "--timeout", "5m"
+    )
     wait_for("the run job of revision 1 to succeed", lambda: job_succeeded(batch, 1), 900, 3)
     yield RELEASE
     helm("uninstall", RELEASE, "-n", APP_NS, check=False)
@@ -437,6 +445,156 @@ def test_control_api_answers_through_port_forward_only_with_the_rights(kube, rel
         assert answer.stdout.strip() == allowed, (question, answer.stdout, answer.stderr)
 
 
+def pull(kubeconfig: str, out: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "fedcifar", "pull", RELEASE, "-n", APP_NS, "--out", str(out), *args]
+    return run(*command, check=False, timeout=120, env={**os.environ, "KUBECONFIG": kubeconfig})
+
+
+def viewer_kubeconfig(kube, folder: Path) -> Path:
+    """A kubeconfig that acts as ServiceAccount ``viewer`` (its token; Kubernetes 1.20 makes one)."""
+    name = wait_for(
+        "viewer's token",
+        lambda: [s.name for s in kube.read_namespaced_service_account("viewer", APP_NS).secrets or []],
+        30,
+    )[0]
+    token = base64.b64decode(kube.read_namespaced_secret(name, APP_NS).data["token"]).decode()
+    config = json.loads(run("kubectl", "config", "view", "--raw", "--minify", "-o", "json").stdout)
+    config["users"] = [{"name": "viewer", "user": {"token": token}}]
+    config["contexts"][0]["context"]["user"] = "viewer"
+    path = folder / "viewer.kubeconfig"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_fedcifar_pull_fetches_a_runs_outputs_with_the_port_forward_right_alone(kube, release, tmp_path):
+    """The operator fetches the run's four files through the outputs port on the pod's loopback; the
+    built-in `view` role, which may read the pods but not forward to them, is refused."""
+    admin = pull(os.environ["KUBECONFIG"], tmp_path / "admin", "--revision", "1")
+    assert admin.returncode == 0, admin.stderr
+    fetched = tmp_path / "admin"
+    assert sorted(p.name for p in fetched.iterdir()) == ["best-model.pt", "history.json", "history.png", "model.pt"]
+    history = json.loads((fetched / "history.json").read_text())
+    assert history["status"] == "completed"
+    assert torch_load(fetched / "best-model.pt")["round"] == history["best"]["round"]
+    run("kubectl", "-n", APP_NS, "create", "serviceaccount", "viewer")
+    run(
+        "kubectl",
+        "-n",
+        APP_NS,
+        "create",
+        "rolebinding",
+        "viewer",
+        "--clusterrole=view",
+        f"--serviceaccount={APP_NS}:viewer",
+    )
+    try:
+        denied = pull(str(viewer_kubeconfig(kube, tmp_path)), tmp_path / "viewer")
+    finally:
+        run("kubectl", "-n", APP_NS, "delete", "rolebinding/viewer", "serviceaccount/viewer", check=False)
+    assert denied.returncode == 1 and "refused a port-forward" in " ".join(
+        denied.stdout.split() + denied.stderr.split()
+    )
+    assert not (tmp_path / "viewer").exists()
+
+
+MLFLOW_PORT = 5000  # the release's MLflow server, on the SuperLink pod's loopback (tracking.mlflow.server.port)
+# what a pod of the namespace tries: write to the MLflow server at the SuperLink pod's address
+MLFLOW_WRITE_PROBE = r"""
+import json, os, urllib.error, urllib.request
+out = {}
+for host in (os.environ["POD_IP"], os.environ["SERVICE"]):
+    request = urllib.request.Request(f"http://{host}:5000/api/2.0/mlflow/experiments/create", method="POST",
+                                     data=b'{"name": "intruder"}', headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            out[host] = f"HTTP {reply.status}"
+    except urllib.error.HTTPError as err:
+        out[host] = f"HTTP {err.code}"
+    except OSError as err:
+        out[host] = type(getattr(err, "reason", err)).__name__
+print("RESULT " + json.dumps(out))
+"""
+
+
+def mlflow_api(port: int, path: str, body: dict | None = None) -> dict:
+    url = f"http://127.0.0.1:{port}/api/2.0/mlflow/{path}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return json.loads(reply.read())
+
+
+def test_the_releases_mlflow_server_holds_the_run_and_takes_no_write_from_a_pod(kube, release, mlflow_image):
+    """Through the admin's port-forward, MLflow's REST API shows the run of revision 1 with a step per round
+    of every figure and both registered models; a pod of the namespace cannot reach it to write."""
+    with port_forward(APP_NS, f"deploy/{SUPERLINK}", MLFLOW_PORT) as port:
+        experiment = mlflow_api(port, "experiments/get-by-name?experiment_name=fedcifar")["experiment"]
+        runs = mlflow_api(port, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+        (tracked,) = [r for r in runs if {"key": "fedcifar.revision", "value": "1"} in r["data"]["tags"]]
+        assert tracked["info"]["status"] == "FINISHED", tracked["info"]
+        tags = {t["key"]: t["value"] for t in tracked["data"]["tags"]}
+        assert tags["fedcifar.release"] == RELEASE and tags["fedcifar.image"].startswith("local/fedcifar:"), tags
+        run_id = tracked["info"]["run_id"]
+        for key in ("eval_accuracy", "eval_loss", "train_loss", "round_seconds", "participating_clients", "epsilon"):
+            history = mlflow_api(port, f"metrics/get-history?run_id={run_id}&metric_key={key}")["metrics"]
+            assert sorted(m["step"] for m in history) == [1, 2], (key, history)
+        model = mlflow_api(port, "registered-models/get?name=fedcifar-cifar10")["registered_model"]
+        aliases = {a["alias"]: a["version"] for a in model["aliases"]}
+        versions = mlflow_api(port, "model-versions/search?filter=name%3D%27fedcifar-cifar10%27")["model_versions"]
+        mine = {v["version"] for v in versions if v["run_id"] == run_id}
+        assert len(mine) == 2 and {aliases["best"], aliases["last"]} <= mine, (aliases, mine)  # the only run yet
+    superlink = [p for p in pods(kube, APP_NS, SUPERLINK_SELECTOR) if p.metadata.deletion_timestamp is None][0]
+    probe = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "mlflow-writer", "namespace": APP_NS},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [
+                {
+                    "name": "writer",
+                    "image": ":".join(mlflow_image),
+                    "imagePullPolicy": "IfNotPresent",
+                    "command": ["python3", "-c", MLFLOW_WRITE_PROBE],
+                    "env": [
+                        {"name": "POD_IP", "value": superlink.status.pod_ip},
+                        {"name": "SERVICE", "value": SUPERLINK},
+                    ],
+                    "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "readOnlyRootFilesystem": True,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }
+            ],
+        },
+    }
+    try:
+        run("kubectl", "apply", "-f", "-", input=json.dumps(probe))
+        wait_for(
+            "the writer pod to finish",
+            lambda: kube.read_namespaced_pod("mlflow-writer", APP_NS).status.phase in ("Succeeded", "Failed"),
+            120,
+            2,
+        )
+        log = pod_logs(kube, APP_NS, "mlflow-writer")
+    finally:
+        run("kubectl", "-n", APP_NS, "delete", "pod/mlflow-writer", "--wait=false", check=False)
+    assert "RESULT " in log, log
+    out = json.loads(log.split("RESULT ", 1)[1])
+    # nothing listens on the pod's address, and the Service has no such port
+    assert set(out.values()) <= {"ConnectionRefusedError", "TimeoutError", "timeout"}, out
+
+
+def torch_load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
 def test_network_policies_exist(release):
     names = run(
         "kubectl", "-n", APP_NS, "get", "networkpolicy", "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "name"
@@ -514,10 +672,12 @@ KEYS_AT_INSTALL: dict = {}
 TLS_AT_INSTALL: dict = {}
 
 
-def test_upgrade_to_four_clients_repartitions(kube, release, prometheus, image, batch):
+def test_upgrade_to_four_clients_repartitions(kube, release, prometheus, image, mlflow_image, batch):
     KEYS_AT_INSTALL.update(kube.read_namespaced_secret(f"{RELEASE}-fedcifar-supernode-keys", APP_NS).data)
     TLS_AT_INSTALL.update(kube.read_namespaced_secret(TLS_SECRET, APP_NS).data)
-    helm("upgrade", RELEASE, str(CHART), "-n", APP_NS, *chart_values(image, 4), "--wait", "--timeout", "5m")
+    helm(
+        "upgrade", RELEASE, str(CHART), "-n", APP_NS, *chart_values(image, mlflow_image, 4), "--wait", "--timeout", "5m"
+    )
     wait_for("the run job of revision 2 to succeed", lambda: job_succeeded(batch, 2), 900, 3)
     check_partitions(kube, prometheus, 4)
     # every re-created pod trained its new partition in both rounds of the new run, nothing twice

@@ -130,4 +130,5 @@ def checkpoint_of(round_: int, config: RunConfig) -> Checkpoint:
         rng_state=random.getstate(),
         strategy_state={},
         privacy_state=None,
+        best_model=None,
     )

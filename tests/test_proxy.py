@@ -46,7 +46,7 @@ pytestmark = [
 ]
 
 
-def proxy_config(public: int, control: int, tls_dir: Path, tmp: Path) -> str:
+def proxy_config(public: int, control: int, tls_dir: Path, tmp: Path, outputs: int) -> str:
     """The chart's nginx.conf, with the pod's paths mapped to this test's folders."""
     done = subprocess.run(
         [
@@ -60,6 +60,8 @@ def proxy_config(public: int, control: int, tls_dir: Path, tmp: Path) -> str:
             f"superlink.port={public}",
             "--set",
             f"superlink.controlPort={control}",
+            "--set",
+            f"superlink.outputsPort={outputs}",
         ],
         capture_output=True,
         text=True,
@@ -69,6 +71,7 @@ def proxy_config(public: int, control: int, tls_dir: Path, tmp: Path) -> str:
     conf = yaml.safe_load(done.stdout)["data"]["nginx.conf"]
     conf = conf.replace("/tmp/", f"{tmp}/").replace("/etc/fedcifar/tls/", f"{tls_dir}/")
     conf = conf.replace("access_log /dev/stdout", f"access_log {tmp}/access.log")
+    conf = conf.replace("root /var/lib/fedcifar;", f"root {tmp}/state;")  # the state volume
     if os.geteuid() == 0:  # nginx's workers would drop to `nobody`, which cannot read this test's folders
         conf = "user root;\n" + conf
     return conf
@@ -96,7 +99,8 @@ def face(tmp_path_factory):
             "FLWR_HOME": str(work / "flwr"),
         },
     )
-    (work / "nginx.conf").write_text(proxy_config(public, control, pki, work))
+    outputs = free_port()
+    (work / "nginx.conf").write_text(proxy_config(public, control, pki, work, outputs))
     nginx = subprocess.Popen(
         [NGINX, "-e", "stderr", "-c", str(work / "nginx.conf"), "-g", "daemon off;"],
         stdout=open(work / "nginx.log", "w"),
@@ -107,7 +111,7 @@ def face(tmp_path_factory):
     try:
         wait("the SuperLink's keys registered", ready.exists, 90)
         assert nginx.poll() is None, (work / "nginx.log").read_text()
-        yield {"public": public, "control": control, "pki": pki, "work": work, "admin": admin}
+        yield {"public": public, "control": control, "pki": pki, "work": work, "admin": admin, "outputs": outputs}
     finally:
         for proc in (nginx, superlink):
             proc.terminate()
@@ -229,3 +233,51 @@ def test_a_registered_supernode_moves_3_mib_through_the_proxy(face, tmp_path):
 def test_a_body_above_the_limit_is_refused_by_the_proxy(face):
     status, _ = request(face, "POST", "/v1/fleet/push-object", b"\0" * (7 * 2**20))  # maxBodySize: 6m
     assert status == 413
+
+
+# -- the run outputs, on the pod's loopback (fedcifar pull) ------------------------------------------
+
+
+def test_the_outputs_port_serves_four_files_of_each_run_folder_and_nothing_else(face):
+    state = face["work"] / "state"
+    run = state / "runs" / "revision-3"
+    run.mkdir(parents=True)
+    for name in ("history.json", "history.png", "model.pt", "best-model.pt", "privacy-releases.json"):
+        (run / name).write_bytes(name.encode())
+    (run / "logs").mkdir()
+    (run / "logs" / "superlink.log").write_text("log")
+    (state / "state.db").write_text("db")
+    elsewhere = state / "runs" / "revision-4"
+    elsewhere.mkdir()
+    (elsewhere / "history.json").symlink_to(state / "state.db")  # a link planted in a run folder
+
+    def get(path: str, method: str = "GET") -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", face["outputs"], timeout=30)
+        conn.request(method, path)
+        reply = conn.getresponse()
+        return reply.status, reply.read()
+
+    assert json.loads(get("/runs/")[1]) and {e["name"] for e in json.loads(get("/runs/")[1])} == {
+        "revision-3",
+        "revision-4",
+    }
+    for name in ("history.json", "history.png", "model.pt", "best-model.pt"):
+        assert get(f"/runs/revision-3/{name}") == (200, name.encode())
+    for path in (
+        "/runs/revision-3/privacy-releases.json",
+        "/runs/revision-3/logs/superlink.log",
+        "/state.db",
+        "/runs/revision-3/../../state.db",
+        "/runs/%2e%2e/state.db",
+        "/runs/revision-3/",
+        "/",
+    ):
+        status, body = get(path)
+        assert status in (400, 404) and b"db" not in body, path
+    assert get("/runs/revision-4/history.json")[0] == 403  # disable_symlinks
+    assert get("/runs/revision-3/model.pt", "POST")[0] == 403
+    assert get("/runs/revision-3/model.pt", "DELETE")[0] in (403, 405)
+    # not on the public port, and on the pod's loopback only
+    assert exchange(face, "GET", "/runs/revision-3/model.pt")[0] == 403
+    conf = (face["work"] / "nginx.conf").read_text()
+    assert f"listen 127.0.0.1:{face['outputs']};" in conf

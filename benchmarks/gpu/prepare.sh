@@ -26,8 +26,34 @@ PROVIDED='torch|scipy|ruff|numpy|pandas|pyarrow|matplotlib|contourpy|kiwisolver|
 
 rm -rf .gpu
 mkdir -p .gpu/wheels
-python -m pip freeze --exclude-editable | awk -F== '{n = tolower($1); gsub(/[_.]/, "-", n); print n "==" $2}' |
-    grep -vE "^($PROVIDED)==" >.gpu/requirements.txt
+# fedcifar's own dependencies, transitively, as this venv resolved them (never the test or tracking
+# extras: MLflow's server alone is larger than the 64 MiB a call carries)
+python - <<'PY' | grep -vE "^($PROVIDED)==" >.gpu/requirements.txt
+import re
+from importlib.metadata import PackageNotFoundError, distribution, requires
+
+def name(requirement: str) -> str:
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement)[0]).lower()
+
+def needed(requirement: str) -> bool:  # no extra's requirement, unless it is flwr[dp]'s
+    marker = requirement.partition(";")[2]
+    return "extra" not in marker or '"dp"' in marker
+
+seen, todo = set(), [name(r) for r in requires("fedcifar") if needed(r)]
+while todo:
+    if (package := todo.pop()) in seen:
+        continue
+    seen.add(package)
+    try:
+        todo += [name(r) for r in distribution(package).requires or [] if needed(r)]
+    except PackageNotFoundError:
+        continue
+for package in sorted(seen):
+    try:
+        print(f"{package}=={distribution(package).version}")
+    except PackageNotFoundError:
+        pass
+PY
 python -m pip download -q --no-deps --only-binary=:all: --implementation cp --python-version "$PY" \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 \
@@ -41,4 +67,10 @@ from fedcifar.experiments.harness import make_subset
 
 make_subset(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(".gpu/data"))
 PY
-du -sh .gpu/wheels .gpu/data .gpu
+du -sh .gpu/wheels .gpu/data
+size=$(du -sm .gpu | cut -f1)
+if [ "$size" -ge 64 ]; then
+    echo "prepare.sh: .gpu holds ${size} MiB, over the 64 MiB one call to the GPU machine carries: leave out what the GPU image provides (PROVIDED above) or lower TRAIN/TEST" >&2
+    exit 1
+fi
+echo "== .gpu: ${size} MiB (a call carries 64 MiB)"

@@ -1,4 +1,5 @@
-"""The ``fedcifar`` command line: one module per command group (``run``, ``experiments``, ``submit``, ``nodes``).
+"""The ``fedcifar`` command line: one module per command group (``run``, ``experiments``, ``submit``, ``pull``,
+``nodes``).
 
 fedcifar run --clients 2 --rounds 3              # local federation: SuperLink + 2 SuperNodes
 fedcifar centralized --epochs 2 --json           # the centralized baseline
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedcifar.cli import experiments, nodes, run, submit
+from fedcifar.cli import experiments, nodes, pull, run, submit
 from fedcifar.cli.common import console
 from fedcifar.local.isolation import IsolationError
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parser(sub)
     experiments.add_parsers(sub)
     submit.add_parser(sub)
+    pull.add_parser(sub)
     nodes.add_parsers(sub)
     return parser
 

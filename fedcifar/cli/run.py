@@ -11,6 +11,8 @@ from fedcifar.cli.common import APP_DIR, add_shared_network, console, interrupt,
 from fedcifar.cli.progress import follow_with_progress, print_summary
 from fedcifar.config import RunConfig, app_defaults, parse_overrides
 
+LOCAL_MLFLOW_STORE = "sqlite:///mlflow.db"  # MLflow's own default store, which `mlflow ui` opens
+
 
 def add_parser(sub) -> None:
     run = sub.add_parser("run", help="run a local federation (SuperLink + SuperNodes as processes)")
@@ -55,6 +57,24 @@ def add_parser(sub) -> None:
         "without authentication a node is whoever it claims to be",
     )
     add_shared_network(run)
+    track = run.add_argument_group("experiment tracking (MLflow; the ServerApp's alone, never sent to a node)")
+    track.add_argument(
+        "--mlflow",
+        nargs="?",
+        const=LOCAL_MLFLOW_STORE,
+        metavar="URI",
+        help="track the run in MLflow: a tracking server's URI (credentials from MLFLOW_TRACKING_USERNAME, "
+        "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN), or without one "
+        f"{LOCAL_MLFLOW_STORE} (open it with `mlflow ui` in this folder)",
+    )
+    track.add_argument("--mlflow-experiment", default=None, help="the MLflow experiment (default fedcifar)")
+    track.add_argument("--mlflow-model", default=None, help="the registered model (default fedcifar-cifar10)")
+    track.add_argument(
+        "--mlflow-per-slot",
+        action="store_true",
+        help="also each slot's train loss, examples and seconds, by site: un-noised figures of each site's "
+        "data, refused under central DP",
+    )
     run.set_defaults(handler=cmd_run)
 
 
@@ -93,6 +113,7 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
         raise ValueError(f"--clients must be >= 1, got {clients}")
     overrides["out-dir"] = str(out_dir)
     config = RunConfig.from_flower({**defaults, **overrides})
+    server_env = tracking_env(args, config)
     if args.resume:
         done = check_resumable(out_dir, config)
         if not said:
@@ -115,6 +136,7 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
         metrics_ports=None if metrics_sockets else metrics_ports(args.metrics_port, clients),
         metrics_sockets=metrics_sockets,
         signed=not args.insecure,
+        server_env=server_env,
     )
     if args.insecure:
         console.print(
@@ -140,6 +162,37 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
         return 1
     print_summary(history, fed.peak_rss, out_dir)
     return 0
+
+
+def tracking_env(args: argparse.Namespace, config: RunConfig) -> dict[str, str]:
+    """The ServerApp's MLflow settings (``server/tracking.py``), or a refusal of what could not work."""
+    import os
+
+    from fedcifar.local.federation import SERVER_ONLY_ENV
+    from fedcifar.server.tracking import per_slot_refusal
+
+    if not args.mlflow:
+        if args.mlflow_experiment or args.mlflow_model or args.mlflow_per_slot:
+            raise ValueError("--mlflow-experiment, --mlflow-model and --mlflow-per-slot need --mlflow [URI]")
+        return {}
+    if refusal := per_slot_refusal(args.mlflow_per_slot, config.dp):
+        raise ValueError(f"--mlflow-per-slot: {refusal}; leave it out")
+    uri = args.mlflow
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative: to this folder
+        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    if uri.startswith(("http://", "https://")) and not args.shared_network:
+        raise ValueError(
+            f"--mlflow {uri}: the federation runs in a private network namespace, out of reach of a tracking "
+            "server; add --shared-network, or track to a local store (--mlflow without a URI)"
+        )
+    # the user's MLflow credentials and settings (FEDCIFAR_MLFLOW_FLUSH_SECONDS too), for the ServerApp alone
+    env = {k: v for k, v in os.environ.items() if k.startswith(SERVER_ONLY_ENV)} | {"MLFLOW_TRACKING_URI": uri}
+    settings = {
+        "FEDCIFAR_MLFLOW_EXPERIMENT": args.mlflow_experiment,
+        "FEDCIFAR_MLFLOW_MODEL": args.mlflow_model,
+        "FEDCIFAR_MLFLOW_PER_SLOT": "1" if args.mlflow_per_slot else None,
+    }
+    return env | {k: v for k, v in settings.items() if v}
 
 
 def resumed_history(out_dir: Path) -> dict:

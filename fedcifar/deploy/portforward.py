@@ -43,13 +43,17 @@ def splice(a: socket.socket, b: socket.socket) -> None:
 
 class PortForward:
     """``with PortForward(selector, port) as address:`` -- ``127.0.0.1:<local port>`` reaches ``port``
-    on the loopback of the running pod that ``selector`` picks, in the Job's own namespace."""
+    on the loopback of the running pod that ``selector`` picks, in the Job's own namespace (or ``namespace``)."""
 
-    def __init__(self, selector: str, port: int, namespace: str | None = None) -> None:
+    def __init__(self, selector: str, port: int, namespace: str | None = None, core: object | None = None) -> None:
+        """``core``: a ``CoreV1Api`` (e.g. from the operator's kubeconfig); by default the pod's own
+        ServiceAccount's."""
         from kubernetes import client, config
 
-        config.load_incluster_config()
-        self.core = client.CoreV1Api()
+        if core is None:
+            config.load_incluster_config()
+            core = client.CoreV1Api()
+        self.core = core
         self.selector, self.port = selector, port
         self.namespace = namespace or NAMESPACE_FILE.read_text().strip()
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -78,7 +82,7 @@ class PortForward:
         except ApiException as err:
             raise PortForwardError(
                 f"the API server refused a port-forward to {self.namespace}/{pod}:{self.port} ({err.reason}): "
-                "the ServiceAccount needs get and create on pods/portforward in this namespace"
+                "the identity (a user or ServiceAccount) needs get and create on pods/portforward in this namespace"
             ) from None
         return forward.socket(self.port)
 

@@ -98,6 +98,11 @@ class NodeProcess:
             return "(no log)"
 
 
+# the most a completed run's ServerApp is awaited (it bounds its own end: FEDCIFAR_MLFLOW_FLUSH_SECONDS)
+SERVERAPP_EXIT_SECONDS = 600.0
+SERVER_ONLY_ENV = ("MLFLOW_", "FEDCIFAR_MLFLOW_")  # experiment tracking: the ServerApp's, never a node's
+
+
 @dataclass
 class LocalFederation:
     """Start with ``with LocalFederation(...) as fed:``; everything stops when the block ends."""
@@ -115,6 +120,9 @@ class LocalFederation:
     # TLS (a throwaway CA in the private folder) and SuperNode authentication, so that the SuperLink's
     # Fleet guard knows which node sent a request; the stock baseline runs as Flower's quickstart does
     signed: bool = True
+    # the SuperLink's (and so the ServerApp's) alone, e.g. MLflow's URI and credentials: every other
+    # process gets this process's environment without any MLFLOW_* or FEDCIFAR_MLFLOW_* variable
+    server_env: dict[str, str] = field(default_factory=dict)
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     nodes: list[NodeProcess] = field(default_factory=list)
     peak_rss: dict[str, int] = field(default_factory=dict)  # bytes per kind of process
@@ -148,7 +156,7 @@ class LocalFederation:
         self.close()
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(SERVER_ONLY_ENV)}
         # Flower starts flower-superexec & co. by name: find them beside this interpreter
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.update(
@@ -189,7 +197,9 @@ class LocalFederation:
         if self.stock:
             server = self._spawn("superlink", [flower_binary("flower-superlink"), *link], None)
         else:
-            server = self._spawn("superlink", [*FEDCIFAR, "superlink", *self._metrics(0), *link], 0, keys)
+            server = self._spawn(
+                "superlink", [*FEDCIFAR, "superlink", *self._metrics(0), *link], 0, keys | self.server_env
+            )
         deadline = time.monotonic() + timeout
         wait_for_port(self.superlink_port, deadline, server)
         if self.secure:  # a SuperNode whose key is not registered yet is refused, and exits
@@ -333,7 +343,8 @@ class LocalFederation:
         status_every: float = 5.0,
         on_notice: Callable[[str], None] = print,
     ) -> dict[str, Any]:
-        """Report each new round of ``out_dir/history.json`` until the run ends; return the history.
+        """Report each new round of ``out_dir/history.json`` until the run ends (completed, and its
+        ServerApp exited); return the history.
 
         Dead SuperNodes are restarted (``on_notice`` hears of it); a dead SuperLink, or a run
         that Flower reports finished but not completed (asked ``status_every`` s after the last
@@ -349,6 +360,7 @@ class LocalFederation:
                 # only once rounds stop coming
                 next_status = time.monotonic() + status_every
             if history and history.get("run_id") == run_id and history.get("status") == "completed":
+                self._until_serverapp_exits(run_id, on_notice)
                 return history
             self.sample_memory()
             if not self.nodes[0].alive():
@@ -363,6 +375,17 @@ class LocalFederation:
                     )
                 next_status = time.monotonic() + status_every
             time.sleep(poll)
+
+    def _until_serverapp_exits(self, run_id: int, on_notice: Callable[[str], None]) -> None:
+        """A completed run's ServerApp may still be sending its models to MLflow (bounded by its own
+        flush time): stopping the federation now would kill it. Flower reports the run finished once
+        the ServerApp has exited."""
+        deadline = time.monotonic() + SERVERAPP_EXIT_SECONDS
+        while not self.run_status(run_id).startswith("finished"):
+            if time.monotonic() >= deadline:
+                on_notice(f"run {run_id}: its ServerApp still runs {SERVERAPP_EXIT_SECONDS:.0f}s after the last round")
+                return
+            time.sleep(1.0)
 
     def run_log_tail(self, run_id: int, lines: int = 40) -> str:
         """The end of the run's log (the ServerApp's output lives in the SuperLink's log store)."""

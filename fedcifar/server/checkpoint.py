@@ -5,7 +5,8 @@ run's history up to that round, the training part of the run config, the server'
 (Flower samples clients with ``random``), what the strategy carries between rounds
 (``server/strategies.py``: moments, momentum, the adaptive clipping norm) and how many noised
 aggregates its rounds released (central DP; the DP noise's generator is never kept:
-``server/privacy.py``). It is written after every round, atomically,
+``server/privacy.py``) and the best global model so far (``best-model.pt`` is rewritten from it, so
+the two never disagree after a crash). It is written after every round, atomically,
 and read with ``weights_only=True``, so a checkpoint from elsewhere cannot run code.
 
 A checkpoint that cannot be read, that holds another model, or that was trained with other
@@ -22,9 +23,10 @@ from typing import Any
 import torch
 
 from fedcifar.common import atomic
-from fedcifar.server.history import CHECKPOINT_FILE
+from fedcifar.server.history import BEST_MODEL_FILE, CHECKPOINT_FILE
 
-FORMAT = 3  # 2: strategy and privacy accountant states; 3: no DP noise state (drawn afresh on resume)
+# 2: strategy and privacy accountant states; 3: no DP noise state (drawn afresh on resume); 4: the best model
+FORMAT = 4
 MODEL_CLASS = "Net"
 
 
@@ -41,6 +43,7 @@ class Checkpoint:
     rng_state: Any
     strategy_state: dict[str, Any]
     privacy_state: dict[str, Any] | None
+    best_model: dict[str, torch.Tensor] | None  # the global model of ``history["best"]["round"]``
 
     def save(self, out_dir: Path) -> Path:
         path = out_dir / CHECKPOINT_FILE
@@ -54,6 +57,7 @@ class Checkpoint:
             "rng_state": self.rng_state,
             "strategy_state": self.strategy_state,
             "privacy_state": self.privacy_state,
+            "best_model": self.best_model,
         }
         with atomic.replacing(path) as tmp:
             torch.save(payload, tmp)
@@ -90,7 +94,17 @@ def load_checkpoint(out_dir: Path, reference: dict[str, torch.Tensor]) -> Checkp
         rng_state=payload["rng_state"],
         strategy_state=payload["strategy_state"],
         privacy_state=payload["privacy_state"],
+        best_model=payload["best_model"],
     )
+
+
+def save_best_model(out_dir: Path, model: dict[str, torch.Tensor], best: dict[str, Any]) -> Path:
+    """``best-model.pt``: ``{"model": state_dict, "round", "eval_accuracy", "eval_loss"}`` (``best``: the
+    history's record of that round); load with ``torch.load(path, weights_only=True)``."""
+    path = out_dir / BEST_MODEL_FILE
+    with atomic.replacing(path) as tmp:
+        torch.save({"format": FORMAT, "model_class": MODEL_CLASS, "model": model, **best}, tmp)
+    return path
 
 
 def check_same_training(checkpoint: Checkpoint, fingerprint: dict[str, Any], path: Path) -> None:

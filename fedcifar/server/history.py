@@ -1,4 +1,5 @@
-"""A run's outputs: ``history.json`` (per-round figures), the model checkpoint and ``history.png``.
+"""A run's outputs: ``history.json`` (per-round figures), the model checkpoint, the best model and
+``history.png``.
 
 Files are replaced whole (``atomic.py``), so a crash never leaves a half-written file behind, and
 they are rewritten after every round.
@@ -17,7 +18,9 @@ from fedcifar.common import atomic
 
 HISTORY_FILE = "history.json"
 CHECKPOINT_FILE = "model.pt"
+BEST_MODEL_FILE = "best-model.pt"
 PLOT_FILE = "history.png"
+OUTPUT_FILES = (HISTORY_FILE, PLOT_FILE, CHECKPOINT_FILE, BEST_MODEL_FILE)  # what an operator fetches
 
 
 @dataclass
@@ -58,6 +61,8 @@ class History:
     status: str = "running"  # running | completed
     started_at: float = field(default_factory=time.time)
     resumes: list[dict[str, Any]] = field(default_factory=list)  # run id, after which round, when
+    # the round whose global model scored the highest accuracy on the server's test split (best-model.pt)
+    best: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> History:

@@ -1,6 +1,8 @@
-"""A round's figures, and where they go once the round is over: the checkpoint, ``history.json``
-and Prometheus, in that order (a crash between the files leaves the history a round behind,
-never ahead; a scrape never sees one round's accuracy beside another round's count)."""
+"""A round's figures, and where they go once the round is over: the checkpoint, ``history.json``,
+``best-model.pt`` when the round's model is the best yet, Prometheus and the experiment tracker, in
+that order (a crash between the files leaves the history a round behind, never ahead, and a resume
+rewrites the best model from the checkpoint; a scrape never sees one round's accuracy beside another
+round's count; the tracker is sent only checkpointed rounds, so a resume never repeats a step)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from fedcifar.metrics import ServerMetrics
-from fedcifar.server.checkpoint import Checkpoint
-from fedcifar.server.history import History, RoundRecord
+from fedcifar.server.checkpoint import Checkpoint, save_best_model
+from fedcifar.server.history import BEST_MODEL_FILE, History, RoundRecord
+from fedcifar.server.tracking import Tracker
 
 log = logging.getLogger("flwr.fedcifar")
 
@@ -26,6 +29,7 @@ class Accepted:
     site: str
     examples_trained: int
     train_seconds: float
+    train_loss: float
 
 
 @dataclass
@@ -76,6 +80,15 @@ class Recorder:
     out_dir: Path
     metrics: ServerMetrics
     fingerprint: dict[str, Any]
+    tracker: Tracker | None = None
+    best_model: dict | None = None  # the state dict of ``history.best``'s round
+
+    def resumed(self, best_model: dict | None) -> None:
+        """After a resume: the checkpoint's best model, written again (a crash may have left
+        ``best-model.pt`` a round ahead of the checkpoint)."""
+        self.best_model = best_model
+        if best_model is not None:
+            save_best_model(self.out_dir, best_model, self.history.best)
 
     def initial(self, loss: float, accuracy: float) -> None:
         """The global model's figures before any round."""
@@ -96,6 +109,11 @@ class Recorder:
     ) -> RoundRecord:
         record = tally.record(server_round, loss, accuracy)
         self.history.rounds.append(record)
+        best = self.history.best
+        improved = best is None or accuracy > best["eval_accuracy"]  # ties keep the earlier round
+        if improved:
+            self.history.best = {"round": server_round, "eval_accuracy": accuracy, "eval_loss": loss}
+            self.best_model = {name: tensor.detach().clone() for name, tensor in model.items()}
         Checkpoint(
             model=model,
             round=server_round,
@@ -104,8 +122,11 @@ class Recorder:
             rng_state=random.getstate(),
             strategy_state=strategy_state,
             privacy_state=privacy_state,
+            best_model=self.best_model,
         ).save(self.out_dir)
         self.history.save(self.out_dir)
+        if improved:
+            save_best_model(self.out_dir, self.best_model, self.history.best)
         m = self.metrics
         m.eval_loss.set(loss)
         m.eval_accuracy.set(accuracy)
@@ -118,6 +139,8 @@ class Recorder:
             m.dp_clipping_norm.set(record.clipping_norm)
         if record.epsilon is not None:
             m.dp_epsilon.set(record.epsilon)
+        if self.tracker:
+            self.tracker.round(record, tally.accepted)
         log.info(
             "round %d: train_loss=%.4f eval_loss=%.4f eval_accuracy=%.4f %.1fs; slots (site): %s%s",
             server_round,
@@ -128,6 +151,8 @@ class Recorder:
             ", ".join(f"{p} ({site})" for p, site in zip(record.partitions, record.sites, strict=True)) or "none",
             f"; {len(record.refusals)} replies refused" if record.refusals else "",
         )
+        if improved:
+            log.info("round %d: the best model yet (%s)", server_round, BEST_MODEL_FILE)
         if record.epsilon is not None:
             log.info(
                 "round %d: privacy spent epsilon=%.4g at delta=%g",

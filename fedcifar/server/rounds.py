@@ -137,7 +137,13 @@ class RoundLoop:
             every_slot = self._every_slot_in if self.config.fraction_train == 1 else None
             answers = self._accept(self._exchange(messages, tally, every_slot), "train", tally)
             tally.accepted = [
-                Accepted(a.reply.slot, self.ledger.site(a.node_id), a.reply.examples_trained, a.reply.train_seconds)
+                Accepted(
+                    a.reply.slot,
+                    self.ledger.site(a.node_id),
+                    a.reply.examples_trained,
+                    a.reply.train_seconds,
+                    a.reply.train_loss,
+                )
                 for a in answers
             ]
             aggregated = self._aggregate(server_round, arrays, answers, tally)

@@ -68,6 +68,12 @@ def persistence_docs() -> list[dict]:
 
 
 @pytest.fixture(scope="package")
+def mlflow_server_docs() -> list[dict]:
+    """The release's own MLflow server, its store on the SuperLink's PVC."""
+    return render("--set", "tracking.mlflow.server.enabled=true", "--set", "superlink.persistence.enabled=true")
+
+
+@pytest.fixture(scope="package")
 def run_docs() -> list[dict]:
     return render(*RUN_ARGS)
 

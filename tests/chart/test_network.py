@@ -12,7 +12,10 @@ pytestmark = needs_helm
 def test_the_public_face_passes_only_the_fleet_api(default_docs: list[dict]) -> None:
     """What nginx is told (tests/test_proxy.py runs this config in front of a real SuperLink)."""
     conf = find(default_docs, "ConfigMap", f"{FULLNAME}-superlink-proxy")["data"]["nginx.conf"]
-    assert re.findall(r"location (.+?) \{", conf) == ["/v1/fleet/", "= /health", "= /v1/fleet", "/"]
+    public, outputs = conf.split("listen 127.0.0.1:9095;")  # the second server: the run outputs (loopback)
+    assert re.findall(r"location (.+?) \{", public) == ["/v1/fleet/", "= /health", "= /v1/fleet", "/"]
+    assert re.findall(r"location (.+?) \{", outputs)[0::2] == ["= /runs/", "/"]  # + the four files' regex
+    assert "proxy_pass" not in outputs and "disable_symlinks on;" in outputs
     assert conf.count("proxy_pass https://flower;") == 2 and conf.count("return 403") == 2
     # another method on the Fleet API (POST) or /health (GET, HEAD): 405 from nginx itself
     assert "if ($request_method != POST)" in conf and "if ($request_method !~ ^(GET|HEAD)$)" in conf

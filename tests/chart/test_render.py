@@ -276,6 +276,7 @@ RENDERED_VALUE_SETS = (
     "pvc_data_docs",
     "hostpath_data_docs",
     "persistence_docs",
+    "mlflow_server_docs",
     "run_docs",
     "insecure_docs",
     "cert_manager_docs",

@@ -66,6 +66,7 @@ PASS_THROUGH = {
         for k in ("resources", "nodeSelector", "affinity", "podAnnotations", "podLabels", "extraEnv")
     ),
     "superlink.proxy.resources",
+    "tracking.mlflow.server.resources",
     "superlink.service.annotations",
     "superlink.persistence.annotations",
     "serviceAccount.annotations",

@@ -83,3 +83,12 @@ def test_skaffold_values_exist_and_render(skaffold: dict, values: dict) -> None:
                 args += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
         docs = render(*args)  # the schema accepts every profile's values
         assert find(docs, "StatefulSet")
+
+
+def test_the_mlflow_profile_builds_the_server_and_sets_values_that_exist(skaffold: dict, values: dict) -> None:
+    (profile,) = [p for p in skaffold["profiles"] if p["name"] == "mlflow"]
+    patches = {patch["path"]: patch["value"] for patch in profile["patches"]}
+    assert (ROOT / patches["/build/artifacts/-"]["docker"]["dockerfile"]).is_file()
+    keys = [path.rsplit("/", 1)[1] for path in patches if "/setValue" in path]
+    assert "tracking.mlflow.server.enabled" in keys and all(values_path_exists(values, k) for k in keys), keys
+    assert patches["/portForward/-"]["port"] == values["tracking"]["mlflow"]["server"]["port"]

@@ -17,3 +17,18 @@ kubectl.kubernetes.io/default-container: superlink
 {{- $context := ternary (printf "ssl.create_default_context(cafile=%s)" (include "fedcifar.tls.caFile" . | quote)) "None" .Values.tls.enabled -}}
 {{- list "python3" "-c" (printf "import ssl, urllib.request; urllib.request.urlopen(%s, timeout=4, context=%s)" ($url | quote) $context) | toJson -}}
 {{- end }}
+
+{{/* The tracking URI the ServerApp logs to: the release's own MLflow server, or tracking.mlflow.uri. */}}
+{{- define "fedcifar.mlflow.uri" -}}
+{{- if .Values.tracking.mlflow.server.enabled -}}
+{{- printf "http://127.0.0.1:%d" (int .Values.tracking.mlflow.server.port) -}}
+{{- else -}}
+{{- .Values.tracking.mlflow.uri -}}
+{{- end -}}
+{{- end }}
+
+{{/* The MLflow server's health check from inside the pod (it listens on the loopback alone). */}}
+{{- define "fedcifar.mlflow.healthCommand" -}}
+{{- $url := printf "http://127.0.0.1:%d/health" (int .Values.tracking.mlflow.server.port) -}}
+{{- list "python3" "-c" (printf "import urllib.request; urllib.request.urlopen(%s, timeout=4)" ($url | quote)) | toJson -}}
+{{- end }}

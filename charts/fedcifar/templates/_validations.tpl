@@ -116,6 +116,15 @@ renders, includes it.
 {{- if lt (float64 .Values.run.momentum) 0.0 }}
 {{- fail (printf "run.momentum must not be negative, got %v." .Values.run.momentum) }}
 {{- end }}
+{{- if and .Values.tracking.mlflow.server.enabled .Values.tracking.mlflow.uri }}
+{{- fail (printf "tracking.mlflow.server.enabled runs the release's own MLflow server, and the ServerApp logs to it; tracking.mlflow.uri (%s) names another: set one of them." .Values.tracking.mlflow.uri) }}
+{{- end }}
+{{- if and .Values.tracking.mlflow.server.enabled (not (include "fedcifar.runsSuperLink" .)) }}
+{{- fail "tracking.mlflow.server.enabled runs the MLflow server in the SuperLink pod, which this release (a site: superlink.enabled=false) does not run; leave it false." }}
+{{- end }}
+{{- if and .Values.tracking.mlflow.perSlot (has .Values.run.dp (list "server-fixed" "server-adaptive" "client-fixed" "client-adaptive")) }}
+{{- fail (printf "tracking.mlflow.perSlot is refused under central DP (run.dp=%s): each slot's figures are un-noised figures of a site's data; set it to false." .Values.run.dp) }}
+{{- end }}
 {{- end }}
 
 {{/* Images have fixed tags. */}}
@@ -127,7 +136,10 @@ renders, includes it.
 
 {{/* The ports a pod listens on differ. */}}
 {{- define "fedcifar.validate.ports" -}}
-{{- $ports := dict "superlink.port" .Values.superlink.port "superlink.controlPort" .Values.superlink.controlPort "metrics.port" .Values.metrics.port }}
+{{- $ports := dict "superlink.port" .Values.superlink.port "superlink.controlPort" .Values.superlink.controlPort "superlink.outputsPort" .Values.superlink.outputsPort "metrics.port" .Values.metrics.port }}
+{{- if .Values.tracking.mlflow.server.enabled }}
+{{- $_ := set $ports "tracking.mlflow.server.port" .Values.tracking.mlflow.server.port }}
+{{- end }}
 {{- range $a := keys $ports | sortAlpha }}
 {{- range $b := keys $ports | sortAlpha }}
 {{- if and (lt $a $b) (eq (int (get $ports $a)) (int (get $ports $b))) }}
