@@ -111,6 +111,7 @@ def mlflow_server(tmp_path_factory):
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its workers stop and go on together (SIGSTOP below)
+        env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as the chart runs it: no job runner
     )
     uri = f"http://127.0.0.1:{port}"
     wait("mlflow server", lambda: _healthy(uri), timeout=120)
