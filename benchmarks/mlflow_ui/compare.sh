@@ -19,7 +19,7 @@ port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); 
 mlflow ui --host 127.0.0.1 --port "$port" --workers 1 >ui.log 2>&1 &
 ui=$!
 trap 'kill $ui 2>/dev/null || true' EXIT
-for _ in $(seq 60); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 1; done
+curl -sf --retry 60 --retry-connrefused --retry-delay 1 "http://127.0.0.1:$port/health" >/dev/null   # fails if it never comes up
 
 # the page's query names the two runs and their experiment, as the UI's own "Compare" button does
 query=$(python - <<'EOF'
