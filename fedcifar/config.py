@@ -87,6 +87,10 @@ class RunConfig:
     local_epsilon: float = 0.5  # local DP: each update's epsilon (below 1: the Gaussian mechanism's bound)
     local_delta: float = 1e-5  # local DP: each update's delta
     sensitivity: float = 20.0  # local DP: the L2 sensitivity the noise is scaled to (>= 2 x clipping-norm)
+    max_epsilon: float = 0.0  # central DP: the privacy budget at dp-delta; no release may spend past it (0: none)
+    stop_target_accuracy: float = 0.0  # early stopping: end once the server's test accuracy reaches it (0: off)
+    stop_patience: int = 0  # early stopping: end after this many rounds without improvement (0: off)
+    stop_min_delta: float = 0.0  # early stopping: the least gain in test accuracy that counts as an improvement
 
     @classmethod
     def from_flower(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -138,6 +142,10 @@ class RunConfig:
         _in_range("target-clipped-quantile", self.target_clipped_quantile, "[0, 1]", lambda v: 0 <= v <= 1)
         for key in ("dp-delta", "local-delta"):
             _in_range(key, self.value(key), "(0, 1)", lambda v: 0 < v < 1)
+        _in_range("stop-target-accuracy", self.stop_target_accuracy, "[0, 1]", lambda v: 0 <= v <= 1)
+        _at_least("stop-patience", self.stop_patience, 0)
+        for key in ("stop-min-delta", "max-epsilon"):
+            _in_range(key, self.value(key), "[0, inf)", lambda v: 0 <= v < float("inf"))
         check_private(self)
         if self.num_partitions:
             check_strategy_fits(self)
@@ -162,6 +170,10 @@ class RunConfig:
             "out_dir",
             "resume",
             "max_examples",
+            # early stopping may be changed to train a stopped run further (max-epsilon may not)
+            "stop_target_accuracy",
+            "stop_patience",
+            "stop_min_delta",
         }
         return {k: v for k, v in self.to_flower().items() if k.replace("-", "_") not in loose}
 
@@ -216,6 +228,12 @@ def check_private(config: RunConfig) -> None:
         raise ConfigError(
             f"dp=local with local-epsilon={config.local_epsilon}: LocalDpMod's noise (the classic Gaussian "
             f"mechanism) guarantees epsilon only below 1; set -c local-epsilon=0.5 (or lower)"
+        )
+    if config.max_epsilon and config.dp not in CENTRAL_DP:
+        raise ConfigError(
+            f"max-epsilon={config.max_epsilon:g} with dp={config.dp}: a privacy budget is kept only under central "
+            f"DP, where an accountant composes the rounds; set -c dp=server-fixed (or another central mode), or "
+            f"leave max-epsilon out"
         )
     if config.dp in CENTRAL_DP and config.fraction_train != 1:
         raise ConfigError(

@@ -153,6 +153,17 @@ class ServerMetrics:
             "fedcifar_dp_epsilon",
             "Central differential privacy: the epsilon spent so far (RDP accountant) at the run's dp-delta.",
         )
+        self.dp_max_epsilon = gauge(
+            "fedcifar_dp_max_epsilon",
+            "Central differential privacy: the run's privacy budget (max-epsilon) at its dp-delta; 0: none.",
+        )
+        self.runs_stopped_early = Counter(
+            "fedcifar_runs_stopped_early",
+            "Runs that ended before num-server-rounds: target_accuracy, patience (early stopping on the "
+            "server's own evaluation) or privacy_budget (the next release would spend past max-epsilon).",
+            ["reason"],
+            **kw,
+        )
         self.tracking_errors = Counter(
             "fedcifar_tracking_errors",
             "Experiment tracking (MLflow): attempts that failed and were retried (failed), operations given "

@@ -125,6 +125,7 @@ def main(grid: Grid, context: Context) -> None:
     metrics.strategy.labels(config.strategy, config.dp).set(1)
     if config.dp in CENTRAL_DP:
         metrics.dp_noise_multiplier.set(config.noise_multiplier)
+        metrics.dp_max_epsilon.set(config.max_epsilon)
     tracker = start_tracking(tracking_settings(config), out_dir, metrics, history, run_tags(context.run_id, out_dir))
     recorder = Recorder(history, out_dir, metrics, config.training_fingerprint(), tracker)
     if checkpoint:

@@ -6,10 +6,11 @@ must refuse it with); each builder takes the received global model and the node'
 tests (``test_replies.py``) check each against the server's checks; ``test_hostile_clients.py``
 sends each for real.
 
-As a process: Flower's SuperExec starts ``flwr-clientapp`` by name, so a SuperNode whose PATH
-starts with a folder holding ``flwr-clientapp`` -> ``python tests/hostile.py`` runs its ClientApps
-here, as an attacker who owns the node would (``python tests/hostile.py supernode ARGS`` is that
-SuperNode). Each message is answered with the bad reply that
+As a process, ``python tests/hostile.py supernode ARGS`` is Flower's SuperNode run by an attacker
+who owns the node and tunes it as fedcifar tunes its own: it polls as often, and its SuperExec
+(``hostile.py superexec``) forks each ClientApp warm from a server that preloaded
+``tests/hostile_runtime.py``, so every ClientApp runs ``HostileApp`` instead of the run's app (a
+round costs the attacker no cold process start). Each message is answered with the bad reply that
 ``$HOSTILE_PLAN`` (a JSON file: ``{"train": [name per round], "evaluate": [...]}``) names for its
 round, and the global model it received is kept in ``$HOSTILE_RECORDS/<run>/global-<round>.npy``.
 """
@@ -176,24 +177,42 @@ class HostileApp:
 
 
 def main(argv: list[str]) -> None:
-    """``hostile.py supernode ARGS``: Flower's SuperNode, polling as often as fedcifar's (an attacker
-    tunes their own node as they like); ``hostile.py ARGS``: ``flwr-clientapp ARGS`` with the run's
-    ClientApp replaced by ``HostileApp``."""
+    """``hostile.py supernode ARGS``: Flower's SuperNode, whose SuperExec is ``hostile.py superexec
+    ARGS``: Flower's SuperExec, forking its ClientApps from a server that preloaded the hostile app."""
+    from fedcifar.flower.patch import replace
+    from fedcifar.flower.processes import CLIENTAPP_PRELOAD, SUPEREXEC, ClientAppForkServer, rerouted_subprocess
+
     if argv[:1] == ["supernode"]:
+        import subprocess
+
+        import flwr.supernode.start_client_internal as supernode_loop
         from flwr.supernode.cli import flower_supernode
 
         from fedcifar.flower.polling import shorten_supernode_polling
 
+        def popen(args, **kwargs):
+            if args and args[0] == SUPEREXEC:
+                args = [sys.executable, __file__, "superexec", *args[1:]]
+            return subprocess.Popen(args, **kwargs)
+
         shorten_supernode_polling(0.1)
+        replace(supernode_loop, "subprocess", rerouted_subprocess(popen))
         sys.argv = ["flower-supernode", *argv[1:]]
         flower_supernode()
-        return
-    import flwr.supernode.runtime.run_clientapp as runtime
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+    elif argv[:1] == ["superexec"]:
+        from flwr.supercore.cli import flower_superexec
+        from flwr.supercore.superexec.executor import subprocess_executor
 
-    runtime.get_load_client_app_fn = lambda *args, **kwargs: lambda *fab: HostileApp()
-    sys.argv = ["flwr-clientapp", *argv]
-    flwr_clientapp()
+        # the fork server imports hostile_runtime from this script's folder (it gets no sys.path of ours)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])
+        )
+        forks = ClientAppForkServer([*CLIENTAPP_PRELOAD, "hostile_runtime"])
+        replace(subprocess_executor, "subprocess", rerouted_subprocess(forks.popen))
+        sys.argv = [SUPEREXEC, *argv[1:]]
+        flower_superexec()
+    else:
+        sys.exit("usage: python tests/hostile.py supernode|superexec [Flower's options]")
 
 
 if __name__ == "__main__":

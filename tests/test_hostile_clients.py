@@ -91,12 +91,6 @@ def federation(tmp_path_factory):
     link = ["--superlink", f"127.0.0.1:{port}", "--root-certificates", str(pki / "ca.crt")]
     admin = work / "admin"
     flwr_cli.write_connection(admin, flwr_cli.CONNECTION, f"127.0.0.1:{port}", str(pki / "ca.crt"))
-    hostile_bin = work / "hostile-bin"
-    hostile_bin.mkdir()
-    (hostile_bin / "flwr-clientapp").write_text(
-        f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "hostile.py"}" "$@"\n'
-    )
-    (hostile_bin / "flwr-clientapp").chmod(0o755)
     plan, records = work / "plan.json", work / "records"
     try:
         wait("the SuperNode keys registered", ready.exists, 90)
@@ -142,7 +136,6 @@ def federation(tmp_path_factory):
                 "--node-config",
                 f"partition-id={HOSTILE_SLOT} num-partitions={SLOTS}",
             ],
-            PATH=f"{hostile_bin}:{env['PATH']}",
             HOSTILE_PLAN=str(plan),
             HOSTILE_RECORDS=str(records),
             FLWR_HOME=str(work / "hostile-home"),

@@ -160,7 +160,9 @@ def test_a_killed_server_resumes_after_its_last_completed_round(tmp_path, mini_d
     # both runs must aggregate both slots every round: no reply may miss a deadline on a busy machine
     # (a round ends as soon as both have answered)
     patient = {"round-timeout": 300}
+    whole = tmp_path / "whole"  # the uninterrupted run, first, in the same federation
     with LocalFederation(clients=2, app_dir=ROOT, work_dir=tmp_path, data=str(mini_dir)) as fed:
+        fed.follow(fed.submit(run_config(whole, rounds=3) | adam | patient), whole, on_round=lambda r: None)
         fed.submit(run_config(out, rounds=3) | adam | patient)
         wait("round 1 to complete", lambda: (load_history(out) or {}).get("rounds"), 120, interval=0.1)
         server_side = [
@@ -196,9 +198,6 @@ def test_a_killed_server_resumes_after_its_last_completed_round(tmp_path, mini_d
     resumed_model = torch.load(out / "model.pt", weights_only=True)
     assert resumed_model["round"] == 3
 
-    whole = tmp_path / "whole"
-    with LocalFederation(clients=2, app_dir=ROOT, work_dir=tmp_path / "w", data=str(mini_dir)) as fed:
-        fed.follow(fed.submit(run_config(whole, rounds=3) | adam | patient), whole, on_round=lambda r: None)
     slots = [[r["partitions"] for r in h["rounds"]] for h in (after, load_history(whole))]
     assert slots == [[[0, 1]] * 3] * 2, slots
     uninterrupted = torch.load(whole / "model.pt", weights_only=True)["model"]

@@ -139,13 +139,13 @@ def cmd_soak(args: argparse.Namespace, _extra: list[str]) -> int:
 
 
 def cmd_centralized(args: argparse.Namespace, _extra: list[str]) -> int:
-    from fedcifar.data import resolve_source
-    from fedcifar.experiments.centralized import run_centralized
-    from fedcifar.task import Recipe
-
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
     RunConfig(batch_size=args.batch_size, learning_rate=args.learning_rate, momentum=args.momentum).check()
+    from fedcifar.data import resolve_source  # torch: after the checks above, which need none
+    from fedcifar.experiments.centralized import run_centralized
+    from fedcifar.task import Recipe
+
     source = resolve_source(args.data)
     console.print(f"centralized: {args.epochs} epochs on {source.describe()}")
     result = run_centralized(

@@ -70,6 +70,8 @@ def print_summary(history: dict, peak_rss: dict[str, int], out_dir: Path) -> Non
     rounds = history["rounds"]
     if not console.is_terminal:  # on a terminal the live table is still on screen
         console.print(round_table(rounds))
+    if stopped := history.get("stopped"):
+        console.print(f"[yellow]stopped after round {stopped['round']}:[/] {stopped['detail']}")
     if rounds:
         last = rounds[-1]
         console.print(f"final eval accuracy {100 * last['eval_accuracy']:.2f}%, eval loss {last['eval_loss']:.4f}")

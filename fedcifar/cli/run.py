@@ -79,7 +79,6 @@ def add_parser(sub) -> None:
 
 
 def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
-    from fedcifar.data import load_split, resolve_source
     from fedcifar.local import isolation
     from fedcifar.local.federation import FederationError, LocalFederation
 
@@ -118,6 +117,8 @@ def cmd_run(args: argparse.Namespace, _extra: list[str]) -> int:
         done = check_resumable(out_dir, config)
         if not said:
             console.print(f"resuming {out_dir} after round {done} of {config.num_server_rounds}")
+    from fedcifar.data import load_split, resolve_source  # torch: after the checks above, which need none
+
     source = resolve_source(data_arg)  # refuse a bad path before starting anything
     load_split(source, "test")  # ... and data that is not CIFAR-10, or a Hub out of reach
     data = source.location if source.kind != "hub" else None
@@ -169,12 +170,13 @@ def tracking_env(args: argparse.Namespace, config: RunConfig) -> dict[str, str]:
     import os
 
     from fedcifar.local.federation import SERVER_ONLY_ENV
-    from fedcifar.server.tracking import per_slot_refusal
 
     if not args.mlflow:
         if args.mlflow_experiment or args.mlflow_model or args.mlflow_per_slot:
             raise ValueError("--mlflow-experiment, --mlflow-model and --mlflow-per-slot need --mlflow [URI]")
         return {}
+    from fedcifar.server.tracking import per_slot_refusal
+
     if refusal := per_slot_refusal(args.mlflow_per_slot, config.dp):
         raise ValueError(f"--mlflow-per-slot: {refusal}; leave it out")
     uri = args.mlflow
@@ -216,6 +218,7 @@ def check_resumable(out_dir: Path, config: RunConfig) -> int:
     """Refuse, before anything starts, what the ServerApp would refuse: a bad checkpoint, nothing left to do;
     return the last completed round."""
     from fedcifar.server.checkpoint import check_same_training, load_checkpoint
+    from fedcifar.server.stopping import early_stop
     from fedcifar.task import Net
 
     checkpoint = load_checkpoint(out_dir, Net().state_dict())  # a corrupt one is refused here, untouched
@@ -225,6 +228,15 @@ def check_resumable(out_dir: Path, config: RunConfig) -> int:
     if done >= rounds:
         raise ValueError(
             f"the run in {out_dir} completed {done} of {rounds} rounds: pass --rounds N (> {done}) to train further"
+        )
+    stopped = (checkpoint.history.get("stopped") or {}) if checkpoint else {}
+    if stopped.get("reason") == "privacy_budget":  # max-epsilon is kept by a resume: the next release is over it
+        raise ValueError(f"the run in {out_dir} stopped after round {stopped['round']}: {stopped['detail']}")
+    accuracies = [r["eval_accuracy"] for r in checkpoint.history["rounds"]] if checkpoint else []
+    if stop := early_stop(config, accuracies):
+        raise ValueError(
+            f"the run in {out_dir} stops after round {stop.round}: {stop.detail}; change stop-target-accuracy or "
+            "stop-patience (-c) to train further"
         )
     return done
 

@@ -59,6 +59,7 @@ class History:
     initial_eval_accuracy: float | None = None
     rounds: list[RoundRecord] = field(default_factory=list)
     status: str = "running"  # running | completed
+    stopped: dict[str, Any] | None = None  # a run that ended before num-server-rounds: reason, round, detail
     started_at: float = field(default_factory=time.time)
     resumes: list[dict[str, Any]] = field(default_factory=list)  # run id, after which round, when
     # the round whose global model scored the highest accuracy on the server's test split (best-model.pt)
@@ -73,7 +74,7 @@ class History:
     def resumed(self, run_id: int, after_round: int, config: dict[str, Any]) -> None:
         """Continue this history in a new Flower run (with possibly more rounds)."""
         self.resumes.append({"run_id": run_id, "after_round": after_round, "at": time.time()})
-        self.run_id, self.config, self.status = run_id, config, "running"
+        self.run_id, self.config, self.status, self.stopped = run_id, config, "running", None
         self.rounds = self.rounds[:after_round]
 
     def save(self, out_dir: Path) -> Path:

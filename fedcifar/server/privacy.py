@@ -50,6 +50,7 @@ from fedcifar.common import atomic
 from fedcifar.config import CENTRAL_DP, RunConfig
 from fedcifar.server.checkpoint import CheckpointError
 from fedcifar.server.replies import Refused
+from fedcifar.server.stopping import BudgetReached, Stop
 
 RELEASES_FILE = "privacy-releases.json"
 NOT_COMPUTED = {
@@ -180,14 +181,17 @@ class PrivacyAccount:
 
     def __post_init__(self) -> None:
         if self.config.dp in CENTRAL_DP:
-            self.accountant = RdpAccountant(
-                PrivacyConfig(
-                    target_delta=self.config.dp_delta,
-                    population_size=self.config.num_partitions,
-                    neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                    sampling_method=SamplingMethod.NO_AMPLIFICATION,
-                )
+            self.accountant = self._new_accountant()
+
+    def _new_accountant(self) -> RdpAccountant:
+        return RdpAccountant(
+            PrivacyConfig(
+                target_delta=self.config.dp_delta,
+                population_size=self.config.num_partitions,
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
             )
+        )
 
     @classmethod
     def of(cls, strategy: Strategy, config: RunConfig, out_dir: Path | None = None) -> PrivacyAccount:
@@ -218,6 +222,35 @@ class PrivacyAccount:
         seeded from the OS, so that no state of it, saved or inherited, can draw the same noise again."""
         if self.accountant is not None:
             np.random.seed()
+
+    def check_budget(self, server_round: int) -> None:
+        """Before a training attempt: raise ``BudgetReached`` when its release would spend more than
+        ``max-epsilon`` (the run's budget at ``dp-delta``), so nothing past the budget is ever released."""
+        budget = self.config.max_epsilon
+        if self.accountant is None or not budget:
+            return
+        n = self.config.num_partitions
+        then = self._new_accountant()  # the releases so far and the next one
+        for event in [
+            *self.releases,
+            {"noise_multiplier": self.noise_multiplier, "sample_size": n, "population_size": n},
+        ]:
+            then.compose(
+                GaussianPrivacyEvent(event["noise_multiplier"], event["sample_size"], event["population_size"])
+            )
+        would = float(then.get_privacy_spent().epsilon)
+        if would <= budget:
+            return
+        spent = self.releases[-1]["epsilon"] if self.releases else 0.0
+        raise BudgetReached(
+            Stop(
+                "privacy_budget",
+                server_round - 1,
+                f"the privacy budget is reached: round {server_round}'s release would spend epsilon={would:.4g}, "
+                f"above max-epsilon={budget:g} at delta={self.config.dp_delta:g} (spent: {spent:.4g} in "
+                f"{len(self.releases)} noised release(s)); nothing more is released",
+            )
+        )
 
     def release(self, server_round: int, attempt: int) -> float | None:
         """One more noised aggregate of the run's slots, recorded before it can leave the ServerApp:

@@ -16,6 +16,7 @@ from typing import Any
 from fedcifar.metrics import ServerMetrics
 from fedcifar.server.checkpoint import Checkpoint, save_best_model
 from fedcifar.server.history import BEST_MODEL_FILE, History, RoundRecord
+from fedcifar.server.stopping import Stop
 from fedcifar.server.tracking import Tracker
 
 log = logging.getLogger("flwr.fedcifar")
@@ -96,6 +97,17 @@ class Recorder:
         self.metrics.eval_accuracy.set(accuracy)
         self.history.initial_eval_loss, self.history.initial_eval_accuracy = loss, accuracy
         self.history.save(self.out_dir)
+
+    def stopped(self, stop: Stop) -> None:
+        """The run ends early: why and where, in its log, ``history.json``, metrics and tracking run."""
+        self.history.stopped = stop.to_dict()
+        self.history.save(self.out_dir)
+        self.metrics.runs_stopped_early.labels(stop.reason).inc()
+        if self.tracker:
+            self.tracker.stopped(stop)
+        log.warning(
+            "the run stops after round %d of %s: %s", stop.round, self.history.config["num-server-rounds"], stop.detail
+        )
 
     def round(
         self,

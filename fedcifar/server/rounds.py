@@ -42,6 +42,7 @@ from fedcifar.server.replies import (
     check_train_reply,
     claimed_slot,
 )
+from fedcifar.server.stopping import BudgetReached, early_stop
 from fedcifar.server.strategies import restore_strategy_state, strategy_state
 
 log = logging.getLogger("flwr.fedcifar")
@@ -98,15 +99,23 @@ class RoundLoop:
     _sent_to: dict[str, int] = field(default_factory=dict)  # message id -> the node it went to
 
     def run(self, arrays: ArrayRecord, first: int) -> ArrayRecord:
-        """Rounds ``first`` .. ``num-server-rounds`` from the global model ``arrays``."""
+        """Rounds ``first`` .. ``num-server-rounds`` from the global model ``arrays``, unless early
+        stopping or the privacy budget ends the run before (``stopping.py``; also a resumed one)."""
         self.metrics.num_rounds.set(self.config.num_server_rounds)
         if first == 1:
             self.recorder.initial(*self.model.evaluate(arrays))
         for server_round in range(first, self.config.num_server_rounds + 1):
+            if stop := early_stop(self.config, [r.eval_accuracy for r in self.recorder.history.rounds]):
+                self.recorder.stopped(stop)
+                break
             log.info("[ROUND %d/%d]", server_round, self.config.num_server_rounds)
             self.metrics.round.set(server_round)
             tally = RoundTally()
-            arrays, loss, accuracy = self.train(server_round, arrays, tally)
+            try:
+                arrays, loss, accuracy = self.train(server_round, arrays, tally)
+            except BudgetReached as reached:
+                self.recorder.stopped(reached.stop)
+                break
             self.evaluate(server_round, arrays, tally)
             self.recorder.round(
                 server_round,
@@ -122,6 +131,7 @@ class RoundLoop:
     def train(self, server_round: int, arrays: ArrayRecord, tally: RoundTally) -> tuple[ArrayRecord, float, float]:
         """The round's new global model and its test loss and accuracy (server side)."""
         for attempt in range(1, self.config.round_retries + 2):
+            self.privacy.check_budget(server_round)  # every attempt may release a noised aggregate
             tally.attempts = attempt
             # a failed attempt must leave no trace in what the strategy carries to the next round
             # (FedAdam's moments, FedAvgM's momentum, the adaptive clipping norm)

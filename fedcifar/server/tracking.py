@@ -39,6 +39,7 @@ from fedcifar.common import atomic
 from fedcifar.config import CENTRAL_DP
 from fedcifar.metrics import ServerMetrics
 from fedcifar.server.history import HISTORY_FILE, PLOT_FILE, History, RoundRecord
+from fedcifar.server.stopping import Stop
 
 log = logging.getLogger("flwr.fedcifar")
 RUN_FILE = "mlflow-run.json"
@@ -143,6 +144,11 @@ class Tracker:
 
     def round(self, record: RoundRecord, accepted: list) -> None:
         self._put("round", lambda: self._log_round(record, accepted))
+
+    def stopped(self, stop: Stop) -> None:
+        """A run that ended early says why on its MLflow run (tags ``fedcifar.stop_reason``, ``fedcifar.stopped``)."""
+        tags = {"fedcifar.stop_reason": stop.reason, "fedcifar.stopped": f"after round {stop.round}: {stop.detail}"}
+        self._put("stopped", lambda: [self._client.set_tag(self._run_id, k, v) for k, v in tags.items()])
 
     def finish(self, status: str, models: FinalModels | None) -> None:
         """Artifacts, the two models (when the run completed) and the run's end; waits at most

@@ -43,4 +43,8 @@ dpDelta:dp-delta:float
 localEpsilon:local-epsilon:float
 localDelta:local-delta:float
 sensitivity:sensitivity:float
+maxEpsilon:max-epsilon:float
+stopTargetAccuracy:stop-target-accuracy:float
+stopPatience:stop-patience:int
+stopMinDelta:stop-min-delta:float
 {{- end }}
