@@ -36,8 +36,10 @@ from prometheus_client import (
     start_http_server,
 )
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+GPU_REQUESTED_ENV = "FEDCIFAR_GPU_REQUESTED"  # "true" where the chart gave the SuperNode a GPU
 SITE_ENV = "FEDCIFAR_SITE"
 DEFAULT_SITE = "local"
 UNKNOWN_SITE = "unknown"  # a SuperNode registered without a site name (or not registered: no auth)
@@ -88,6 +90,18 @@ class ServerMetrics:
             "Rounds configured for the current run.",
         )
         self.rounds_completed = Counter("fedcifar_rounds_completed", "Federated rounds completed.", **kw)
+        self.progress_time = gauge(
+            "fedcifar_run_progress_timestamp_seconds",
+            "When the ServerApp last made progress (Unix time): began its rounds, a training attempt or a "
+            "round's federated evaluation, or completed a round. A running run whose progress stops for longer "
+            "than one such step (twice round-timeout: the wait for nodes, then the replies) has stalled.",
+        )
+        self.slot_rounds_since_accepted = gauge(
+            "fedcifar_slot_rounds_since_accepted",
+            "Rounds since each slot's last aggregated training reply (0: it took part in the last round); "
+            "labels: the slot and the site of its last accepted reply (unknown before one).",
+            ["partition", "site"],
+        )
         self.round_duration = Histogram(
             "fedcifar_round_duration_seconds",
             "Wall time of a round: train, aggregate, evaluate.",
@@ -206,8 +220,9 @@ class ClientMetrics:
         part = ["site", "partition"]
         self.info = gauge(
             "fedcifar_client_info",
-            "Always 1; labels: this node's site, partition (slot), the slot count, its device.",
-            ["site", "partition", "num_partitions", "device"],
+            "Always 1; labels: this node's site, partition (slot), the slot count, the device it trains on, "
+            "and whether its deployment asked for a GPU ($FEDCIFAR_GPU_REQUESTED).",
+            ["site", "partition", "num_partitions", "device", "gpu_requested"],
         )
         # Not the node id Flower gave it: a Fleet request names its node by that id, so a federation-wide
         # Prometheus would hand every site the ids of the others (the Fleet guard does not rely on them
@@ -309,14 +324,19 @@ def write_multiprocess_values() -> None:
     values.ValueClass = values.get_value_class()
 
 
-def serve_multiprocess(port: int, host: str = "0.0.0.0", listening_fd: int | None = None):
-    """Serve the metrics that the node's child processes write into ``$PROMETHEUS_MULTIPROC_DIR``, on
-    ``host:port`` or on the listening socket ``listening_fd`` this process inherited (``fedcifar run``
-    binds it outside the federation's private network: ``isolation.py``)."""
+def serve_multiprocess(
+    port: int, host: str = "0.0.0.0", listening_fd: int | None = None, collectors: tuple[Collector, ...] = ()
+):
+    """Serve the metrics that the node's child processes write into ``$PROMETHEUS_MULTIPROC_DIR`` (and
+    those of ``collectors``, asked at each scrape), on ``host:port`` or on the listening socket
+    ``listening_fd`` this process inherited (``fedcifar run`` binds it outside the federation's private
+    network: ``isolation.py``)."""
     if not os.environ.get(MULTIPROC_ENV):
         raise RuntimeError(f"{MULTIPROC_ENV} must be set before serving multiprocess metrics")
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
+    for collector in collectors:
+        registry.register(collector)
     if listening_fd is None:
         server, _thread = start_http_server(port, addr=host, registry=registry)
         return server

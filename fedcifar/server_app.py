@@ -41,6 +41,7 @@ from fedcifar.server.privacy import PrivacyAccount
 from fedcifar.server.recorder import Recorder
 from fedcifar.server.replies import Expected
 from fedcifar.server.rounds import RoundLoop
+from fedcifar.server.stopping import REASONS as STOP_REASONS
 from fedcifar.server.strategies import build_strategy, restore_strategy_state
 from fedcifar.server.tracking import FinalModels, Settings, per_slot_refusal, start_tracking
 from fedcifar.superlink.fleet_budgets import ReplyLayout, publish_reply_layout
@@ -123,6 +124,8 @@ def main(grid: Grid, context: Context) -> None:
     publish_reply_layout(context.run_id, ReplyLayout.of(largest_reply(expected, arrays)))
     metrics = server_metrics()
     metrics.strategy.labels(config.strategy, config.dp).set(1)
+    for reason in STOP_REASONS:  # from 0, so that an alert's increase() sees the first stop
+        metrics.runs_stopped_early.labels(reason)
     if config.dp in CENTRAL_DP:
         metrics.dp_noise_multiplier.set(config.noise_multiplier)
         metrics.dp_max_epsilon.set(config.max_epsilon)

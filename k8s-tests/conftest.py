@@ -16,6 +16,7 @@ from kube import ROOT, dump_namespace, port_forward, run, wait_for
 from kubernetes import client, config
 
 APP_NS = "fedcifar-e2e"
+ALERTS_NS = "fedcifar-e2e-alerts"  # test_alerts.py: a release whose run is made to stall
 MON_NS = "fedcifar-e2e-monitoring"
 # a cross-silo federation (test_cross_silo.py): a server release and two site releases
 SERVER_NS, SITE_NAMESPACES = "fedcifar-e2e-server", ("fedcifar-e2e-site-a", "fedcifar-e2e-site-b")
@@ -103,16 +104,22 @@ def namespaces(kube):
 def prometheus(kube, namespaces) -> str:
     """A real Prometheus in its own namespace, scraping the app namespace and the cross-silo ones by pod
     annotations; yields its URL on localhost."""
-    built = subprocess.run(["bash", str(SHARED_K8S / "prometheus-image")], capture_output=True, text=True, timeout=900)
-    assert built.returncode == 0, built.stderr
-    prom_image = built.stdout.strip().splitlines()[-1]
     manifest = string.Template((ROOT / "k8s-tests" / "manifests" / "prometheus.yaml").read_text()).safe_substitute(
         MONITORING_NS=MON_NS,
-        SCRAPED_NAMESPACES=",".join((APP_NS, SERVER_NS, *SITE_NAMESPACES)),
-        PROMETHEUS_IMAGE=prom_image,
+        SCRAPED_NAMESPACES=",".join((APP_NS, ALERTS_NS, SERVER_NS, *SITE_NAMESPACES)),
+        PROMETHEUS_IMAGE=shared_image("prometheus-image"),
+        ALERTMANAGER_IMAGE=shared_image("alertmanager-image"),
     )
     run("kubectl", "apply", "-f", "-", input=manifest)
-    run("kubectl", "-n", MON_NS, "rollout", "status", "deploy/prometheus", "--timeout=180s", timeout=200)
+    for deployment in ("prometheus", "alertmanager", "alert-receiver"):
+        run("kubectl", "-n", MON_NS, "rollout", "status", f"deploy/{deployment}", "--timeout=180s", timeout=200)
     with port_forward(MON_NS, "deploy/prometheus", 9090) as port:
         yield f"http://127.0.0.1:{port}"
-    run("kubectl", "delete", "clusterrole,clusterrolebinding", "fedcifar-e2e-prometheus", check=False)
+    run("kubectl", "delete", "clusterrole,clusterrolebinding", f"fedcifar-e2e-prometheus-{MON_NS}", check=False)
+
+
+def shared_image(script: str) -> str:
+    """An image ../shared/k8s builds (prometheus-image, alertmanager-image): its name."""
+    built = subprocess.run(["bash", str(SHARED_K8S / script)], capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stderr
+    return built.stdout.strip().splitlines()[-1]

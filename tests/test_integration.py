@@ -137,6 +137,29 @@ def test_server_metrics_match_history(federation):
             assert value(snap, "fedcifar_train_loss") == r["train_loss"]
 
 
+def test_the_superlink_exports_each_runs_state_from_flowers_run_list(federation):
+    """What outlives the ServerApp (superlink/run_state.py): the run running, then finished as completed."""
+    out, ports, snapshots, _ = federation
+    history = load_history(out)
+    run = str(history["run_id"])
+    server = snapshots[ports[0]]
+    states = [
+        (labels["status"], labels["sub_status"])
+        for snap in server
+        for (name, pairs), up in snap.items()
+        if name == "fedcifar_run_info" and (labels := dict(pairs))["run_id"] == run and up == 1
+    ]
+    assert ("running", "") in states and states[-1] == ("finished", "completed"), sorted(set(states))
+    final = server[-1]
+    assert value(final, "fedcifar_superlink_run_list_up") == 1
+    finished_at = value(final, "fedcifar_run_status_since_timestamp_seconds", run_id=run)
+    assert history["rounds"][-1]["finished_at"] <= finished_at <= time.time()
+    # the ServerApp's own: its last progress, every slot in the last round
+    assert value(final, "fedcifar_run_progress_timestamp_seconds") == history["rounds"][-1]["finished_at"]
+    for slot in range(CLIENTS):
+        assert value(final, "fedcifar_slot_rounds_since_accepted", partition=str(slot), site="local") == 0
+
+
 def test_client_metrics_match_history(federation):
     out, ports, snapshots, _ = federation
     rounds = load_history(out)["rounds"]
@@ -144,7 +167,15 @@ def test_client_metrics_match_history(federation):
     for partition, final in enumerate(finals):
         p = str(partition)
         assert (
-            value(final, "fedcifar_client_info", device="cpu", num_partitions=str(CLIENTS), partition=p, site="local")
+            value(
+                final,
+                "fedcifar_client_info",
+                device="cpu",
+                gpu_requested="false",
+                num_partitions=str(CLIENTS),
+                partition=p,
+                site="local",
+            )
             == 1
         )
         # activated; the SuperNode's Flower id is not published (a Fleet request names its node by it)

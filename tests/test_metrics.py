@@ -39,7 +39,7 @@ def exposition() -> dict:
     client.examples_trained.labels("site-a", "1").inc(250)
     client.messages.labels("site-a", "1", "train").inc()
     client.train_duration.labels("site-a", "1").observe(0.5)
-    client.info.labels("site-a", "1", "2", "cpu").set(1)
+    client.info.labels("site-a", "1", "2", "cpu", "false").set(1)
     client.sent_bytes.labels("site-a", "1").inc(10)
     client.received_bytes.labels("site-a", "1").inc(20)
     return families(generate_latest(registry).decode())
@@ -90,7 +90,7 @@ WRITER = """
 from fedcifar.metrics import client_metrics
 import sys
 m = client_metrics()
-m.info.labels(m.site, "0", "2", "cpu").set(1)
+m.info.labels(m.site, "0", "2", "cpu", "false").set(1)
 m.train_loss.labels(m.site, "0").set(float(sys.argv[1]))
 m.examples_trained.labels(m.site, "0").inc(100)
 m.train_duration.labels(m.site, "0").observe(0.2)

@@ -46,7 +46,7 @@ def node_endpoint(tmp_path, monkeypatch):
     prepare_multiprocess_dir(tmp_path / "mp")
     writer = (
         "from fedcifar.metrics import client_metrics; m = client_metrics(); "
-        "m.info.labels(m.site, '1', '3', 'cpu').set(1)"
+        "m.info.labels(m.site, '1', '3', 'cpu', 'false').set(1)"
     )
     subprocess.run([sys.executable, "-c", writer], check=True)
     port = free_port()

@@ -5,11 +5,13 @@ grows with the messages: memory, and each node's metrics folder and scrape time.
 
 Every round trains and evaluates on every node (two messages per node and round). After every
 round it reads the resident memory (VmRSS) of each SuperNode's long-lived processes (the
-``fedcifar supernode`` wrapper, Flower's SuperNode and SuperExec, the trainer), and reports the
-round time, the clients that took part and any failure. A round fails when it did not aggregate
-every client at the first attempt, or a reply was refused. ``memory_growth`` is the largest
+``fedcifar supernode`` wrapper, Flower's SuperNode and SuperExec, the trainer) and of the SuperLink's
+(the ``fedcifar superlink`` wrapper, Flower's SuperLink and SuperExec, the run's ServerApp), and
+reports the round time, the clients that took part and any failure. A round fails when it did not
+aggregate every client at the first attempt, or a reply was refused. ``memory_growth`` is the largest
 increase of any node over its memory after round ``--baseline-round`` (a leak would grow it round
-after round). At that round and at the last, it counts the files in each node's metrics folder
+after round), ``superlink_memory_growth`` the SuperLink's; both are held to ``--max-growth``.
+At that round and at the last, it counts the files in each node's metrics folder
 and times a scrape of its endpoint (the fastest of ``SCRAPES``): a folder that gains more than
 ``MAX_NEW_METRICS_FILES`` files, or a scrape ``MAX_SCRAPE_SLOWDOWN`` times slower, fails the
 soak (one file per ClientApp process once made scrapes slower with every message). The last
@@ -59,6 +61,7 @@ def soak(config: SoakConfig, data: str | None, out: Path) -> dict[str, Any]:
             if record["round"] in (config.baseline_round, config.rounds):
                 folders["start" if record["round"] == config.baseline_round else "end"] = metrics_folders(fed)
             rss = [tree_rss(node.popen.pid) for node in fed.nodes[1:]]
+            superlink_rss = tree_rss(fed.nodes[0].popen.pid)
             failed = (
                 record["participating_clients"] < config.clients
                 or record["failures"] > 0
@@ -72,11 +75,15 @@ def soak(config: SoakConfig, data: str | None, out: Path) -> dict[str, Any]:
                     "failed": failed,
                     "clients": record["participating_clients"],
                     "node_rss_bytes": rss,
+                    "superlink_rss_bytes": superlink_rss,
                 }
             )
             console.print(
                 f"round {record['round']:>3}: {record['round_seconds']:5.2f}s, {record['participating_clients']} "
-                f"clients{' FAILED' if failed else ''}, node RSS " + ", ".join(f"{b / 2**20:.0f}" for b in rss) + " MiB"
+                f"clients{' FAILED' if failed else ''}, node RSS "
+                + ", ".join(f"{b / 2**20:.0f}" for b in rss)
+                + " MiB, "
+                f"SuperLink RSS {superlink_rss / 2**20:.0f} MiB"
             )
 
         run_id = fed.submit(
@@ -107,6 +114,9 @@ def soak(config: SoakConfig, data: str | None, out: Path) -> dict[str, Any]:
         "baseline_node_rss_bytes": baseline["node_rss_bytes"],
         "final_node_rss_bytes": rows[-1]["node_rss_bytes"],
         "memory_growth": growth,
+        "baseline_superlink_rss_bytes": baseline["superlink_rss_bytes"],
+        "final_superlink_rss_bytes": rows[-1]["superlink_rss_bytes"],
+        "superlink_memory_growth": max(r["superlink_rss_bytes"] for r in later) / baseline["superlink_rss_bytes"] - 1,
         "max_growth": config.max_growth,
         "messages_per_node": 2 * len(rows),
         "metrics_folders": folders,
@@ -148,6 +158,7 @@ def report(result: dict[str, Any]) -> int:
     ok = (
         result["failed_rounds"] == 0
         and result["memory_growth"] <= result["max_growth"]
+        and result["superlink_memory_growth"] <= result["max_growth"]
         and not result["metrics_folder_problems"]
     )
     for side in ("start", "end"):
@@ -164,7 +175,8 @@ def report(result: dict[str, Any]) -> int:
         f"{result['rounds']} rounds x {result['clients']} clients ({result['messages_per_node']} messages per node): "
         f"{result['failed_rounds']} failed, "
         f"mean round {result['round_seconds_mean']:.2f}s, node memory growth after round "
-        f"{result['baseline_round']}: {100 * result['memory_growth']:+.1f}% (limit {100 * result['max_growth']:.0f}%)"
+        f"{result['baseline_round']}: {100 * result['memory_growth']:+.1f}%, SuperLink's "
+        f"{100 * result['superlink_memory_growth']:+.1f}% (limit {100 * result['max_growth']:.0f}%)"
         f" -> {'[green]pass[/]' if ok else '[bold red]FAIL[/]'}"
     )
     print(json.dumps(result), flush=True)

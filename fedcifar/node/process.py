@@ -49,6 +49,7 @@ from fedcifar.metrics import MULTIPROC_ENV, serve_multiprocess, write_multiproce
 from fedcifar.node.protocol import TRAINER_ENV, TRAINER_KEY_ENV
 from fedcifar.superlink import fleet_budgets
 from fedcifar.superlink.fleet_budgets import GuardSettings
+from fedcifar.superlink.run_state import RunStateCollector
 
 POD_INDEX_ENV = "POD_INDEX"
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
@@ -178,7 +179,8 @@ def _run_node(
         guard = replace(guard, layouts=str(layouts))
         os.environ.update({fleet_budgets.SETTINGS_ENV: guard.to_env(), fleet_budgets.LAYOUTS_ENV: str(layouts)})
     registrar = superlink_registrar(command, private)
-    server = serve_multiprocess(metrics_port, metrics_host, metrics_fd)
+    run_state = (RunStateCollector.of(command),) if guard else ()  # a SuperLink: its runs' states
+    server = serve_multiprocess(metrics_port, metrics_host, metrics_fd, run_state)
     host, port = server.socket.getsockname()[:2]
     print(f"fedcifar: metrics on http://{host}:{port}/metrics", flush=True)
     children: list[subprocess.Popen] = []

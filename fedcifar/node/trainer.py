@@ -23,7 +23,7 @@ import torch
 
 from fedcifar.config import RunConfig
 from fedcifar.data import ImageTensors, resident_partition, resolve_source
-from fedcifar.metrics import client_metrics, message_bytes
+from fedcifar.metrics import GPU_REQUESTED_ENV, client_metrics, message_bytes
 from fedcifar.node.protocol import TRAINER_KEY_ENV, Reply, Task
 from fedcifar.strategies import LOSS_BEFORE_TRAINING, STRATEGIES
 from fedcifar.task import MODEL_KEY, Net, Recipe, evaluate, flat_weights, load_flat_weights, pick_device, train
@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device("auto").type
     note = " (no CUDA device visible: training falls back to the CPU)" if device == "cpu" else ""
     m = client_metrics()
-    m.info.labels(m.site, str(args.partition_id), str(args.num_partitions), device).set(1)
+    asked = "true" if os.environ.get(GPU_REQUESTED_ENV) == "true" else "false"
+    m.info.labels(m.site, str(args.partition_id), str(args.num_partitions), device, asked).set(1)
     print(f"fedcifar: trainer for partition {args.partition_id} of {args.num_partitions} on {device}{note}", flush=True)
     serve(Trainer(), listener)
 

@@ -147,6 +147,11 @@ class Recorder:
         m.examples_trained.inc(record.examples_trained)
         m.round_duration.observe(record.round_seconds)
         m.rounds_completed.inc()
+        m.progress_time.set(record.finished_at)
+        for slot, (since, site) in rounds_since_accepted(
+            self.history.rounds, self.history.config["num-partitions"]
+        ).items():
+            m.slot_rounds_since_accepted.labels(str(slot), site).set(since)
         if record.clipping_norm is not None:
             m.dp_clipping_norm.set(record.clipping_norm)
         if record.epsilon is not None:
@@ -173,3 +178,14 @@ class Recorder:
                 self.history.config["dp-delta"],
             )
         return record
+
+
+def rounds_since_accepted(rounds: list[RoundRecord], slots: int) -> dict[int, tuple[int, str]]:
+    """For each of ``slots``: the rounds since its last aggregated training reply (every round so far
+    when it has none), and the site of that reply ("unknown" before one)."""
+    last: dict[int, tuple[int, str]] = {}
+    for record in rounds:
+        for slot, site in zip(record.partitions, record.sites, strict=True):
+            last[slot] = (record.round, site)
+    now = rounds[-1].round if rounds else 0
+    return {slot: (now - last.get(slot, (0, "unknown"))[0], last.get(slot, (0, "unknown"))[1]) for slot in range(slots)}

@@ -102,6 +102,7 @@ class RoundLoop:
         """Rounds ``first`` .. ``num-server-rounds`` from the global model ``arrays``, unless early
         stopping or the privacy budget ends the run before (``stopping.py``; also a resumed one)."""
         self.metrics.num_rounds.set(self.config.num_server_rounds)
+        self.metrics.progress_time.set_to_current_time()
         if first == 1:
             self.recorder.initial(*self.model.evaluate(arrays))
         for server_round in range(first, self.config.num_server_rounds + 1):
@@ -132,6 +133,7 @@ class RoundLoop:
         """The round's new global model and its test loss and accuracy (server side)."""
         for attempt in range(1, self.config.round_retries + 2):
             self.privacy.check_budget(server_round)  # every attempt may release a noised aggregate
+            self.metrics.progress_time.set_to_current_time()
             tally.attempts = attempt
             # a failed attempt must leave no trace in what the strategy carries to the next round
             # (FedAdam's moments, FedAvgM's momentum, the adaptive clipping norm)
@@ -190,6 +192,7 @@ class RoundLoop:
         """Federated evaluation, when ``fraction-evaluate`` asks for it."""
         if self.config.fraction_evaluate == 0:
             return
+        self.metrics.progress_time.set_to_current_time()  # a phase of its own: its wait for nodes, its deadline
         try:  # the round's training is aggregated already: nothing here may lose it
             messages = self._configure(self.strategy.configure_evaluate, server_round, arrays, ConfigRecord())
             answers = self._accept(self._exchange(messages, tally), "evaluate", tally)

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from fedcifar.metrics import ClientMetrics, ServerMetrics, SuperLinkMetrics
+from fedcifar.superlink.run_state import RUN_STATE_SERIES
 
 from .support import CHART, FULLNAME, MONITORING_API, container, find, kinds, needs_helm, render
 
@@ -54,7 +55,17 @@ def test_monitors_present_with_api(monitoring_docs: list[dict]) -> None:
     assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     sts = find(monitoring_docs, "StatefulSet")
     assert pm["spec"]["selector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
-    assert pm["spec"]["podMetricsEndpoints"][0] == {"port": "metrics", "path": "/metrics", "interval": "15s"}
+    release_label = {
+        "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
+        "targetLabel": "release",
+    }
+    assert pm["spec"]["podMetricsEndpoints"][0] == {
+        "port": "metrics",
+        "path": "/metrics",
+        "interval": "15s",
+        "relabelings": [release_label],  # what the alerting rules select a release by
+    }
+    assert sm["spec"]["endpoints"][0]["relabelings"][0] == release_label
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +73,19 @@ def test_monitors_present_with_api(monitoring_docs: list[dict]) -> None:
 
 DASHBOARD_FILES = sorted((CHART / "dashboards").glob("*.json"))
 # Labels a Prometheus with the standard kubernetes pod relabeling adds, plus the series' own labels.
-ALLOWED_LABELS = {"namespace", "pod", "site", "partition", "num_partitions", "device", "kind", "le", "reason"}
+ALLOWED_LABELS = {
+    "namespace",
+    "pod",
+    "site",
+    "partition",
+    "num_partitions",
+    "device",
+    "kind",
+    "le",
+    "reason",
+    "status",
+    "sub_status",
+}
 # series that carry the site (client metrics; the server's per-node failures, refused updates, Fleet refusals)
 SITE_SERIES = ("fedcifar_client_", "fedcifar_rejected_updates", "fedcifar_fleet_refused")
 
@@ -72,7 +95,8 @@ def exported_series() -> set[str]:
     registry = CollectorRegistry()
     ServerMetrics(registry), SuperLinkMetrics(registry), ClientMetrics(registry)
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
-    return {family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]}
+    exported = {family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]}
+    return exported | set(RUN_STATE_SERIES)  # asked of the SuperLink at each scrape (superlink/run_state.py)
 
 
 KNOWN_METRICS = exported_series()

@@ -50,6 +50,7 @@ def test_default_objects(default_docs: list[dict]) -> None:
     assert names == {
         ("ServiceAccount", FULLNAME),
         ("ConfigMap", f"{FULLNAME}-env"),
+        ("ConfigMap", f"{FULLNAME}-alerts"),
         ("ConfigMap", f"{FULLNAME}-dashboard-training"),
         ("ConfigMap", f"{FULLNAME}-dashboard-clients"),
         ("Service", f"{FULLNAME}-superlink"),

@@ -69,6 +69,10 @@ def test_run_job_defaults(default_docs: list[dict]) -> None:
         "local-epsilon": "0.5",
         "local-delta": "1e-05",
         "sensitivity": "20.0",
+        "max-epsilon": "0.0",
+        "stop-target-accuracy": "0.0",
+        "stop-patience": "0",
+        "stop-min-delta": "0.0",
         "out-dir": '"/var/lib/fedcifar/runs/revision-1"',  # per revision: a Job retry resumes the run
     }
     assert job["spec"]["backoffLimit"] == 3

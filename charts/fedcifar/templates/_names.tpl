@@ -65,6 +65,11 @@ The release's full name, prefix of every object name: fullnameOverride, else "<r
 {{- printf "%s-env" (include "fedcifar.fullname" . | trunc 59 | trimSuffix "-") }}
 {{- end }}
 
+{{/* The ConfigMap of the release's alerting rules (a plain rule file). */}}
+{{- define "fedcifar.alerts.fullname" -}}
+{{- printf "%s-alerts" (include "fedcifar.fullname" . | trunc 56 | trimSuffix "-") }}
+{{- end }}
+
 {{/* The run Job: its name carries the release revision, because Jobs are immutable: each upgrade submits a new run. */}}
 {{- define "fedcifar.run.fullname" -}}
 {{- printf "%s-run-%d" (include "fedcifar.fullname" . | trunc 50 | trimSuffix "-") (int .Release.Revision) }}
