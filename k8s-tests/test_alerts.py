@@ -9,6 +9,7 @@ step's bound of 35 s), `for: 0m`.
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import pytest
@@ -125,6 +126,7 @@ def test_a_stalled_serverapp_raises_the_stall_alert_at_alertmanager_and_a_health
         assert firing(prometheus) == [] and notified(receiver) == []  # healthy: nothing
 
         pod = superlink_pod(kube)
+        stopped_at = time.monotonic()
         run(
             "kubectl",
             "-n",
@@ -173,6 +175,7 @@ def test_a_stalled_serverapp_raises_the_stall_alert_at_alertmanager_and_a_health
     )
     assert f"Run {running} of release {RELEASE}" in alert["annotations"]["description"]
     assert alert["annotations"]["runbook_url"].endswith("README.md#fedcifarrunstalled")
+    print(f"\nFedcifarRunStalled at the receiver {time.monotonic() - stopped_at:.0f} s after the SIGSTOP (bound 35 s)")
     stalled_at = rounds()
     wait_for("the resumed ServerApp to complete rounds again", lambda: rounds() > stalled_at, 120, 2)
 
@@ -194,7 +197,7 @@ def test_the_api_server_accepts_the_prometheusrule_servicemonitor_and_podmonitor
             RELEASE,
             str(CHART),
             "-n",
-            ALERTS_NS,
+            MON_NS,
             "--api-versions",
             "monitoring.coreos.com/v1",
             "--set",
