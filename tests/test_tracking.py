@@ -25,6 +25,7 @@ from fedcifar.data import load_full, resolve_source
 from fedcifar.local.federation import LocalFederation, free_port
 from fedcifar.metrics import ServerMetrics
 from fedcifar.server.history import History, RoundRecord, load_history
+from fedcifar.server.stopping import Stop
 from fedcifar.server.tracking import RUN_FILE, Settings, Tracker, per_slot_refusal
 from fedcifar.task import scale_pixels
 from tests.conftest import ROOT
@@ -95,6 +96,21 @@ def test_a_hanging_tracking_server_costs_a_round_nothing_and_its_losses_are_coun
     assert time.perf_counter() - started < 4  # flush_seconds, then given up
     assert errors.labels("lost")._value.get() >= 1
     hanging.close()
+
+
+def test_a_run_that_stops_early_says_why_on_its_mlflow_run(tmp_path):
+    """Early stopping or the privacy budget: tags fedcifar.stop_reason and fedcifar.stopped (a local store)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(Settings(uri), tmp_path, ServerMetrics(CollectorRegistry()))
+    tracker.start(History(run_id=1, config={}, data="x", device="cpu"), {})
+    tracker.stopped(Stop("patience", 4, "no round improved the test accuracy ..."))
+    tracker.finish("FINISHED", None)
+    run = MlflowClient(uri).get_run(json.loads((tmp_path / RUN_FILE).read_text())["run_id"])
+    assert run.data.tags["fedcifar.stop_reason"] == "patience"
+    assert run.data.tags["fedcifar.stopped"] == "after round 4: no round improved the test accuracy ..."
+    assert run.info.status == "FINISHED"
 
 
 # -- against a real MLflow server ------------------------------------------------------------------

@@ -40,7 +40,6 @@ TIMEOUT_SECONDS = 5.0  # a scrape waits at most this for the run list
 class RunStateCollector(Collector):
     def __init__(self, address: str, root_certificates: str | None) -> None:
         self.address, self.root_certificates = address, root_certificates
-        self._client = None
 
     @classmethod
     def of(cls, command: list[str]) -> RunStateCollector:
@@ -66,7 +65,6 @@ class RunStateCollector(Collector):
             runs = self._runs()
         except Exception as err:  # the SuperLink starting, stopping or overloaded: the scrape says so
             log.debug("the SuperLink's run list is unavailable: %s", err)
-            self._client = None
             up.add_metric([], 0)
             yield up
             return
@@ -81,9 +79,13 @@ class RunStateCollector(Collector):
     def _runs(self) -> list:
         from flwr.proto.control_pb2 import ListRunsRequest
 
-        if self._client is None:
-            self._client = self._connect()
-        return list(self._client.ListRuns(ListRunsRequest()).run_dict.values())
+        # a connection per scrape, closed after it: one kept alive held the SuperLink's shutdown for 30 s
+        # (uvicorn waits for open connections)
+        client = self._connect()
+        try:
+            return list(client.ListRuns(ListRunsRequest()).run_dict.values())
+        finally:
+            client.close()
 
     def _connect(self):
         from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
