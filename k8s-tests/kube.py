@@ -19,6 +19,27 @@ from kubernetes import client
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "fedcifar"
+SAMPLE = ROOT / "tests" / "data" / "cifar10-mini"  # 500 train + 200 test real images
+
+
+def small_release(image: tuple[str, str], values: dict) -> list[str]:
+    """``--set`` flags of a release with 2 clients on the test sample (hostPath) and small CPU requests,
+    so that it fits the 2-core node beside the others; ``values`` added or overriding."""
+    repo, tag = image
+    sets = {
+        "image.repository": repo,
+        "image.tag": tag,
+        "clients.replicas": 2,
+        "data.source": "volume",
+        "data.volume.hostPath": str(SAMPLE),
+        "superlink.resources.requests.cpu": "100m",
+        "clients.resources.requests.cpu": "100m",
+        "run.resources.requests.cpu": "10m",
+        **values,
+    }
+    return [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+
+
 T = TypeVar("T")
 
 

@@ -15,11 +15,10 @@ import urllib.request
 import pytest
 import yaml
 from conftest import ALERTS_NS, MON_NS, SHARED_K8S, recreate_namespace
-from kube import CHART, ROOT, helm, http_get, pods, port_forward, prom_query, run, wait_for
+from kube import CHART, helm, http_get, pods, port_forward, prom_query, run, small_release, wait_for
 
 RELEASE = "alerts"
 EXTRA_NAMESPACES = (ALERTS_NS,)
-DATA = ROOT / "tests" / "data" / "cifar10-mini"
 pytestmark = pytest.mark.e2e
 SIGNAL_SERVERAPP = (  # in the SuperLink container: signal the run's ServerApp process
     "import os, signal, sys\nfrom fedcifar.common.procfs import pids, process_kind\n"
@@ -32,22 +31,15 @@ SIGNAL_SERVERAPP = (  # in the SuperLink container: signal the run's ServerApp p
 @pytest.fixture(scope="module")
 def alerting_release(kube, image, prometheus):
     recreate_namespace(kube, ALERTS_NS)
-    repo, tag = image
-    sets = {
-        "image.repository": repo,
-        "image.tag": tag,
-        "clients.replicas": 2,
-        "run.rounds": 200,  # still running when its ServerApp is stopped
-        "run.roundTimeout": 15,
-        "alerts.runStalled.marginSeconds": 5,
-        "alerts.runStalled.for": "0m",
-        "data.source": "volume",
-        "data.volume.hostPath": str(DATA),
-        "superlink.resources.requests.cpu": "100m",
-        "clients.resources.requests.cpu": "100m",
-        "run.resources.requests.cpu": "10m",
-    }
-    args = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+    args = small_release(
+        image,
+        {
+            "run.rounds": 200,  # still running when its ServerApp is stopped
+            "run.roundTimeout": 15,
+            "alerts.runStalled.marginSeconds": 5,
+            "alerts.runStalled.for": "0m",
+        },
+    )
     helm("install", RELEASE, str(CHART), "-n", ALERTS_NS, *args, "--wait", "--timeout", "5m")
     rules = run(
         "kubectl",
@@ -101,6 +93,10 @@ def notified(port: int) -> list[dict]:
     ]
 
 
+def signal_serverapp(pod: str, signal_name: str) -> None:
+    run("kubectl", "-n", ALERTS_NS, "exec", pod, "-c", "superlink", "--", "python", "-c", SIGNAL_SERVERAPP, signal_name)
+
+
 def superlink_pod(kube) -> str:
     selector = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=superlink"
     return next(p.metadata.name for p in pods(kube, ALERTS_NS, selector) if p.metadata.deletion_timestamp is None)
@@ -127,20 +123,7 @@ def test_a_stalled_serverapp_raises_the_stall_alert_at_alertmanager_and_a_health
 
         pod = superlink_pod(kube)
         stopped_at = time.monotonic()
-        run(
-            "kubectl",
-            "-n",
-            ALERTS_NS,
-            "exec",
-            pod,
-            "-c",
-            "superlink",
-            "--",
-            "python",
-            "-c",
-            SIGNAL_SERVERAPP,
-            "SIGSTOP",
-        )
+        signal_serverapp(pod, "SIGSTOP")
         try:
             alert = wait_for(
                 "FedcifarRunStalled at the Alertmanager's webhook receiver",
@@ -149,20 +132,7 @@ def test_a_stalled_serverapp_raises_the_stall_alert_at_alertmanager_and_a_health
                 2,
             )
         finally:
-            run(
-                "kubectl",
-                "-n",
-                ALERTS_NS,
-                "exec",
-                pod,
-                "-c",
-                "superlink",
-                "--",
-                "python",
-                "-c",
-                SIGNAL_SERVERAPP,
-                "SIGCONT",
-            )
+            signal_serverapp(pod, "SIGCONT")
         others = {a["labels"]["alertname"] for a in notified(receiver)} - {"FedcifarRunStalled"}
         assert others == set(), others  # the frozen ServerApp's other figures stand still
     assert alert["status"] == "firing"

@@ -15,7 +15,7 @@ import time
 
 import pytest
 from conftest import recreate_namespace
-from kube import CHART, ROOT, helm, http_get, pod_logs, pods, port_forward, run, wait_for
+from kube import CHART, helm, http_get, pod_logs, pods, port_forward, run, small_release, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedcifar.metrics import FAILURE_REASONS
@@ -24,7 +24,6 @@ NS, RELEASE = "fedcifar-e2e-faults", "faults"
 EXTRA_NAMESPACES = (NS,)
 FULL = f"{RELEASE}-fedcifar"
 ROUNDS, ROUND_TIMEOUT = 8, 20
-DATA = ROOT / "tests" / "data" / "cifar10-mini"
 HISTORY = "/var/lib/fedcifar/runs/revision-1/history.json"
 pytestmark = pytest.mark.e2e
 
@@ -56,20 +55,7 @@ def history(kube) -> dict:
 @pytest.fixture(scope="module")
 def faults_release(kube, image):
     recreate_namespace(kube, NS)
-    repo, tag = image
-    sets = {
-        "image.repository": repo,
-        "image.tag": tag,
-        "clients.replicas": 2,
-        "run.rounds": ROUNDS,
-        "run.roundTimeout": ROUND_TIMEOUT,
-        "data.source": "volume",
-        "data.volume.hostPath": str(DATA),
-        "superlink.resources.requests.cpu": "100m",
-        "clients.resources.requests.cpu": "100m",
-        "run.resources.requests.cpu": "10m",
-    }
-    args = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+    args = small_release(image, {"run.rounds": ROUNDS, "run.roundTimeout": ROUND_TIMEOUT})
     helm("install", RELEASE, str(CHART), "-n", NS, *args, "--wait", "--timeout", "5m")
     yield RELEASE
     helm("uninstall", RELEASE, "-n", NS, check=False)

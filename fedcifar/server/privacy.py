@@ -223,21 +223,20 @@ class PrivacyAccount:
         if self.accountant is not None:
             np.random.seed()
 
+    def _next_event(self) -> dict[str, Any]:
+        """The record of one noised aggregate of the run's slots."""
+        n = self.config.num_partitions
+        return {"noise_multiplier": self.noise_multiplier, "sample_size": n, "population_size": n}
+
     def check_budget(self, server_round: int) -> None:
         """Before a training attempt: raise ``BudgetReached`` when its release would spend more than
         ``max-epsilon`` (the run's budget at ``dp-delta``), so nothing past the budget is ever released."""
         budget = self.config.max_epsilon
         if self.accountant is None or not budget:
             return
-        n = self.config.num_partitions
         then = self._new_accountant()  # the releases so far and the next one
-        for event in [
-            *self.releases,
-            {"noise_multiplier": self.noise_multiplier, "sample_size": n, "population_size": n},
-        ]:
-            then.compose(
-                GaussianPrivacyEvent(event["noise_multiplier"], event["sample_size"], event["population_size"])
-            )
+        for event in [*self.releases, self._next_event()]:
+            then.compose(gaussian(event))
         would = float(then.get_privacy_spent().epsilon)
         if would <= budget:
             return
@@ -257,9 +256,8 @@ class PrivacyAccount:
         the epsilon spent so far (None: not computed)."""
         if self.accountant is None:
             return None
-        n = self.config.num_partitions
-        event = {"noise_multiplier": self.noise_multiplier, "sample_size": n, "population_size": n}
-        self.accountant.compose(GaussianPrivacyEvent(**event))
+        event = self._next_event()
+        self.accountant.compose(gaussian(event))
         epsilon = float(self.accountant.get_privacy_spent().epsilon)
         self.releases.append({"round": server_round, "attempt": attempt, **event, "epsilon": epsilon})
         if self.out_dir is not None:
@@ -281,9 +279,7 @@ class PrivacyAccount:
             return  # nothing released yet
         try:
             releases = json.loads(path.read_text())["releases"]
-            events = [
-                GaussianPrivacyEvent(r["noise_multiplier"], r["sample_size"], r["population_size"]) for r in releases
-            ]
+            events = [gaussian(r) for r in releases]
         except (OSError, ValueError, KeyError, TypeError) as err:
             unreadable = f"{path}, the record of every noised release, is unreadable ({err})"
             raise CheckpointError(f"{unreadable}; {advice}") from err
@@ -295,3 +291,8 @@ class PrivacyAccount:
         for event in events:
             self.accountant.compose(event)
         self.releases = releases
+
+
+def gaussian(release: dict[str, Any]) -> GaussianPrivacyEvent:
+    """The accountant's event of a release as ``privacy-releases.json`` records it."""
+    return GaussianPrivacyEvent(release["noise_multiplier"], release["sample_size"], release["population_size"])

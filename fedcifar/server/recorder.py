@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcifar.metrics import ServerMetrics
+from fedcifar.metrics import UNKNOWN_SITE, ServerMetrics
 from fedcifar.server.checkpoint import Checkpoint, save_best_model
 from fedcifar.server.history import BEST_MODEL_FILE, History, RoundRecord
 from fedcifar.server.stopping import Stop
@@ -188,4 +188,5 @@ def rounds_since_accepted(rounds: list[RoundRecord], slots: int) -> dict[int, tu
         for slot, site in zip(record.partitions, record.sites, strict=True):
             last[slot] = (record.round, site)
     now = rounds[-1].round if rounds else 0
-    return {slot: (now - last.get(slot, (0, "unknown"))[0], last.get(slot, (0, "unknown"))[1]) for slot in range(slots)}
+    never = (0, UNKNOWN_SITE)
+    return {slot: (now - last.get(slot, never)[0], last.get(slot, never)[1]) for slot in range(slots)}
