@@ -200,6 +200,13 @@ class SuperLinkMetrics:
             ["reason", "site"],
             **kw,
         )
+        self.fleet_requests = Counter(
+            "fedcifar_fleet_requests",
+            "Fleet API requests that name a SuperNode (all but registration and activation), refused or not, "
+            "by Flower's handler and the site of the key that signed them.",
+            ["handler", "site"],
+            **kw,
+        )
         self.keys_refused = Counter(
             "fedcifar_supernode_keys_refused",
             "SuperNode public key files the key registrar refused to register (KEY_REFUSAL_REASONS); a refusal "

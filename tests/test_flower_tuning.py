@@ -35,11 +35,14 @@ from fedcifar.common.procfs import process_memory, tree_rss
 from fedcifar.flower import processes
 from fedcifar.flower.patch import VERIFIED_FLWR
 from fedcifar.flower.polling import (
+    IDLE_POLL_ENV,
     LOCAL_CHECK_SECONDS,
     POLL_ENV,
-    capped_time,
+    POLL_HOLD_ENV,
+    PollSchedule,
+    pace_supernode_polling,
+    paced_time,
     pulls_bounded_by,
-    shorten_supernode_polling,
 )
 from fedcifar.flower.processes import CLIENTAPP, SUPEREXEC_MAIN, ClientAppForkServer
 from fedcifar.flower.tuning import ALLOW_UNVERIFIED_ENV, UnverifiedFlower, check_flower_version, tune
@@ -53,8 +56,8 @@ SOON = 0.5
 @pytest.fixture
 def tuned(monkeypatch):
     """``tune(role)`` for one test: whatever it changes in Flower is put back afterwards."""
-    monkeypatch.setattr(supernode_loop, "time", supernode_loop.time)
-    monkeypatch.setattr(supernode_loop, "subprocess", supernode_loop.subprocess)
+    for name in ("time", "subprocess", "_pull_and_store_message", "_push_messages"):
+        monkeypatch.setattr(supernode_loop, name, getattr(supernode_loop, name))
     monkeypatch.setattr(subprocess_executor, "subprocess", subprocess_executor.subprocess)
     monkeypatch.setattr(InMemoryNodeState, "set_node_id", InMemoryNodeState.set_node_id)
     for pull in PULLS:
@@ -134,10 +137,12 @@ def run_supernode(monkeypatch) -> list[float]:
 
 def test_the_supernode_looks_for_messages_and_replies_at_the_shortened_intervals(tuned, monkeypatch, sleeps, launched):
     monkeypatch.setenv(POLL_ENV, "0.4")
+    monkeypatch.setenv(IDLE_POLL_ENV, "1.5")
     tuned("supernode")
     run_supernode(monkeypatch)
-    # Flower: 3 s after a pull that found no message, then 0.5 s between looks for the ClientApp's reply
-    assert sleeps == [0.4, LOCAL_CHECK_SECONDS]
+    # Flower: 3 s after a pull that found no message (here: the idle interval, the node has had no message
+    # yet), then 0.5 s between looks for the ClientApp's reply
+    assert sleeps == [1.5, LOCAL_CHECK_SECONDS]
 
 
 def test_the_supernode_starts_the_warm_superexec_with_flowers_arguments(tuned, monkeypatch, sleeps, launched):
@@ -326,19 +331,54 @@ def test_polling_grid_delegates_everything_else():
     assert grid.get_node_ids() == [1, 2] and grid.interval == 0.05
 
 
-def test_capped_time_caps_only_sleep(sleeps):
-    fake = capped_time(idle=0.05, local=0.01)
+def test_paced_time_changes_only_sleep(sleeps):
+    fake = paced_time(PollSchedule(fast=0.05, idle=0.05), local=0.01)
     fake.sleep(3)  # the idle poll
     fake.sleep(0.5)  # a local check
     assert sleeps == [0.05, 0.01]
     assert fake.time is time.time and fake.monotonic is time.monotonic
 
 
-def test_shorten_supernode_polling_replaces_only_that_modules_time(monkeypatch):
-    monkeypatch.setattr(supernode_loop, "time", supernode_loop.time)  # restored after the test
-    shorten_supernode_polling(0.1)
+def test_a_node_polls_fast_while_busy_and_backs_off_to_the_idle_interval():
+    now = [0.0]
+    schedule = PollSchedule(fast=0.25, idle=3.0, hold=60, clock=lambda: now[0])
+    assert schedule.next_wait() == 3.0  # never had a message: Flower's idle poll
+    schedule.active()
+    waits = []
+    for _ in range(8):
+        waits.append(schedule.next_wait())
+        now[0] += 30
+    # fast for the hold, then doubling to the idle interval
+    assert waits == [0.25, 0.25, 0.25, 0.5, 1.0, 2.0, 3.0, 3.0]
+    schedule.active()  # a message (or a reply pushed): fast again at once
+    assert schedule.next_wait() == 0.25
+    assert PollSchedule(fast=1.0, idle=1.0, hold=0).next_wait() == 1.0  # a fixed interval
+
+
+def test_poll_settings_come_from_the_environment_and_bad_ones_are_refused():
+    schedule = PollSchedule.from_env({POLL_ENV: "0.5", IDLE_POLL_ENV: "4", POLL_HOLD_ENV: "10"})
+    assert (schedule.fast, schedule.idle, schedule.hold) == (0.5, 4.0, 10.0)
+    assert PollSchedule.from_env({POLL_ENV: "5"}).idle == 5.0  # never slower when idle than when busy
+    with pytest.raises(ValueError, match=POLL_ENV):
+        PollSchedule.from_env({POLL_ENV: "0"})
+
+
+def test_pace_supernode_polling_replaces_only_that_modules_time_and_notes_activity(monkeypatch):
+    for name in ("time", "_pull_and_store_message", "_push_messages"):
+        monkeypatch.setattr(supernode_loop, name, getattr(supernode_loop, name))  # restored after the test
+    monkeypatch.setattr(supernode_loop, "_pull_and_store_message", lambda **kwargs: kwargs["found"])
+    monkeypatch.setattr(supernode_loop, "_push_messages", lambda **kwargs: None)
+    schedule = PollSchedule(fast=0.1, idle=2.0, hold=60)
+    pace_supernode_polling(schedule)
     assert supernode_loop.time is not time
     assert time.sleep is not supernode_loop.time.sleep  # the real module is untouched
+    supernode_loop._pull_and_store_message(found=None)
+    assert schedule.next_wait() == 2.0  # no message: still idle
+    supernode_loop._pull_and_store_message(found=7)
+    assert schedule.next_wait() == 0.1
+    schedule.interval = 2.0
+    supernode_loop._push_messages()
+    assert schedule.next_wait() == 0.1
 
 
 def test_pulls_bounded_by_only_shortens():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -72,6 +73,71 @@ def add_parsers(sub) -> None:
             node.add_argument("--site", default=DEFAULT_SITE, help="this site's name (metrics label $FEDCIFAR_SITE)")
             node.add_argument("--data", help="CIFAR-10 folder on this node (node config data-path)")
         node.set_defaults(handler=cmd_node, role=role, flower=flower)
+
+    hollow = sub.add_parser(
+        "hollow",
+        help="run N hollow SuperNodes in this process against a real SuperLink: they answer at once, "
+        "without training (load and scale tests)",
+    )
+    hollow.add_argument("--superlink", required=True, help="the SuperLink's Fleet API (host:port; its public face)")
+    hollow.add_argument("--control", required=True, help="its Control API (host:port), to register the nodes' keys")
+    hollow.add_argument("--root-certificates", help="the SuperLink's CA (PEM); without it: --insecure")
+    hollow.add_argument("--insecure", action="store_true", help="plain HTTP (a SuperLink started with --insecure)")
+    hollow.add_argument("--nodes", type=int, required=True, help="how many hollow nodes")
+    hollow.add_argument("--slots", type=int, help="node slots in the federation (default: --first-slot + --nodes)")
+    hollow.add_argument("--first-slot", type=int, default=0, help="the first node's slot; the others follow")
+    hollow.add_argument("--site", default="hollow", help="the site their keys are registered under")
+    hollow.add_argument("--train-size", type=int, default=50_000, help="images of the train split the run cuts")
+    hollow.add_argument("--test-size", type=int, default=10_000, help="images of the test split the run cuts")
+    hollow.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C or SIGTERM)")
+    hollow.add_argument("--json", action="store_true", help="print what they did as JSON (last line)")
+    hollow.set_defaults(handler=cmd_hollow)
+
+
+def cmd_hollow(args: argparse.Namespace, extra: list[str]) -> int:
+    import signal
+    import threading
+    import time
+    from pathlib import Path
+
+    from fedcifar.cli.common import console
+    from fedcifar.node.hollow import HollowFleet
+
+    if args.nodes < 1:
+        raise ValueError(f"--nodes must be >= 1, got {args.nodes}")
+    if bool(args.root_certificates) == args.insecure:
+        raise ValueError("give either --root-certificates (the SuperLink's CA) or --insecure")
+    check_site(args.site)
+    ca = Path(args.root_certificates).read_bytes() if args.root_certificates else None
+    fleet = HollowFleet(
+        args.superlink,
+        args.control,
+        ca,
+        args.nodes,
+        args.slots or args.first_slot + args.nodes,
+        args.first_slot,
+        args.site,
+        {"train": args.train_size, "test": args.test_size},
+    )
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    fleet.register()
+    fleet.start()
+    console.print(
+        f"fedcifar: {args.nodes} hollow SuperNodes of site {args.site} started (slots "
+        f"{fleet.first_slot}..{fleet.first_slot + args.nodes - 1} of {fleet.slots})"
+    )
+    try:
+        done.wait(args.duration)
+    except KeyboardInterrupt:
+        pass
+    started = time.monotonic()
+    fleet.close()
+    summary = fleet.summary() | {"close_seconds": round(time.monotonic() - started, 2)}
+    console.print(f"fedcifar: hollow nodes stopped: {summary}")
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    return 1 if summary["failures"] else 0
 
 
 def cmd_node(args: argparse.Namespace, extra: list[str]) -> int:

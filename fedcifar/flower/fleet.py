@@ -42,6 +42,7 @@ def guard_fleet_api(settings=None):
         count=lambda reason, site: metrics.fleet_refused.labels(reason, site).inc(),
         # zero series, so that a site's panel shows 0 until its first refusal (and alerts see it)
         seen=lambda site: [metrics.fleet_refused.labels(reason, site) for reason in fleet_guard.REASONS],
+        served=lambda handler, site: metrics.fleet_requests.labels(handler, site).inc(),
     )
     for name in fleet_guard.GUARDED:
         handler = getattr(fleet_handlers, name, None)

@@ -3,8 +3,11 @@
 1. **Idle polling.** flwr 1.42's SuperNode loop (``flwr/supernode/start_client_internal.py``)
    sleeps a fixed 3 s whenever it pulled no message, so every message waits up to 3 s before a
    node even sees it, and then checks for the ClientApp's reply every 0.5 s. Here the idle sleep
-   is capped at ``$FEDCIFAR_POLL_INTERVAL`` seconds (default 0.25: one pull request per node and
-   interval) and the local reply check at 0.02 s. Only that module's view of ``time`` changes.
+   follows a ``polling.PollSchedule``: ``$FEDCIFAR_POLL_INTERVAL`` seconds (default 0.25) for
+   ``$FEDCIFAR_POLL_HOLD`` s (60) after the node last pulled a message or pushed a reply, then
+   doubling up to ``$FEDCIFAR_IDLE_POLL_INTERVAL`` (3, Flower's own), so that an idle federation
+   costs its SuperLink what stock Flower's does; the local reply check is capped at 0.02 s. Only
+   that module's view of ``time`` and its pull and push steps (wrapped, to note the activity) change.
 2. **A ClientApp process per message, forked warm.** The SuperNode's SuperExec starts
    ``flwr-clientapp`` as a new process for every message, which spends ~0.6 s of CPU importing
    Python and Flower's runtime before it handles anything. Here the SuperExec (this module's
@@ -57,10 +60,9 @@ from fedcifar.flower.clipping import clip_zero_updates
 from fedcifar.flower.fleet import GuardNotInPlace, guard_fleet_api
 from fedcifar.flower.patch import VERIFIED_FLWR, FlowerChanged
 from fedcifar.flower.polling import (
-    DEFAULT_POLL_SECONDS,
-    POLL_ENV,
+    PollSchedule,
+    pace_supernode_polling,
     shorten_object_pull_backoff,
-    shorten_supernode_polling,
 )
 from fedcifar.flower.processes import SUPEREXEC, start_forked_clientapps, start_warm_superexec
 
@@ -99,7 +101,7 @@ def tune(role: str) -> None:
     if role == "superlink":
         guard_fleet_api()
     elif role == "supernode":
-        shorten_supernode_polling(float(os.environ.get(POLL_ENV, DEFAULT_POLL_SECONDS)))
+        pace_supernode_polling(PollSchedule.from_env())
         shorten_object_pull_backoff()
         start_warm_superexec()
         report_activation()

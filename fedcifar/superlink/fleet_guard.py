@@ -93,9 +93,12 @@ class FleetGuard:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         seen: Callable[[str], None] = lambda site: None,
+        served: Callable[[str, str], None] = lambda handler, site: None,
     ) -> None:
-        """``count(reason, site)`` for every refusal; ``seen(site)`` when a site's first node calls."""
+        """``count(reason, site)`` for every refusal; ``seen(site)`` when a site's first node calls;
+        ``served(handler, site)`` for every request that names a node, refused or not."""
         self.settings, self.count, self.clock, self.wall, self.seen = settings, count, clock, wall, seen
+        self.served = served
         self.ceiling = ReplyLayout.ceiling(settings)
         self.lock = threading.Lock()
         self.books: dict[int, NodeBook] = {}
@@ -121,6 +124,7 @@ class FleetGuard:
             if node_id is None:  # activation of an unregistered key, or registration: Flower refuses
                 return handler(request=request, state=state, **kwargs)
             book = self.book(node_id, state)
+            self.served(name, book.site if book else UNKNOWN_SITE)
             try:
                 if book is None:  # a node id no key was registered for (claimed without authentication)
                     book = NodeBook(node_id, UNKNOWN_SITE, b"", TokenBucket(0, 0, self.clock))

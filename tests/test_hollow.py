@@ -1,0 +1,181 @@
+"""Hollow SuperNodes (``node/hollow.py``) against a real ``fedcifar superlink`` (TLS, SuperNode auth,
+the Fleet guard): a few of them take part in a round that the real ServerApp aggregates (their
+distinct updates averaged, as FedAvg weighs them), and a hollow node's requests, per Fleet handler,
+match a real ``fedcifar supernode``'s, idle and in a round (counted by the SuperLink itself,
+``fedcifar_fleet_requests_total``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+from support import FLOWER_ENV, scrape, secure_superlink, wait
+
+from fedcifar.deploy import flwr_cli
+from fedcifar.deploy.control import superlink_healthy
+from fedcifar.deploy.key_formats import load_private_key
+from fedcifar.deploy.pki import write_pki
+from fedcifar.flower.polling import IDLE_POLL_ENV, POLL_ENV, POLL_HOLD_ENV, PollSchedule
+from fedcifar.local.federation import free_port
+from fedcifar.node.hollow import HollowFleet, control_client, hollow_step, register_keys
+from fedcifar.server.history import load_history
+from fedcifar.task import initial_model
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parent.parent
+MINI_SIZES = {"train": 500, "test": 200}  # tests/data/cifar10-mini
+# the tests' poll schedule, for hollow and real nodes alike: short, so that an idle spell shows polls;
+# a hold longer than the real node's training on the mini data, so that both poll fast through a round
+FAST, IDLE, HOLD = 0.1, 0.5, 10.0
+
+
+@pytest.fixture(scope="module")
+def link(tmp_path_factory, mini_dir):
+    """``fedcifar superlink`` on 127.0.0.1 (TLS, SuperNode auth), its ServerApps on the mini data."""
+    work = tmp_path_factory.mktemp("hollow")
+    pki = write_pki(work / "pki", supernodes=1)
+    port, metrics = free_port(), free_port()
+    env = {**FLOWER_ENV, "FLWR_HOME": str(work / "flwr"), "FEDCIFAR_DATA": str(mini_dir)}
+    superlink = subprocess.Popen(
+        secure_superlink(pki, port, metrics, work / "metrics"),
+        cwd=work,
+        stdout=open(work / "superlink.log", "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    address = f"127.0.0.1:{port}"
+    flwr_cli.write_connection(work / "flwr", flwr_cli.CONNECTION, address, str(pki / "ca.crt"))
+    try:
+        wait("the SuperLink", lambda: superlink_healthy(address, str(pki / "ca.crt")) and scrape(metrics), 90)
+        yield {"address": address, "pki": pki, "work": work, "metrics": metrics, "env": env}
+    finally:
+        superlink.terminate()
+        superlink.wait(30)
+
+
+def fleet(link, count: int, first_slot: int, slots: int) -> HollowFleet:
+    hollow = HollowFleet(
+        link["address"],
+        link["address"],  # the open-source SuperLink serves its Control API on the same port
+        (link["pki"] / "ca.crt").read_bytes(),
+        count,
+        slots,
+        first_slot,
+        sizes=MINI_SIZES,
+        schedule=lambda: PollSchedule(FAST, IDLE, HOLD),
+    )
+    hollow.register()
+    hollow.start()
+    wait(f"{count} hollow nodes activated", lambda: hollow.activated() == count, 60)
+    return hollow
+
+
+def run(link, out: Path, **config) -> dict:
+    """``flwr run`` fedcifar with ``config``; waits for the run to end and returns its history."""
+    pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in {**config, "out-dir": str(out)}.items())
+    home = link["work"] / "flwr"
+    reply = flwr_cli.flwr_json(
+        "run", str(ROOT), flwr_cli.CONNECTION, "--run-config", pairs, env=link["env"], flwr_home=home
+    )
+    assert reply.get("success"), reply
+    run_id = str(reply["run-id"])
+
+    def finished():
+        runs = flwr_cli.flwr_json("ls", flwr_cli.CONNECTION, "--run-id", run_id, env=link["env"], flwr_home=home)
+        status = str((runs.get("runs") or [{}])[0].get("status", ""))
+        return status if status.startswith("finished") else None
+
+    assert wait(f"run {run_id} to finish", finished, 240, interval=1) == "finished:completed", (
+        link["work"] / "superlink.log"
+    ).read_text()[-3000:]
+    return load_history(out)
+
+
+def requests_by_handler(link, site: str) -> dict[str, float]:
+    snapshot = scrape(link["metrics"]) or {}
+    return {
+        dict(labels)["handler"]: count
+        for (name, labels), count in snapshot.items()
+        if name == "fedcifar_fleet_requests_total" and dict(labels)["site"] == site
+    }
+
+
+def test_hollow_nodes_take_part_in_a_round_and_their_updates_are_averaged(link):
+    hollow = fleet(link, 3, 0, 3)
+    try:
+        history = run(link, link["work"] / "smoke", **{"num-partitions": 3, "min-nodes": 3, "num-server-rounds": 1})
+    finally:
+        hollow.close()
+    [record] = history["rounds"]
+    assert (record["participating_clients"], record["partitions"], record["failures"]) == (3, [0, 1, 2], 0)
+    assert record["sites"] == ["hollow"] * 3
+    # each claimed 500 // 3 examples: the average of the three steps, on every weight of the initial model
+    step = np.float32(np.mean([hollow_step(slot) for slot in range(3)]))
+    model = torch.load(link["work"] / "smoke" / "model.pt")["model"]
+    for name, start in initial_model(history["config"]["seed"]).state_dict().items():
+        np.testing.assert_allclose(model[name].numpy(), start.numpy() + step, rtol=0, atol=1e-6)
+    assert hollow.summary()["answered"] == {"train": 3}
+    assert not hollow.summary()["failures"]
+
+
+def test_a_hollow_nodes_requests_match_a_real_nodes(link, mini_dir):
+    """Slot 3 a real ``fedcifar supernode``, slot 4 a hollow node, both on the same poll schedule: the
+    SuperLink counts each one's requests per Fleet handler, idle and in a round (train and evaluate)."""
+    key = load_private_key((link["pki"] / "supernode-0.key").read_bytes())
+    control = control_client(link["address"], (link["pki"] / "ca.crt").read_bytes())
+    register_keys(control, {"real/slot-3": public_key_to_bytes(key.public_key())})
+    control.close()
+    schedule = {POLL_ENV: str(FAST), IDLE_POLL_ENV: str(IDLE), POLL_HOLD_ENV: str(HOLD)}
+    real = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "fedcifar", "supernode", "--metrics-port", str(free_port())),
+            *("--metrics-host", "127.0.0.1", "--site", "real", "--partition-id", "3", "--num-partitions", "5"),
+            *("--data", str(mini_dir), "--superlink", link["address"], "--port", str(free_port())),
+            f"--root-certificates={link['pki'] / 'ca.crt'}",
+            f"--auth-supernode-private-key={link['pki'] / 'supernode-0.key'}",
+        ],
+        cwd=link["work"],
+        env={**link["env"], **schedule},
+        stdout=open(link["work"] / "real-node.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    hollow = None
+    try:
+        wait("the real node's first poll", lambda: requests_by_handler(link, "real").get("pull_messages"), 90)
+        hollow = fleet(link, 1, 4, 5)
+        idle_from = {site: requests_by_handler(link, site) for site in ("real", "hollow")}
+        time.sleep(5)
+        idle = {site: requests_by_handler(link, site) for site in ("real", "hollow")}
+        config = {"num-partitions": 5, "min-nodes": 2, "num-server-rounds": 1, "fraction-evaluate": 1.0}
+        run(link, link["work"] / "mix", **config)
+        time.sleep(1)  # the evaluate replies' last requests
+        ran = {site: requests_by_handler(link, site) for site in ("real", "hollow")}
+    finally:
+        if hollow:
+            hollow.close()
+        real.terminate()
+        real.wait(30)
+
+    def polls(counts, since):
+        return counts.get("pull_messages", 0) - since.get("pull_messages", 0)
+
+    # idle: both poll every IDLE s (5 s: 10 polls), give or take 2
+    assert abs(polls(idle["real"], idle_from["real"]) - polls(idle["hollow"], idle_from["hollow"])) <= 2, idle
+    # in the round: the same requests of every other kind (the run and its FAB, each object pulled and
+    # pushed, each receipt confirmed); polls on the same schedule, the real node's slower while its
+    # ClientApp trains beside it on this machine's 2 cores (1.5 times fewer, measured), never more
+    spent = {site: {h: ran[site].get(h, 0) - idle[site].get(h, 0) for h in ran[site]} for site in ran}
+    for handler in ("get_run", "get_fab", "confirm_message_received", "push_messages"):
+        assert spent["real"].get(handler) == spent["hollow"].get(handler) > 0, (handler, spent)
+    for handler in ("pull_object", "push_object"):  # a content pulled before it arrived is asked for again
+        assert abs(spent["real"].get(handler, 0) - spent["hollow"].get(handler, 0)) <= 2, (handler, spent)
+    real_polls, hollow_polls = spent["real"]["pull_messages"], spent["hollow"]["pull_messages"]
+    assert real_polls - 3 <= hollow_polls <= 2 * real_polls, spent
