@@ -15,27 +15,20 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import shutil
 import ssl
 import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 from support import BIN, FLOWER_ENV, secure_superlink, wait
 
 from fedcifar.deploy import flwr_cli, key_formats, registrar
 from fedcifar.deploy.pki import write_pki
+from fedcifar.deploy.proxy import HELM, NGINX, proxy_config
 from fedcifar.local.federation import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-CHART = ROOT / "charts" / "fedcifar"
 ECHO_APP = ROOT / "tests" / "apps" / "echo"
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-HELM = shutil.which("helm") or (
-    "/var/cache/local-k8s/bin/helm" if Path("/var/cache/local-k8s/bin/helm").exists() else None
-)
 REFUSAL = "fedcifar: this port serves only Flower's Fleet API (/v1/fleet/) and /health"
 METHOD_REFUSAL = "fedcifar: this port takes only POST on Flower's Fleet API (/v1/fleet/) and GET or HEAD on /health"
 
@@ -44,37 +37,6 @@ pytestmark = [
     pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx); CI installs it"),
     pytest.mark.skipif(HELM is None, reason="helm renders the proxy config from the chart"),
 ]
-
-
-def proxy_config(public: int, control: int, tls_dir: Path, tmp: Path, outputs: int) -> str:
-    """The chart's nginx.conf, with the pod's paths mapped to this test's folders."""
-    done = subprocess.run(
-        [
-            HELM,
-            "template",
-            "t",
-            str(CHART),
-            "--show-only",
-            "templates/superlink-proxy-configmap.yaml",
-            "--set",
-            f"superlink.port={public}",
-            "--set",
-            f"superlink.controlPort={control}",
-            "--set",
-            f"superlink.outputsPort={outputs}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    conf = yaml.safe_load(done.stdout)["data"]["nginx.conf"]
-    conf = conf.replace("/tmp/", f"{tmp}/").replace("/etc/fedcifar/tls/", f"{tls_dir}/")
-    conf = conf.replace("access_log /dev/stdout", f"access_log {tmp}/access.log")
-    conf = conf.replace("root /var/lib/fedcifar;", f"root {tmp}/state;")  # the state volume
-    if os.geteuid() == 0:  # nginx's workers would drop to `nobody`, which cannot read this test's folders
-        conf = "user root;\n" + conf
-    return conf
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,11 @@ def add_parsers(sub) -> None:
     hollow.add_argument("--train-size", type=int, default=50_000, help="images of the train split the run cuts")
     hollow.add_argument("--test-size", type=int, default=10_000, help="images of the test split the run cuts")
     hollow.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C or SIGTERM)")
-    hollow.add_argument("--json", action="store_true", help="print what they did as JSON (last line)")
+    hollow.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON lines: once all are active, on SIGUSR1 (what they did since the last), when stopped (last)",
+    )
     hollow.set_defaults(handler=cmd_hollow)
 
 
@@ -119,14 +123,25 @@ def cmd_hollow(args: argparse.Namespace, extra: list[str]) -> int:
         args.site,
         {"train": args.train_size, "test": args.test_size},
     )
+
+    def say(event: str, **fields) -> None:  # JSON lines on stdout for whoever drives the fleet (fedcifar scale)
+        if args.json:
+            print(json.dumps({"event": event, **fields}), flush=True)
+
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
+    # SIGUSR1 (as dd's): what the nodes did since the last one, the polls' figures reset
+    signal.signal(signal.SIGUSR1, lambda *_: say("window", **fleet.summary(reset_polls=True)))
     fleet.register()
     fleet.start()
     console.print(
         f"fedcifar: {args.nodes} hollow SuperNodes of site {args.site} started (slots "
         f"{fleet.first_slot}..{fleet.first_slot + args.nodes - 1} of {fleet.slots})"
     )
+    started = time.monotonic()
+    while fleet.activated() < args.nodes and not done.wait(0.2):
+        pass
+    say("active", nodes=fleet.activated(), seconds=round(time.monotonic() - started, 2))
     try:
         done.wait(args.duration)
     except KeyboardInterrupt:
@@ -135,8 +150,7 @@ def cmd_hollow(args: argparse.Namespace, extra: list[str]) -> int:
     fleet.close()
     summary = fleet.summary() | {"close_seconds": round(time.monotonic() - started, 2)}
     console.print(f"fedcifar: hollow nodes stopped: {summary}")
-    if args.json:
-        print(json.dumps(summary), flush=True)
+    say("stopped", **summary)
     return 1 if summary["failures"] else 0
 
 

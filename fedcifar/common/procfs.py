@@ -1,9 +1,9 @@
-"""Reading Linux's ``/proc``: processes, their environments and command lines, their memory."""
+"""Reading Linux's ``/proc``: processes, their environments and command lines, their memory and CPU time."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -77,9 +77,9 @@ def process_memory(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
-def tree_rss(root: int, skip: str = "flwr-clientapp") -> int:
-    """Resident bytes of ``root`` and its descendants, but not the per-message ClientApp processes
-    (Flower starts one per message; whether one is alive when sampled is chance)."""
+def tree_pids(root: int, skip: str = "flwr-clientapp") -> list[int]:
+    """``root`` and its descendants, but not the per-message ClientApp processes (Flower starts one
+    per message; whether one is alive when sampled is chance)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -88,7 +88,7 @@ def tree_rss(root: int, skip: str = "flwr-clientapp") -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0, [root]
+    found, todo = [], [root]
     while todo:
         pid = todo.pop()
         try:
@@ -102,5 +102,23 @@ def tree_rss(root: int, skip: str = "flwr-clientapp") -> int:
             todo.extend(children.get(pid, []))
         if skip in cmdline or comm == skip:  # cold ClientApps, and forked ones once renamed
             continue
-        total += process_memory(pid)
-    return total
+        found.append(pid)
+    return found
+
+
+def tree_rss(root: int, skip: str = "flwr-clientapp") -> int:
+    """Resident bytes of ``root`` and its descendants (``tree_pids``)."""
+    return sum(process_memory(pid) for pid in tree_pids(root, skip))
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User and system CPU seconds the live processes ``pids`` have used (their waited-for children's too)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return total / ticks

@@ -240,11 +240,14 @@ class HollowFleet:
     def activated(self) -> int:
         return sum(node.node_id is not None for node in self.nodes)
 
-    def summary(self) -> dict:
-        """Nodes activated, messages answered and failed, and the polls' count and seconds (p50, p99)."""
+    def summary(self, reset_polls: bool = False) -> dict:
+        """Nodes activated, messages answered and failed, and the polls' count and seconds (p50, p99)
+        since the start or the last summary that reset them."""
         with self.fleet_log.lock:
             polls = sorted(self.fleet_log.poll_seconds)
             answered, failures = dict(self.fleet_log.answered), dict(self.fleet_log.failures)
+            if reset_polls:
+                self.fleet_log.poll_seconds = []
         quantile = lambda q: round(polls[min(len(polls) - 1, int(q * len(polls)))], 4) if polls else None  # noqa: E731
         return {
             "nodes": len(self.nodes),

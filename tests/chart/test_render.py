@@ -303,3 +303,32 @@ def test_manifests_validate_strict(kubernetes_validate, version: str, request) -
                 pytest.fail(f"{doc['kind']} {doc['metadata']['name']} is invalid for Kubernetes {version}: {err}")
             checked += 1
     assert checked > 50
+
+
+def test_polling_values_reach_the_supernodes_and_the_superlinks_guard(default_docs: list[dict]) -> None:
+    def polling(docs: list[dict]) -> tuple[dict, str]:
+        node = env_of(container(find(docs, "StatefulSet"), "supernode"))
+        link = env_of(container(find(docs, "Deployment", f"{FULLNAME}-superlink"), "superlink"))
+        keys = ("FEDCIFAR_POLL_INTERVAL", "FEDCIFAR_IDLE_POLL_INTERVAL", "FEDCIFAR_POLL_HOLD")
+        return {key: node[key] for key in keys}, link["FEDCIFAR_POLL_INTERVAL"]
+
+    # fast while busy, Flower's 3 s when idle; the guard budgets a node's requests by the fast interval
+    assert polling(default_docs) == (
+        {"FEDCIFAR_POLL_INTERVAL": "0.25", "FEDCIFAR_IDLE_POLL_INTERVAL": "3", "FEDCIFAR_POLL_HOLD": "60"},
+        "0.25",
+    )
+    changed = render("--set-json", 'clients.polling={"busySeconds": 0.5, "idleSeconds": 10, "holdSeconds": 60}')
+    assert polling(changed) == (
+        {"FEDCIFAR_POLL_INTERVAL": "0.5", "FEDCIFAR_IDLE_POLL_INTERVAL": "10", "FEDCIFAR_POLL_HOLD": "60"},
+        "0.5",
+    )
+
+
+def test_the_proxy_holds_the_connections_of_thousands_of_supernodes(default_docs: list[dict]) -> None:
+    def conf(docs: list[dict]) -> str:
+        return find(docs, "ConfigMap", f"{FULLNAME}-superlink-proxy")["data"]["nginx.conf"]
+
+    assert "worker_connections 4096;" in conf(default_docs)  # nginx's 1024 held ~500 hollow nodes
+    assert "worker_rlimit_nofile 8192;" in conf(default_docs)
+    changed = conf(render("--set", "superlink.proxy.maxConnections=20000"))
+    assert "worker_connections 20000;" in changed and "worker_rlimit_nofile 40000;" in changed
