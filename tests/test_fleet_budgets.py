@@ -259,12 +259,19 @@ def test_replies_held_per_node_and_bytes_per_site_are_budgeted(rig):
         )
         return handlers["push_object"](request=request, state=state)
 
-    held = push(rig, 5, reply(deliver(rig, 5)))
+    taken = reply(deliver(rig, 5))
+    held = push(rig, 5, taken)
     assert fill(5, held, 600).stored
     other = push(rig, 6, reply(deliver(rig, 6)))  # the same site: 600 + 600 > 1000
     assert refusal(lambda: fill(6, other, 600)) == (REFUSED_CODE, "site_budget")
     elsewhere = push(rig, 9, reply(deliver(rig, 9)))  # another site has a budget of its own
     assert fill(9, elsewhere, 600).stored
+    # the ServerApp takes node 5's reply: the site's count, met, is counted again, and node 6's goes in
+    state.object_store.delete(taken.metadata.message_id)
+    site = guard.books[5].site
+    assert guard.site_bytes[site] == 600
+    assert fill(6, other, 600).stored
+    assert guard.site_bytes[site] == 600 and not guard.books[5].held
 
 
 def test_requests_above_the_budget_are_busy_and_refusals_are_logged_once(rig, caplog):

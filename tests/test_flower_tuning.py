@@ -322,6 +322,13 @@ def test_polling_grid_looks_for_replies_every_interval_where_flowers_grid_waits_
     assert sleeps == [3, 0.05]
 
 
+def test_polling_grid_looks_less_often_while_many_replies_are_awaited():
+    """A pull names every awaited reply, and the SuperLink scans its messages for each: fewer pulls
+    while many are awaited, every interval again for a round's last ones."""
+    grid = PollingGrid(object(), 0.05)
+    assert [grid.wait(n) for n in (1, 50, 100, 500, 1000, 5000)] == [0.05, 0.05, 0.1, 0.5, 1.0, 1.0]
+
+
 def test_polling_grid_delegates_everything_else():
     class Recorder:
         def get_node_ids(self):

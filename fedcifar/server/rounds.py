@@ -267,13 +267,11 @@ class RoundLoop:
         key = id(message)  # alive for the exchange; a reply's own message id is the sender's to shape
         if key not in self._verdicts:
             node_id = self._node_of(message)
+            bound = self.ledger.bound_slot.get(node_id)
+            # the slots other keys hold matter only to a node whose key holds none (O(nodes) to list)
+            held = self.ledger.held_by_others(node_id) if bound is None else frozenset()
             try:
-                self._verdicts[key] = CHECKS[kind](
-                    message.content,
-                    self.expected,
-                    self.ledger.bound_slot.get(node_id),
-                    self.ledger.held_by_others(node_id),
-                )
+                self._verdicts[key] = CHECKS[kind](message.content, self.expected, bound, held)
                 if kind == "train":
                     check_clipped(self.strategy, message.content, self._sent)
             except Refused as refused:

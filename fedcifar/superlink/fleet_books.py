@@ -52,9 +52,6 @@ class NodeBook:
             r.run_id == run_id and object_id in r.objects for r in self.held.values()
         )
 
-    def held_bytes(self) -> int:
-        return sum(r.bytes for r in self.held.values())
-
 
 def remember(book: OrderedDict, key: str, value: Any) -> None:
     """``book[key] = value``, dropping the oldest entries beyond ``MEMORY_CAP``."""

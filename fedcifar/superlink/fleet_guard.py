@@ -41,6 +41,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,10 @@ class FleetGuard:
         self.ceiling = ReplyLayout.ceiling(settings)
         self.lock = threading.Lock()
         self.books: dict[int, NodeBook] = {}
+        self.site_books: dict[str, list[NodeBook]] = {}
+        # bytes of replies each site holds: an upper bound, as replies the ServerApp took leave the
+        # books lazily (``release``); counted again, over the site's books, only when it meets the budget
+        self.site_bytes: Counter[str] = Counter()
         self.layouts: dict[int, ReplyLayout] = {}
         self.unpublished: dict[int, float] = {}  # run id -> when its layout was last looked for
         self.logged: set[tuple[int, str]] = set()
@@ -197,7 +202,7 @@ class FleetGuard:
         except BaseException:
             if not again:
                 with self.lock:
-                    book.held.pop(meta.message_id, None)
+                    self.forget(book, meta.message_id)
                     book.instructions[meta.reply_to_message_id] = instruction
             raise
         with self.lock:
@@ -220,16 +225,16 @@ class FleetGuard:
                 raise Refusal(
                     "reply_too_large", f"{reply.bytes + size} bytes in a reply, at most {reply.layout.max_reply_bytes}"
                 )
-            site = [b for b in self.books.values() if b.site == book.site]
-            for other in site:
-                self.release(other, state)
-            site_bytes = sum(b.held_bytes() for b in site)
-            if site_bytes + size > self.settings.site_held_bytes:
-                raise Refusal(
-                    "site_budget",
-                    f"{site_bytes + size} bytes held for site {book.site}, at most {self.settings.site_held_bytes}",
-                )
+            if self.site_bytes[book.site] + size > self.settings.site_held_bytes:
+                for other in self.site_books[book.site]:  # the bound met: what does the site hold now?
+                    self.release(other, state)
+                if (site_bytes := self.site_bytes[book.site]) + size > self.settings.site_held_bytes:
+                    raise Refusal(
+                        "site_budget",
+                        f"{site_bytes + size} bytes held for site {book.site}, at most {self.settings.site_held_bytes}",
+                    )
             reply.bytes += size  # reserved now, so that concurrent pushes cannot overrun the bounds
+            self.site_bytes[book.site] += size
         stored = False
         try:
             response = handler(request=request, state=state, **kwargs)
@@ -239,6 +244,8 @@ class FleetGuard:
             if not stored:
                 with self.lock:
                     reply.bytes -= size
+                    if book.held.get(reply.message_id) is reply:  # else released, its bytes with it
+                        self.site_bytes[book.site] -= size
 
     def pull_object(self, book: NodeBook, handler, *, request, **kwargs):
         with self.lock:
@@ -290,8 +297,11 @@ class FleetGuard:
             key = info[0].public_key
             bucket = TokenBucket(self.settings.requests_per_second, self.settings.burst, self.clock)
             with self.lock:
-                first = all(b.site != site for b in self.books.values())
-                book = self.books.setdefault(node_id, NodeBook(node_id, site, key, bucket))
+                first = site not in self.site_books
+                if node_id not in self.books:
+                    self.books[node_id] = NodeBook(node_id, site, key, bucket)
+                    self.site_books.setdefault(site, []).append(self.books[node_id])
+                book = self.books[node_id]
             if first:
                 self.seen(site)
         return book
@@ -306,7 +316,14 @@ class FleetGuard:
         # a reply whose push is under way has no session yet, nor its root in the store: it stays
         gone = [m for m, r in book.held.items() if r.sessions and (m not in store or r.run_id in ended)]
         for message_id in gone:
-            del book.held[message_id]
+            self.forget(book, message_id)
+
+    def forget(self, book: NodeBook, message_id: str) -> HeldReply | None:
+        """Drop a reply from the node's books, and its bytes from its site's."""
+        reply = book.held.pop(message_id, None)
+        if reply is not None:
+            self.site_bytes[book.site] -= reply.bytes
+        return reply
 
     def make_room(self, book: NodeBook, state) -> None:
         """Keep at most ``held_replies`` - 1 replies of the node held, before it holds a new one: the
@@ -314,7 +331,7 @@ class FleetGuard:
         replies have overtaken is one it gave up on (it came after the round's deadline), and the
         SuperLink would keep it until the run ends: a straggler holds a few, never more."""
         while len(book.held) >= self.settings.held_replies:
-            _, oldest = book.held.popitem(last=False)
+            oldest = self.forget(book, next(iter(book.held)))
             state.object_store.delete(oldest.message_id)
             log.info(
                 "Fleet guard: dropped node %d's untaken reply %s (newer ones came)", book.node_id, oldest.message_id
