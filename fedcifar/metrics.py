@@ -202,8 +202,8 @@ class SuperLinkMetrics:
         )
         self.fleet_requests = Counter(
             "fedcifar_fleet_requests",
-            "Fleet API requests that name a SuperNode (all but registration and activation), refused or not, "
-            "by Flower's handler and the site of the key that signed them.",
+            "Fleet API requests of registered SuperNodes (every one but the activation of a key the SuperLink "
+            "does not know), refused or not, by Flower's handler and the site of the key that signed them.",
             ["handler", "site"],
             **kw,
         )

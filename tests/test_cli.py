@@ -60,6 +60,15 @@ def test_centralized_prints_json_last(mini_dir):
         (["superlink", "--behind-proxy", "--host", "127.0.0.1", "--ho", "0.0.0.0"], "refuses --host 0.0.0.0"),
         (["superlink", "--control-api-address=0.0.0.0:9093"], "refuses --control-api-address"),
         (["superlink", "--fleet-max-reply-bytes", "0"], "the Fleet guard's budgets must be positive numbers"),
+        (["scale", "--schedules", "fixed,warp"], "--schedules takes some of fixed, backoff, backoff-10s, busy-1s"),
+        (["scale", "--nodes", "10,0"], "scale needs positive --nodes counts"),
+        (["hollow", "--superlink", "x:1", "--control", "x:2", "--nodes", "0", "--insecure"], "--nodes must be >= 1"),
+        (["hollow", "--superlink", "x:1", "--control", "x:2", "--nodes", "3"], "--root-certificates"),
+        (
+            ["hollow", "--superlink", "x:1", "--control", "x:2", "--nodes", "3", "--insecure", "--slots", "4"]
+            + ["--first-slot", "2"],
+            "slots 2..4 are not all among the 4 slots",
+        ),
     ],
 )
 def test_bad_input_is_refused_with_a_clear_message(args, message, tmp_path, mini_dir):

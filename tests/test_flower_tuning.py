@@ -140,9 +140,9 @@ def test_the_supernode_looks_for_messages_and_replies_at_the_shortened_intervals
     monkeypatch.setenv(IDLE_POLL_ENV, "1.5")
     tuned("supernode")
     run_supernode(monkeypatch)
-    # Flower: 3 s after a pull that found no message (here: the idle interval, the node has had no message
-    # yet), then 0.5 s between looks for the ClientApp's reply
-    assert sleeps == [1.5, LOCAL_CHECK_SECONDS]
+    # Flower: 3 s after a pull that found no message (here: the busy interval, the node has just started),
+    # then 0.5 s between looks for the ClientApp's reply
+    assert sleeps == [0.4, LOCAL_CHECK_SECONDS]
 
 
 def test_the_supernode_starts_the_warm_superexec_with_flowers_arguments(tuned, monkeypatch, sleeps, launched):
@@ -349,8 +349,7 @@ def test_paced_time_changes_only_sleep(sleeps):
 def test_a_node_polls_fast_while_busy_and_backs_off_to_the_idle_interval():
     now = [0.0]
     schedule = PollSchedule(fast=0.25, idle=3.0, hold=60, clock=lambda: now[0])
-    assert schedule.next_wait() == 3.0  # never had a message: Flower's idle poll
-    schedule.active()
+    assert schedule.next_wait() == 0.25  # just started: a run usually follows
     waits = []
     for _ in range(8):
         waits.append(schedule.next_wait())
@@ -375,7 +374,9 @@ def test_pace_supernode_polling_replaces_only_that_modules_time_and_notes_activi
         monkeypatch.setattr(supernode_loop, name, getattr(supernode_loop, name))  # restored after the test
     monkeypatch.setattr(supernode_loop, "_pull_and_store_message", lambda **kwargs: kwargs["found"])
     monkeypatch.setattr(supernode_loop, "_push_messages", lambda **kwargs: None)
-    schedule = PollSchedule(fast=0.1, idle=2.0, hold=60)
+    now = [0.0]
+    schedule = PollSchedule(fast=0.1, idle=2.0, hold=60, clock=lambda: now[0])
+    now[0], schedule.interval = 100.0, 2.0  # idle: past the start's hold, backed off
     pace_supernode_polling(schedule)
     assert supernode_loop.time is not time
     assert time.sleep is not supernode_loop.time.sleep  # the real module is untouched

@@ -151,6 +151,7 @@ def test_a_hollow_nodes_requests_match_a_real_nodes(link, mini_dir):
     try:
         wait("the real node's first poll", lambda: requests_by_handler(link, "real").get("pull_messages"), 90)
         hollow = fleet(link, 1, 4, 5)
+        time.sleep(HOLD + 1.5)  # both start busy: past their holds, backed off to the idle interval
         idle_from = {site: requests_by_handler(link, site) for site in ("real", "hollow")}
         time.sleep(5)
         idle = {site: requests_by_handler(link, site) for site in ("real", "hollow")}

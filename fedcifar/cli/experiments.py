@@ -75,9 +75,13 @@ def add_parsers(sub) -> None:
         "scale", help="one SuperLink (TLS, auth, guard, nginx) against N hollow SuperNodes: idle and active costs"
     )
     sc.add_argument("--nodes", default="10,100,250,500,1000", help="hollow SuperNode counts, comma-separated")
-    sc.add_argument("--schedules", default="fixed,backoff", help="poll schedules: fixed (0.25 s), backoff (to 3 s)")
+    sc.add_argument(
+        "--schedules",
+        default="fixed,backoff",
+        help="poll schedules: fixed (0.25 s), backoff (to 3 s), backoff-10s, busy-1s (see experiments/scale.py)",
+    )
     sc.add_argument("--idle-seconds", type=float, default=30.0, help="the idle window measured")
-    sc.add_argument("--rounds", type=int, default=2, help="rounds of the run (round 1: the first after idle)")
+    sc.add_argument("--rounds", type=int, default=2, help="rounds of the run (1: the first after idle; 0: no run)")
     sc.add_argument("--no-proxy", action="store_true", help="no nginx in front (the SuperLink's port directly)")
     sc.add_argument("--plot", type=Path, help="write the log-log plot of every figure against N here (PNG)")
     sc.add_argument("--data", help="CIFAR-10 parquet folder for the ServerApp; default $FEDCIFAR_DATA or the hub")
@@ -182,14 +186,14 @@ def cmd_scale(args: argparse.Namespace, _extra: list[str]) -> int:
     from fedcifar.experiments.harness import timestamped_out
     from fedcifar.experiments.scale import SCHEDULES, ScaleConfig, plot, print_report, scale
 
-    signal.signal(signal.SIGTERM, interrupt)
-    own_network(args, args.data)
     nodes = tuple(int(n) for n in args.nodes.split(",") if n.strip())
     schedules = tuple(s.strip() for s in args.schedules.split(",") if s.strip())
-    if not nodes or min(nodes) < 1 or args.rounds < 1 or args.idle_seconds <= 0:
-        raise ValueError("scale needs positive --nodes counts, --rounds >= 1 and --idle-seconds > 0")
+    if not nodes or min(nodes) < 1 or args.rounds < 0 or args.idle_seconds <= 0:
+        raise ValueError("scale needs positive --nodes counts, --rounds >= 0 and --idle-seconds > 0")
     if not schedules or set(schedules) - set(SCHEDULES):
         raise ValueError(f"--schedules takes some of {', '.join(SCHEDULES)}, got {args.schedules!r}")
+    signal.signal(signal.SIGTERM, interrupt)
+    own_network(args, args.data)
     config = ScaleConfig(nodes, schedules, args.idle_seconds, args.rounds, not args.no_proxy)
     result = scale(config, args.data, timestamped_out(args.out))
     if args.plot:

@@ -89,6 +89,7 @@ def add_parsers(sub) -> None:
     hollow.add_argument("--site", default="hollow", help="the site their keys are registered under")
     hollow.add_argument("--train-size", type=int, default=50_000, help="images of the train split the run cuts")
     hollow.add_argument("--test-size", type=int, default=10_000, help="images of the test split the run cuts")
+    hollow.add_argument("--start-rate", type=float, default=50.0, help="nodes started a second (default 50)")
     hollow.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C or SIGTERM)")
     hollow.add_argument(
         "--json",
@@ -109,6 +110,8 @@ def cmd_hollow(args: argparse.Namespace, extra: list[str]) -> int:
 
     if args.nodes < 1:
         raise ValueError(f"--nodes must be >= 1, got {args.nodes}")
+    if args.start_rate <= 0:
+        raise ValueError(f"--start-rate must be > 0, got {args.start_rate}")
     if bool(args.root_certificates) == args.insecure:
         raise ValueError("give either --root-certificates (the SuperLink's CA) or --insecure")
     check_site(args.site)
@@ -133,7 +136,7 @@ def cmd_hollow(args: argparse.Namespace, extra: list[str]) -> int:
     # SIGUSR1 (as dd's): what the nodes did since the last one, the polls' figures reset
     signal.signal(signal.SIGUSR1, lambda *_: say("window", **fleet.summary(reset_polls=True)))
     fleet.register()
-    fleet.start()
+    fleet.start(args.start_rate)
     console.print(
         f"fedcifar: {args.nodes} hollow SuperNodes of site {args.site} started (slots "
         f"{fleet.first_slot}..{fleet.first_slot + args.nodes - 1} of {fleet.slots})"

@@ -2,22 +2,24 @@
 
 For each node count N and each poll schedule, on this machine: the SuperLink the chart runs
 (``fedcifar superlink`` with TLS, SuperNode authentication and the Fleet guard, the chart's nginx
-proxy in front, both pinned to CPU 0) and N hollow SuperNodes (``fedcifar hollow``, one process
-pinned to CPU 1, through the proxy). Measured:
+proxy in front, both pinned to CPU 0) and N hollow SuperNodes (``fedcifar hollow``, a process per
+``GENERATOR_NODES``, pinned to CPU 1, through the proxy). Measured:
 
 - **idle** (``--idle-seconds``, once every node is active): the SuperLink's CPU (its whole process
   tree) and the proxy's, in cores; their memory; the Fleet requests a second the SuperLink counted
   (``fedcifar_fleet_requests_total``); the hollow nodes' poll latency (p50, p99); and the load
   generator's own CPU, with the polls it made against those its schedule asks for: a generator at one
   core that makes fewer is saturated, and the figures at that N are a lower bound;
-- **active**: a run of ``--rounds`` rounds in which all N nodes train (round 1 is the first after the
-  idle spell): each round's wall time, the server's time per reply, the SuperLink tree's peak memory
-  (the ServerApp runs in the SuperLink's container).
+- **active** (unless ``--rounds 0``): a run of ``--rounds`` rounds in which all N nodes train
+  (round 1 is the first after the idle spell): each round's wall time, the server's time per
+  reply, the SuperLink tree's peak memory (the ServerApp runs in the SuperLink's container).
 
-The schedules: ``fixed`` (every 0.25 s, idle or not: fedcifar before the backoff) and ``backoff``
+The schedules: ``fixed`` (every 0.25 s, idle or not: fedcifar before the backoff), ``backoff``
 (0.25 s while a run is active for the node, up to 3 s after ``hold`` s without one:
-``flower.polling.PollSchedule``). The growth exponent of each figure is the slope of log(figure)
-against log(N). The last line printed is one JSON object with every figure.
+``flower.polling.PollSchedule``, the defaults), ``backoff-10s`` (idle up to 10 s) and ``busy-1s``
+(every 1 s while busy). The growth
+exponent of each figure is the slope of log(figure) against log(N). The last line printed is one
+JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -65,8 +67,22 @@ SCHEDULES = {
         IDLE_POLL_ENV: str(DEFAULT_IDLE_POLL_SECONDS),
         POLL_HOLD_ENV: str(DEFAULT_POLL_HOLD_SECONDS),
     },
+    # for federations of hundreds of nodes per SuperLink core (README: Sizing)
+    "backoff-10s": {
+        POLL_ENV: str(DEFAULT_POLL_SECONDS),
+        IDLE_POLL_ENV: "10",
+        POLL_HOLD_ENV: str(DEFAULT_POLL_HOLD_SECONDS),
+    },
+    "busy-1s": {
+        POLL_ENV: "1",
+        IDLE_POLL_ENV: str(DEFAULT_IDLE_POLL_SECONDS),
+        POLL_HOLD_ENV: str(DEFAULT_POLL_HOLD_SECONDS),
+    },
 }
 SERVER_CPU, GENERATOR_CPU = {0}, {1}
+# hollow nodes per generator process: 1,000 threads of one (and their heartbeat threads) thrash its
+# GIL (they made 24 of the 333 polls a second asked; 500 made theirs at a quarter of a core)
+GENERATOR_NODES = 500
 FIGURES = {  # what the table, the plot and the exponents show: key -> (label, column)
     "superlink_cores": ("SuperLink CPU, idle (cores)", "SL cores"),
     "proxy_cores": ("proxy CPU, idle (cores)", "proxy cores"),
@@ -182,22 +198,32 @@ def cell(n: int, schedule: str, config: ScaleConfig, data: Path, out: Path) -> d
         address = f"127.0.0.1:{control}"
         wait_for("the SuperLink", lambda: superlink_healthy(address, str(pki / "ca.crt")), 120)
         flwr_cli.write_connection(work / "flwr", flwr_cli.CONNECTION, address, str(pki / "ca.crt"))
-        hollow = spawn(
-            "hollow",
-            [
-                *(sys.executable, "-m", "fedcifar", "hollow", "--superlink", f"127.0.0.1:{public}"),
-                *("--control", address, "--root-certificates", str(pki / "ca.crt"), "--nodes", str(n), "--json"),
-                *("--train-size", str(config.server_test_examples), "--test-size", str(config.server_test_examples)),
-            ],
-            GENERATOR_CPU,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        said = JsonLines(hollow.stdout)
-        activation = said.next("active", 0, 60 + n / 5)["seconds"]
-        row = {"nodes": n, "schedule": schedule, "activation_seconds": activation}
-        row |= idle_figures(n, schedule, config, superlink, proxy, hollow, said, metrics_port)
-        row |= active_figures(n, config, superlink, work, env)
+        generators = [
+            spawn(
+                f"hollow-{first}",
+                [
+                    *(sys.executable, "-m", "fedcifar", "hollow", "--superlink", f"127.0.0.1:{public}"),
+                    *("--control", address, "--root-certificates", str(pki / "ca.crt"), "--json"),
+                    *("--nodes", str(min(GENERATOR_NODES, n - first)), "--first-slot", str(first), "--slots", str(n)),
+                    *(
+                        "--train-size",
+                        str(config.server_test_examples),
+                        "--test-size",
+                        str(config.server_test_examples),
+                    ),
+                ],
+                GENERATOR_CPU,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for first in range(0, n, GENERATOR_NODES)
+        ]
+        said = [JsonLines(generator.stdout) for generator in generators]
+        activation = max(lines.next("active", 0, 60 + n / 5)["seconds"] for lines in said)
+        row = {"nodes": n, "schedule": schedule, "activation_seconds": activation, "generators": len(generators)}
+        row |= idle_figures(n, schedule, config, superlink, proxy, generators, said, metrics_port)
+        if config.rounds:
+            row |= active_figures(n, config, superlink, work, env)
         return row
     finally:
         for proc in reversed(procs):
@@ -209,21 +235,27 @@ def cell(n: int, schedule: str, config: ScaleConfig, data: Path, out: Path) -> d
                 proc.kill()
 
 
-def idle_figures(n, schedule, config, superlink, proxy, hollow, said: JsonLines, metrics_port: int) -> dict[str, Any]:
+def idle_figures(n, schedule, config, superlink, proxy, generators, said, metrics_port: int) -> dict[str, Any]:
     """CPU, memory and requests of the SuperLink and the proxy while N nodes poll and no run is active."""
-    time.sleep(5)  # the activations' last requests
+    # the activations' last requests, and the hold of nodes just started (they start busy)
+    time.sleep(5 + float(SCHEDULES[schedule].get(POLL_HOLD_ENV, 0)))
+
+    def windows() -> list[dict]:  # what each generator's nodes did since the last one (SIGUSR1)
+        seen = [len(lines.lines) for lines in said]
+        for generator in generators:
+            os.kill(generator.pid, signal.SIGUSR1)
+        return [lines.next("window", after, 30) for lines, after in zip(said, seen, strict=True)]
+
     server = procfs.tree_pids(superlink.pid)
     proxies = procfs.tree_pids(proxy.pid) if proxy else []
-    os.kill(hollow.pid, signal.SIGUSR1)  # the polls' figures start here
-    after = len(said.lines)
-    said.next("window", 0, 30)
-    before = (procfs.cpu_seconds(server), procfs.cpu_seconds(proxies), procfs.cpu_seconds([hollow.pid]))
+    pids = (server, proxies, [generator.pid for generator in generators])
+    windows()  # the polls' figures start here
+    before = [procfs.cpu_seconds(group) for group in pids]
     requests, started = fleet_requests(metrics_port), time.monotonic()
     time.sleep(config.idle_seconds)
-    now = (procfs.cpu_seconds(server), procfs.cpu_seconds(proxies), procfs.cpu_seconds([hollow.pid]))
+    now = [procfs.cpu_seconds(group) for group in pids]
     requests, seconds = fleet_requests(metrics_port) - requests, time.monotonic() - started
-    os.kill(hollow.pid, signal.SIGUSR1)
-    window = said.next("window", after + 1, 30)
+    window = windows()
     cores = [(b - a) / seconds for a, b in zip(before, now, strict=True)]
     interval = float(SCHEDULES[schedule][IDLE_POLL_ENV])
     return {
@@ -232,9 +264,10 @@ def idle_figures(n, schedule, config, superlink, proxy, hollow, said: JsonLines,
         "generator_cores": round(cores[2], 3),
         "requests_per_second": round(requests / seconds, 1),
         "polls_asked_per_second": round(n / interval, 1),
-        "polls_made_per_second": round(window["polls"] / seconds, 1),
-        "poll_p50_seconds": window["poll_p50_seconds"],
-        "poll_p99_seconds": window["poll_p99_seconds"],
+        "polls_made_per_second": round(sum(w["polls"] for w in window) / seconds, 1),
+        # per generator's quantiles: the p50 of the median one, the highest p99
+        "poll_p50_seconds": sorted(w["poll_p50_seconds"] or 0 for w in window)[len(window) // 2],
+        "poll_p99_seconds": max(w["poll_p99_seconds"] or 0 for w in window),
         "superlink_rss_mib": round(sum(procfs.process_memory(pid) for pid in server) / 2**20, 1),
         "proxy_rss_mib": round(sum(procfs.process_memory(pid) for pid in proxies) / 2**20, 1),
     }

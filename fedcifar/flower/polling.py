@@ -18,7 +18,7 @@ IDLE_POLL_ENV = "FEDCIFAR_IDLE_POLL_INTERVAL"
 POLL_HOLD_ENV = "FEDCIFAR_POLL_HOLD"
 DEFAULT_POLL_SECONDS = 0.25
 DEFAULT_IDLE_POLL_SECONDS = 3.0  # Flower's own idle poll
-DEFAULT_POLL_HOLD_SECONDS = 60.0
+DEFAULT_POLL_HOLD_SECONDS = 10.0  # longer than the wait between rounds of a small federation
 LOCAL_CHECK_SECONDS = 0.02
 PULL_RETRY_SECONDS = 0.02  # Flower's default: 1 s (flwr.supercore.constant.PULL_INITIAL_BACKOFF)
 BOUNDED_PULL_RETRY_CAP = 0.5  # Flower's default: 10 s (PULL_BACKOFF_CAP)
@@ -30,13 +30,14 @@ class PollSchedule:
     busy (for ``hold`` s after it last pulled a message or pushed a reply), then backing off, doubling,
     to ``idle`` s. A round keeps its latency (a node sampled in a round is asked again within seconds), while an idle
     federation costs its SuperLink what stock Flower's 3 s polling does: the first message after an
-    idle spell waits at most ``idle`` s more. ``fast == idle``: a fixed interval."""
+    idle spell waits at most ``idle`` s more. A node starts busy (a run usually follows its start: the
+    chart's run Job, ``fedcifar run``). ``fast == idle``: a fixed interval."""
 
     fast: float = DEFAULT_POLL_SECONDS
     idle: float = DEFAULT_IDLE_POLL_SECONDS
     hold: float = DEFAULT_POLL_HOLD_SECONDS
     clock: Callable[[], float] = time.monotonic
-    last_active: float = field(default=-math.inf)
+    last_active: float = field(init=False)
     interval: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -45,7 +46,7 @@ class PollSchedule:
                 f"polling needs 0 < {POLL_ENV} ({self.fast}) <= {IDLE_POLL_ENV} ({self.idle}) and "
                 f"{POLL_HOLD_ENV} >= 0 ({self.hold}): set them so"
             )
-        self.interval = self.idle
+        self.active()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> PollSchedule:

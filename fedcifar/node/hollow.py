@@ -230,12 +230,16 @@ class HollowFleet:
         finally:
             control.close()
 
-    def start(self) -> None:
+    def start(self, per_second: float = 50.0) -> None:
+        """Start the nodes, ``per_second`` of them a second: a thousand activating at once outlast
+        Flower's connection timeout on a one-core SuperLink (a StatefulSet's pods start spread out too)."""
         shorten_object_pull_backoff()  # as in fedcifar supernode (flower/tuning.py)
         for node in self.nodes:
             thread = threading.Thread(target=node.run, args=(self.stop,), name=f"hollow-{node.slot}", daemon=True)
             thread.start()
             self.threads.append(thread)
+            if self.stop.wait(1 / per_second):
+                return
 
     def activated(self) -> int:
         return sum(node.node_id is not None for node in self.nodes)

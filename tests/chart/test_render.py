@@ -314,12 +314,12 @@ def test_polling_values_reach_the_supernodes_and_the_superlinks_guard(default_do
 
     # fast while busy, Flower's 3 s when idle; the guard budgets a node's requests by the fast interval
     assert polling(default_docs) == (
-        {"FEDCIFAR_POLL_INTERVAL": "0.25", "FEDCIFAR_IDLE_POLL_INTERVAL": "3", "FEDCIFAR_POLL_HOLD": "60"},
+        {"FEDCIFAR_POLL_INTERVAL": "0.25", "FEDCIFAR_IDLE_POLL_INTERVAL": "3", "FEDCIFAR_POLL_HOLD": "10"},
         "0.25",
     )
-    changed = render("--set-json", 'clients.polling={"busySeconds": 0.5, "idleSeconds": 10, "holdSeconds": 60}')
+    changed = render("--set-json", 'clients.polling={"busySeconds": 0.5, "idleSeconds": 10, "holdSeconds": 10}')
     assert polling(changed) == (
-        {"FEDCIFAR_POLL_INTERVAL": "0.5", "FEDCIFAR_IDLE_POLL_INTERVAL": "10", "FEDCIFAR_POLL_HOLD": "60"},
+        {"FEDCIFAR_POLL_INTERVAL": "0.5", "FEDCIFAR_IDLE_POLL_INTERVAL": "10", "FEDCIFAR_POLL_HOLD": "10"},
         "0.5",
     )
 
@@ -328,7 +328,7 @@ def test_the_proxy_holds_the_connections_of_thousands_of_supernodes(default_docs
     def conf(docs: list[dict]) -> str:
         return find(docs, "ConfigMap", f"{FULLNAME}-superlink-proxy")["data"]["nginx.conf"]
 
-    assert "worker_connections 4096;" in conf(default_docs)  # nginx's 1024 held ~500 hollow nodes
+    assert "worker_connections 4096;" in conf(default_docs)  # nginx's 1,024: fewer than 1,000 SuperNodes keep open
     assert "worker_rlimit_nofile 8192;" in conf(default_docs)
     changed = conf(render("--set", "superlink.proxy.maxConnections=20000"))
     assert "worker_connections 20000;" in changed and "worker_rlimit_nofile 40000;" in changed
