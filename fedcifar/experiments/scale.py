@@ -352,13 +352,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = list(FIGURES)
+    colors = {schedule: f"C{i}" for i, schedule in enumerate(result["exponents"])}  # the same in every panel
     fig, axes = plt.subplots(3, 3, figsize=(13, 11))
     for ax, key in zip(axes.flat, keys, strict=True):
         for schedule, exps in result["exponents"].items():
             rows = [r for r in result["rows"] if r["schedule"] == schedule and r.get(key)]
             if rows:
                 label = f"{schedule} (exponent {exps[key]})" if exps[key] is not None else schedule
-                ax.plot([r["nodes"] for r in rows], [r[key] for r in rows], marker="o", label=label)
+                nodes, values = [r["nodes"] for r in rows], [r[key] for r in rows]
+                ax.plot(nodes, values, marker="o", label=label, color=colors[schedule])
         ax.set(xscale="log", yscale="log", title=FIGURES[key][0], xlabel="hollow SuperNodes")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

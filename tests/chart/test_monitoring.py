@@ -83,11 +83,12 @@ ALLOWED_LABELS = {
     "kind",
     "le",
     "reason",
+    "handler",
     "status",
     "sub_status",
 }
-# series that carry the site (client metrics; the server's per-node failures, refused updates, Fleet refusals)
-SITE_SERIES = ("fedcifar_client_", "fedcifar_rejected_updates", "fedcifar_fleet_refused")
+# series that carry the site (client metrics; the server's per-node failures, refused updates, Fleet requests)
+SITE_SERIES = ("fedcifar_client_", "fedcifar_rejected_updates", "fedcifar_fleet_refused", "fedcifar_fleet_requests")
 
 
 def exported_series() -> set[str]:
