@@ -379,8 +379,8 @@ def print_report(result: dict[str, Any]) -> None:
             continue
         made = f"{r['polls_made_per_second']}/{r['polls_asked_per_second']}"
         table.add_row(
-            str(r["nodes"]), r["schedule"], *(str(r.get(k)) for k in FIGURES), str(r["generator_cores"]), made
+            str(r["nodes"]), r["schedule"], *(str(r.get(k, "—")) for k in FIGURES), str(r["generator_cores"]), made
         )
-    console.print(table)
+    Console(stderr=True, width=max(console.width, 170)).print(table)  # a row per cell: wider than a terminal
     console.print(f"growth exponents: {result['exponents']}")
     print(json.dumps(result), flush=True)
