@@ -188,14 +188,14 @@ def main(argv: list[str]) -> None:
         import flwr.supernode.start_client_internal as supernode_loop
         from flwr.supernode.cli import flower_supernode
 
-        from fedcifar.flower.polling import shorten_supernode_polling
+        from fedcifar.flower.polling import PollSchedule, pace_supernode_polling
 
         def popen(args, **kwargs):
             if args and args[0] == SUPEREXEC:
                 args = [sys.executable, __file__, "superexec", *args[1:]]
             return subprocess.Popen(args, **kwargs)
 
-        shorten_supernode_polling(0.1)
+        pace_supernode_polling(PollSchedule(fast=0.1, idle=0.1))  # polls every 0.1 s, busy or not
         replace(supernode_loop, "subprocess", rerouted_subprocess(popen))
         sys.argv = ["flower-supernode", *argv[1:]]
         flower_supernode()
