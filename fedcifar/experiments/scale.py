@@ -47,6 +47,7 @@ from fedcifar.deploy import flwr_cli
 from fedcifar.deploy.control import superlink_healthy
 from fedcifar.deploy.pki import write_pki
 from fedcifar.deploy.proxy import NGINX, proxy_config
+from fedcifar.deploy.submit import wait_until
 from fedcifar.experiments.harness import machine, make_subset
 from fedcifar.flower.polling import (
     DEFAULT_IDLE_POLL_SECONDS,
@@ -138,15 +139,6 @@ class JsonLines:
         return found
 
 
-def wait_for(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := probe():
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out waiting for {what}")
-
-
 def fleet_requests(metrics_port: int) -> float:
     """The Fleet requests the SuperLink has counted so far (every handler, every site)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
@@ -196,7 +188,7 @@ def cell(n: int, schedule: str, config: ScaleConfig, data: Path, out: Path) -> d
             nginx = [NGINX, "-e", "stderr", "-c", str(work / "nginx.conf"), "-g", "daemon off;"]
             proxy = spawn("nginx", nginx, SERVER_CPU)
         address = f"127.0.0.1:{control}"
-        wait_for("the SuperLink", lambda: superlink_healthy(address, str(pki / "ca.crt")), 120)
+        wait_until("the SuperLink", lambda: superlink_healthy(address, str(pki / "ca.crt")), 120, interval=0.5)
         flwr_cli.write_connection(work / "flwr", flwr_cli.CONNECTION, address, str(pki / "ca.crt"))
         generators = [
             spawn(
@@ -288,16 +280,16 @@ def active_figures(n: int, config: ScaleConfig, superlink, work: Path, env: dict
     )
     if not reply.get("success"):
         raise RuntimeError(f"flwr run failed: {reply}")
-    run_id, peak = str(reply["run-id"]), 0
+    run_id, peak, status = str(reply["run-id"]), 0, ""
 
-    def finished() -> str | None:
-        nonlocal peak
+    def finished() -> bool:
+        nonlocal peak, status
         peak = max(peak, procfs.tree_rss(superlink.pid))
         runs = flwr_cli.flwr_json("ls", flwr_cli.CONNECTION, "--run-id", run_id, env=env, flwr_home=work / "flwr")
         status = str((runs.get("runs") or [{}])[0].get("status", ""))
-        return status if status.startswith("finished") else None
+        return status.startswith("finished")
 
-    status = wait_for(f"run {run_id}", finished, 600 + 2 * n, interval=1)
+    wait_until(f"run {run_id}", finished, 600 + 2 * n, interval=1)
     if status != "finished:completed":
         (work / "run.log").write_text(
             flwr_cli.flwr("log", run_id, flwr_cli.CONNECTION, "--show", env=env, flwr_home=work / "flwr").stdout

@@ -4,7 +4,7 @@
    sleeps a fixed 3 s whenever it pulled no message, so every message waits up to 3 s before a
    node even sees it, and then checks for the ClientApp's reply every 0.5 s. Here the idle sleep
    follows a ``polling.PollSchedule``: ``$FEDCIFAR_POLL_INTERVAL`` seconds (default 0.25) for
-   ``$FEDCIFAR_POLL_HOLD`` s (60) after the node last pulled a message or pushed a reply, then
+   ``$FEDCIFAR_POLL_HOLD`` s (10) after the node started, last pulled a message or pushed a reply, then
    doubling up to ``$FEDCIFAR_IDLE_POLL_INTERVAL`` (3, Flower's own), so that an idle federation
    costs its SuperLink what stock Flower's does; the local reply check is capped at 0.02 s. Only
    that module's view of ``time`` and its pull and push steps (wrapped, to note the activity) change.
