@@ -69,6 +69,10 @@ def test_centralized_prints_json_last(mini_dir):
             + ["--first-slot", "2"],
             "slots 2..4 are not all among the 4 slots",
         ),
+        (  # a pod of hollow nodes whose key folder lacks a slot's key
+            ["hollow", "--superlink", "x:1", "--keys", "/nonexistent", "--nodes", "2", "--insecure", "--site", "h"],
+            "no private key for slot 0 of site h: /nonexistent/h.slot-0.key",
+        ),
     ],
 )
 def test_bad_input_is_refused_with_a_clear_message(args, message, tmp_path, mini_dir):

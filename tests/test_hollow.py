@@ -15,16 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.proto.control_pb2 import RegisterNodeRequest
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from support import FLOWER_ENV, scrape, secure_superlink, wait
 
 from fedcifar.deploy import flwr_cli
-from fedcifar.deploy.control import superlink_healthy
+from fedcifar.deploy.control import control_client, superlink_healthy
 from fedcifar.deploy.key_formats import load_private_key
 from fedcifar.deploy.pki import write_pki
 from fedcifar.flower.polling import IDLE_POLL_ENV, POLL_ENV, POLL_HOLD_ENV, PollSchedule
 from fedcifar.local.federation import free_port
-from fedcifar.node.hollow import HollowFleet, control_client, hollow_step, register_keys
+from fedcifar.node.hollow import HollowFleet, hollow_step
 from fedcifar.server.history import load_history
 from fedcifar.task import initial_model
 
@@ -131,7 +132,7 @@ def test_a_hollow_nodes_requests_match_a_real_nodes(link, mini_dir):
     SuperLink counts each one's requests per Fleet handler, idle and in a round (train and evaluate)."""
     key = load_private_key((link["pki"] / "supernode-0.key").read_bytes())
     control = control_client(link["address"], (link["pki"] / "ca.crt").read_bytes())
-    register_keys(control, {"real/slot-3": public_key_to_bytes(key.public_key())})
+    control.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(key.public_key()), name="real/slot-3"))
     control.close()
     schedule = {POLL_ENV: str(FAST), IDLE_POLL_ENV: str(IDLE), POLL_HOLD_ENV: str(HOLD)}
     real = subprocess.Popen(

@@ -80,7 +80,13 @@ def add_parsers(sub) -> None:
         "without training (load and scale tests)",
     )
     hollow.add_argument("--superlink", required=True, help="the SuperLink's Fleet API (host:port; its public face)")
-    hollow.add_argument("--control", required=True, help="its Control API (host:port), to register the nodes' keys")
+    keys = hollow.add_mutually_exclusive_group(required=True)
+    keys.add_argument("--control", help="its Control API (host:port), to register new keys for the nodes")
+    keys.add_argument(
+        "--keys",
+        help="a folder of the nodes' private keys, <site>.slot-<k>.key, registered already (their public halves "
+        "<site>.slot-<k>.pub in the SuperLink's sites' Secret)",
+    )
     hollow.add_argument("--root-certificates", help="the SuperLink's CA (PEM); without it: --insecure")
     hollow.add_argument("--insecure", action="store_true", help="plain HTTP (a SuperLink started with --insecure)")
     hollow.add_argument("--nodes", type=int, required=True, help="how many hollow nodes")
@@ -125,6 +131,7 @@ def cmd_hollow(args: argparse.Namespace, extra: list[str]) -> int:
         args.first_slot,
         args.site,
         {"train": args.train_size, "test": args.test_size},
+        keys=Path(args.keys) if args.keys else None,
     )
 
     def say(event: str, **fields) -> None:  # JSON lines on stdout for whoever drives the fleet (fedcifar scale)

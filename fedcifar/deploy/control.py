@@ -8,14 +8,19 @@ import os
 import ssl
 import subprocess
 import sys
+import tomllib
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedcifar.deploy.flwr_cli import CONNECTION, flag_value, flwr_json
+from fedcifar.deploy.flwr_cli import CONNECTION, flag_value
 from fedcifar.deploy.key_formats import load_private_key
 
 NODE_ID_FILE_ENV = "FEDCIFAR_NODE_ID_FILE"  # where a SuperNode notes the node id its activation got
 ALREADY_REGISTERED = "Public key already in use"
+
+if TYPE_CHECKING:
+    from flwr.supercore.control.control_http_client import ControlHttpClient
 
 
 def retire_previous_activation(command: list[str], node_id_file: Path) -> int | None:
@@ -64,20 +69,48 @@ def superlink_healthy(address: str, root_certificates: str | None = None) -> boo
         return False
 
 
+def control_client(address: str, root_certificates: bytes | None) -> ControlHttpClient:
+    """Flower's Control API client for the SuperLink at ``address`` (TLS verified with the CA when given)."""
+    from flwr.supercore.control.control_http_client import ControlHttpClient
+
+    return ControlHttpClient.from_server_address(address, root_certificates is None, root_certificates, [])
+
+
+def connection_client(flwr_home: Path, connection: str = CONNECTION) -> ControlHttpClient:
+    """The Control API client of ``flwr_home``'s connection ``connection`` (``flwr_cli.write_connection``),
+    in this process: Flower's own reader takes ``$FLWR_HOME``, which a thread may not change."""
+    entry = tomllib.loads((flwr_home / "config.toml").read_text())["superlink"][connection]
+    ca = entry.get("root-certificates")
+    return control_client(entry["address"], Path(ca).read_bytes() if ca else None)
+
+
 def register_public_key(openssh: bytes, flwr_home: Path, name: str, connection: str = CONNECTION) -> str:
-    """Register one OpenSSH public key (the only format Flower reads) under the node ``name`` with
-    ``flwr supernode register``: "registered", or "already registered": under its first name, which
-    Flower keeps and does not say (``registered_names``)."""
-    key_file = flwr_home / "keys" / f"{name.replace('/', '.')}.pub"
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.write_bytes(openssh)
-    reply = flwr_json("supernode", "register", str(key_file), connection, "--name", name, flwr_home=flwr_home)
-    if reply.get("success"):
-        return "registered"
-    message = str(reply.get("error-message", reply))
-    if ALREADY_REGISTERED in message:
-        return "already registered"
-    raise RuntimeError(f"flwr supernode register {name} failed: {message[-500:]}")
+    """Register one OpenSSH public key under the node ``name`` through the Control API, in this process,
+    as ``flwr supernode register`` sends it (the key as Flower's ``public_key_to_bytes`` writes it; a
+    ``flwr`` process per key took a second each, minutes for a few hundred nodes): "registered", or
+    "already registered": under its first name, which Flower keeps and does not say (``registered_names``)."""
+    import httpx
+    from cryptography.hazmat.primitives import serialization
+    from flwr.proto.control_pb2 import RegisterNodeRequest
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    public_key = public_key_to_bytes(serialization.load_ssh_public_key(openssh))
+    control = connection_client(flwr_home, connection)
+    try:
+        reply = control.RegisterNode(RegisterNodeRequest(public_key=public_key, name=name))
+    except httpx.HTTPStatusError as err:
+        if ALREADY_REGISTERED in err.response.text:
+            return "already registered"
+        raise RuntimeError(
+            f"registering SuperNode key {name} failed: HTTP {err.response.status_code} {err.response.text[-500:]}"
+        ) from None
+    except httpx.HTTPError as err:
+        raise RuntimeError(f"registering SuperNode key {name} failed: {err!r}") from None
+    finally:
+        control.close()
+    if not reply.node_id:
+        raise RuntimeError(f"registering SuperNode key {name} failed: the SuperLink gave it no node id")
+    return "registered"
 
 
 def control_nodes(connection: str = CONNECTION) -> list:

@@ -2,7 +2,10 @@
 kubemark runs hollow kubelets against a real control plane).
 
 Each hollow node has its own key, registered in-process through the SuperLink's Control API under
-``<site>/slot-<k>`` (what ``fedcifar superlink``'s registrar does for a pod's key), and talks to the
+``<site>/slot-<k>`` (what ``fedcifar superlink``'s registrar does for a pod's key), or read from a folder
+of keys the SuperLink's registrar holds already (``<site>.slot-<k>.key``, whose public halves went into
+the sites' Secret: how pods of hollow nodes join a release, whose Control API only its pod reaches),
+and talks to the
 SuperLink through Flower's own Fleet connection (``http_request_response``: the signed requests,
 activation, heartbeats and deactivation of ``flower-supernode``), on the poll schedule of ``fedcifar
 supernode`` (``flower.polling.PollSchedule``). It takes each message as Flower's SuperNode loop does
@@ -23,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -30,7 +34,6 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.config import get_fused_config_from_fab
 from flwr.proto.control_pb2 import RegisterNodeRequest
 from flwr.proto.message_pb2 import ObjectTree
-from flwr.supercore.control.control_http_client import ControlHttpClient
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree, iterate_object_tree
 from flwr.supercore.inflatable.inflatable_utils import (
     inflate_object_from_contents,
@@ -41,6 +44,8 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from flwr.supercore.run import RunNotRunningException
 from flwr.supernode.fleet_http_connection import http_request_response
 
+from fedcifar.deploy.control import control_client
+from fedcifar.deploy.key_formats import load_private_key
 from fedcifar.flower.polling import PollSchedule, shorten_object_pull_backoff
 
 log = logging.getLogger(__name__)
@@ -120,8 +125,8 @@ class HollowNode:
     root_certificates: bytes | None
     schedule: PollSchedule
     fleet_log: FleetLog
+    key: ec.EllipticCurvePrivateKey
     sizes: dict[str, int] = field(default_factory=lambda: dict(CIFAR10_SIZES))
-    key: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(ec.SECP256R1()))
     node_id: int | None = None
 
     @property
@@ -181,24 +186,26 @@ class HollowNode:
         )
 
 
-def control_client(control: str, root_certificates: bytes | None) -> ControlHttpClient:
-    """Flower's Control API client for the SuperLink at ``control`` (TLS verified with the CA when given)."""
-    return ControlHttpClient.from_server_address(control, root_certificates is None, root_certificates, [])
-
-
-def register_keys(control: ControlHttpClient, keys: dict[str, bytes]) -> None:
-    """Register each public key (PEM) under its node name (``<site>/slot-<k>``), in this process: one
-    Control API request each, as ``flwr supernode register`` sends it."""
-    for name, public_key in keys.items():
-        control.RegisterNode(RegisterNodeRequest(public_key=public_key, name=name))
+def read_slot_key(folder: Path, site: str, slot: int) -> ec.EllipticCurvePrivateKey:
+    """Slot ``slot``'s private key, ``<folder>/<site>.slot-<k>.key`` (PEM or OpenSSH), named as its
+    public half is in the sites' Secret (``<site>.slot-<k>.pub``)."""
+    path = folder / f"{site}.slot-{slot}.key"
+    try:
+        return load_private_key(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"no private key for slot {slot} of site {site}: {path}: {err} (one key per node, named "
+            "<site>.slot-<k>.key, its public half registered as <site>.slot-<k>.pub in the sites' Secret)"
+        ) from None
 
 
 @dataclass
 class HollowFleet:
-    """``count`` hollow nodes holding slots ``first_slot`` ... of ``slots``, each on a thread of its own."""
+    """``count`` hollow nodes holding slots ``first_slot`` ... of ``slots``, each on a thread of its own;
+    their keys new, registered through ``control``, or read from ``keys`` (registered already)."""
 
     superlink: str
-    control: str
+    control: str | None
     root_certificates: bytes | None
     count: int
     slots: int
@@ -206,6 +213,7 @@ class HollowFleet:
     site: str = "hollow"
     sizes: dict[str, int] = field(default_factory=lambda: dict(CIFAR10_SIZES))
     schedule: Callable[[], PollSchedule] = PollSchedule.from_env
+    keys: Path | None = None
     fleet_log: FleetLog = field(default_factory=FleetLog)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -215,18 +223,37 @@ class HollowFleet:
                 f"slots {self.first_slot}..{self.first_slot + self.count - 1} are not all among the "
                 f"{self.slots} slots: set --slots or --first-slot"
             )
+        if (self.control is None) == (self.keys is None):
+            raise ValueError("give either a Control API to register new keys, or a folder of registered keys")
+        if self.keys is None:
+            key_of = lambda _slot: ec.generate_private_key(ec.SECP256R1())  # noqa: E731
+        else:
+            key_of = partial(read_slot_key, self.keys, self.site)
         self.nodes = [
             HollowNode(
-                slot, self.slots, self.superlink, self.root_certificates, self.schedule(), self.fleet_log, self.sizes
+                slot,
+                self.slots,
+                self.superlink,
+                self.root_certificates,
+                self.schedule(),
+                self.fleet_log,
+                key_of(slot),
+                self.sizes,
             )
             for slot in range(self.first_slot, self.first_slot + self.count)
         ]
         self.threads: list[threading.Thread] = []
 
     def register(self) -> None:
+        """Register the nodes' new keys (nothing to do for keys read from a folder)."""
+        if self.control is None:
+            return
         control = control_client(self.control, self.root_certificates)
-        try:
-            register_keys(control, {f"{self.site}/slot-{node.slot}": node.public_key for node in self.nodes})
+        try:  # one Control API request each, as ``flwr supernode register`` sends it
+            for node in self.nodes:
+                control.RegisterNode(
+                    RegisterNodeRequest(public_key=node.public_key, name=f"{self.site}/slot-{node.slot}")
+                )
         finally:
             control.close()
 
