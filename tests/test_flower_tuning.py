@@ -457,6 +457,118 @@ def test_the_fleet_guard_stands_in_front_of_every_fleet_handler_or_the_superlink
 
 
 # ---------------------------------------------------------------------------------------------
+# Flower's SuperLink middleware, each layer on its API's paths (item 6)
+
+OTHER_API = {"/v1/control/": "/v1/fleet/pull-messages", "/v1/fleet/": "/v1/runtime/pull-app-messages"}
+
+
+def test_every_layer_of_flowers_superlink_middleware_is_scoped_or_acts_on_every_api():
+    """A layer a Flower release adds fails here until someone reads it and says where it acts."""
+    from flwr.supercore.protobuf.translation import ProtobufTranslationMiddleware
+    from flwr.superlink.main import _get_middleware
+    from flwr.superlink.routers.control.middlewares import CONTROL_SENSITIVE_ROUTE_KEYS
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    from fedcifar.flower.middleware import SCOPES, PathScoped, scoped
+
+    flowers = _get_middleware()
+    every_api = [layer.cls for layer in flowers if layer.cls not in SCOPES]
+    assert every_api == [BaseHTTPMiddleware, ProtobufTranslationMiddleware]  # Flower's error translator, protobuf
+    assert all(path.startswith("/v1/control/") for _, path in CONTROL_SENSITIVE_ROUTE_KEYS)
+    ours = scoped(flowers)
+    assert [layer.kwargs["layer"].cls if layer.cls is PathScoped else layer.cls for layer in ours] == [
+        layer.cls for layer in flowers
+    ]
+    assert sum(layer.cls is PathScoped for layer in ours) == len(SCOPES) == 6
+
+
+WITHOUT_PLUGINS = [
+    ("ControlSensitiveResponse", "other API"),
+    ("ControlAuthentication", "other API"),
+    ("ControlLicense", "other API"),
+    ("ControlEventLog", "other API"),
+    ("ControlEventLog", "own API, no plugin"),
+    ("NodeAuth", "other API"),
+    ("FleetEventLog", "other API"),
+    ("FleetEventLog", "own API, no plugin"),
+]
+
+
+@pytest.mark.parametrize(("layer", "where"), WITHOUT_PLUGINS)
+def test_what_scoping_skips_is_a_pass_through_in_flowers_own_layers(layer, where):
+    """Flower's own ``dispatch`` of each scoped layer, given a request it is scoped away from (another
+    API's; its own API's where the app has no event-log plugin), calls the next layer once and returns
+    its response as it is."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from fedcifar.flower.middleware import SCOPES, PathScoped
+
+    (cls,) = [cls for cls in SCOPES if cls.__name__ == f"{layer}Middleware"]
+    prefix, plugin = SCOPES[cls]
+    path = OTHER_API[prefix] if where == "other API" else f"{prefix}push-messages"
+    app = SimpleNamespace(state=SimpleNamespace(control_event_log_plugin=None, fleet_event_log_plugin=None))
+    scope = {"type": "http", "method": "POST", "path": path, "headers": [], "query_string": b"", "app": app}
+    assert not PathScoped(None, prefix, plugin, Middleware(cls)).acts_on(scope)
+    request, reply, calls = Request(scope), Response(b"flower's"), []
+
+    async def call_next(seen):
+        calls.append(seen)
+        return reply
+
+    assert asyncio.run(cls(app=None).dispatch(request, call_next)) is reply
+    assert calls == [request] and dict(reply.headers) == dict(Response(b"flower's").headers)
+
+
+@pytest.mark.parametrize("plugin", ["none needed", "absent", "present"])
+def test_a_scoped_layer_sees_its_apis_requests_and_no_others(plugin):
+    import asyncio
+
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from fedcifar.flower.middleware import PathScoped
+
+    seen = []
+
+    class Recording(BaseHTTPMiddleware):
+        async def dispatch(self, request, call_next):
+            seen.append(request.url.path)
+            response = await call_next(request)
+            response.headers["x-layer"] = "control"
+            return response
+
+    async def endpoint(request):
+        return PlainTextResponse(request.url.path)
+
+    routes = [Route(f"/v1/{api}/x", endpoint, methods=["POST"]) for api in ("control", "fleet", "runtime")]
+    needs = None if plugin == "none needed" else "recording_plugin"
+    app = Starlette(routes=routes, middleware=[Middleware(PathScoped, "/v1/control/", needs, Middleware(Recording))])
+    app.state.recording_plugin = object() if plugin == "present" else None
+
+    async def post_each() -> dict[str, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://superlink") as client:
+            return {api: await client.post(f"/v1/{api}/x") for api in ("control", "fleet", "runtime")}
+
+    replies = asyncio.run(post_each())
+    acts = plugin != "absent"
+    assert seen == (["/v1/control/x"] if acts else [])
+    assert {api: (r.text, r.headers.get("x-layer")) for api, r in replies.items()} == {
+        "control": ("/v1/control/x", "control" if acts else None),
+        "fleet": ("/v1/fleet/x", None),
+        "runtime": ("/v1/runtime/x", None),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # a change whose target Flower moved fails loudly, at start
 
 

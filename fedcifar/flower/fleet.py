@@ -29,6 +29,7 @@ def guard_fleet_api(settings=None):
     from grpc import StatusCode
     from starlette.middleware import Middleware
 
+    from fedcifar.flower.middleware import scoped
     from fedcifar.metrics import superlink_metrics
     from fedcifar.superlink import busy_gate, fleet_budgets, fleet_guard
 
@@ -55,11 +56,12 @@ def guard_fleet_api(settings=None):
         replace(fleet_handlers, name, guard.wrap(name, handler))
     if router.fleet_handlers is not fleet_handlers:
         raise GuardNotInPlace("Flower's Fleet router reads another handlers module than the one guarded")
-    # the gate in front of Flower's middleware (create_app reads the list when the SuperLink starts)
+    # the gate in front of Flower's middleware, whose layers each see only their API's paths
+    # (middleware.py); create_app reads the list when the SuperLink starts
     if "_get_middleware" not in superlink_main.create_app.__code__.co_names:
         raise GuardNotInPlace("Flower's SuperLink no longer builds its middleware with _get_middleware")
     gate = Middleware(busy_gate.BusyGate, guard=guard)
-    flower_middleware = replace(superlink_main, "_get_middleware", lambda: [gate, *flower_middleware()])
+    flower_middleware = replace(superlink_main, "_get_middleware", lambda: [gate, *scoped(flower_middleware())])
     API_ERROR_MAP[fleet_guard.REFUSED_CODE] = ApiErrorSpec(
         StatusCode.PERMISSION_DENIED, status.HTTP_403_FORBIDDEN, fleet_guard.REFUSED_MESSAGE
     )

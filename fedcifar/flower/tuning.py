@@ -38,6 +38,11 @@
    them through the wrappers (``python -m fedcifar.flower.tuning superlink ARGS``, what ``fedcifar
    superlink`` runs, stops otherwise).
 
+6. **Middleware on the API it acts on** (``middleware.py``), in the SuperLink: Flower sends every
+   request through eight ``BaseHTTPMiddleware`` layers, six of which act on one API's paths only
+   and pass the others through at about 0.2 ms of CPU each; those six see only their API's requests
+   (a Fleet poll skips the four Control layers).
+
 All of them are applied through one entry point, ``tune(role)``, which first checks that the installed
 flwr is the release they were verified on (``VERIFIED_FLWR``) and stops with a message otherwise,
 unless ``$FEDCIFAR_ALLOW_UNVERIFIED_FLWR=1``. The first two are module-local stand-ins (``time`` and
