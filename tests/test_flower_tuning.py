@@ -494,34 +494,81 @@ WITHOUT_PLUGINS = [
 ]
 
 
-@pytest.mark.parametrize(("layer", "where"), WITHOUT_PLUGINS)
-def test_what_scoping_skips_is_a_pass_through_in_flowers_own_layers(layer, where):
-    """Flower's own ``dispatch`` of each scoped layer, given a request it is scoped away from (another
-    API's; its own API's where the app has no event-log plugin), calls the next layer once and returns
-    its response as it is."""
+class EventLogPlugin:
+    """Flower's event-log plugin interface, noting what it is asked to write."""
+
+    def __init__(self) -> None:
+        self.written = []
+
+    def compose_log_before_event(self, **event):
+        return ("before", event["method_name"])
+
+    def compose_log_after_event(self, **event):
+        return ("after", event["method_name"])
+
+    def write_log(self, entry) -> None:
+        self.written.append(entry)
+
+
+def flower_layer_call(cls, path: str, plugin=None):
+    """Flower's own ``dispatch`` of layer ``cls`` on a signed-looking Fleet/Control request to ``path``
+    (a protobuf request in its state, as Flower's translation layer leaves it): whether the layer
+    scoping would skip it, the calls it made to the next layer, and whether it returned that
+    layer's response untouched."""
     import asyncio
     from types import SimpleNamespace
 
+    from flwr.proto.fleet_pb2 import PullMessagesRequest
     from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import Response
 
     from fedcifar.flower.middleware import SCOPES, PathScoped
 
-    (cls,) = [cls for cls in SCOPES if cls.__name__ == f"{layer}Middleware"]
-    prefix, plugin = SCOPES[cls]
-    path = OTHER_API[prefix] if where == "other API" else f"{prefix}push-messages"
-    app = SimpleNamespace(state=SimpleNamespace(control_event_log_plugin=None, fleet_event_log_plugin=None))
+    app = SimpleNamespace(state=SimpleNamespace(control_event_log_plugin=plugin, fleet_event_log_plugin=plugin))
     scope = {"type": "http", "method": "POST", "path": path, "headers": [], "query_string": b"", "app": app}
-    assert not PathScoped(None, prefix, plugin, Middleware(cls)).acts_on(scope)
+    scope["state"] = {"protobuf_request": PullMessagesRequest()}
+    skipped = not PathScoped(None, *SCOPES[cls], Middleware(cls)).acts_on(scope)
     request, reply, calls = Request(scope), Response(b"flower's"), []
 
     async def call_next(seen):
         calls.append(seen)
         return reply
 
-    assert asyncio.run(cls(app=None).dispatch(request, call_next)) is reply
-    assert calls == [request] and dict(reply.headers) == dict(Response(b"flower's").headers)
+    untouched = asyncio.run(cls(app=None).dispatch(request, call_next)) is reply
+    untouched = untouched and dict(reply.headers) == dict(Response(b"flower's").headers)
+    return skipped, calls == [request], untouched
+
+
+@pytest.mark.parametrize(("layer", "where"), WITHOUT_PLUGINS)
+def test_what_scoping_skips_is_a_pass_through_in_flowers_own_layers(layer, where, monkeypatch):
+    """Flower's own ``dispatch`` of each scoped layer, given a request it is scoped away from (another
+    API's; its own API's where the app has no event-log plugin), calls the next layer once and returns
+    its response as it is: with a protobuf request in the state (node authentication would check its
+    signature) and a license plugin that fails the test if asked."""
+    from flwr.superlink.routers.control import middlewares as control_middlewares
+
+    from fedcifar.flower.middleware import SCOPES
+
+    monkeypatch.setattr(
+        control_middlewares, "get_license_plugin", lambda: SimpleNamespace(check_license=lambda: pytest.fail("asked"))
+    )
+    (cls,) = [cls for cls in SCOPES if cls.__name__ == f"{layer}Middleware"]
+    prefix = SCOPES[cls][0]
+    path = OTHER_API[prefix] if where == "other API" else f"{prefix}list-runs"
+    assert flower_layer_call(cls, path) == (True, True, True)
+
+
+@pytest.mark.parametrize("layer", ["ControlEventLog", "FleetEventLog"])
+def test_an_event_log_layer_acts_where_the_app_holds_the_plugin_scoping_reads(layer):
+    """The positive control: the state attribute ``SCOPES`` names is the one Flower's layer reads."""
+    from fedcifar.flower.middleware import SCOPES
+
+    (cls,) = [cls for cls in SCOPES if cls.__name__ == f"{layer}Middleware"]
+    plugin, path = EventLogPlugin(), f"{SCOPES[cls][0]}list-runs"
+    skipped, passed_on, _ = flower_layer_call(cls, path, plugin)
+    assert not skipped and passed_on
+    assert plugin.written[0] == ("before", path)  # the after-event needs the handler's protobuf reply
 
 
 @pytest.mark.parametrize("plugin", ["none needed", "absent", "present"])

@@ -7,6 +7,7 @@ match a real ``fedcifar supernode``'s, idle and in a round (counted by the Super
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 import time
@@ -125,6 +126,59 @@ def test_hollow_nodes_take_part_in_a_round_and_their_updates_are_averaged(link):
         np.testing.assert_allclose(model[name].numpy(), start.numpy() + step, rtol=0, atol=1e-6)
     assert hollow.summary()["answered"] == {"train": 3}
     assert not hollow.summary()["failures"]
+
+
+def test_hollow_nodes_sign_in_with_registered_keys_and_the_fleet_api_refuses_what_they_did_not_sign(link, tmp_path):
+    """``--keys``: a key registered beforehand (as the registrar does from the sites' Secret) signs its
+    node in. Then Fleet requests for that node, through the SuperLink with Flower's middleware scoped
+    (``flower/middleware.py``): signed by its key, answered; unsigned, or signed by another key, refused
+    by Flower's node authentication (401); the path spelt with an encoded slash reaches no handler."""
+    import httpx
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse
+    from flwr.proto.node_pb2 import Node
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    ca = (link["pki"] / "ca.crt").read_bytes()
+    key = ec.generate_private_key(ec.SECP256R1())
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "hollow.slot-5.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    control = control_client(link["address"], ca)
+    control.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(key.public_key()), name="hollow/slot-5"))
+    control.close()
+    hollow = HollowFleet(
+        link["address"], None, ca, 1, 6, 5, sizes=MINI_SIZES, schedule=lambda: PollSchedule(FAST, IDLE, HOLD), keys=keys
+    )
+    hollow.start()
+    try:
+        wait("the hollow node activated", lambda: hollow.activated() == 1, 60)
+        request = PullMessagesRequest(node=Node(node_id=hollow.nodes[0].node_id))
+
+        def pull(signer):
+            signed = [NodeAuthHttpInterceptor(signer, signer.public_key())] if signer else []
+            with FleetHttpClient.from_server_address(link["address"], False, ca, signed) as fleet_api:
+                return fleet_api.PullMessages(request)
+
+        assert isinstance(pull(key), PullMessagesResponse)
+        for signer in (None, ec.generate_private_key(ec.SECP256R1())):
+            with pytest.raises(httpx.HTTPStatusError) as refused:
+                pull(signer)
+            assert refused.value.response.status_code == 401
+        context = ssl.create_default_context(cafile=str(link["pki"] / "ca.crt"))
+        encoded = httpx.post(
+            f"https://{link['address']}/v1/fleet%2Fpull-messages",
+            content=request.SerializeToString(),
+            headers={"content-type": "application/protobuf"},
+            verify=context,
+        )
+        assert encoded.status_code in (401, 404), encoded.text
+    finally:
+        hollow.close()
 
 
 def test_a_hollow_nodes_requests_match_a_real_nodes(link, mini_dir):

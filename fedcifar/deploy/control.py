@@ -95,7 +95,10 @@ def register_public_key(openssh: bytes, flwr_home: Path, name: str, connection: 
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
     public_key = public_key_to_bytes(serialization.load_ssh_public_key(openssh))
-    control = connection_client(flwr_home, connection)
+    try:
+        control = connection_client(flwr_home, connection)
+    except (OSError, KeyError, ValueError) as err:  # the connection file or its CA missing or malformed
+        raise RuntimeError(f"registering SuperNode key {name} failed: the connection in {flwr_home}: {err!r}") from None
     try:
         reply = control.RegisterNode(RegisterNodeRequest(public_key=public_key, name=name))
     except httpx.HTTPStatusError as err:
@@ -104,7 +107,7 @@ def register_public_key(openssh: bytes, flwr_home: Path, name: str, connection: 
         raise RuntimeError(
             f"registering SuperNode key {name} failed: HTTP {err.response.status_code} {err.response.text[-500:]}"
         ) from None
-    except httpx.HTTPError as err:
+    except (httpx.HTTPError, ValueError) as err:  # unreachable, or a reply that is no protobuf
         raise RuntimeError(f"registering SuperNode key {name} failed: {err!r}") from None
     finally:
         control.close()
