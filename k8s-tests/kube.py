@@ -141,6 +141,13 @@ def pods(core: client.CoreV1Api, namespace: str, selector: str = "") -> list[cli
     return core.list_namespaced_pod(namespace, label_selector=selector).items
 
 
+def run_history(namespace: str, superlink: str, revision: int) -> dict:
+    """The ``history.json`` of the run of Helm revision ``revision``, read in the SuperLink container of
+    ``superlink`` (a pod's name, or ``deploy/<name>``)."""
+    path = f"/var/lib/fedcifar/runs/revision-{revision}/history.json"
+    return json.loads(run("kubectl", "-n", namespace, "exec", superlink, "-c", "superlink", "--", "cat", path).stdout)
+
+
 def pod_logs(
     core: client.CoreV1Api, namespace: str, name: str, container: str | None = None, previous: bool = False
 ) -> str:

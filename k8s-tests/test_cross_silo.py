@@ -36,6 +36,7 @@ from kube import (
     pods,
     prom_query,
     run,
+    run_history,
     wait_for,
 )
 
@@ -314,19 +315,7 @@ def federation(kube, image, prometheus, batch):
         facts["join_seconds"] = (registered_at - applied_at, time.monotonic() - registered_at)
         facts["attack"] = site_a_acts_for_site_b(kube, address)
         wait_for("the run Job to succeed", lambda: job_done(batch), 600, 3)
-        history = run(
-            "kubectl",
-            "-n",
-            SERVER_NS,
-            "exec",
-            f"deploy/{SUPERLINK}",
-            "-c",
-            "superlink",
-            "--",
-            "cat",
-            "/var/lib/fedcifar/runs/revision-2/history.json",
-        ).stdout
-        facts["history"] = json.loads(history)
+        facts["history"] = run_history(SERVER_NS, f"deploy/{SUPERLINK}", 2)
         facts["run_log"] = run("kubectl", "-n", SERVER_NS, "logs", f"job/{SERVER}-fedcifar-run-2").stdout
         yield facts
     finally:

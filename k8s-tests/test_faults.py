@@ -10,12 +10,11 @@ across a container restart).
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 from conftest import recreate_namespace
-from kube import CHART, helm, http_get, pod_logs, pods, port_forward, run, small_release, wait_for
+from kube import CHART, helm, http_get, pod_logs, pods, port_forward, run, run_history, small_release, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedcifar.metrics import FAILURE_REASONS
@@ -24,7 +23,6 @@ NS, RELEASE = "fedcifar-e2e-faults", "faults"
 EXTRA_NAMESPACES = (NS,)
 FULL = f"{RELEASE}-fedcifar"
 ROUNDS, ROUND_TIMEOUT = 8, 20
-HISTORY = "/var/lib/fedcifar/runs/revision-1/history.json"
 pytestmark = pytest.mark.e2e
 
 
@@ -47,9 +45,7 @@ def superlink_pod(kube) -> str:
 
 
 def history(kube) -> dict:
-    return json.loads(
-        run("kubectl", "-n", NS, "exec", superlink_pod(kube), "-c", "superlink", "--", "cat", HISTORY).stdout
-    )
+    return run_history(NS, superlink_pod(kube), 1)
 
 
 @pytest.fixture(scope="module")

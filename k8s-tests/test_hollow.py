@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import recreate_namespace
-from kube import CHART, helm, http_get, pod_logs, pods, port_forward, run, small_release, wait_for
+from kube import CHART, helm, http_get, pod_logs, pods, port_forward, run, run_history, small_release, wait_for
 
 NS, RELEASE = "fedcifar-e2e-hollow", "scale"
 EXTRA_NAMESPACES = (NS,)
@@ -188,20 +188,7 @@ def test_hundreds_of_hollow_nodes_in_pods_train_one_round_through_the_service(ku
 
     helm("upgrade", RELEASE, str(CHART), "-n", NS, "--reuse-values", "--set", "run.enabled=true", "--wait")
     wait_for("the run Job to succeed", lambda: batch.read_namespaced_job(f"{FULL}-run-2", NS).status.succeeded, 900, 3)
-    history = json.loads(
-        run(
-            "kubectl",
-            "-n",
-            NS,
-            "exec",
-            f"deploy/{SUPERLINK}",
-            "-c",
-            "superlink",
-            "--",
-            "cat",
-            "/var/lib/fedcifar/runs/revision-2/history.json",
-        ).stdout
-    )
+    history = run_history(NS, f"deploy/{SUPERLINK}", 2)
     (round_1,) = history["rounds"]
     assert round_1["participating_clients"] == SLOTS, round_1
     assert not round_1["failures"] and not round_1["rejected_updates"] and round_1["attempts"] == 1, round_1

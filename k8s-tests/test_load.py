@@ -8,12 +8,11 @@ passed round 5 and again at the end: growth must stay within 10%.
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 from conftest import recreate_namespace
-from kube import CHART, ROOT, helm, http_get, pods, port_forward, run, wait_for
+from kube import CHART, ROOT, helm, http_get, pods, port_forward, run, run_history, wait_for
 
 NS, RELEASE = "fedcifar-e2e-load", "load"
 EXTRA_NAMESPACES = (NS,)
@@ -84,20 +83,7 @@ def test_16_clients_10_rounds_no_failed_round_no_memory_growth(kube, load_releas
     final = client_memory()
 
     superlink = [p.metadata.name for p in pods(kube, NS, "app.kubernetes.io/component=superlink")][0]
-    history = json.loads(
-        run(
-            "kubectl",
-            "-n",
-            NS,
-            "exec",
-            superlink,
-            "-c",
-            "superlink",
-            "--",
-            "cat",
-            "/var/lib/fedcifar/runs/revision-1/history.json",
-        ).stdout
-    )
+    history = run_history(NS, superlink, 1)
     rounds = history["rounds"]
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
     failed = [

@@ -84,21 +84,13 @@ def connection_client(flwr_home: Path, connection: str = CONNECTION) -> ControlH
     return control_client(entry["address"], Path(ca).read_bytes() if ca else None)
 
 
-def register_public_key(openssh: bytes, flwr_home: Path, name: str, connection: str = CONNECTION) -> str:
-    """Register one OpenSSH public key under the node ``name`` through the Control API, in this process,
-    as ``flwr supernode register`` sends it (the key as Flower's ``public_key_to_bytes`` writes it; a
-    ``flwr`` process per key took a second each, minutes for a few hundred nodes): "registered", or
+def register_node_key(control: ControlHttpClient, public_key: bytes, name: str) -> str:
+    """Register a public key (as Flower's ``public_key_to_bytes`` writes it) under the node ``name``
+    through ``control``, in this process, as ``flwr supernode register`` sends it: "registered", or
     "already registered": under its first name, which Flower keeps and does not say (``registered_names``)."""
     import httpx
-    from cryptography.hazmat.primitives import serialization
     from flwr.proto.control_pb2 import RegisterNodeRequest
-    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-    public_key = public_key_to_bytes(serialization.load_ssh_public_key(openssh))
-    try:
-        control = connection_client(flwr_home, connection)
-    except (OSError, KeyError, ValueError) as err:  # the connection file or its CA missing or malformed
-        raise RuntimeError(f"registering SuperNode key {name} failed: the connection in {flwr_home}: {err!r}") from None
     try:
         reply = control.RegisterNode(RegisterNodeRequest(public_key=public_key, name=name))
     except httpx.HTTPStatusError as err:
@@ -109,11 +101,26 @@ def register_public_key(openssh: bytes, flwr_home: Path, name: str, connection: 
         ) from None
     except (httpx.HTTPError, ValueError) as err:  # unreachable, or a reply that is no protobuf
         raise RuntimeError(f"registering SuperNode key {name} failed: {err!r}") from None
-    finally:
-        control.close()
     if not reply.node_id:
         raise RuntimeError(f"registering SuperNode key {name} failed: the SuperLink gave it no node id")
     return "registered"
+
+
+def register_public_key(openssh: bytes, flwr_home: Path, name: str, connection: str = CONNECTION) -> str:
+    """``register_node_key`` for an OpenSSH public key, through ``flwr_home``'s connection (a ``flwr``
+    process per key, as before, took a second each: minutes for a few hundred nodes)."""
+    from cryptography.hazmat.primitives import serialization
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    public_key = public_key_to_bytes(serialization.load_ssh_public_key(openssh))
+    try:
+        control = connection_client(flwr_home, connection)
+    except (OSError, KeyError, ValueError) as err:  # the connection file or its CA missing or malformed
+        raise RuntimeError(f"registering SuperNode key {name} failed: the connection in {flwr_home}: {err!r}") from None
+    try:
+        return register_node_key(control, public_key, name)
+    finally:
+        control.close()
 
 
 def control_nodes(connection: str = CONNECTION) -> list:

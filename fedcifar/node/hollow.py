@@ -32,7 +32,6 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.config import get_fused_config_from_fab
-from flwr.proto.control_pb2 import RegisterNodeRequest
 from flwr.proto.message_pb2 import ObjectTree
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree, iterate_object_tree
 from flwr.supercore.inflatable.inflatable_utils import (
@@ -44,7 +43,7 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from flwr.supercore.run import RunNotRunningException
 from flwr.supernode.fleet_http_connection import http_request_response
 
-from fedcifar.deploy.control import control_client
+from fedcifar.deploy.control import control_client, register_node_key
 from fedcifar.deploy.key_formats import load_private_key
 from fedcifar.flower.polling import PollSchedule, shorten_object_pull_backoff
 
@@ -249,11 +248,9 @@ class HollowFleet:
         if self.control is None:
             return
         control = control_client(self.control, self.root_certificates)
-        try:  # one Control API request each, as ``flwr supernode register`` sends it
+        try:
             for node in self.nodes:
-                control.RegisterNode(
-                    RegisterNodeRequest(public_key=node.public_key, name=f"{self.site}/slot-{node.slot}")
-                )
+                register_node_key(control, node.public_key, f"{self.site}/slot-{node.slot}")
         finally:
             control.close()
 
