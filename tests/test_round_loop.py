@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from fedcifar.config import ConfigError, RunConfig
 from fedcifar.server import rounds
 from fedcifar.server.history import History, RoundRecord
 from fedcifar.server.polling import PollingGrid
+from fedcifar.server.recorder import PHASES
 from fedcifar.server.rounds import RoundFailed
 from fedcifar.task import MODEL_KEY, flat_weights, initial_model
 from tests.hostile import evaluate_reply
@@ -254,6 +256,27 @@ def test_an_aggregate_without_a_finite_test_loss_never_becomes_the_global_model(
     aggregate, tally = train_round(loop, model)
     np.testing.assert_allclose(aggregate, model * 2.0, rtol=1e-6)
     assert tally.attempts == 2 and counter(loop, "failed_round_attempts") == 1
+
+
+def test_a_round_records_where_its_time_went(tmp_path, model):
+    """history.json's phase_seconds: each phase's seconds, a retried attempt's included."""
+    calls = []
+
+    def slow_huge_once(m):
+        if m.metadata.message_type == "train":
+            calls.append(1)
+            time.sleep(0.1)  # the node's training, inside the exchange
+            return trained(0, scale=1e36 if len(calls) == 1 else 2.0)(m)
+        return evaluate_reply(0)
+
+    loop = loop_for(tmp_path, {11: slow_huge_once}, round_retries=1, fraction_evaluate=1.0, num_server_rounds=1)
+    loop.run(ArrayRecord({MODEL_KEY: Array(model)}), 1)
+    record = loop.recorder.history.rounds[0]
+    assert record.attempts == 2 and set(record.phase_seconds) == set(PHASES)
+    assert record.phase_seconds["exchange"] >= 0.2  # both attempts' exchanges
+    assert sum(record.phase_seconds.values()) <= record.round_seconds
+    saved = json.loads((tmp_path / "history.json").read_text())
+    assert saved["rounds"][0]["phase_seconds"] == pytest.approx(record.phase_seconds)
 
 
 def test_a_reply_flower_cannot_read_costs_that_reply(tmp_path, model):

@@ -73,6 +73,23 @@ def summarize(rounds: list[dict]) -> dict[str, float]:
     }
 
 
+def overhead_breakdown(rounds: list[dict]) -> dict[str, float]:
+    """Where fedcifar's fixed overhead per round goes, steady rounds (``phase_seconds`` in history.json):
+    the time between the server's sending and its having the last reply that the slowest node did not
+    spend training (polling, each message's ClientApp process, the transfers), the server's evaluation
+    of the aggregate, and the rest (checks and aggregation, waiting for the nodes' list, the round's
+    bookkeeping)."""
+    rest = steady(rounds)
+    transport = [r["phase_seconds"]["exchange"] - max(r["client_train_seconds"]) for r in rest]
+    evaluate = [r["phase_seconds"]["evaluate"] for r in rest]
+    fixed = summarize(rounds)["fixed_overhead_seconds"]
+    return {
+        "overhead_transport_seconds": statistics.mean(transport),
+        "overhead_server_evaluate_seconds": statistics.mean(evaluate),
+        "overhead_other_seconds": fixed - statistics.mean(transport) - statistics.mean(evaluate),
+    }
+
+
 def client_images_per_second(rounds: list[dict], config: BenchConfig) -> float:
     """Training images per second of one client's training loop, steady rounds, mean over clients."""
     train_seconds = statistics.mean(s for r in steady(rounds) for s in r["client_train_seconds"])
@@ -119,6 +136,7 @@ def bench(config: BenchConfig, data: str | None, out: Path) -> dict[str, Any]:
     result["client_peak_rss_by_process"] = {k: v for k, v in peaks.items() if k in NODE_KINDS}
     result["bytes_per_round"] = statistics.mean(r["sent_bytes"] + r["received_bytes"] for r in rest)
     result["fixed_overhead_seconds"] = fed["fixed_overhead_seconds"]
+    result.update(overhead_breakdown(history["rounds"]))
     if config.stock:
         result["round_speedup"] = stock["round_seconds"] / fed["round_seconds"]
         result["stock_round_seconds"], result["fedcifar_round_seconds"] = stock["round_seconds"], fed["round_seconds"]

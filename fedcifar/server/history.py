@@ -45,6 +45,8 @@ class RoundRecord:
     refusals: list[dict[str, str]] = field(default_factory=list)  # slot, site and reason of each refused reply
     clipping_norm: float | None = None  # central DP: the norm this round's updates were clipped to
     epsilon: float | None = None  # central DP: the privacy spent after this round, at the run's dp-delta
+    # where the server's round time went (``recorder.PHASES``), attempts summed; the rest is waiting for nodes
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     finished_at: float = field(default_factory=time.time)
 
 

@@ -6,9 +6,11 @@ round's count; the tracker is sent only checkpointed rounds, so a resume never r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,10 @@ from fedcifar.server.stopping import Stop
 from fedcifar.server.tracking import Tracker
 
 log = logging.getLogger("flwr.fedcifar")
+# where a round's server time goes (``RoundRecord.phase_seconds``): sending the training messages and
+# collecting the replies (the nodes' training included), checking and aggregating them, the server's
+# evaluation of the aggregate, federated evaluation (when fraction-evaluate asks for it)
+PHASES = ("exchange", "aggregate", "evaluate", "federated_evaluate")
 
 
 @dataclass
@@ -49,6 +55,17 @@ class RoundTally:
     client_eval_accuracy: float | None = None
     clipping_norm: float | None = None  # central DP: the norm the round's updates were clipped to
     epsilon: float | None = None  # central DP: the privacy spent after this round
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (PHASES), attempts summed
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Adds the seconds the block takes to ``phase`` (one of ``PHASES``), even when it raises."""
+        assert phase in PHASES, phase
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - started
 
     def record(self, server_round: int, eval_loss: float, eval_accuracy: float) -> RoundRecord:
         return RoundRecord(
@@ -72,6 +89,7 @@ class RoundTally:
             refusals=self.refusals,
             clipping_norm=self.clipping_norm,
             epsilon=self.epsilon,
+            phase_seconds=dict(self.phases),
         )
 
 

@@ -117,7 +117,8 @@ class RoundLoop:
             except BudgetReached as reached:
                 self.recorder.stopped(reached.stop)
                 break
-            self.evaluate(server_round, arrays, tally)
+            with tally.timed("federated_evaluate"):
+                self.evaluate(server_round, arrays, tally)
             self.recorder.round(
                 server_round,
                 tally,
@@ -147,7 +148,11 @@ class RoundLoop:
                 self.metrics.failed_round_attempts.inc()
                 continue
             every_slot = self._every_slot_in if self.config.fraction_train == 1 else None
-            answers = self._accept(self._exchange(messages, tally, every_slot), "train", tally)
+            with tally.timed("exchange"):
+                replies = self._exchange(messages, tally, every_slot)
+            with tally.timed("aggregate"):
+                answers = self._accept(replies, "train", tally)
+                aggregated = self._aggregate(server_round, arrays, answers, tally)
             tally.accepted = [
                 Accepted(
                     a.reply.slot,
@@ -158,14 +163,14 @@ class RoundLoop:
                 )
                 for a in answers
             ]
-            aggregated = self._aggregate(server_round, arrays, answers, tally)
             if aggregated is None:
                 log.warning("round %d, attempt %d: no client update was accepted", server_round, attempt)
             else:
                 # released (noised, under central DP) whether or not it becomes the global model:
                 # its test loss is logged, its attempt recorded
                 tally.epsilon = self.privacy.release(server_round, attempt)
-                loss, accuracy = self.model.evaluate(aggregated)
+                with tally.timed("evaluate"):
+                    loss, accuracy = self.model.evaluate(aggregated)
                 if math.isfinite(loss):
                     return aggregated, loss, accuracy
                 # well-formed replies whose aggregate is unusable (e.g. values near the float32 limit)
