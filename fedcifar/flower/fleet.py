@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 from fedcifar.flower.patch import VERIFIED_FLWR, replace
@@ -38,12 +39,15 @@ def guard_fleet_api(settings=None):
             f"{', '.join(opened)} would open Flower's legacy gRPC APIs beside the guarded HTTP one: unset it"
         )
     metrics = superlink_metrics()
+    # one series per handler and site, looked up once (labels() per request: 4% of the SuperLink's
+    # event-loop samples at 1,000 idle nodes, py-spy; 1.25 -> 0.43 us per request unloaded)
+    requests_series = functools.cache(metrics.fleet_requests.labels)
     guard = fleet_guard.FleetGuard(
         settings or fleet_budgets.GuardSettings.from_env(),
         count=lambda reason, site: metrics.fleet_refused.labels(reason, site).inc(),
         # zero series, so that a site's panel shows 0 until its first refusal (and alerts see it)
         seen=lambda site: [metrics.fleet_refused.labels(reason, site) for reason in fleet_guard.REASONS],
-        served=lambda handler, site: metrics.fleet_requests.labels(handler, site).inc(),
+        served=lambda handler, site: requests_series(handler, site).inc(),
     )
     for name in fleet_guard.GUARDED:
         handler = getattr(fleet_handlers, name, None)
