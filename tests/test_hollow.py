@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.proto.control_pb2 import RegisterNodeRequest
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from support import FLOWER_ENV, scrape, secure_superlink, wait
 
 from fedcifar.deploy import flwr_cli
-from fedcifar.deploy.control import control_client, superlink_healthy
+from fedcifar.deploy.control import control_client, register_node_key, superlink_healthy
 from fedcifar.deploy.key_formats import load_private_key
 from fedcifar.deploy.pki import write_pki
 from fedcifar.flower.polling import IDLE_POLL_ENV, POLL_ENV, POLL_HOLD_ENV, PollSchedule
@@ -149,7 +148,7 @@ def test_hollow_nodes_sign_in_with_registered_keys_and_the_fleet_api_refuses_wha
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     control = control_client(link["address"], ca)
-    control.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(key.public_key()), name="hollow/slot-5"))
+    register_node_key(control, public_key_to_bytes(key.public_key()), "hollow/slot-5")
     control.close()
     hollow = HollowFleet(
         link["address"], None, ca, 1, 6, 5, sizes=MINI_SIZES, schedule=lambda: PollSchedule(FAST, IDLE, HOLD), keys=keys
@@ -186,7 +185,7 @@ def test_a_hollow_nodes_requests_match_a_real_nodes(link, mini_dir):
     SuperLink counts each one's requests per Fleet handler, idle and in a round (train and evaluate)."""
     key = load_private_key((link["pki"] / "supernode-0.key").read_bytes())
     control = control_client(link["address"], (link["pki"] / "ca.crt").read_bytes())
-    control.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(key.public_key()), name="real/slot-3"))
+    register_node_key(control, public_key_to_bytes(key.public_key()), "real/slot-3")
     control.close()
     schedule = {POLL_ENV: str(FAST), IDLE_POLL_ENV: str(IDLE), POLL_HOLD_ENV: str(HOLD)}
     real = subprocess.Popen(

@@ -77,16 +77,16 @@ def overhead_breakdown(rounds: list[dict]) -> dict[str, float]:
     """Where fedcifar's fixed overhead per round goes, steady rounds (``phase_seconds`` in history.json):
     the time between the server's sending and its having the last reply that the slowest node did not
     spend training (polling, each message's ClientApp process, the transfers), the server's evaluation
-    of the aggregate, and the rest (checks and aggregation, waiting for the nodes' list, the round's
-    bookkeeping)."""
-    rest = steady(rounds)
-    transport = [r["phase_seconds"]["exchange"] - max(r["client_train_seconds"]) for r in rest]
-    evaluate = [r["phase_seconds"]["evaluate"] for r in rest]
-    fixed = summarize(rounds)["fixed_overhead_seconds"]
+    of the aggregate, and the rest of the round (checks and aggregation, waiting for the nodes' list).
+    The three add up to ``summarize``'s fixed overhead."""
+
+    def mean(figure) -> float:
+        return statistics.mean(figure(r["phase_seconds"], r) for r in steady(rounds))
+
     return {
-        "overhead_transport_seconds": statistics.mean(transport),
-        "overhead_server_evaluate_seconds": statistics.mean(evaluate),
-        "overhead_other_seconds": fixed - statistics.mean(transport) - statistics.mean(evaluate),
+        "overhead_transport_seconds": mean(lambda p, r: p["exchange"] - max(r["client_train_seconds"])),
+        "overhead_server_evaluate_seconds": mean(lambda p, r: p["evaluate"]),
+        "overhead_other_seconds": mean(lambda p, r: r["round_seconds"] - p["exchange"] - p["evaluate"]),
     }
 
 
