@@ -67,15 +67,23 @@ def test_a_killed_client_pod_and_a_killed_superlink_lose_no_round(kube, faults_r
         wait_for("round 1 to complete", lambda: completed() >= 1, 600, 0.5)
         killed_at = time.monotonic()
         run("kubectl", "-n", NS, "delete", "pod", f"{FULL}-clients-1", "--grace-period=0", "--force", "--wait=false")
+
         # the lost reply is a "timeout" at the round's deadline, or an "error" when Flower's SuperLink
         # sees the node's heartbeats stop first: which one comes first is the cluster's timing
-        failures = lambda: sum(  # noqa: E731
-            server_metrics(port).get(
-                ("fedcifar_client_failures_total", (("partition", "1"), ("reason", r), ("site", RELEASE))), 0
+        def round_that_lost_it() -> float | None:
+            """The round in progress once the lost reply is counted (the site: the name the release
+            registered its keys under); the failure is counted when that round's exchange ends."""
+            m = server_metrics(port)
+            lost = sum(
+                m.get(("fedcifar_client_failures_total", (("partition", "1"), ("reason", r), ("site", RELEASE))), 0)
+                for r in FAILURE_REASONS
             )
-            for r in FAILURE_REASONS
-        )  # the site: the name the release registered its keys under
-        wait_for("the lost reply of partition 1 to be counted", lambda: failures() >= 1, ROUND_TIMEOUT + 60, 1)
+            return m[("fedcifar_round", ())] if lost >= 1 else None
+
+        lost_in = wait_for("the lost reply of partition 1 to be counted", round_that_lost_it, ROUND_TIMEOUT + 60, 1)
+        # that round aggregates, evaluates and checkpoints after the count: the crash comes after it,
+        # or the resumed run would redo it with both pods
+        wait_for(f"round {lost_in:.0f} to be checkpointed", lambda: completed() >= lost_in, ROUND_TIMEOUT + 60, 0.5)
         done_before_crash = completed()
     assert done_before_crash < ROUNDS, "the run ended before the SuperLink could be killed"
 
