@@ -71,6 +71,8 @@ KEY_REFUSAL_REASONS = (
     "registered_as_other",
 )
 ROUND_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+# a phase lasts from milliseconds (aggregating two replies) to a whole round (the exchange)
+PHASE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
 TRAIN_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
@@ -106,6 +108,15 @@ class ServerMetrics:
             "fedcifar_round_duration_seconds",
             "Wall time of a round: train, aggregate, evaluate.",
             buckets=ROUND_BUCKETS,
+            **kw,
+        )
+        self.round_phase = Histogram(
+            "fedcifar_round_phase_seconds",
+            "Server wall time of each phase of a round, retried attempts summed: exchange (sending the training "
+            "messages and collecting the replies, the nodes' training included), aggregate, evaluate (the "
+            "server's test split), federated_evaluate.",
+            ["phase"],
+            buckets=PHASE_BUCKETS,
             **kw,
         )
         self.train_loss = gauge(

@@ -17,6 +17,7 @@ import torch
 
 from fedcifar.local.federation import free_port
 from fedcifar.server.history import load_history
+from fedcifar.server.recorder import PHASES
 from fedcifar.task import Net
 from tests.conftest import ROOT
 from tests.support import processes_in, scrape, value
@@ -124,6 +125,11 @@ def test_server_metrics_match_history(federation):
     assert value(final, "fedcifar_round_duration_seconds_sum") == pytest.approx(
         sum(r["round_seconds"] for r in rounds), rel=1e-9
     )
+    for phase in PHASES:  # where the rounds' time went, as history.json has it
+        assert value(final, "fedcifar_round_phase_seconds_count", phase=phase) == ROUNDS
+        assert value(final, "fedcifar_round_phase_seconds_sum", phase=phase) == pytest.approx(
+            sum(r["phase_seconds"][phase] for r in rounds), rel=1e-9
+        )
     assert value(final, "fedcifar_examples_trained_total") == sum(r["examples_trained"] for r in rounds)
     assert value(final, "fedcifar_sent_bytes_total") == sum(r["sent_bytes"] for r in rounds)
     assert value(final, "fedcifar_received_bytes_total") == sum(r["received_bytes"] for r in rounds)

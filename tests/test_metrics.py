@@ -33,6 +33,7 @@ def exposition() -> dict:
     SuperLinkMetrics(registry).fleet_refused.labels("other_node", "site-b").inc()
     server.train_loss.set(1.5)
     server.round_duration.observe(3.0)
+    server.round_phase.labels("evaluate").observe(0.3)
     server.rounds_completed.inc()
     server.sent_bytes.inc(100)
     client.train_loss.labels("site-a", "1").set(0.75)
@@ -69,6 +70,8 @@ def test_required_series_are_exposed_with_values():
     assert sample(fams, "fedcifar_round_duration_seconds_count") == 1
     assert sample(fams, "fedcifar_round_duration_seconds_sum") == 3.0
     assert sample(fams, "fedcifar_round_duration_seconds_bucket", le="5.0") == 1
+    assert sample(fams, "fedcifar_round_phase_seconds_sum", phase="evaluate") == 0.3
+    assert sample(fams, "fedcifar_round_phase_seconds_bucket", phase="evaluate", le="0.5") == 1
     assert sample(fams, "fedcifar_sent_bytes_total") == 100
     assert sample(fams, "fedcifar_client_train_loss", site="site-a", partition="1") == 0.75
     assert sample(fams, "fedcifar_client_examples_trained_total", site="site-a", partition="1") == 250

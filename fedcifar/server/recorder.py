@@ -164,6 +164,8 @@ class Recorder:
         m.participating_clients.set(record.participating_clients)
         m.examples_trained.inc(record.examples_trained)
         m.round_duration.observe(record.round_seconds)
+        for phase, seconds in record.phase_seconds.items():
+            m.round_phase.labels(phase).observe(seconds)
         m.rounds_completed.inc()
         m.progress_time.set(record.finished_at)
         for slot, (since, site) in rounds_since_accepted(

@@ -84,6 +84,7 @@ ALLOWED_LABELS = {
     "le",
     "reason",
     "handler",
+    "phase",
     "status",
     "sub_status",
 }
@@ -187,6 +188,7 @@ def test_dashboard_json(path: Path) -> None:
         assert "histogram_quantile(0.5, sum by (namespace, le) (fedcifar_round_duration_seconds_bucket" in joined
         assert "histogram_quantile(0.95, sum by (namespace, le) (fedcifar_round_duration_seconds_bucket" in joined
         assert "fedcifar_rounds_completed_total" in joined
+        assert "sum by (namespace, phase) (fedcifar_round_phase_seconds_sum" in joined  # where the time goes
         assert "fedcifar_connected_clients" in joined and "fedcifar_participating_clients" in joined
         assert "rate(fedcifar_client_examples_trained_total" in joined
         assert "throughput" in titles
