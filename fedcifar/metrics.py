@@ -106,7 +106,8 @@ class ServerMetrics:
         )
         self.round_duration = Histogram(
             "fedcifar_round_duration_seconds",
-            "Wall time of a round: train, aggregate, evaluate.",
+            "Wall time of a round, from its start to the next round's: train, aggregate (the server's "
+            "evaluation of the aggregate runs beside the next round).",
             buckets=ROUND_BUCKETS,
             **kw,
         )

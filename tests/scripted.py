@@ -117,8 +117,8 @@ def loop_for(tmp_path, script, names=None, **config) -> RoundLoop:
 
 def train_round(loop: RoundLoop, model: np.ndarray) -> tuple[np.ndarray, RoundTally]:
     tally = RoundTally()
-    arrays, _, _ = loop.train(1, ArrayRecord({MODEL_KEY: Array(model)}), tally)
-    return arrays[MODEL_KEY].numpy(), tally
+    pending = loop.train(1, ArrayRecord({MODEL_KEY: Array(model)}), tally)
+    return pending.aggregated[MODEL_KEY].numpy(), tally
 
 
 def counter(loop: RoundLoop, name: str, **labels) -> float:

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord
 
 from fedcifar.config import ConfigError, RunConfig
 from fedcifar.server import rounds
-from fedcifar.server.history import History, RoundRecord
+from fedcifar.server.history import CHECKPOINT_FILE, History, RoundRecord
 from fedcifar.server.polling import PollingGrid
 from fedcifar.server.recorder import PHASES
 from fedcifar.server.rounds import RoundFailed
@@ -245,17 +247,47 @@ def test_a_node_without_a_slot_key_cannot_take_a_slot_that_a_key_holds(tmp_path,
 
 
 def test_an_aggregate_without_a_finite_test_loss_never_becomes_the_global_model(tmp_path, model):
-    """Well-formed replies near the float32 limit pass every check; their aggregate is tried, dropped."""
+    """Well-formed replies near the float32 limit pass every check; their aggregate is evaluated while
+    the next round trains from it: that round's replies are dropped and the round is tried again."""
     calls = []
 
     def huge_once(m):
         calls.append(1)
         return trained(1, scale=1e36)(m) if len(calls) == 1 else trained(1)(m)
 
-    loop = loop_for(tmp_path, {11: trained(0), 12: huge_once}, round_retries=1)
-    aggregate, tally = train_round(loop, model)
-    np.testing.assert_allclose(aggregate, model * 2.0, rtol=1e-6)
-    assert tally.attempts == 2 and counter(loop, "failed_round_attempts") == 1
+    loop = loop_for(tmp_path, {11: trained(0), 12: huge_once}, round_retries=1, num_server_rounds=2)
+    final = loop.run(ArrayRecord({MODEL_KEY: Array(model)}), 1)
+    rounds = loop.recorder.history.rounds
+    assert [(r.round, r.attempts) for r in rounds] == [(1, 2), (2, 1)]
+    assert counter(loop, "failed_round_attempts") == 1
+    assert len(calls) == 4  # round 1 twice, round 2 from the unusable aggregate (dropped), round 2
+    assert all(math.isfinite(r.eval_loss) for r in rounds)
+    np.testing.assert_allclose(final[MODEL_KEY].numpy(), model * 4.0, rtol=1e-6)  # round 2 from round 1's retry
+    checkpoint = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    np.testing.assert_allclose(checkpoint["model"][MODEL_KEY].numpy(), model * 4.0, rtol=1e-6)
+
+
+def test_the_aggregate_is_evaluated_while_the_next_round_trains_from_it(tmp_path, model):
+    """The server's evaluation of round 1's aggregate waits here until round 2's message is out."""
+    round_2_sent = threading.Event()
+
+    def node(m):
+        if int(m.content["config"]["server-round"]) == 2:
+            round_2_sent.set()
+        return trained(0)(m)
+
+    loop = loop_for(tmp_path, {11: node}, num_server_rounds=2)
+    evaluate, overlapped = loop.model.evaluate, []
+
+    def evaluation(arrays):
+        if len(loop.model.seen) == 1:  # round 1's aggregate (the first call: the initial model)
+            overlapped.append(round_2_sent.wait(timeout=5))
+        return evaluate(arrays)
+
+    loop.model.evaluate = evaluation
+    loop.run(ArrayRecord({MODEL_KEY: Array(model)}), 1)
+    assert overlapped == [True]
+    assert [(r.round, r.eval_loss) for r in loop.recorder.history.rounds] == [(1, 1.0), (2, 1.0)]
 
 
 def test_a_round_records_where_its_time_went(tmp_path, model):
@@ -274,7 +306,8 @@ def test_a_round_records_where_its_time_went(tmp_path, model):
     record = loop.recorder.history.rounds[0]
     assert record.attempts == 2 and set(record.phase_seconds) == set(PHASES)
     assert record.phase_seconds["exchange"] >= 0.2  # both attempts' exchanges
-    assert sum(record.phase_seconds.values()) <= record.round_seconds
+    # the round ends when the next one may start: its last evaluation runs beside that one
+    assert sum(s for phase, s in record.phase_seconds.items() if phase != "evaluate") <= record.round_seconds
     saved = json.loads((tmp_path / "history.json").read_text())
     assert saved["rounds"][0]["phase_seconds"] == pytest.approx(record.phase_seconds)
 

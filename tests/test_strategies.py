@@ -195,8 +195,7 @@ def test_adaptive_clipping_raises_the_norm_when_more_is_clipped_and_noises_at_th
 
 
 def _train_once(loop: RoundLoop) -> np.ndarray:
-    arrays, _, _ = loop.train(1, ArrayRecord({MODEL_KEY: Array(START)}), RoundTally())
-    return arrays[MODEL_KEY].numpy()
+    return loop.train(1, ArrayRecord({MODEL_KEY: Array(START)}), RoundTally()).aggregated[MODEL_KEY].numpy()
 
 
 def test_the_privacy_spent_is_reported_every_round_and_counts_every_release(tmp_path):

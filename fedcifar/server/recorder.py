@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,8 @@ from fedcifar.server.tracking import Tracker
 log = logging.getLogger("flwr.fedcifar")
 # where a round's server time goes (``RoundRecord.phase_seconds``): sending the training messages and
 # collecting the replies (the nodes' training included), checking and aggregating them, the server's
-# evaluation of the aggregate, federated evaluation (when fraction-evaluate asks for it)
+# evaluation of the aggregate (beside the next round: not within round_seconds), federated evaluation
+# (when fraction-evaluate asks for it)
 PHASES = ("exchange", "aggregate", "evaluate", "federated_evaluate")
 
 
@@ -56,16 +56,21 @@ class RoundTally:
     clipping_norm: float | None = None  # central DP: the norm the round's updates were clipped to
     epsilon: float | None = None  # central DP: the privacy spent after this round
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (PHASES), attempts summed
+    ended: float | None = None  # when the next round started (this one's evaluation runs beside it)
 
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
-        """Adds the seconds the block takes to ``phase`` (one of ``PHASES``), even when it raises."""
-        assert phase in PHASES, phase
+        """Adds the seconds the block takes to ``phase``, even when it raises."""
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - started
+            self.spent(phase, time.perf_counter() - started)
+
+    def spent(self, phase: str, seconds: float) -> None:
+        """Adds ``seconds`` to ``phase`` (one of ``PHASES``)."""
+        assert phase in PHASES, phase
+        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
 
     def record(self, server_round: int, eval_loss: float, eval_accuracy: float) -> RoundRecord:
         return RoundRecord(
@@ -73,7 +78,7 @@ class RoundTally:
             train_loss=self.train_loss,
             eval_loss=eval_loss,
             eval_accuracy=eval_accuracy,
-            round_seconds=time.perf_counter() - self.started,
+            round_seconds=(self.ended or time.perf_counter()) - self.started,
             participating_clients=len(self.accepted),
             partitions=[a.slot for a in self.accepted],
             examples_trained=sum(a.examples_trained for a in self.accepted),
@@ -136,7 +141,10 @@ class Recorder:
         model: dict,
         strategy_state: dict[str, Any],
         privacy_state: dict[str, Any] | None,
+        rng_state: tuple,
     ) -> RoundRecord:
+        """The round's figures and checkpoint; the states as they were when the round handed over to
+        the next (``random``'s included, so a resumed run samples as the uninterrupted one would)."""
         record = tally.record(server_round, loss, accuracy)
         self.history.rounds.append(record)
         best = self.history.best
@@ -149,7 +157,7 @@ class Recorder:
             round=server_round,
             history=asdict(self.history),
             fingerprint=self.fingerprint,
-            rng_state=random.getstate(),
+            rng_state=rng_state,
             strategy_state=strategy_state,
             privacy_state=privacy_state,
             best_model=self.best_model,

@@ -5,21 +5,30 @@ One round: wait (at most ``round-timeout``) for ``min-nodes`` SuperNodes; send t
 messages the strategy configures, skipping dead nodes whose slot a newer node answers for;
 collect replies until the deadline or until every slot has answered; count each error or
 missing reply as a failure (``ledger.py``) and refuse each reply that fails a check
-(``replies.py``) or answers a slot twice; aggregate the rest with the strategy and evaluate the
-aggregate on the server's test split. A training attempt that finds too few nodes, aggregates
-nothing, or whose aggregate has no finite test loss, is tried again, up to ``round-retries`` times. Then the
-strategy's evaluate messages, if any (a failure there costs the round nothing), and the record
-(``recorder.py``: checkpoint, history, metrics). Nothing one reply holds, and no exception
-while handling one, ends the run: it is one refused reply.
+(``replies.py``) or answers a slot twice; aggregate the rest with the strategy. A training attempt
+that finds too few nodes or aggregates nothing is tried again, up to ``round-retries`` times. Then
+the strategy's evaluate messages, if any (a failure there costs the round nothing).
+
+The aggregate's evaluation on the server's test split runs beside the next round: the next round's
+messages carry the aggregate while it is evaluated (a round's fixed overhead was the evaluation
+plus the messages' travel; now the larger of the two). Once the next round's replies are in, the
+evaluation settles the round before them: a finite test loss completes it (the record,
+``recorder.py``: checkpoint, history, metrics; then early stopping asks whether to go on, and the
+next round's replies are dropped if not); an aggregate without one never becomes the global
+model: the next round's replies, trained from it, are dropped and its round tried again, as an
+attempt of its own. Nothing one reply holds, and no exception while handling one, ends the run:
+it is one refused reply.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import sys
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,7 +51,7 @@ from fedcifar.server.replies import (
     check_train_reply,
     claimed_slot,
 )
-from fedcifar.server.stopping import BudgetReached, early_stop
+from fedcifar.server.stopping import BudgetReached, StopRun, early_stop
 from fedcifar.server.strategies import restore_strategy_state, strategy_state
 
 log = logging.getLogger("flwr.fedcifar")
@@ -75,6 +84,29 @@ class GlobalModel(Protocol):
 
 
 @dataclass
+class Pending:
+    """A round aggregated, its aggregate being evaluated on the server's test split while the next
+    round's messages travel."""
+
+    server_round: int
+    attempt: int
+    tally: RoundTally
+    base: ArrayRecord  # the global model the round trained from: a retry starts from it again
+    aggregated: ArrayRecord
+    evaluation: Future  # the test loss, accuracy and the seconds it took
+    strategy_before: dict  # the strategy's state before the attempt, restored if the aggregate is unusable
+    saved: tuple = ()  # what the round's checkpoint keeps once it hands over: strategy, privacy, rng state
+
+
+class Rewind(Exception):
+    """The pending round's aggregate has no finite test loss: the run goes back to that round."""
+
+    def __init__(self, pending: Pending) -> None:
+        super().__init__(f"round {pending.server_round}'s aggregate has no finite test loss")
+        self.pending = pending
+
+
+@dataclass
 class Answer:
     """A reply that passed its checks."""
 
@@ -97,43 +129,57 @@ class RoundLoop:
     _verdicts: dict[int, TrainReply | EvaluateReply | Refused] = field(default_factory=dict)  # by id(reply)
     _sent: ArrayRecord = field(default_factory=ArrayRecord)  # the global model this attempt trains from
     _sent_to: dict[str, int] = field(default_factory=dict)  # message id -> the node it went to
+    _pending: Pending | None = None  # the round whose aggregate is being evaluated
+    _recorded: ArrayRecord | None = None  # the last recorded global model
+    _evaluator: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="server-evaluation")
+    )
 
     def run(self, arrays: ArrayRecord, first: int) -> ArrayRecord:
         """Rounds ``first`` .. ``num-server-rounds`` from the global model ``arrays``, unless early
-        stopping or the privacy budget ends the run before (``stopping.py``; also a resumed one)."""
+        stopping or the privacy budget ends the run before (``stopping.py``; also a resumed one).
+        Returns the last recorded global model."""
         self.metrics.num_rounds.set(self.config.num_server_rounds)
         self.metrics.progress_time.set_to_current_time()
         if first == 1:
             self.recorder.initial(*self.model.evaluate(arrays))
-        for server_round in range(first, self.config.num_server_rounds + 1):
-            if stop := early_stop(self.config, [r.eval_accuracy for r in self.recorder.history.rounds]):
-                self.recorder.stopped(stop)
-                break
-            log.info("[ROUND %d/%d]", server_round, self.config.num_server_rounds)
-            self.metrics.round.set(server_round)
-            tally = RoundTally()
-            try:
-                arrays, loss, accuracy = self.train(server_round, arrays, tally)
-            except BudgetReached as reached:
-                self.recorder.stopped(reached.stop)
-                break
-            with tally.timed("federated_evaluate"):
-                self.evaluate(server_round, arrays, tally)
-            self.recorder.round(
-                server_round,
-                tally,
-                loss,
-                accuracy,
-                self.model.state_dict(),
-                strategy_state(self.strategy),
-                self.privacy.state_dict(),
-            )
-        return arrays
+        self._recorded, server_round, retry = arrays, first, None
+        try:
+            while True:
+                try:
+                    if server_round > self.config.num_server_rounds:
+                        self._settle()  # the last round's evaluation
+                        break
+                    if self._pending is None and (stop := early_stop(self.config, self._accuracies())):
+                        raise StopRun(stop)  # e.g. a resumed run that had met its stop already
+                    log.info("[ROUND %d/%d]", server_round, self.config.num_server_rounds)
+                    self.metrics.round.set(server_round)
+                    tally, attempt = (retry.tally, retry.attempt + 1) if retry else (RoundTally(), 1)
+                    pending = self.train(server_round, arrays, tally, attempt)
+                    with tally.timed("federated_evaluate"):
+                        self.evaluate(server_round, pending.aggregated, tally)
+                    tally.ended = time.perf_counter()  # the next round starts beside this one's evaluation
+                    pending.saved = (strategy_state(self.strategy), self.privacy.state_dict(), random.getstate())
+                    self._pending = pending
+                    arrays, server_round, retry = pending.aggregated, server_round + 1, None
+                except Rewind as rewind:  # that round again, from the model it trained from
+                    retry = rewind.pending
+                    arrays, server_round = retry.base, retry.server_round
+        except StopRun as stop:
+            self.recorder.stopped(stop.stop)
+        finally:
+            self._evaluator.shutdown(cancel_futures=True)
+        return self._recorded
 
-    def train(self, server_round: int, arrays: ArrayRecord, tally: RoundTally) -> tuple[ArrayRecord, float, float]:
-        """The round's new global model and its test loss and accuracy (server side)."""
-        for attempt in range(1, self.config.round_retries + 2):
-            self.privacy.check_budget(server_round)  # every attempt may release a noised aggregate
+    def train(self, server_round: int, arrays: ArrayRecord, tally: RoundTally, first_attempt: int = 1) -> Pending:
+        """The round's aggregate, its evaluation started; the round before is settled once this
+        round's replies are in (``_settle``: it raises ``Rewind`` or ``StopRun``)."""
+        for attempt in range(first_attempt, self.config.round_retries + 2):
+            try:
+                self.privacy.check_budget(server_round)  # every attempt may release a noised aggregate
+            except BudgetReached:
+                self._settle()  # the round before is complete: recorded before the run stops
+                raise
             self.metrics.progress_time.set_to_current_time()
             tally.attempts = attempt
             # a failed attempt must leave no trace in what the strategy carries to the next round
@@ -146,10 +192,12 @@ class RoundLoop:
             except TooFewNodes as short:  # e.g. a pod restarting: the next attempt waits for it again
                 log.warning("round %d, attempt %d: %s", server_round, attempt, short)
                 self.metrics.failed_round_attempts.inc()
+                self._settle()
                 continue
             every_slot = self._every_slot_in if self.config.fraction_train == 1 else None
             with tally.timed("exchange"):
                 replies = self._exchange(messages, tally, every_slot)
+            self._settle()  # the round before: its evaluation ran while these messages travelled
             with tally.timed("aggregate"):
                 answers = self._accept(replies, "train", tally)
                 aggregated = self._aggregate(server_round, arrays, answers, tally)
@@ -169,17 +217,8 @@ class RoundLoop:
                 # released (noised, under central DP) whether or not it becomes the global model:
                 # its test loss is logged, its attempt recorded
                 tally.epsilon = self.privacy.release(server_round, attempt)
-                with tally.timed("evaluate"):
-                    loss, accuracy = self.model.evaluate(aggregated)
-                if math.isfinite(loss):
-                    return aggregated, loss, accuracy
-                # well-formed replies whose aggregate is unusable (e.g. values near the float32 limit)
-                log.warning(
-                    "round %d, attempt %d: the aggregate's test loss is %s; it never becomes the global model",
-                    server_round,
-                    attempt,
-                    loss,
-                )
+                evaluation = self._evaluator.submit(self._evaluate_on_server, aggregated)
+                return Pending(server_round, attempt, tally, arrays, aggregated, evaluation, state_before)
             restore_strategy_state(self.strategy, state_before)
             self.metrics.failed_round_attempts.inc()
         where = (
@@ -210,6 +249,42 @@ class RoundLoop:
             tally.client_eval_accuracy = weighted_mean([a.reply.accuracy for a in answers], examples)
 
     # -- the steps ------------------------------------------------------------------------------
+
+    def _evaluate_on_server(self, arrays: ArrayRecord) -> tuple[float, float, float]:
+        """The aggregate's test loss and accuracy, and the seconds they took (in the evaluator's thread)."""
+        started = time.perf_counter()
+        loss, accuracy = self.model.evaluate(arrays)
+        return loss, accuracy, time.perf_counter() - started
+
+    def _settle(self) -> None:
+        """The pending round, once its evaluation is done: recorded, and early stopping asked (``StopRun``);
+        or, if its aggregate has no finite test loss, tried again (``Rewind``)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        loss, accuracy, seconds = pending.evaluation.result()
+        pending.tally.spent("evaluate", seconds)
+        server_round, attempt = pending.server_round, pending.attempt
+        if not math.isfinite(loss):
+            # well-formed replies whose aggregate is unusable (e.g. values near the float32 limit)
+            log.warning(
+                "round %d, attempt %d: the aggregate's test loss is %s; it never becomes the global model "
+                "(the next round's replies, trained from it, are dropped)",
+                server_round,
+                attempt,
+                loss,
+            )
+            restore_strategy_state(self.strategy, pending.strategy_before)
+            self.metrics.failed_round_attempts.inc()
+            raise Rewind(pending)
+        self.recorder.round(server_round, pending.tally, loss, accuracy, self.model.state_dict(), *pending.saved)
+        self._recorded = pending.aggregated
+        stop = early_stop(self.config, self._accuracies())
+        if stop and server_round < self.config.num_server_rounds:  # the next round's replies are dropped
+            raise StopRun(stop)
+
+    def _accuracies(self) -> list[float]:
+        return [r.eval_accuracy for r in self.recorder.history.rounds]
 
     def _configure(
         self, configure: Callable, server_round: int, arrays: ArrayRecord, config: ConfigRecord

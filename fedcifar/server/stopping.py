@@ -30,12 +30,16 @@ class Stop:
         return asdict(self)
 
 
-class BudgetReached(Exception):
-    """The next noised release would spend more than ``max-epsilon``: nothing more is released."""
+class StopRun(Exception):
+    """The run ends after its last completed round, for ``stop``'s reason."""
 
     def __init__(self, stop: Stop) -> None:
         super().__init__(stop.detail)
         self.stop = stop
+
+
+class BudgetReached(StopRun):
+    """The next noised release would spend more than ``max-epsilon``: nothing more is released."""
 
 
 def early_stop(config: RunConfig, accuracies: list[float]) -> Stop | None:
