@@ -268,12 +268,17 @@ def test_an_aggregate_without_a_finite_test_loss_never_becomes_the_global_model(
 
 
 def test_the_aggregate_is_evaluated_while_the_next_round_trains_from_it(tmp_path, model):
-    """The server's evaluation of round 1's aggregate waits here until round 2's message is out."""
-    round_2_sent = threading.Event()
+    """Round 1's evaluation waits here until round 2's message is out; round 2's node waits for round
+    1's checkpoint: a round is recorded once evaluated, not once the next round's replies are in."""
+    round_2_sent, checkpointed = threading.Event(), []
 
     def node(m):
         if int(m.content["config"]["server-round"]) == 2:
             round_2_sent.set()
+            deadline = time.monotonic() + 5
+            while not (tmp_path / CHECKPOINT_FILE).exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            checkpointed.append(torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["round"])
         return trained(0)(m)
 
     loop = loop_for(tmp_path, {11: node}, num_server_rounds=2)
@@ -286,7 +291,7 @@ def test_the_aggregate_is_evaluated_while_the_next_round_trains_from_it(tmp_path
 
     loop.model.evaluate = evaluation
     loop.run(ArrayRecord({MODEL_KEY: Array(model)}), 1)
-    assert overlapped == [True]
+    assert overlapped == [True] and checkpointed == [1]
     assert [(r.round, r.eval_loss) for r in loop.recorder.history.rounds] == [(1, 1.0), (2, 1.0)]
 
 

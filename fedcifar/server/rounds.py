@@ -12,12 +12,13 @@ the strategy's evaluate messages, if any (a failure there costs the round nothin
 The aggregate's evaluation on the server's test split runs beside the next round: the next round's
 messages carry the aggregate while it is evaluated (a round's fixed overhead was the evaluation
 plus the messages' travel; now the larger of the two). Once the next round's replies are in, the
-evaluation settles the round before them: a finite test loss completes it (the record,
-``recorder.py``: checkpoint, history, metrics; then early stopping asks whether to go on, and the
-next round's replies are dropped if not); an aggregate without one never becomes the global
-model: the next round's replies, trained from it, are dropped and its round tried again, as an
-attempt of its own. Nothing one reply holds, and no exception while handling one, ends the run:
-it is one refused reply.
+evaluation settles the round before them. A finite test loss completed it as soon as the
+evaluation ended (the record, ``recorder.py``: checkpoint, history, metrics, written by the
+evaluator's thread); early stopping then asks whether to go on (the next round's replies are
+dropped if not). An aggregate without one never becomes the global model: the next round's
+replies, trained from it, are dropped and its round tried again, as an attempt of its own.
+
+Nothing one reply holds, and no exception while handling one, ends the run: it is one refused reply.
 """
 
 from __future__ import annotations
@@ -93,9 +94,9 @@ class Pending:
     tally: RoundTally
     base: ArrayRecord  # the global model the round trained from: a retry starts from it again
     aggregated: ArrayRecord
-    evaluation: Future  # the test loss, accuracy and the seconds it took
     strategy_before: dict  # the strategy's state before the attempt, restored if the aggregate is unusable
-    saved: tuple = ()  # what the round's checkpoint keeps once it hands over: strategy, privacy, rng state
+    saved: tuple = ()  # what the round's checkpoint keeps, as the round hands over: strategy, privacy, rng state
+    evaluation: Future | None = None  # the test loss and accuracy; the round recorded if the loss is finite
 
 
 class Rewind(Exception):
@@ -160,6 +161,7 @@ class RoundLoop:
                         self.evaluate(server_round, pending.aggregated, tally)
                     tally.ended = time.perf_counter()  # the next round starts beside this one's evaluation
                     pending.saved = (strategy_state(self.strategy), self.privacy.state_dict(), random.getstate())
+                    pending.evaluation = self._evaluator.submit(self._conclude, pending)
                     self._pending = pending
                     arrays, server_round, retry = pending.aggregated, server_round + 1, None
                 except Rewind as rewind:  # that round again, from the model it trained from
@@ -172,8 +174,8 @@ class RoundLoop:
         return self._recorded
 
     def train(self, server_round: int, arrays: ArrayRecord, tally: RoundTally, first_attempt: int = 1) -> Pending:
-        """The round's aggregate, its evaluation started; the round before is settled once this
-        round's replies are in (``_settle``: it raises ``Rewind`` or ``StopRun``)."""
+        """The round's aggregate; the round before is settled once this round's replies are in
+        (``_settle``: it raises ``Rewind`` or ``StopRun``)."""
         for attempt in range(first_attempt, self.config.round_retries + 2):
             try:
                 self.privacy.check_budget(server_round)  # every attempt may release a noised aggregate
@@ -217,8 +219,7 @@ class RoundLoop:
                 # released (noised, under central DP) whether or not it becomes the global model:
                 # its test loss is logged, its attempt recorded
                 tally.epsilon = self.privacy.release(server_round, attempt)
-                evaluation = self._evaluator.submit(self._evaluate_on_server, aggregated)
-                return Pending(server_round, attempt, tally, arrays, aggregated, evaluation, state_before)
+                return Pending(server_round, attempt, tally, arrays, aggregated, state_before)
             restore_strategy_state(self.strategy, state_before)
             self.metrics.failed_round_attempts.inc()
         where = (
@@ -250,20 +251,24 @@ class RoundLoop:
 
     # -- the steps ------------------------------------------------------------------------------
 
-    def _evaluate_on_server(self, arrays: ArrayRecord) -> tuple[float, float, float]:
-        """The aggregate's test loss and accuracy, and the seconds they took (in the evaluator's thread)."""
+    def _conclude(self, pending: Pending) -> tuple[float, float]:
+        """In the evaluator's thread: the aggregate's test loss and accuracy; a finite loss completes
+        the round at once (its record: checkpoint, history, metrics), whatever the next round does."""
         started = time.perf_counter()
-        loss, accuracy = self.model.evaluate(arrays)
-        return loss, accuracy, time.perf_counter() - started
+        loss, accuracy = self.model.evaluate(pending.aggregated)
+        pending.tally.spent("evaluate", time.perf_counter() - started)
+        if math.isfinite(loss):
+            model = self.model.state_dict()
+            self.recorder.round(pending.server_round, pending.tally, loss, accuracy, model, *pending.saved)
+        return loss, accuracy
 
     def _settle(self) -> None:
-        """The pending round, once its evaluation is done: recorded, and early stopping asked (``StopRun``);
-        or, if its aggregate has no finite test loss, tried again (``Rewind``)."""
+        """The pending round, once its evaluation is done: early stopping asked (``StopRun``); or, if its
+        aggregate has no finite test loss, that round tried again (``Rewind``)."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        loss, accuracy, seconds = pending.evaluation.result()
-        pending.tally.spent("evaluate", seconds)
+        loss, _ = pending.evaluation.result()
         server_round, attempt = pending.server_round, pending.attempt
         if not math.isfinite(loss):
             # well-formed replies whose aggregate is unusable (e.g. values near the float32 limit)
@@ -277,7 +282,6 @@ class RoundLoop:
             restore_strategy_state(self.strategy, pending.strategy_before)
             self.metrics.failed_round_attempts.inc()
             raise Rewind(pending)
-        self.recorder.round(server_round, pending.tally, loss, accuracy, self.model.state_dict(), *pending.saved)
         self._recorded = pending.aggregated
         stop = early_stop(self.config, self._accuracies())
         if stop and server_round < self.config.num_server_rounds:  # the next round's replies are dropped
