@@ -1,9 +1,10 @@
 """fedcifar ServerApp: one of Flower's strategies over the SuperNodes, server-side evaluation on
 the test split.
 
-Every round is timed from sending the training messages to the end of the server-side
-evaluation; its figures go to Prometheus (``metrics.ServerMetrics``), to ``history.json``
-and the checkpoint in the output folder (rewritten after every round), and ``history.png``
+Every round is timed from sending the training messages to the next round's start (the
+server-side evaluation of its aggregate runs beside the next round); its figures go to Prometheus
+(``metrics.ServerMetrics``), to ``history.json`` and the checkpoint in the output folder
+(rewritten after every round), and ``history.png``
 is drawn at the end. The round loop and its defences live in ``fedcifar/server/``: a client
 that dies, errors or is slow costs its own reply; a reply that fails a check (its records,
 the model's exact layout and bytes, finite values, its metrics, a weight above its slot's
@@ -145,7 +146,7 @@ def main(grid: Grid, context: Context) -> None:
         privacy=privacy,
     )
     try:
-        loop.run(arrays, checkpoint.round + 1 if checkpoint else 1)
+        final = loop.run(arrays, checkpoint.round + 1 if checkpoint else 1)
     except BaseException:
         if tracker:
             tracker.finish("FAILED", None)
@@ -154,6 +155,7 @@ def main(grid: Grid, context: Context) -> None:
     history.save(out_dir)
     plot_history(asdict(history), out_dir / PLOT_FILE)
     if tracker:
+        load_flat_weights(model.net, final[MODEL_KEY].numpy())  # not an aggregate evaluated and dropped
         tracker.finish("FINISHED", final_models(model, recorder, history))
     log.info("Run %s completed; outputs in %s", context.run_id, out_dir)
 

@@ -295,6 +295,25 @@ def test_the_aggregate_is_evaluated_while_the_next_round_trains_from_it(tmp_path
     assert [(r.round, r.eval_loss) for r in loop.recorder.history.rounds] == [(1, 1.0), (2, 1.0)]
 
 
+def test_with_federated_evaluation_the_nodes_evaluate_only_a_global_model(tmp_path, model):
+    """fraction-evaluate > 0: the server's test loss comes first (no overlap), so an unusable aggregate
+    is never sent for evaluation, and no honest node's evaluation of it is refused."""
+    calls, evaluated = [], []
+
+    def node(m):
+        if m.metadata.message_type == "train":
+            calls.append(1)
+            return trained(0, scale=1e36 if len(calls) == 1 else 2.0)(m)
+        evaluated.append(float(np.abs(m.content["arrays"][MODEL_KEY].numpy()).max()))
+        return evaluate_reply(0)
+
+    loop = loop_for(tmp_path, {11: node}, round_retries=1, fraction_evaluate=1.0, num_server_rounds=2)
+    loop.run(ArrayRecord({MODEL_KEY: Array(model)}), 1)
+    rounds = loop.recorder.history.rounds
+    assert [(r.round, r.attempts, r.refusals) for r in rounds] == [(1, 2, []), (2, 1, [])]
+    assert len(calls) == 3 and len(evaluated) == 2 and max(evaluated) < 1e30
+
+
 def test_a_round_records_where_its_time_went(tmp_path, model):
     """history.json's phase_seconds: each phase's seconds, a retried attempt's included."""
     calls = []

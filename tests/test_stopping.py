@@ -6,6 +6,7 @@ further. The round loop runs over scripted nodes (tests/scripted.py)."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from fedcifar.server.rounds import RoundLoop
 from fedcifar.server.stopping import early_stop
 from fedcifar.task import MODEL_KEY
 from tests.hostile import evaluate_reply
-from tests.scripted import by_kind, counter, loop_for
+from tests.scripted import ScriptedGrid, by_kind, counter, loop_for
 from tests.test_strategies import NODES, RUN, START
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -86,6 +87,24 @@ def test_the_run_stops_at_the_target_on_the_servers_accuracy_not_on_what_a_clien
     assert "test accuracy 0.3500 >= stop-target-accuracy=0.3" in history.stopped["detail"]
     assert load_history(tmp_path)["stopped"] == history.stopped  # history.json says it
     assert counter(loop, "runs_stopped_early", reason="target_accuracy") == 1
+
+
+def test_a_run_that_reached_its_target_stops_without_waiting_for_nodes_that_left(tmp_path):
+    """Round 1 reaches the target while round 2 waits for nodes (they left): the run stops at once,
+    not after round-timeout, and no attempt fails."""
+    RUN.update(num_partitions=3)
+    loop = loop_for(tmp_path, NODES, num_server_rounds=3, round_timeout=30.0, stop_target_accuracy=0.4)
+    scored(loop, [0.5])
+    scripted, asked = loop.grid._grid, []
+    # the nodes list the round loop asks for: every node for round 1, none after
+    scripted.get_nodes = lambda: [] if asked.append(1) or len(asked) > 1 else ScriptedGrid.get_nodes(scripted)
+    started = time.monotonic()
+    loop.run(ArrayRecord({MODEL_KEY: Array(START)}), 1)
+    RUN.clear()
+    assert time.monotonic() - started < 10
+    assert [r.round for r in loop.recorder.history.rounds] == [1]
+    assert loop.recorder.history.stopped["reason"] == "target_accuracy"
+    assert counter(loop, "failed_round_attempts") == 0
 
 
 def test_the_run_stops_after_the_patience_and_a_resume_with_the_same_rule_trains_no_further(tmp_path):

@@ -5,8 +5,10 @@ strategy's state, and central DP adds the noise its accounting assumes."""
 
 from __future__ import annotations
 
+import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 from fedcifar.config import CENTRAL_DP, ConfigError, RunConfig
 from fedcifar.flower.clipping import clip_zero_updates
 from fedcifar.server.checkpoint import CheckpointError, load_checkpoint
+from fedcifar.server.history import load_history
 from fedcifar.server.privacy import RELEASES_FILE, PrivacyAccount
 from fedcifar.server.recorder import RoundTally
 from fedcifar.server.rounds import RoundLoop
@@ -330,6 +333,39 @@ def test_a_round_released_before_a_crash_gets_fresh_noise_on_resume_and_both_rel
     reference = PrivacyAccount(RunConfig(num_partitions=3, **config)).accountant
     reference.compose(GaussianPrivacyEvent(1.0, 3, 3), 3)  # round 1, round 2 seen by the nodes, round 2 again
     assert loop.recorder.history.rounds[-1].epsilon == pytest.approx(reference.get_privacy_spent().epsilon)
+
+
+def test_a_serverapp_killed_while_the_next_round_trains_resumes_with_the_same_sampling(tmp_path):
+    """fraction-train 0.5: each round samples 2 of the 3 nodes with ``random``. Round 2's evaluation is
+    slow, so round 3 has sampled its nodes before round 2 is recorded; the ServerApp dies in round 3's
+    exchange. The checkpoint keeps the state round 2 handed over with, so the resumed run samples,
+    and ends, as the uninterrupted one."""
+    config = {"fraction_train": 0.5}
+    RUN.update(num_partitions=3, **config)
+    random.seed(3)
+    _, uninterrupted = run_loop(tmp_path / "whole", 4, **config)
+
+    def dies_in_round_3(train):
+        def answer(message):
+            if message.content["config"]["server-round"] == 3:
+                raise ServerAppStopped
+            return train(message)
+
+        return answer
+
+    random.seed(3)
+    loop = loop_for(
+        tmp_path / "killed", {n: dies_in_round_3(t) for n, t in NODES.items()}, num_server_rounds=4, **config
+    )
+    evaluate = loop.model.evaluate
+    loop.model.evaluate = lambda arrays: time.sleep(0.3 * (len(loop.model.seen) == 2)) or evaluate(arrays)
+    with pytest.raises(ServerAppStopped):
+        loop.run(ArrayRecord({MODEL_KEY: Array(START)}), 1)
+    assert [r["round"] for r in load_history(tmp_path / "killed")["rounds"]] == [1, 2]
+    random.seed(99)  # a new process
+    resumed = resume(tmp_path / "killed", 4, **config)
+    RUN.clear()
+    np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-5, atol=1e-7)
 
 
 def resumed_loop(out: Path, script: dict, restore_state: bool = True, **config) -> RoundLoop:

@@ -16,7 +16,9 @@ evaluation settles the round before them. A finite test loss completed it as soo
 evaluation ended (the record, ``recorder.py``: checkpoint, history, metrics, written by the
 evaluator's thread); early stopping then asks whether to go on (the next round's replies are
 dropped if not). An aggregate without one never becomes the global model: the next round's
-replies, trained from it, are dropped and its round tried again, as an attempt of its own.
+replies, trained from it, are dropped and its round tried again, as an attempt of its own. With
+federated evaluation the server's evaluation comes first (the nodes evaluate only a global model)
+and the next round begins once it is settled.
 
 Nothing one reply holds, and no exception while handling one, ends the run: it is one refused reply.
 """
@@ -157,11 +159,16 @@ class RoundLoop:
                     self.metrics.round.set(server_round)
                     tally, attempt = (retry.tally, retry.attempt + 1) if retry else (RoundTally(), 1)
                     pending = self.train(server_round, arrays, tally, attempt)
+                    tested = None
+                    if self.config.fraction_evaluate:  # the nodes evaluate only a global model: no overlap
+                        tested = self._test(pending)
+                        if not math.isfinite(tested[0]):
+                            self._discard(pending)
                     with tally.timed("federated_evaluate"):
                         self.evaluate(server_round, pending.aggregated, tally)
                     tally.ended = time.perf_counter()  # the next round starts beside this one's evaluation
                     pending.saved = (strategy_state(self.strategy), self.privacy.state_dict(), random.getstate())
-                    pending.evaluation = self._evaluator.submit(self._conclude, pending)
+                    pending.evaluation = self._evaluator.submit(self._conclude, pending, tested)
                     self._pending = pending
                     arrays, server_round, retry = pending.aggregated, server_round + 1, None
                 except Rewind as rewind:  # that round again, from the model it trained from
@@ -170,13 +177,15 @@ class RoundLoop:
         except StopRun as stop:
             self.recorder.stopped(stop.stop)
         finally:
-            self._evaluator.shutdown(cancel_futures=True)
+            self._evaluator.shutdown()  # a round evaluated is recorded, whatever ends the run
         return self._recorded
 
     def train(self, server_round: int, arrays: ArrayRecord, tally: RoundTally, first_attempt: int = 1) -> Pending:
         """The round's aggregate; the round before is settled once this round's replies are in
         (``_settle``: it raises ``Rewind`` or ``StopRun``)."""
         for attempt in range(first_attempt, self.config.round_retries + 2):
+            if self.config.fraction_evaluate:  # the round before was tested already: nothing to overlap
+                self._settle()
             try:
                 self.privacy.check_budget(server_round)  # every attempt may release a noised aggregate
             except BudgetReached:
@@ -251,16 +260,30 @@ class RoundLoop:
 
     # -- the steps ------------------------------------------------------------------------------
 
-    def _conclude(self, pending: Pending) -> tuple[float, float]:
-        """In the evaluator's thread: the aggregate's test loss and accuracy; a finite loss completes
-        the round at once (its record: checkpoint, history, metrics), whatever the next round does."""
+    def _test(self, pending: Pending) -> tuple[float, float]:
+        """The aggregate's test loss and accuracy on the server's split."""
         started = time.perf_counter()
         loss, accuracy = self.model.evaluate(pending.aggregated)
         pending.tally.spent("evaluate", time.perf_counter() - started)
-        if math.isfinite(loss):
-            model = self.model.state_dict()
-            self.recorder.round(pending.server_round, pending.tally, loss, accuracy, model, *pending.saved)
         return loss, accuracy
+
+    def _conclude(self, pending: Pending, tested: tuple[float, float] | None) -> tuple[float, float]:
+        """In the evaluator's thread, once the round has handed over: its test loss and accuracy
+        (``tested``: known already); a finite loss completes the round at once (its record:
+        checkpoint, history, metrics), whatever the next round does."""
+        try:
+            loss, accuracy = tested or self._test(pending)
+            if math.isfinite(loss):
+                model = self.model.state_dict()
+                self.recorder.round(pending.server_round, pending.tally, loss, accuracy, model, *pending.saved)
+            return loss, accuracy
+        except Exception:  # raised again where the round settles, unless the run ends first
+            log.exception("round %d: evaluating or recording it failed", pending.server_round)
+            raise
+
+    def _settle_if_done(self) -> None:
+        if self._pending is not None and self._pending.evaluation.done():
+            self._settle()
 
     def _settle(self) -> None:
         """The pending round, once its evaluation is done: early stopping asked (``StopRun``); or, if its
@@ -269,23 +292,25 @@ class RoundLoop:
         if pending is None:
             return
         loss, _ = pending.evaluation.result()
-        server_round, attempt = pending.server_round, pending.attempt
         if not math.isfinite(loss):
-            # well-formed replies whose aggregate is unusable (e.g. values near the float32 limit)
-            log.warning(
-                "round %d, attempt %d: the aggregate's test loss is %s; it never becomes the global model "
-                "(the next round's replies, trained from it, are dropped)",
-                server_round,
-                attempt,
-                loss,
-            )
-            restore_strategy_state(self.strategy, pending.strategy_before)
-            self.metrics.failed_round_attempts.inc()
-            raise Rewind(pending)
+            self._discard(pending)
         self._recorded = pending.aggregated
         stop = early_stop(self.config, self._accuracies())
-        if stop and server_round < self.config.num_server_rounds:  # the next round's replies are dropped
+        if stop and pending.server_round < self.config.num_server_rounds:  # the next round's replies are dropped
             raise StopRun(stop)
+
+    def _discard(self, pending: Pending) -> None:
+        """An aggregate without a finite test loss (well-formed replies whose aggregate is unusable,
+        e.g. values near the float32 limit): never the global model; its round is tried again."""
+        log.warning(
+            "round %d, attempt %d: the aggregate's test loss is not finite; it never becomes the global model "
+            "(replies trained from it are dropped)",
+            pending.server_round,
+            pending.attempt,
+        )
+        restore_strategy_state(self.strategy, pending.strategy_before)
+        self.metrics.failed_round_attempts.inc()
+        raise Rewind(pending)
 
     def _accuracies(self) -> list[float]:
         return [r.eval_accuracy for r in self.recorder.history.rounds]
@@ -301,9 +326,11 @@ class RoundLoop:
         return self.ledger.skip_superseded(configure(server_round, arrays, config, known))
 
     def _wait_for_nodes(self) -> list:
-        """FedAvg's wait for ``min-nodes`` connected SuperNodes, but bounded by ``round-timeout``."""
+        """FedAvg's wait for ``min-nodes`` connected SuperNodes, but bounded by ``round-timeout``; a
+        round before whose evaluation ends meanwhile is settled (in federated evaluation none is pending)."""
         deadline = time.monotonic() + self.config.round_timeout
         while len(nodes := list(self.grid.get_nodes())) < self.config.min_nodes:
+            self._settle_if_done()  # early stopping need not wait for nodes
             if time.monotonic() >= deadline:
                 raise TooFewNodes(
                     f"only {len(nodes)} of min-nodes={self.config.min_nodes} SuperNodes connected after "
