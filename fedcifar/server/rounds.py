@@ -181,8 +181,9 @@ class RoundLoop:
         return self._recorded
 
     def train(self, server_round: int, arrays: ArrayRecord, tally: RoundTally, first_attempt: int = 1) -> Pending:
-        """The round's aggregate; the round before is settled once this round's replies are in
-        (``_settle``: it raises ``Rewind`` or ``StopRun``)."""
+        """The round's aggregate. The round before is settled (``_settle``: it raises ``Rewind`` or
+        ``StopRun``) once this round's replies are in, or before: at once with federated evaluation,
+        as soon as its evaluation ends while this round waits for nodes, before the run stops."""
         for attempt in range(first_attempt, self.config.round_retries + 2):
             if self.config.fraction_evaluate:  # the round before was tested already: nothing to overlap
                 self._settle()
@@ -281,10 +282,6 @@ class RoundLoop:
             log.exception("round %d: evaluating or recording it failed", pending.server_round)
             raise
 
-    def _settle_if_done(self) -> None:
-        if self._pending is not None and self._pending.evaluation.done():
-            self._settle()
-
     def _settle(self) -> None:
         """The pending round, once its evaluation is done: early stopping asked (``StopRun``); or, if its
         aggregate has no finite test loss, that round tried again (``Rewind``)."""
@@ -330,7 +327,8 @@ class RoundLoop:
         round before whose evaluation ends meanwhile is settled (in federated evaluation none is pending)."""
         deadline = time.monotonic() + self.config.round_timeout
         while len(nodes := list(self.grid.get_nodes())) < self.config.min_nodes:
-            self._settle_if_done()  # early stopping need not wait for nodes
+            if self._pending is not None and self._pending.evaluation.done():
+                self._settle()  # early stopping need not wait for nodes
             if time.monotonic() >= deadline:
                 raise TooFewNodes(
                     f"only {len(nodes)} of min-nodes={self.config.min_nodes} SuperNodes connected after "
