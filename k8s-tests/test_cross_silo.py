@@ -316,6 +316,11 @@ def federation(kube, image, prometheus, batch):
         facts["attack"] = site_a_acts_for_site_b(kube, address)
         wait_for("the run Job to succeed", lambda: job_done(batch), 600, 3)
         facts["history"] = run_history(SERVER_NS, f"deploy/{SUPERLINK}", 2)
+        facts["restarts"] = {
+            pod.metadata.name: [(c.restart_count, c.last_state.terminated) for c in pod.status.container_statuses]
+            for namespace, *_rest in SITES.values()
+            for pod in pods(kube, namespace, "app.kubernetes.io/component=clients")
+        }
         facts["run_log"] = run("kubectl", "-n", SERVER_NS, "logs", f"job/{SERVER}-fedcifar-run-2").stdout
         yield facts
     finally:
@@ -345,14 +350,31 @@ def test_one_run_trained_on_every_sites_supernodes_and_names_their_sites(kube, f
     assert rounds[-1]["partitions"] == [0, 1, 2] and rounds[-1]["sites"] == ["site-a", "site-a", "site-b"]
     joined = next(r["round"] for r in rounds if 2 in r["partitions"])
     assert joined > federation["round_b_registered"] >= 1  # B joined the running run, after its registration
-    # ... and trained every round from then on: site A's attempts to act for it (below) cost it nothing
-    assert all(r["partitions"] == [0, 1, 2] for r in rounds[joined - 1 :]), [r["partitions"] for r in rounds]
     registration, training = federation["join_seconds"]
     print(
         f"\nsite B's keys applied after round {federation['round_b_registered']:.0f}; "
         f"registered {registration:.0f} s later, "
-        f"trained {training:.0f} s after that, from round {joined} of {ROUNDS}"
+        f"trained {training:.0f} s after that, from round {joined} of {ROUNDS}; slots per round: "
+        + " ".join("".join(map(str, r["partitions"])) for r in rounds)
     )
+    # ... and trained every round from then on: site A's attempts to act for it (below) cost it nothing.
+    # Site A's slots trained every round too, but for a reply lost to a failure on record (a node's
+    # error or missing reply, counted and logged: CI once saw round 6 without slot 1), never silently
+    details = "\n".join(
+        [  # in full (pytest shortens a list): each round, the ServerApp's warnings, the sites' restarts
+            *(
+                f"round {r['round']}: slots {r['partitions']}, failures {r['failures']}, attempts {r['attempts']}, "
+                f"refused {r['refusals']}"
+                for r in rounds
+            ),
+            *(line for line in federation["run_log"].splitlines() if "WARNING" in line),
+            *(f"{pod}: {restarts}" for pod, restarts in federation["restarts"].items()),
+        ]
+    )
+    for r in rounds:
+        missing = {0, 1, 2} - set(r["partitions"]) if r["round"] >= joined else {0, 1} - set(r["partitions"])
+        assert 2 not in missing, details
+        assert not missing or (r["failures"] >= len(missing) and not r["refusals"]), details
     assert federation["trained_before_b"] == 0
     # the ServerApp's log, as the run Job streams it
     assert "slots (site): 0 (site-a), 1 (site-a), 2 (site-b)" in federation["run_log"], federation["run_log"][-3000:]
