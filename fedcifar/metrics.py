@@ -219,6 +219,13 @@ class SuperLinkMetrics:
             ["handler", "site"],
             **kw,
         )
+        self.fleet_quiet_polls = Counter(
+            "fedcifar_fleet_quiet_polls",
+            "Polls of registered SuperNodes that hold no instruction, answered before Flower's request path "
+            '(superlink/idle_polls.py): a part of fedcifar_fleet_requests_total{handler="pull_messages"}, by site.',
+            ["site"],
+            **kw,
+        )
         self.keys_refused = Counter(
             "fedcifar_supernode_keys_refused",
             "SuperNode public key files the key registrar refused to register (KEY_REFUSAL_REASONS); a refusal "

@@ -1,4 +1,5 @@
-"""The Fleet guard (``superlink/fleet_guard.py``), put in front of Flower's Fleet handlers (``tuning.py``, item 5)."""
+"""The Fleet guard (``superlink/fleet_guard.py``), put in front of Flower's Fleet handlers (``tuning.py``, item 5),
+and a quiet node's poll answered before Flower's request path (``superlink/idle_polls.py``, item 7)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ def guard_fleet_api(settings=None):
     import logging
 
     from fastapi import status
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
     from flwr.supercore.error.catalog import API_ERROR_MAP, ApiErrorSpec
+    from flwr.superlink import extensions
     from flwr.superlink import main as superlink_main
     from flwr.superlink.routers.fleet import router
     from flwr.superlink.servicer.fleet import fleet_handlers
@@ -32,7 +36,7 @@ def guard_fleet_api(settings=None):
 
     from fedcifar.flower.middleware import scoped
     from fedcifar.metrics import superlink_metrics
-    from fedcifar.superlink import busy_gate, fleet_budgets, fleet_guard
+    from fedcifar.superlink import busy_gate, fleet_budgets, fleet_guard, idle_polls
 
     if opened := sorted(name for name in os.environ if name.startswith(INTERNAL_GRPC_PREFIX)):
         raise GuardNotInPlace(
@@ -49,6 +53,9 @@ def guard_fleet_api(settings=None):
         seen=lambda site: [metrics.fleet_refused.labels(reason, site) for reason in fleet_guard.REASONS],
         served=lambda handler, site: requests_series(handler, site).inc(),
     )
+    quiet = idle_polls.QuietNodes()  # the instructions stored for each node, counted where Flower stores them
+    for state_class in (InMemoryLinkState, SqlLinkState):
+        replace(state_class, "store_message_ins", quiet.watch_store(state_class.store_message_ins))
     for name in fleet_guard.GUARDED:
         handler = getattr(fleet_handlers, name, None)
         endpoint = getattr(router, f"fleet_{name}", None)
@@ -57,15 +64,24 @@ def guard_fleet_api(settings=None):
                 f"Flower's Fleet router no longer calls fleet_handlers.{name}: the Fleet guard cannot stand "
                 f"in front of it (flwr {VERIFIED_FLWR}.* is the release it was verified on)"
             )
-        replace(fleet_handlers, name, guard.wrap(name, handler))
+        replace(fleet_handlers, name, guard.wrap(name, quiet.watch(handler) if name == "pull_messages" else handler))
     if router.fleet_handlers is not fleet_handlers:
         raise GuardNotInPlace("Flower's Fleet router reads another handlers module than the one guarded")
     # the gate in front of Flower's middleware, whose layers each see only their API's paths
-    # (middleware.py); create_app reads the list when the SuperLink starts
+    # (middleware.py); quiet nodes' polls answered after Flower's extension layers (none in open-source
+    # Flower), before the rest; create_app reads the list when the SuperLink starts
     if "_get_middleware" not in superlink_main.create_app.__code__.co_names:
         raise GuardNotInPlace("Flower's SuperLink no longer builds its middleware with _get_middleware")
     gate = Middleware(busy_gate.BusyGate, guard=guard)
-    flower_middleware = replace(superlink_main, "_get_middleware", lambda: [gate, *scoped(flower_middleware())])
+    quiet_series = functools.cache(metrics.fleet_quiet_polls.labels)
+    idle = Middleware(idle_polls.IdlePolls, quiet=quiet, guard=guard, answered=lambda site: quiet_series(site).inc())
+
+    def middleware() -> list[Middleware]:
+        layers = flower_middleware()
+        first = len(extensions.get_middleware())
+        return [gate, *layers[:first], idle, *scoped(layers[first:])]
+
+    flower_middleware = replace(superlink_main, "_get_middleware", middleware)
     API_ERROR_MAP[fleet_guard.REFUSED_CODE] = ApiErrorSpec(
         StatusCode.PERMISSION_DENIED, status.HTTP_403_FORBIDDEN, fleet_guard.REFUSED_MESSAGE
     )

@@ -43,6 +43,11 @@
    and pass the others through at about 0.2 ms of CPU each; those six see only their API's requests
    (a Fleet poll skips the four Control layers).
 
+7. **A quiet node's poll answered early** (``superlink/idle_polls.py``), in the SuperLink: a poll
+   of a node for which Flower last found nothing, and for which no instruction has been stored since,
+   is answered (empty, as Flower would) right after Flower's own node authentication and the guard's
+   budget, before the rest of Flower's request path: an idle federation's polls cost a third.
+
 All of them are applied through one entry point, ``tune(role)``, which first checks that the installed
 flwr is the release they were verified on (``VERIFIED_FLWR``) and stops with a message otherwise,
 unless ``$FEDCIFAR_ALLOW_UNVERIFIED_FLWR=1``. The first two are module-local stand-ins (``time`` and

@@ -128,17 +128,8 @@ class FleetGuard:
             node_id = node_of(request, state)
             if node_id is None:  # activation of an unregistered key, or registration: Flower refuses
                 return handler(request=request, state=state, **kwargs)
-            book = self.book(node_id, state)
-            self.served(name, book.site if book else UNKNOWN_SITE)
+            book = self.admit(name, node_id, state)
             try:
-                if book is None:  # a node id no key was registered for (claimed without authentication)
-                    book = NodeBook(node_id, UNKNOWN_SITE, b"", TokenBucket(0, 0, self.clock))
-                    raise Refusal("unknown_node", f"node {node_id} is not registered")
-                with self.lock:
-                    if not book.bucket.take():
-                        # until its next token, the gate refuses the node's requests before Flower reads them
-                        self.busy[book.public_key] = (book.bucket.next_token(), book)
-                        raise Refusal("rate_limited", self.rate_limit)
                 return check(book, handler, request=request, state=state, **kwargs)
             except Refusal as refusal:
                 raise self.refuse(book, name, refusal) from None
@@ -146,6 +137,24 @@ class FleetGuard:
         guarded.__name__ = guarded.__qualname__ = f"guarded_{name}"
         guarded.__wrapped__ = handler  # type: ignore[attr-defined]
         return guarded
+
+    def admit(self, name: str, node_id: int, state) -> NodeBook:
+        """The book of the node a request names, the request counted and charged to the node's budget;
+        a refusal (``refuse``) for a node the SuperLink does not know or one over its budget."""
+        book = self.book(node_id, state)
+        self.served(name, book.site if book else UNKNOWN_SITE)
+        try:
+            if book is None:  # a node id no key was registered for (claimed without authentication)
+                book = NodeBook(node_id, UNKNOWN_SITE, b"", TokenBucket(0, 0, self.clock))
+                raise Refusal("unknown_node", f"node {node_id} is not registered")
+            with self.lock:
+                if not book.bucket.take():
+                    # until its next token, the gate refuses the node's requests before Flower reads them
+                    self.busy[book.public_key] = (book.bucket.next_token(), book)
+                    raise Refusal("rate_limited", self.rate_limit)
+        except Refusal as refusal:
+            raise self.refuse(book, name, refusal) from None
+        return book
 
     def pull_messages(self, book: NodeBook, handler, **kwargs):
         response = handler(**kwargs)

@@ -89,7 +89,13 @@ ALLOWED_LABELS = {
     "sub_status",
 }
 # series that carry the site (client metrics; the server's per-node failures, refused updates, Fleet requests)
-SITE_SERIES = ("fedcifar_client_", "fedcifar_rejected_updates", "fedcifar_fleet_refused", "fedcifar_fleet_requests")
+SITE_SERIES = (
+    "fedcifar_client_",
+    "fedcifar_rejected_updates",
+    "fedcifar_fleet_refused",
+    "fedcifar_fleet_requests",
+    "fedcifar_fleet_quiet_polls",
+)
 
 
 def exported_series() -> set[str]:
