@@ -237,29 +237,36 @@ def test_a_hollow_nodes_requests_match_a_real_nodes(link, mini_dir):
 
 
 def test_a_quiet_nodes_polls_are_answered_before_flowers_path_after_flowers_own_checks(link, tmp_path):
-    """``superlink/idle_polls.py``: the polls of nodes that hold no instruction are answered before
-    Flower's request path (counted in ``fedcifar_fleet_quiet_polls_total``), and only after Flower's
-    own node authentication: a poll naming a quiet node, unsigned, signed by a key the SuperLink does
-    not know or by another registered node's key, is refused (401) as before. Instructions stored for
-    quiet nodes reach them at their next poll: a run of two rounds in which both train."""
+    """``superlink/idle_polls.py``: instructions stored for nodes whose polls were answered early reach
+    them at their next poll (a run of two rounds in which both train); a probe node's first poll goes
+    Flower's way, its next ones are answered early (``fedcifar_fleet_quiet_polls_total``), and a poll
+    naming it unsigned, signed by a key the SuperLink does not know or by another registered node's
+    key is refused by Flower's node authentication (401) and answered early by nothing."""
     import httpx
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse
+    from flwr.proto.fleet_pb2 import (
+        ActivateNodeRequest,
+        DeactivateNodeRequest,
+        PullMessagesRequest,
+        PullMessagesResponse,
+    )
     from flwr.proto.node_pb2 import Node
     from flwr.supernode.fleet_http_client import FleetHttpClient
     from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
     ca = (link["pki"] / "ca.crt").read_bytes()
-    keys_dir, keys = tmp_path / "keys", [ec.generate_private_key(ec.SECP256R1()) for _ in range(2)]
+    keys_dir, keys = tmp_path / "keys", [ec.generate_private_key(ec.SECP256R1()) for _ in range(3)]
     keys_dir.mkdir()
     control = control_client(link["address"], ca)
-    for slot, key in enumerate(keys):
+    for slot, key in enumerate(keys[:2]):
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         (keys_dir / f"quiet.slot-{slot}.key").write_bytes(pem)
         register_node_key(control, public_key_to_bytes(key.public_key()), f"quiet/slot-{slot}")
+    probe = keys[2]
+    register_node_key(control, public_key_to_bytes(probe.public_key()), "probe/slot-9")
     control.close()
     schedule = lambda: PollSchedule(FAST, IDLE, HOLD)  # noqa: E731
     hollow = HollowFleet(
@@ -267,34 +274,41 @@ def test_a_quiet_nodes_polls_are_answered_before_flowers_path_after_flowers_own_
     )
     hollow.start()
 
-    def quiet_polls() -> float:
+    def quiet_polls(site: str) -> float:
         snapshot = scrape(link["metrics"]) or {}
         return sum(
             count
             for (name, labels), count in snapshot.items()
-            if name == "fedcifar_fleet_quiet_polls_total" and dict(labels)["site"] == "quiet"
+            if name == "fedcifar_fleet_quiet_polls_total" and dict(labels)["site"] == site
         )
+
+    def fleet_api(signer):
+        signed = [NodeAuthHttpInterceptor(signer, signer.public_key())] if signer else []
+        return FleetHttpClient.from_server_address(link["address"], False, ca, signed)
 
     try:
         wait("both nodes activated", lambda: hollow.activated() == 2, 60)
-        wait("their polls answered before Flower's path", lambda: quiet_polls() >= 10, 30)
-        request = PullMessagesRequest(node=Node(node_id=hollow.nodes[0].node_id))
-
-        def pull(signer):
-            signed = [NodeAuthHttpInterceptor(signer, signer.public_key())] if signer else []
-            with FleetHttpClient.from_server_address(link["address"], False, ca, signed) as fleet_api:
-                return fleet_api.PullMessages(request)
-
-        assert pull(keys[0]) == PullMessagesResponse()
-        for signer in (None, ec.generate_private_key(ec.SECP256R1()), keys[1]):  # keys[1]: the other node's
-            with pytest.raises(httpx.HTTPStatusError) as refused:
-                pull(signer)
-            assert refused.value.response.status_code == 401
-        before = quiet_polls()
-        out = link["work"] / "quiet"
-        history = run(link, out, **{"num-partitions": 2, "min-nodes": 2, "num-server-rounds": 2})
-        assert quiet_polls() > before  # between the rounds, and while the run starts
+        wait("their polls answered before Flower's path", lambda: quiet_polls("quiet") >= 10, 30)
+        history = run(link, link["work"] / "quiet", **{"num-partitions": 2, "min-nodes": 2, "num-server-rounds": 2})
     finally:
         hollow.close()
     assert [(r["partitions"], r["failures"]) for r in history["rounds"]] == [([0, 1], 0), ([0, 1], 0)]
     assert hollow.summary()["answered"] == {"train": 4}
+
+    with fleet_api(probe) as own:
+        node_id = own.ActivateNode(
+            ActivateNodeRequest(public_key=public_key_to_bytes(probe.public_key()), heartbeat_interval=30)
+        ).node_id
+        request = PullMessagesRequest(node=Node(node_id=node_id))
+        try:
+            assert own.PullMessages(request) == PullMessagesResponse()  # Flower found nothing: quiet now
+            assert quiet_polls("probe") == 0
+            assert own.PullMessages(request) == PullMessagesResponse()
+            assert quiet_polls("probe") == 1  # answered early
+            for signer in (None, ec.generate_private_key(ec.SECP256R1()), keys[0]):  # keys[0]: another node's
+                with fleet_api(signer) as other, pytest.raises(httpx.HTTPStatusError) as refused:
+                    other.PullMessages(request)
+                assert refused.value.response.status_code == 401
+            assert quiet_polls("probe") == 1
+        finally:
+            own.DeactivateNode(DeactivateNodeRequest(node_id=node_id))

@@ -26,6 +26,7 @@ def guard_fleet_api(settings=None):
     from fastapi import status
     from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
     from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+    from flwr.supercore.dependencies.version import VersionDependency
     from flwr.supercore.error.catalog import API_ERROR_MAP, ApiErrorSpec
     from flwr.superlink import extensions
     from flwr.superlink import main as superlink_main
@@ -53,9 +54,12 @@ def guard_fleet_api(settings=None):
         seen=lambda site: [metrics.fleet_refused.labels(reason, site) for reason in fleet_guard.REASONS],
         served=lambda handler, site: requests_series(handler, site).inc(),
     )
-    quiet = idle_polls.QuietNodes()  # the instructions stored for each node, counted where Flower stores them
+    # the instructions stored for each node and Flower's lookups of them, where Flower's states do both
+    quiet = idle_polls.QuietNodes()
     for state_class in (InMemoryLinkState, SqlLinkState):
-        replace(state_class, "store_message_ins", quiet.watch_store(state_class.store_message_ins))
+        for store in ("store_message_ins", "store_message_and_object_tree"):
+            replace(state_class, store, quiet.watch_store(getattr(state_class, store)))
+        replace(state_class, "get_message_ins", quiet.watch_lookup(state_class.get_message_ins))
     for name in fleet_guard.GUARDED:
         handler = getattr(fleet_handlers, name, None)
         endpoint = getattr(router, f"fleet_{name}", None)
@@ -64,9 +68,14 @@ def guard_fleet_api(settings=None):
                 f"Flower's Fleet router no longer calls fleet_handlers.{name}: the Fleet guard cannot stand "
                 f"in front of it (flwr {VERIFIED_FLWR}.* is the release it was verified on)"
             )
-        replace(fleet_handlers, name, guard.wrap(name, quiet.watch(handler) if name == "pull_messages" else handler))
+        replace(fleet_handlers, name, guard.wrap(name, handler))
     if router.fleet_handlers is not fleet_handlers:
         raise GuardNotInPlace("Flower's Fleet router reads another handlers module than the one guarded")
+    # a quiet node's poll skips the router's dependencies: they must refuse nothing (Flower 1.42's
+    # version check only logs a mismatch on the Fleet API)
+    versions = [d.dependency for d in router.router.dependencies if isinstance(d.dependency, VersionDependency)]
+    if [v._reject_incompatible for v in versions] != [False]:
+        raise GuardNotInPlace("Flower's Fleet router now refuses requests in a dependency: quiet polls would skip it")
     # the gate in front of Flower's middleware, whose layers each see only their API's paths
     # (middleware.py); quiet nodes' polls answered after Flower's extension layers (none in open-source
     # Flower), before the rest; create_app reads the list when the SuperLink starts

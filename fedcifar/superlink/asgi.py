@@ -35,7 +35,7 @@ async def read_body(receive: Receive, limit: int) -> tuple[bytes | None, Receive
             return message
         return {"type": "http.request", "body": body, "more_body": more}
 
-    return (None if more or message["type"] != "http.request" else body), replay
+    return (None if more or size > limit or message["type"] != "http.request" else body), replay
 
 
 def flower_error_response(err: FlowerError) -> JSONResponse:

@@ -19,12 +19,15 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 
+from fastapi.exception_handlers import http_exception_handler
 from flwr.proto.fleet_pb2 import PullMessagesRequest, PullMessagesResponse
 from flwr.supercore.error import FlowerError
 from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
 from flwr.superlink.dependencies.linkstate import get_linkstate
 from flwr.superlink.routers.fleet.node_auth import authenticate_node
 from google.protobuf.message import DecodeError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -36,11 +39,13 @@ EMPTY_RESPONSE = PullMessagesResponse().SerializeToString()
 
 
 class QuietNodes:
-    """Which nodes hold no undelivered instruction, as far as Flower's own last answer to their poll
-    says: a count of instructions stored for each node (``stored``, called once Flower's state has
-    stored one), and the count each node's last empty answer was given at (``watch``: the count is
-    read before Flower looks, so an instruction stored while it looks leaves the node not quiet).
-    A new process knows no node as quiet: its first poll goes Flower's way."""
+    """Which nodes hold no undelivered instruction, as far as Flower's own last lookup for them says:
+    a count of the instructions stored for each node (counted once stored, and again once the store
+    that wrote it with its object tree has committed), and the count when Flower's lookup
+    (``get_message_ins``, what its ``pull_messages`` asks) last found nothing for the node: read before
+    the lookup, so that an instruction stored while it looks leaves the node not quiet. A lookup that
+    found one says nothing of what is left (Flower may even drop it, its objects gone): the node's
+    next poll looks again. A new process knows no node as quiet: its first poll goes Flower's way."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -55,32 +60,33 @@ class QuietNodes:
         with self._lock:
             return self._quiet_at.get(node_id, -1) == self._stored[node_id]
 
-    def watch(self, pull_messages: Callable) -> Callable:
-        """Flower's ``pull_messages`` handler, noting the nodes it found nothing for."""
+    def watch_lookup(self, get_message_ins: Callable) -> Callable:
+        """A LinkState's ``get_message_ins``, noting the nodes it found nothing for."""
 
-        def watched(*, request, **kwargs):
-            node_id = request.node.node_id
+        def looked_up(state, node_id: int, limit: int | None, *, run_id: int | None = None):
             with self._lock:
                 count = self._stored[node_id]
-            response = pull_messages(request=request, **kwargs)
-            if not response.messages_list:
+            found = get_message_ins(state, node_id, limit, run_id=run_id)
+            if not found and run_id is None:  # nothing for the node in any run
                 with self._lock:
                     self._quiet_at[node_id] = count
-            return response
+            return found
 
-        watched.__wrapped__ = pull_messages  # type: ignore[attr-defined]
-        return watched
+        looked_up.__wrapped__ = get_message_ins  # type: ignore[attr-defined]
+        return looked_up
 
-    def watch_store(self, store_message_ins: Callable) -> Callable:
-        """A LinkState's ``store_message_ins``, counting each instruction it stored for its node."""
+    def watch_store(self, store: Callable) -> Callable:
+        """A LinkState's ``store_message_ins`` or ``store_message_and_object_tree``, counting each
+        instruction it stored, for its node, once it returns (so, for the latter, once committed)."""
 
-        def counted(state, message):
-            message_id = store_message_ins(state, message)
-            if message_id:  # counted once stored: a poll that looked before may not have seen it
+        def counted(state, message, *args, **kwargs):
+            result = store(state, message, *args, **kwargs)
+            stored = result[0] if isinstance(result, tuple) else bool(result)
+            if stored and not message.metadata.reply_to_message_id:
                 self.stored(message.metadata.dst_node_id)
-            return message_id
+            return result
 
-        counted.__wrapped__ = store_message_ins  # type: ignore[attr-defined]
+        counted.__wrapped__ = store  # type: ignore[attr-defined]
         return counted
 
 
@@ -100,33 +106,50 @@ class IdlePolls:
             await self.app(scope, receive, send)
             return
         body, receive = await read_body(receive, MAX_POLL_BYTES)
-        answer = self.answer(Request(scope), body) if body is not None else None
+        request = Request(scope)
+        poll = parsed(request, body)
+        if poll is None:
+            await self.app(scope, receive, send)
+            return
+        request.state.protobuf_request = poll  # what Flower's authenticate_node reads
+        try:
+            # one hop to the thread pool (Flower's path takes two): the signature, the state's lookups
+            answer = await run_in_threadpool(self.answer, request, poll.node.node_id)
+        except HTTPException as refused:  # Flower's node authentication refused it: its 401, as Flower sends it
+            answer = await http_exception_handler(request, refused)
         if answer is None:
             await self.app(scope, receive, send)
             return
-        response = flower_error_response(answer) if isinstance(answer, FlowerError) else answer
-        await response(scope, receive, send)
+        await answer(scope, receive, send)
 
-    def answer(self, request: Request, body: bytes) -> Response | FlowerError | None:
-        """The empty response, the guard's refusal, or None: Flower's path answers."""
-        if request.headers.get("content-type", "").partition(";")[0].strip().lower() != PROTOBUF_MEDIA_TYPE:
-            return None
-        poll = PullMessagesRequest()
-        try:
-            poll.ParseFromString(body)
-        except DecodeError:
-            return None
-        node_id = poll.node.node_id
-        if not self.quiet.quiet(node_id):
-            return None
-        request.state.protobuf_request = poll  # what Flower's authenticate_node reads
+    def answer(self, request: Request, node_id: int) -> Response | None:
+        """The empty response, the guard's refusal, or None: Flower's path answers. Every poll is
+        authenticated first, quiet node or not (no timing tells whether a node has an instruction)."""
         try:
             authenticate_node(request)
-        except Exception:  # its 401 (HTTPException), or anything else: Flower's path answers as it does
+        except HTTPException:
+            raise
+        except Exception:  # anything but its 401: Flower's path answers as it does
+            return None
+        if not self.quiet.quiet(node_id):
             return None
         try:
             book = self.guard.admit("pull_messages", node_id, get_linkstate(request))
         except FlowerError as refused:
-            return refused
+            return flower_error_response(refused)
         self.answered(book.site)
         return Response(EMPTY_RESPONSE, media_type=PROTOBUF_MEDIA_TYPE)
+
+
+def parsed(request: Request, body: bytes | None) -> PullMessagesRequest | None:
+    """The poll, if ``body`` is a small one of Flower's media type; else None: Flower's path answers."""
+    if body is None:
+        return None
+    if request.headers.get("content-type", "").partition(";")[0].strip().lower() != PROTOBUF_MEDIA_TYPE:
+        return None
+    poll = PullMessagesRequest()
+    try:
+        poll.ParseFromString(body)
+    except DecodeError:
+        return None
+    return poll
