@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import sys
 import time
 import urllib.request
@@ -27,6 +28,22 @@ FLOWER_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
 }
+
+
+def free_port_block(size: int) -> int:
+    """The first of ``size`` consecutive ports on 127.0.0.1 that are free now (what ``--metrics-port``
+    takes: one per process), below the kernel's ephemeral range (32768 up on Linux), so that no
+    outgoing connection of this busy machine (a cluster's, a test's) takes one before the run binds it."""
+    for _ in range(200):
+        base = random.randrange(20000, 32768 - size)
+        try:
+            for port in range(base, base + size):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {size} consecutive free ports between 20000 and 32767")
 
 
 def secure_superlink(pki: Path, port: int, metrics_port: int, metrics_dir: Path | None = None) -> list[str]:

@@ -15,12 +15,11 @@ import time
 import pytest
 import torch
 
-from fedcifar.local.federation import free_port
 from fedcifar.server.history import load_history
 from fedcifar.server.recorder import PHASES
 from fedcifar.task import Net
 from tests.conftest import ROOT
-from tests.support import processes_in, scrape, value
+from tests.support import free_port_block, processes_in, scrape, value
 
 pytestmark = pytest.mark.integration
 CLIENTS, ROUNDS = 2, 2
@@ -41,14 +40,6 @@ class Scraper(threading.Thread):
                 if snap:
                     self.snapshots[port].append(snap)
             self.stop.wait(0.25)
-
-
-def free_port_block(size: int) -> int:
-    for _ in range(50):
-        base = free_port()
-        if base + size < 65535 and all(scrape(base + i) is None for i in range(size)):
-            return base
-    raise RuntimeError("no block of free ports")
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from fedcifar.server.stopping import Stop
 from fedcifar.server.tracking import RUN_FILE, Settings, Tracker, per_slot_refusal
 from fedcifar.task import scale_pixels
 from tests.conftest import ROOT
-from tests.support import as_foreground_job, scrape, value, wait
+from tests.support import as_foreground_job, free_port_block, scrape, value, wait
 
 EVERY_ROUND = ("eval_loss", "eval_accuracy", "train_loss", "round_seconds", "participating_clients")
 EVERY_ROUND += ("examples_trained", "failures", "rejected_updates", "attempts")
@@ -161,7 +161,8 @@ def _run(out: Path, uri: str, mini_dir: Path, *args: str, metrics_port: int) -> 
 def tracked_run(mlflow_server, mini_dir, tmp_path_factory):
     uri, _ = mlflow_server
     out = tmp_path_factory.mktemp("run") / "out"
-    run = _run(out, uri, mini_dir, "--clients", "2", "--rounds", "3", "--out", str(out), metrics_port=free_port())
+    ports = free_port_block(3)  # --metrics-port: the server's, then one per client
+    run = _run(out, uri, mini_dir, "--clients", "2", "--rounds", "3", "--out", str(out), metrics_port=ports)
     output = run.communicate(timeout=600)[0].decode()
     assert run.returncode == 0, output
     return uri, out
@@ -228,7 +229,7 @@ def test_a_resume_continues_the_same_run_through_a_hanging_server_with_no_step_t
     uri, out = tracked_run
     _, server = mlflow_server
     run_id = json.loads((out / RUN_FILE).read_text())["run_id"]
-    port = free_port()
+    port = free_port_block(3)
     os.killpg(server.pid, signal.SIGSTOP)  # hangs: connections open, nothing answers
     try:
         run = _run(out, uri, mini_dir, "--resume", str(out), "--rounds", "5", metrics_port=port)
