@@ -4,13 +4,13 @@ An idle federation is polls: at Flower's 3 s, 1,000 SuperNodes send 333 a second
 SuperLink 2-3.5 ms of CPU on Flower's path (three ``BaseHTTPMiddleware`` layers, FastAPI's routing
 and dependencies, two hops to the thread pool, a scan of every stored instruction), so one process
 came near saturation at 1,000 idle nodes (``benchmarks/RESULTS.md``). Almost every one of those polls
-finds nothing. ``QuietNodes`` knows, for each node, whether Flower's own answer to its last poll was
-"nothing" and no instruction for it has been stored since; ``IdlePolls`` answers such a node's poll
-itself, after the same checks Flower and the Fleet guard make (Flower's ``authenticate_node``: the
-signed timestamp, the key's node; the guard's request budget, counted as Flower's path counts it),
-with the response Flower would send: an empty ``PullMessagesResponse``. Every other request, every
-poll of a node that may have an instruction, and every request that fails a check go on to Flower,
-which answers them (its 401, its errors) as before.
+finds nothing. ``QuietNodes`` knows, for each node, whether Flower's own lookup for its last poll
+found nothing and no instruction for it has been stored since; ``IdlePolls`` answers such a node's
+poll itself, after the same checks Flower and the Fleet guard make (Flower's ``authenticate_node``,
+for every poll: the signed timestamp, the key's node, its 401 sent as Flower sends it; the guard's
+request budget, counted as Flower's path counts it), with the response Flower would send: an empty
+``PullMessagesResponse``. Every other request, and every poll of a node that may have an
+instruction, goes on to Flower's path as before.
 """
 
 from __future__ import annotations
