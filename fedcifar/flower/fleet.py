@@ -23,16 +23,13 @@ def guard_fleet_api(settings=None):
     per node and reason, not once per request by Flower's error translator."""
     import logging
 
-    from fastapi import status
     from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
     from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
     from flwr.supercore.dependencies.version import VersionDependency
-    from flwr.supercore.error.catalog import API_ERROR_MAP, ApiErrorSpec
     from flwr.superlink import extensions
     from flwr.superlink import main as superlink_main
     from flwr.superlink.routers.fleet import router
     from flwr.superlink.servicer.fleet import fleet_handlers
-    from grpc import StatusCode
     from starlette.middleware import Middleware
 
     from fedcifar.flower.middleware import scoped
@@ -91,12 +88,6 @@ def guard_fleet_api(settings=None):
         return [gate, *layers[:first], idle, *scoped(layers[first:])]
 
     flower_middleware = replace(superlink_main, "_get_middleware", middleware)
-    API_ERROR_MAP[fleet_guard.REFUSED_CODE] = ApiErrorSpec(
-        StatusCode.PERMISSION_DENIED, status.HTTP_403_FORBIDDEN, fleet_guard.REFUSED_MESSAGE
-    )
-    API_ERROR_MAP[busy_gate.BUSY_CODE] = ApiErrorSpec(
-        StatusCode.UNAVAILABLE, status.HTTP_503_SERVICE_UNAVAILABLE, busy_gate.BUSY_MESSAGE, {"Retry-After": "1"}
-    )
     codes = tuple(f"[ApiError:{c}]" for c in (fleet_guard.REFUSED_CODE, busy_gate.BUSY_CODE))
     logging.getLogger("flwr").addFilter(lambda record: not any(c in str(record.msg) for c in codes))
     return guard

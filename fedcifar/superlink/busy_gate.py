@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 from typing import TYPE_CHECKING
+
+from fastapi import status
+from flwr.supercore.error import FlowerError
+from flwr.supercore.error.catalog import API_ERROR_MAP, ApiErrorSpec
+from grpc import StatusCode
+
+from fedcifar.superlink.asgi import flower_error_response
 
 if TYPE_CHECKING:
     from fedcifar.superlink.fleet_guard import FleetGuard
@@ -13,6 +19,10 @@ if TYPE_CHECKING:
 # Flower's API error codes (flwr.supercore.error.ApiErrorCode) stay far below these
 BUSY_CODE = 9102
 BUSY_MESSAGE = "This SuperNode exceeded its request budget at the SuperLink; retry later."
+# in Flower's catalog, so that its error translator (and ``asgi.flower_error_response``) answer it: 503
+API_ERROR_MAP[BUSY_CODE] = ApiErrorSpec(
+    StatusCode.UNAVAILABLE, status.HTTP_503_SERVICE_UNAVAILABLE, BUSY_MESSAGE, {"Retry-After": "1"}
+)
 
 
 class BusyGate:
@@ -41,15 +51,11 @@ class BusyGate:
                 while (await receive()).get("more_body"):  # the body, read and dropped
                     pass
                 await asyncio.sleep(min(wait, 1.0))
-                body = json.dumps(
-                    {
-                        "code": BUSY_CODE,
-                        "detail": BUSY_MESSAGE,
-                        "extra": f"fedcifar Fleet guard: rate_limited: {self.guard.rate_limit}",
-                    }
-                ).encode()
-                headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
-                await send({"type": "http.response.start", "status": 503, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
+                busy = FlowerError(
+                    BUSY_CODE,
+                    "Fleet guard: over its request budget",
+                    public_details=f"fedcifar Fleet guard: rate_limited: {self.guard.rate_limit}",
+                )
+                await flower_error_response(busy)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -46,6 +46,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from fastapi import status
+from flwr.supercore.error.catalog import API_ERROR_MAP, ApiErrorSpec
+from grpc import StatusCode
+
 from fedcifar.deploy.registrar import site_of_node
 from fedcifar.metrics import UNKNOWN_SITE
 from fedcifar.superlink.busy_gate import BUSY_CODE
@@ -57,6 +61,8 @@ SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID: the source of e
 # Flower's API error codes (flwr.supercore.error.ApiErrorCode) stay far below these
 REFUSED_CODE = 9101
 REFUSED_MESSAGE = "Refused by the SuperLink's Fleet guard: a SuperNode may act only as itself, within its budgets."
+# in Flower's catalog, so that its error translator answers a refusal: 403
+API_ERROR_MAP[REFUSED_CODE] = ApiErrorSpec(StatusCode.PERMISSION_DENIED, status.HTTP_403_FORBIDDEN, REFUSED_MESSAGE)
 # why a Fleet request was refused (fedcifar_fleet_refused_total{reason})
 REASONS = (
     "not_one_message",  # push-messages with other than one message and one object tree
